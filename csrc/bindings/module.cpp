@@ -1,0 +1,149 @@
+// pybind11 bindings: the private module mixtral_ext._C. The only place that
+// converts Python objects; mixtral_ext/ wraps it in the public API.
+// C++ errors become the classes of mixtral_ext.errors (looked up at raise time).
+// Long calls (weight copies, forward passes) release the GIL.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "core/cuda_library.h"
+#include "cpu/cpu_backend.h"
+#include "engine/engine.h"
+
+namespace py = pybind11;
+using namespace mixtral;
+
+namespace {
+
+DType parse_dtype(const std::string& name) {
+  if (name == "float32") return DType::kFloat32;
+  if (name == "bfloat16") return DType::kBFloat16;
+  if (name == "float16") return DType::kFloat16;
+  throw ShapeError("unsupported dtype '" + name + "' (float32, bfloat16 or float16)");
+}
+
+void raise_as(const char* python_class, const std::exception& error) {
+  py::object cls = py::module_::import("mixtral_ext.errors").attr(python_class);
+  PyErr_SetString(cls.ptr(), error.what());
+}
+
+std::unique_ptr<Backend> make_backend(const std::string& device) {
+  if (device == "cpu") return std::make_unique<CpuBackend>();
+  throw Error("device '" + device +
+              "': this build runs the model on the CPU only; the CUDA backend library provides "
+              "the device runtime (probe_cuda) but not yet the model's operations");
+}
+
+py::array_t<float> append(Engine& engine, int sequence, const py::array_t<int32_t, py::array::c_style>& tokens,
+                          bool all_logits) {
+  MX_CHECK(tokens.ndim() == 1, ShapeError, "token ids must be a 1-D list, got " << tokens.ndim() << " dims");
+  const int64_t n = tokens.shape(0);
+  const int64_t vocab = engine.config().vocab_size;
+  py::array_t<float> logits = all_logits ? py::array_t<float>({n, vocab}) : py::array_t<float>({vocab});
+  const int32_t* ids = tokens.data();
+  float* out = logits.mutable_data();
+  {
+    py::gil_scoped_release release;
+    engine.append(sequence, ids, n, all_logits, out);
+  }
+  return logits;
+}
+
+void load_weight(Engine& engine, const std::string& slot, int64_t layer, int64_t expert,
+                 int64_t row_offset, const py::buffer& source, const std::string& source_dtype) {
+  const py::buffer_info info = source.request();
+  MX_CHECK(info.ndim == 1 || info.ndim == 2, ShapeError,
+           slot << ": expected a 1-D or 2-D tensor, got " << info.ndim << " dims");
+  const DType dtype = parse_dtype(source_dtype);
+  MX_CHECK(static_cast<size_t>(info.itemsize) == dtype_size(dtype), ShapeError,
+           slot << ": " << info.itemsize << "-byte elements do not hold " << source_dtype);
+  const int64_t rows = info.ndim == 2 ? info.shape[0] : 1;
+  const int64_t cols = info.shape[info.ndim - 1];
+  MX_CHECK(info.strides[info.ndim - 1] == info.itemsize && (info.ndim == 1 || info.strides[0] == cols * info.itemsize),
+           ShapeError, slot << ": the source tensor must be C-contiguous");
+  py::gil_scoped_release release;
+  engine.load_weight(slot, layer, expert, row_offset, info.ptr, dtype, rows, cols);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "mixtral_ext core (C++): engine, operations, KV cache manager";
+
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const TokenError& e) {
+      raise_as("TokenError", e);
+    } catch (const ContextOverflowError& e) {
+      raise_as("ContextOverflowError", e);
+    } catch (const KvCacheFullError& e) {
+      raise_as("KvCacheFullError", e);
+    } catch (const ShapeError& e) {
+      raise_as("ShapeError", e);
+    } catch (const DeviceOutOfMemoryError& e) {
+      raise_as("DeviceOutOfMemoryError", e);
+    } catch (const DeviceError& e) {
+      raise_as("DeviceError", e);
+    } catch (const Error& e) {
+      raise_as("MixtralError", e);
+    } catch (const std::bad_alloc& e) {
+      raise_as("DeviceOutOfMemoryError", e);
+    }
+  });
+
+  py::class_<ModelConfig>(m, "ModelConfig")
+      .def(py::init<>())
+      .def_readwrite("vocab_size", &ModelConfig::vocab_size)
+      .def_readwrite("hidden_size", &ModelConfig::hidden_size)
+      .def_readwrite("intermediate_size", &ModelConfig::intermediate_size)
+      .def_readwrite("num_layers", &ModelConfig::num_layers)
+      .def_readwrite("num_heads", &ModelConfig::num_heads)
+      .def_readwrite("num_kv_heads", &ModelConfig::num_kv_heads)
+      .def_readwrite("head_dim", &ModelConfig::head_dim)
+      .def_readwrite("num_experts", &ModelConfig::num_experts)
+      .def_readwrite("experts_per_token", &ModelConfig::experts_per_token)
+      .def_readwrite("rope_theta", &ModelConfig::rope_theta)
+      .def_readwrite("rms_norm_eps", &ModelConfig::rms_norm_eps)
+      .def_readwrite("max_position_embeddings", &ModelConfig::max_position_embeddings)
+      .def("validate", &ModelConfig::validate);
+
+  py::class_<Engine>(m, "Engine")
+      .def(py::init([](const ModelConfig& config, const std::string& device,
+                       const std::string& weight_dtype, const std::string& activation_dtype,
+                       int64_t max_context, int64_t kv_cache_tokens, int page_size,
+                       int64_t max_batch_tokens) {
+             EngineOptions options;
+             options.weight_dtype = parse_dtype(weight_dtype);
+             options.activation_dtype = parse_dtype(activation_dtype);
+             options.max_context = max_context;
+             options.kv_cache_tokens = kv_cache_tokens;
+             options.page_size = page_size;
+             options.max_batch_tokens = max_batch_tokens;
+             return std::make_unique<Engine>(config, options, make_backend(device));
+           }),
+           py::arg("config"), py::arg("device"), py::arg("weight_dtype"), py::arg("activation_dtype"),
+           py::arg("max_context"), py::arg("kv_cache_tokens"), py::arg("page_size"),
+           py::arg("max_batch_tokens"))
+      .def("load_weight", &load_weight, py::arg("slot"), py::arg("layer"), py::arg("expert"),
+           py::arg("row_offset"), py::arg("source"), py::arg("source_dtype"))
+      .def("missing_weights", &Engine::missing_weights)
+      .def_property_readonly("weight_bytes", &Engine::weight_bytes)
+      .def_property_readonly("kv_cache_bytes", &Engine::kv_cache_bytes)
+      .def_property_readonly("device", [](Engine& e) { return e.backend().name(); })
+      .def_property_readonly("num_pages", [](const Engine& e) { return e.kv_cache().num_pages(); })
+      .def_property_readonly("free_pages", [](const Engine& e) { return e.kv_cache().free_pages(); })
+      .def_property_readonly("page_size", [](const Engine& e) { return e.kv_cache().page_size(); })
+      .def_property_readonly("num_sequences", [](const Engine& e) { return e.kv_cache().num_sequences(); })
+      .def("create_sequence", &Engine::create_sequence)
+      .def("release_sequence", &Engine::release_sequence)
+      .def("truncate_sequence", &Engine::truncate_sequence)
+      .def("sequence_length", &Engine::sequence_length)
+      .def("append", &append, py::arg("sequence"), py::arg("tokens"), py::arg("all_logits"));
+
+  m.def("probe_cuda", [](const std::string& library_path) {
+    CudaProbe probe = probe_cuda_library(library_path);
+    return py::make_tuple(probe.device_count, probe.summary);
+  }, py::arg("library_path"),
+        "Loads the CUDA backend library and returns (device_count, summary); -1 when unusable.");
+}

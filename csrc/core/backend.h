@@ -1,0 +1,98 @@
+// The operation interface: one virtual method per operation of the model.
+// The engine calls only these; csrc/cpu/ implements them with plain loops and
+// float32 accumulation (the reference), csrc/cuda/ with kernels and cuBLAS.
+// Every tensor passed to a backend lives on that backend's device.
+//
+// Layouts (T tokens in the pass, H hidden, Hq/Hkv query/KV heads, D head_dim,
+// E experts, k experts per token, R = T*k expanded rows, F expert FFN width):
+//   activations  [T, H] row-major; qkv [T, (Hq + 2*Hkv) * D] with q, k, v side by side
+//   linear weights [N, K] row-major (out x in, as nn.Linear): y = x @ w^T
+//   expert weights [E, N, K]: w13 [E, 2F, H] (w1 rows then w3 rows), w2 [E, H, F]
+//   KV cache of a layer: k and v pools each [num_pages, Hkv, page_size, D]
+//   page_table [pages of the sequence] int32; positions [T] int32
+#pragma once
+
+#include "core/tensor.h"
+
+namespace mixtral {
+
+struct AttentionShape {
+  int num_heads;     // Hq
+  int num_kv_heads;  // Hkv, divides Hq
+  int head_dim;      // D, even
+};
+
+// One layer's K and V page pools.
+struct KvLayer {
+  void* k = nullptr;  // [num_pages, Hkv, page_size, D]
+  void* v = nullptr;  // [num_pages, Hkv, page_size, D]
+  DType dtype = DType::kFloat32;
+  int num_pages = 0;
+  int page_size = 0;
+};
+
+class MX_EXPORT Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual Device device() const = 0;
+  virtual std::string name() const = 0;
+
+  // ---- memory ----
+  virtual void* allocate(size_t bytes) = 0;  // throws DeviceOutOfMemoryError
+  virtual void release(void* ptr) = 0;
+  virtual void copy_from_host(void* dst, const void* host_src, size_t bytes) = 0;
+  virtual void copy_to_host(void* host_dst, const void* src, size_t bytes) = 0;
+  virtual void synchronize() = 0;
+
+  // ---- operations ----
+  // out[t] = table[ids[t]]; table [V, H], ids [T] int32 (already range-checked), out [T, H].
+  virtual void embedding(const Tensor& table, const Tensor& ids, Tensor& out) = 0;
+
+  // residual += delta (when delta is given); out = rmsnorm(residual) * weight.
+  // residual, delta, out [T, H]; weight [H].
+  virtual void add_rmsnorm(Tensor& residual, const Tensor* delta, const Tensor& weight,
+                           float eps, Tensor& out) = 0;
+
+  // out = x @ w^T; x [M, K], w [N, K], out [M, N]; float32 accumulation.
+  virtual void matmul(const Tensor& x, const Tensor& w, Tensor& out) = 0;
+
+  // Rotates q and k of qkv in place (rotate-half RoPE at positions[t]) and writes
+  // the rotated k and the v of each token into the cache slot of its position:
+  // page page_table[pos / page_size], row pos % page_size.
+  virtual void rope_kv_append(Tensor& qkv, const AttentionShape& shape, const Tensor& positions,
+                              float rope_theta, const KvLayer& kv, const Tensor& page_table) = 0;
+
+  // Causal GQA attention: token t attends to cache positions [0, positions[t]].
+  // qkv [T, (Hq+2Hkv)*D] (only q is read), out [T, Hq*D]; scale 1/sqrt(D).
+  virtual void attention(const Tensor& qkv, const AttentionShape& shape, const Tensor& positions,
+                         const KvLayer& kv, const Tensor& page_table, Tensor& out) = 0;
+
+  // Router: softmax over all experts, top-k (ties to the lower id), renormalise.
+  // logits [T, E] float32 -> expert_ids [T, k] int32, weights [T, k] float32.
+  virtual void router_topk(const Tensor& logits, Tensor& expert_ids, Tensor& weights) = 0;
+
+  // Groups the expanded rows i = t*k + j by expert, stable in i.
+  // expert_ids [T, k] -> expert_offsets [E + 1] (rows of expert e are
+  // [offsets[e], offsets[e+1])), permuted_to_expanded [R], expanded_to_permuted [R].
+  virtual void moe_permute(const Tensor& expert_ids, Tensor& expert_offsets,
+                           Tensor& permuted_to_expanded, Tensor& expanded_to_permuted) = 0;
+
+  // out[r] = x[permuted_to_expanded[r] / k]; x [T, H], out [R, H].
+  virtual void moe_gather(const Tensor& x, const Tensor& permuted_to_expanded, int k,
+                          Tensor& out) = 0;
+
+  // For each expert e: out[rows of e] = x[rows of e] @ w[e]^T.
+  // x [R, K], w [E, N, K], expert_offsets [E + 1], out [R, N].
+  virtual void expert_matmul(const Tensor& x, const Tensor& w, const Tensor& expert_offsets,
+                             Tensor& out) = 0;
+
+  // out = silu(gate_up[:, :F]) * gate_up[:, F:]; gate_up [R, 2F], out [R, F].
+  virtual void silu_mul(const Tensor& gate_up, Tensor& out) = 0;
+
+  // out[t] = sum_j weights[t, j] * y[expanded_to_permuted[t*k + j]], j ascending.
+  // y [R, H], weights [T, k] float32, out [T, H].
+  virtual void moe_unpermute(const Tensor& y, const Tensor& expanded_to_permuted,
+                             const Tensor& weights, Tensor& out) = 0;
+};
+
+}  // namespace mixtral

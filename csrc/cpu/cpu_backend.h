@@ -1,0 +1,96 @@
+// The CPU backend: reference implementations of every operation of
+// core/backend.h. Plain loops, float32 accumulation, OpenMP threads over
+// independent rows; inputs and outputs in float32, bfloat16 or float16.
+// This is the oracle the CUDA backend is tested against.
+#pragma once
+
+#include <vector>
+
+#include "core/backend.h"
+
+namespace mixtral {
+
+// Storage types for the dtype dispatch: load() widens to float, store() rounds.
+struct F32 {
+  using storage = float;
+  static float load(float v) { return v; }
+  static float store(float v) { return v; }
+};
+struct BF16 {
+  using storage = uint16_t;
+  static float load(uint16_t v) { return bf16_to_float(v); }
+  static uint16_t store(float v) { return float_to_bf16(v); }
+};
+struct F16 {
+  using storage = uint16_t;
+  static float load(uint16_t v) { return fp16_to_float(v); }
+  static uint16_t store(float v) { return float_to_fp16(v); }
+};
+
+// Calls fn(F32{}), fn(BF16{}) or fn(F16{}) for a float dtype.
+template <typename Fn>
+void dispatch_float(DType dtype, Fn&& fn) {
+  switch (dtype) {
+    case DType::kFloat32: fn(F32{}); return;
+    case DType::kBFloat16: fn(BF16{}); return;
+    case DType::kFloat16: fn(F16{}); return;
+    default: throw ShapeError(std::string("expected a float dtype, got ") + dtype_name(dtype));
+  }
+}
+
+// A float32 copy of a float tensor (or the tensor itself when already float32).
+class F32Input {
+ public:
+  explicit F32Input(const Tensor& t);
+  const float* data() const { return ptr_; }
+
+ private:
+  std::vector<float> owned_;
+  const float* ptr_;
+};
+
+// A float32 buffer for an output; commit() writes it to the tensor in its dtype.
+class F32Output {
+ public:
+  explicit F32Output(Tensor& t);
+  float* data() { return ptr_; }
+  void commit();
+
+ private:
+  Tensor& target_;
+  std::vector<float> owned_;
+  float* ptr_;
+};
+
+class CpuBackend final : public Backend {
+ public:
+  Device device() const override { return Device::kCpu; }
+  std::string name() const override { return "cpu"; }
+
+  void* allocate(size_t bytes) override;
+  void release(void* ptr) override;
+  void copy_from_host(void* dst, const void* host_src, size_t bytes) override;
+  void copy_to_host(void* host_dst, const void* src, size_t bytes) override;
+  void synchronize() override {}
+
+  void embedding(const Tensor& table, const Tensor& ids, Tensor& out) override;
+  void add_rmsnorm(Tensor& residual, const Tensor* delta, const Tensor& weight, float eps,
+                   Tensor& out) override;
+  void matmul(const Tensor& x, const Tensor& w, Tensor& out) override;
+  void rope_kv_append(Tensor& qkv, const AttentionShape& shape, const Tensor& positions,
+                      float rope_theta, const KvLayer& kv, const Tensor& page_table) override;
+  void attention(const Tensor& qkv, const AttentionShape& shape, const Tensor& positions,
+                 const KvLayer& kv, const Tensor& page_table, Tensor& out) override;
+  void router_topk(const Tensor& logits, Tensor& expert_ids, Tensor& weights) override;
+  void moe_permute(const Tensor& expert_ids, Tensor& expert_offsets, Tensor& permuted_to_expanded,
+                   Tensor& expanded_to_permuted) override;
+  void moe_gather(const Tensor& x, const Tensor& permuted_to_expanded, int k,
+                  Tensor& out) override;
+  void expert_matmul(const Tensor& x, const Tensor& w, const Tensor& expert_offsets,
+                     Tensor& out) override;
+  void silu_mul(const Tensor& gate_up, Tensor& out) override;
+  void moe_unpermute(const Tensor& y, const Tensor& expanded_to_permuted, const Tensor& weights,
+                     Tensor& out) override;
+};
+
+}  // namespace mixtral

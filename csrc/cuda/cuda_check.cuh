@@ -1,0 +1,50 @@
+// Error macros of the CUDA backend: CUDA_CHECK for runtime calls and kernel
+// launches, CUBLAS_CHECK for cuBLAS calls. Each throws a mixtral::DeviceError
+// (DeviceOutOfMemoryError for allocation failures) naming file, line, the
+// failed expression and the library's message; pybind11 turns it into a
+// Python exception, so a device error never aborts the process.
+#pragma once
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <sstream>
+
+#include "core/error.h"
+
+namespace mixtral::cuda {
+
+[[noreturn]] inline void throw_cuda_error(cudaError_t status, const char* expr, const char* file, int line) {
+  std::ostringstream message;
+  message << "CUDA error at " << file << ":" << line << ": " << expr << ": "
+          << cudaGetErrorName(status) << " (" << cudaGetErrorString(status) << ")";
+  if (status == cudaErrorMemoryAllocation) throw DeviceOutOfMemoryError(message.str());
+  throw DeviceError(message.str());
+}
+
+[[noreturn]] inline void throw_cublas_error(cublasStatus_t status, const char* expr, const char* file, int line) {
+  std::ostringstream message;
+  message << "cuBLAS error at " << file << ":" << line << ": " << expr << ": "
+          << cublasGetStatusName(status) << " (" << cublasGetStatusString(status) << ")";
+  if (status == CUBLAS_STATUS_ALLOC_FAILED) throw DeviceOutOfMemoryError(message.str());
+  throw DeviceError(message.str());
+}
+
+}  // namespace mixtral::cuda
+
+#define CUDA_CHECK(expr)                                                                    \
+  do {                                                                                      \
+    cudaError_t mx_cuda_status_ = (expr);                                                   \
+    if (mx_cuda_status_ != cudaSuccess)                                                     \
+      ::mixtral::cuda::throw_cuda_error(mx_cuda_status_, #expr, __FILE__, __LINE__);        \
+  } while (0)
+
+// After a kernel launch: catches bad launch configurations at once.
+#define CUDA_CHECK_LAUNCH() CUDA_CHECK(cudaGetLastError())
+
+#define CUBLAS_CHECK(expr)                                                                  \
+  do {                                                                                      \
+    cublasStatus_t mx_cublas_status_ = (expr);                                              \
+    if (mx_cublas_status_ != CUBLAS_STATUS_SUCCESS)                                         \
+      ::mixtral::cuda::throw_cublas_error(mx_cublas_status_, #expr, __FILE__, __LINE__);    \
+  } while (0)

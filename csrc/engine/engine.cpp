@@ -1,0 +1,305 @@
+// The Mixtral forward pass over the operation interface (see engine/engine.h
+// for the weight slots and core/backend.h for the layouts). One chunk:
+//   x = embed(ids)
+//   per layer: h = norm(x += moe_out); qkv = h @ wqkv^T; rope + KV append;
+//              attn = attention(q, cache); h = norm(x += attn @ wo^T);
+//              route h; gather rows by expert; silu(h w1) * (h w3) @ w2 per expert;
+//              moe_out = weighted unpermute
+//   h = norm(x += moe_out); logits = h @ lm_head^T
+#include "engine/engine.h"
+
+#include <algorithm>
+#include <limits>
+
+namespace mixtral {
+
+namespace {
+
+const char* const kSlotNames[] = {"embed",    "lm_head", "final_norm", "attn_norm", "wqkv",
+                                  "wo",       "ffn_norm", "router",    "w13",       "w2"};
+
+size_t align_up(size_t bytes) { return (bytes + 255) / 256 * 256; }
+
+// Hands out aligned tensors from one allocation, sized in a first pass.
+class ArenaPlan {
+ public:
+  Tensor add(DType dtype, std::initializer_list<int64_t> dims) {
+    Tensor t(reinterpret_cast<void*>(bytes_), dtype, Device::kCpu, dims);
+    bytes_ += align_up(t.nbytes());
+    return t;
+  }
+  size_t bytes() const { return bytes_; }
+  // Turns the planned offsets into pointers into `base` on `device`.
+  static void place(Tensor& t, void* base, Device device) {
+    t.data = static_cast<char*>(base) + reinterpret_cast<size_t>(t.data);
+    t.device = device;
+  }
+
+ private:
+  size_t bytes_ = 0;
+};
+
+}  // namespace
+
+void ModelConfig::validate() const {
+  auto positive = [](int64_t value, const char* name) {
+    MX_CHECK(value > 0 && value < (int64_t(1) << 31), Error,
+             "config: " << name << " must be in [1, 2^31), got " << value);
+  };
+  positive(vocab_size, "vocab_size");
+  positive(hidden_size, "hidden_size");
+  positive(intermediate_size, "intermediate_size");
+  positive(num_layers, "num_hidden_layers");
+  positive(num_heads, "num_attention_heads");
+  positive(num_kv_heads, "num_key_value_heads");
+  positive(head_dim, "head_dim");
+  positive(num_experts, "num_local_experts");
+  positive(experts_per_token, "num_experts_per_tok");
+  positive(max_position_embeddings, "max_position_embeddings");
+  MX_CHECK(num_heads % num_kv_heads == 0, Error,
+           "config: num_attention_heads " << num_heads << " is not a multiple of num_key_value_heads "
+                                          << num_kv_heads);
+  MX_CHECK(head_dim % 2 == 0, Error, "config: head_dim " << head_dim << " must be even for RoPE");
+  MX_CHECK(experts_per_token <= num_experts, Error,
+           "config: num_experts_per_tok " << experts_per_token << " exceeds num_local_experts "
+                                          << num_experts);
+  MX_CHECK(rope_theta > 0 && rms_norm_eps > 0, Error,
+           "config: rope_theta and rms_norm_eps must be positive");
+}
+
+Engine::Engine(const ModelConfig& config, const EngineOptions& options,
+               std::unique_ptr<Backend> backend)
+    : config_(config),
+      options_(options),
+      backend_(std::move(backend)),
+      kv_(static_cast<int>(std::max<int64_t>(1, (options.kv_cache_tokens + options.page_size - 1) /
+                                                   std::max(options.page_size, 1))),
+          options.page_size) {
+  config_.validate();
+  const ModelConfig& c = config_;
+  MX_CHECK(options_.max_context >= 1, Error, "max_context must be >= 1");
+  MX_CHECK(options_.kv_cache_tokens >= 1 && options_.kv_cache_tokens < (int64_t(1) << 31), Error,
+           "kv_cache_tokens must be in [1, 2^31), got " << options_.kv_cache_tokens);
+  MX_CHECK(options_.max_batch_tokens >= 1, Error, "max_batch_tokens must be >= 1");
+  MX_CHECK(is_float(options_.weight_dtype) && is_float(options_.activation_dtype), Error,
+           "weights and activations need a float dtype");
+
+  // ---- weights: one arena, slot after slot ----
+  const int64_t H = c.hidden_size, E = c.num_experts, L = c.num_layers, F = c.intermediate_size;
+  const int64_t shapes[][3] = {
+      {c.vocab_size, H, 1},          {c.vocab_size, H, 1}, {1, H, 1},     {1, H, L},
+      {c.qkv_width(), H, L},         {H, c.num_heads * c.head_dim, L},    {1, H, L},
+      {E, H, L},                     {2 * F, H, L * E},   {H, F, L * E}};
+  const size_t wsize = dtype_size(options_.weight_dtype);
+  size_t total = 0;
+  for (int s = 0; s < static_cast<int>(Slot::kCount); ++s) {
+    slots_[s] = SlotLayout{shapes[s][0], shapes[s][1], shapes[s][2], total};
+    rows_loaded_[s].assign(shapes[s][2], 0);
+    total += align_up(size_t(shapes[s][0]) * shapes[s][1] * shapes[s][2] * wsize);
+  }
+  weight_bytes_ = total;
+  weight_arena_ = backend_->allocate(weight_bytes_);
+
+  // ---- KV pools: [L][k|v][num_pages, Hkv, page_size, D] ----
+  kv_bytes_ = size_t(L) * 2 * kv_.num_pages() * c.num_kv_heads * kv_.page_size() * c.head_dim *
+              dtype_size(options_.activation_dtype);
+  try {
+    kv_arena_ = backend_->allocate(kv_bytes_);
+
+    // ---- workspace for one chunk ----
+    const int64_t T = options_.max_batch_tokens, k = c.experts_per_token;
+    const int64_t max_pages = (options_.max_context + kv_.page_size() - 1) / kv_.page_size();
+    const DType act = options_.activation_dtype;
+    ArenaPlan plan;
+    ids_ = plan.add(DType::kInt32, {T});
+    positions_ = plan.add(DType::kInt32, {T});
+    page_table_ = plan.add(DType::kInt32, {max_pages});
+    residual_ = plan.add(act, {T, H});
+    normed_ = plan.add(act, {T, H});
+    qkv_ = plan.add(act, {T, c.qkv_width()});
+    attn_ = plan.add(act, {T, c.num_heads * c.head_dim});
+    delta_ = plan.add(act, {T, H});
+    router_logits_ = plan.add(DType::kFloat32, {T, E});
+    expert_ids_ = plan.add(DType::kInt32, {T, k});
+    expert_weights_ = plan.add(DType::kFloat32, {T, k});
+    expert_offsets_ = plan.add(DType::kInt32, {E + 1});
+    permuted_to_expanded_ = plan.add(DType::kInt32, {T * k});
+    expanded_to_permuted_ = plan.add(DType::kInt32, {T * k});
+    expert_in_ = plan.add(act, {T * k, H});
+    gate_up_ = plan.add(act, {T * k, 2 * F});
+    expert_act_ = plan.add(act, {T * k, F});
+    expert_out_ = plan.add(act, {T * k, H});
+    logits_ = plan.add(DType::kFloat32, {T, c.vocab_size});
+    workspace_arena_ = backend_->allocate(plan.bytes());
+    for (Tensor* t : {&ids_, &positions_, &page_table_, &residual_, &normed_, &qkv_, &attn_, &delta_,
+                      &router_logits_, &expert_ids_, &expert_weights_, &expert_offsets_,
+                      &permuted_to_expanded_, &expanded_to_permuted_, &expert_in_, &gate_up_,
+                      &expert_act_, &expert_out_, &logits_})
+      ArenaPlan::place(*t, workspace_arena_, backend_->device());
+  } catch (...) {
+    if (kv_arena_) backend_->release(kv_arena_);
+    backend_->release(weight_arena_);
+    throw;
+  }
+}
+
+Engine::~Engine() {
+  backend_->release(workspace_arena_);
+  backend_->release(kv_arena_);
+  backend_->release(weight_arena_);
+}
+
+// ---- weights ------------------------------------------------------------------
+
+void Engine::load_weight(const std::string& slot_name, int64_t layer, int64_t expert,
+                         int64_t row_offset, const void* src, DType src_dtype, int64_t rows,
+                         int64_t cols) {
+  const auto* found = std::find(std::begin(kSlotNames), std::end(kSlotNames), slot_name);
+  MX_CHECK(found != std::end(kSlotNames), Error, "load_weight: unknown slot '" << slot_name << "'");
+  const int s = static_cast<int>(found - std::begin(kSlotNames));
+  const SlotLayout& slot = slots_[s];
+  const bool per_expert = s == int(Slot::kW13) || s == int(Slot::kW2);
+  const int64_t layers = slot.count == 1 ? 1 : config_.num_layers;
+  const int64_t experts = per_expert ? config_.num_experts : 1;
+  MX_CHECK(layer >= 0 && layer < layers && expert >= 0 && expert < experts, ShapeError,
+           slot_name << ": layer " << layer << " / expert " << expert << " outside " << layers
+                     << " layers / " << experts << " experts");
+  MX_CHECK(cols == slot.cols && rows >= 1 && row_offset >= 0 && row_offset + rows <= slot.rows,
+           ShapeError,
+           slot_name << ": block [" << rows << ", " << cols << "] at row " << row_offset
+                     << " does not fit the slot's [" << slot.rows << ", " << slot.cols << "]");
+  MX_CHECK(is_float(src_dtype), ShapeError,
+           slot_name << ": unsupported source dtype " << dtype_name(src_dtype));
+  const int64_t instance = layer * experts + expert;
+  const size_t wsize = dtype_size(options_.weight_dtype);
+  std::vector<char> staging(size_t(rows) * cols * wsize);
+  convert_host(src, src_dtype, staging.data(), options_.weight_dtype, rows * cols);
+  char* dst = static_cast<char*>(weight_arena_) + slot.offset +
+              (size_t(instance) * slot.rows + row_offset) * slot.cols * wsize;
+  backend_->copy_from_host(dst, staging.data(), staging.size());
+  rows_loaded_[s][instance] += rows;
+}
+
+std::vector<std::string> Engine::missing_weights() const {
+  std::vector<std::string> missing;
+  for (int s = 0; s < static_cast<int>(Slot::kCount); ++s) {
+    for (size_t i = 0; i < rows_loaded_[s].size(); ++i) {
+      if (rows_loaded_[s][i] != slots_[s].rows)
+        missing.push_back(std::string(kSlotNames[s]) + "[" + std::to_string(i) + "]: " +
+                          std::to_string(rows_loaded_[s][i]) + " of " +
+                          std::to_string(slots_[s].rows) + " rows loaded");
+    }
+  }
+  return missing;
+}
+
+Tensor Engine::weight(Slot slot, int64_t layer) const {
+  const SlotLayout& s = slots_[static_cast<int>(slot)];
+  const bool per_expert = slot == Slot::kW13 || slot == Slot::kW2;
+  const int64_t instance = per_expert ? layer * config_.num_experts : (s.count == 1 ? 0 : layer);
+  void* data = static_cast<char*>(weight_arena_) + s.offset +
+               size_t(instance) * s.rows * s.cols * dtype_size(options_.weight_dtype);
+  if (per_expert)
+    return Tensor(data, options_.weight_dtype, backend_->device(), {config_.num_experts, s.rows, s.cols});
+  return Tensor(data, options_.weight_dtype, backend_->device(), {s.rows, s.cols});
+}
+
+Tensor Engine::norm_weight(Slot slot, int64_t layer) const {
+  Tensor t = weight(slot, layer);
+  return Tensor(t.data, t.dtype, t.device, {t.shape[1]});
+}
+
+KvLayer Engine::kv_layer(int64_t layer) const {
+  const size_t pool = kv_bytes_ / (2 * config_.num_layers);
+  KvLayer kv;
+  kv.k = static_cast<char*>(kv_arena_) + (2 * layer) * pool;
+  kv.v = static_cast<char*>(kv_arena_) + (2 * layer + 1) * pool;
+  kv.dtype = options_.activation_dtype;
+  kv.num_pages = kv_.num_pages();
+  kv.page_size = kv_.page_size();
+  return kv;
+}
+
+// ---- forward ------------------------------------------------------------------
+
+void Engine::truncate_sequence(int sequence, int64_t length) {
+  MX_CHECK(length >= 0 && length <= kv_.length(sequence), Error,
+           "truncate: length " << length << " outside [0, " << kv_.length(sequence) << "]");
+  kv_.resize(sequence, length);
+}
+
+void Engine::append(int sequence, const int32_t* tokens, int64_t n, bool all_logits, float* out) {
+  MX_CHECK(n >= 1, ShapeError, "append: no tokens given");
+  for (int64_t i = 0; i < n; ++i)
+    MX_CHECK(tokens[i] >= 0 && tokens[i] < config_.vocab_size, TokenError,
+             "token id " << tokens[i] << " at index " << i << " is outside the vocabulary [0, "
+                         << config_.vocab_size << ")");
+  const int64_t start = kv_.length(sequence);
+  MX_CHECK(start + n <= options_.max_context, ContextOverflowError,
+           "context overflow: " << start << " cached + " << n << " new tokens exceed max_context "
+                                << options_.max_context);
+  kv_.resize(sequence, start + n);
+  try {
+    for (int64_t done = 0; done < n; done += options_.max_batch_tokens) {
+      const int64_t count = std::min(options_.max_batch_tokens, n - done);
+      float* chunk_out = all_logits ? out + done * config_.vocab_size : (done + count == n ? out : nullptr);
+      run_chunk(sequence, tokens + done, count, start + done, all_logits, chunk_out);
+    }
+  } catch (...) {
+    kv_.resize(sequence, start);
+    throw;
+  }
+}
+
+void Engine::run_chunk(int sequence, const int32_t* tokens, int64_t n, int64_t start,
+                       bool all_logits, float* out) {
+  const ModelConfig& c = config_;
+  Backend& b = *backend_;
+  const AttentionShape shape{int(c.num_heads), int(c.num_kv_heads), int(c.head_dim)};
+  const int k = int(c.experts_per_token);
+
+  std::vector<int32_t> positions(n);
+  for (int64_t i = 0; i < n; ++i) positions[i] = static_cast<int32_t>(start + i);
+  const std::vector<int32_t>& pages = kv_.pages(sequence);
+  b.copy_from_host(ids_.data, tokens, n * sizeof(int32_t));
+  b.copy_from_host(positions_.data, positions.data(), n * sizeof(int32_t));
+  b.copy_from_host(page_table_.data, pages.data(), pages.size() * sizeof(int32_t));
+
+  Tensor ids = ids_.rows(0, n), pos = positions_.rows(0, n), table = page_table_.rows(0, pages.size());
+  Tensor x = residual_.rows(0, n), h = normed_.rows(0, n), qkv = qkv_.rows(0, n);
+  Tensor attn = attn_.rows(0, n), delta = delta_.rows(0, n);
+  Tensor router_logits = router_logits_.rows(0, n), expert_ids = expert_ids_.rows(0, n);
+  Tensor expert_weights = expert_weights_.rows(0, n);
+  Tensor permuted_to_expanded = permuted_to_expanded_.rows(0, n * k);
+  Tensor expanded_to_permuted = expanded_to_permuted_.rows(0, n * k);
+  Tensor expert_in = expert_in_.rows(0, n * k), gate_up = gate_up_.rows(0, n * k);
+  Tensor expert_act = expert_act_.rows(0, n * k), expert_out = expert_out_.rows(0, n * k);
+
+  b.embedding(weight(Slot::kEmbed, 0), ids, x);
+  for (int64_t layer = 0; layer < c.num_layers; ++layer) {
+    const KvLayer kv = kv_layer(layer);
+    b.add_rmsnorm(x, layer == 0 ? nullptr : &delta, norm_weight(Slot::kAttnNorm, layer), c.rms_norm_eps, h);
+    b.matmul(h, weight(Slot::kWqkv, layer), qkv);
+    b.rope_kv_append(qkv, shape, pos, c.rope_theta, kv, table);
+    b.attention(qkv, shape, pos, kv, table, attn);
+    b.matmul(attn, weight(Slot::kWo, layer), delta);
+    b.add_rmsnorm(x, &delta, norm_weight(Slot::kFfnNorm, layer), c.rms_norm_eps, h);
+
+    b.matmul(h, weight(Slot::kRouter, layer), router_logits);
+    b.router_topk(router_logits, expert_ids, expert_weights);
+    b.moe_permute(expert_ids, expert_offsets_, permuted_to_expanded, expanded_to_permuted);
+    b.moe_gather(h, permuted_to_expanded, k, expert_in);
+    b.expert_matmul(expert_in, weight(Slot::kW13, layer), expert_offsets_, gate_up);
+    b.silu_mul(gate_up, expert_act);
+    b.expert_matmul(expert_act, weight(Slot::kW2, layer), expert_offsets_, expert_out);
+    b.moe_unpermute(expert_out, expanded_to_permuted, expert_weights, delta);
+  }
+  if (!out) return;  // a prefill chunk whose logits nobody reads
+  b.add_rmsnorm(x, &delta, norm_weight(Slot::kFinalNorm, 0), c.rms_norm_eps, h);
+  const int64_t first_row = all_logits ? 0 : n - 1, rows = all_logits ? n : 1;
+  Tensor logits = logits_.rows(0, rows);
+  b.matmul(h.rows(first_row, rows), weight(Slot::kLmHead, 0), logits);
+  b.copy_to_host(out, logits.data, logits.nbytes());
+}
+
+}  // namespace mixtral

@@ -1,0 +1,118 @@
+// The device-agnostic Mixtral model: configuration, weights in one arena,
+// the KV page pools, a workspace for one chunk of tokens, and the forward pass
+// wired from the operations of core/backend.h.
+//
+// Weight slots, each [rows, cols] row-major in the weight dtype, per layer
+// and per expert where marked (layouts as in core/backend.h):
+//   embed [V, H]   lm_head [V, H]   final_norm [1, H]
+//   per layer: attn_norm [1, H]  wqkv [(Hq+2Hkv)*D, H] (q rows, then k, then v)
+//              wo [H, Hq*D]  ffn_norm [1, H]  router [E, H]
+//   per layer and expert: w13 [2F, H] (w1 rows, then w3)  w2 [H, F]
+// q and k rows use the rotate-half RoPE layout (Hugging Face's); loaders
+// permute interleaved checkpoints before calling load_weight.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/backend.h"
+#include "engine/kv_cache.h"
+
+namespace mixtral {
+
+struct ModelConfig {
+  int64_t vocab_size = 0;
+  int64_t hidden_size = 0;
+  int64_t intermediate_size = 0;
+  int64_t num_layers = 0;
+  int64_t num_heads = 0;
+  int64_t num_kv_heads = 0;
+  int64_t head_dim = 0;
+  int64_t num_experts = 0;
+  int64_t experts_per_token = 0;
+  float rope_theta = 1e6f;
+  float rms_norm_eps = 1e-5f;
+  int64_t max_position_embeddings = 0;
+
+  void validate() const;  // throws Error naming the first bad field
+  int64_t qkv_width() const { return (num_heads + 2 * num_kv_heads) * head_dim; }
+};
+
+struct EngineOptions {
+  DType weight_dtype = DType::kFloat32;
+  DType activation_dtype = DType::kFloat32;  // also the KV cache dtype
+  int64_t max_context = 0;                   // tokens one sequence may hold
+  int64_t kv_cache_tokens = 0;               // pool capacity over all sequences
+  int page_size = 16;                        // tokens per KV page
+  int64_t max_batch_tokens = 256;            // tokens per forward chunk
+};
+
+enum class Slot { kEmbed, kLmHead, kFinalNorm, kAttnNorm, kWqkv, kWo, kFfnNorm, kRouter, kW13, kW2, kCount };
+
+class Engine {
+ public:
+  Engine(const ModelConfig& config, const EngineOptions& options, std::unique_ptr<Backend> backend);
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  const ModelConfig& config() const { return config_; }
+  const EngineOptions& options() const { return options_; }
+  Backend& backend() { return *backend_; }
+
+  // ---- weights ----
+  // Copies a host block [rows, cols] of dtype src_dtype into rows
+  // [row_offset, row_offset + rows) of a slot, converting to the weight dtype.
+  void load_weight(const std::string& slot, int64_t layer, int64_t expert, int64_t row_offset,
+                   const void* src, DType src_dtype, int64_t rows, int64_t cols);
+  std::vector<std::string> missing_weights() const;  // slots not fully loaded
+  size_t weight_bytes() const { return weight_bytes_; }
+
+  // ---- sequences ----
+  int create_sequence() { return kv_.create(); }
+  void release_sequence(int sequence) { kv_.release(sequence); }
+  void truncate_sequence(int sequence, int64_t length);
+  int64_t sequence_length(int sequence) const { return kv_.length(sequence); }
+  // Runs tokens after the sequence's current end and writes float32 logits to
+  // out: [n, V] when all_logits, else [V] for the last token. On any error the
+  // sequence keeps its previous length.
+  void append(int sequence, const int32_t* tokens, int64_t n, bool all_logits, float* out);
+  const KvCacheManager& kv_cache() const { return kv_; }
+  size_t kv_cache_bytes() const { return kv_bytes_; }
+
+ private:
+  struct SlotLayout {
+    int64_t rows, cols;
+    int64_t count;   // instances: layers x experts, 1 for global slots
+    size_t offset;   // bytes into the weight arena
+  };
+  Tensor weight(Slot slot, int64_t layer) const;  // [rows, cols], or [E, rows, cols] for experts
+  Tensor norm_weight(Slot slot, int64_t layer) const;  // [H]
+  KvLayer kv_layer(int64_t layer) const;
+  void run_chunk(int sequence, const int32_t* tokens, int64_t n, int64_t start, bool all_logits,
+                 float* out);
+
+  ModelConfig config_;
+  EngineOptions options_;
+  std::unique_ptr<Backend> backend_;
+  KvCacheManager kv_;
+
+  SlotLayout slots_[static_cast<int>(Slot::kCount)];
+  std::vector<int64_t> rows_loaded_[static_cast<int>(Slot::kCount)];
+  void* weight_arena_ = nullptr;
+  size_t weight_bytes_ = 0;
+  void* kv_arena_ = nullptr;
+  size_t kv_bytes_ = 0;
+
+  // Workspace for one chunk of up to max_batch_tokens tokens (T rows).
+  void* workspace_arena_ = nullptr;
+  Tensor ids_, positions_, page_table_;   // [T], [T], [max pages] int32
+  Tensor residual_, normed_, qkv_, attn_, delta_;   // [T, H] / [T, qkv] / [T, Hq*D] / [T, H]
+  Tensor router_logits_, expert_ids_, expert_weights_;  // [T, E] f32, [T, k] i32, [T, k] f32
+  Tensor expert_offsets_, permuted_to_expanded_, expanded_to_permuted_;  // [E+1], [T*k], [T*k]
+  Tensor expert_in_, gate_up_, expert_act_, expert_out_;  // [T*k, H], [T*k, 2F], [T*k, F], [T*k, H]
+  Tensor logits_;  // [T, V] float32
+};
+
+}  // namespace mixtral

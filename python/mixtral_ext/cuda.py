@@ -1,0 +1,42 @@
+"""Finding and probing the CUDA backend library (libmixtral_ext_cuda.so),
+which is loaded only when asked for, so the package works without a GPU.
+cuBLAS comes from the toolkit or from the nvidia-cublas wheel; the wheel's
+libraries are preloaded so the backend library finds them."""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import importlib.util
+import os
+
+from . import _C
+
+_LIBRARY = os.path.join(os.path.dirname(__file__), "libmixtral_ext_cuda.so")
+
+
+def _preload_cublas_wheel() -> None:
+    for package in ("nvidia.cu13", "nvidia.cublas"):
+        try:
+            spec = importlib.util.find_spec(package)
+        except ImportError:
+            continue
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        lib_dir = os.path.join(list(spec.submodule_search_locations)[0], "lib")
+        for name in ("libcublasLt.so.*", "libcublas.so.*"):
+            for path in sorted(glob.glob(os.path.join(lib_dir, name))):
+                try:
+                    ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+                except OSError:
+                    pass
+
+
+def cuda_info() -> dict:
+    """Whether this build has the CUDA backend and what it finds:
+    {"built": bool, "device_count": int (-1 when unusable), "summary": str}."""
+    if not os.path.exists(_LIBRARY):
+        return {"built": False, "device_count": -1, "summary": "built without the CUDA backend"}
+    _preload_cublas_wheel()
+    count, summary = _C.probe_cuda(_LIBRARY)
+    return {"built": True, "device_count": count, "summary": summary}

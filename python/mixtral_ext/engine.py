@@ -1,0 +1,231 @@
+"""The user-facing engine: Engine.from_pretrained loads a checkpoint into the
+C++ core; Engine.logits runs one stateless pass; Sequence holds KV-cached
+state for incremental prefill and decode. Every input is checked here before
+it reaches C++; every core call holds the engine's lock, so threads may share
+one engine."""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Iterable, Sequence as SequenceType
+
+import numpy as np
+
+from . import _C
+from .config import MixtralConfig
+from .errors import ContextOverflowError, MixtralError, ModelLoadError, SequenceClosedError, TokenError
+from .weights import check_plan, load_into, open_checkpoint, tensor_plan
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class Engine:
+    """A Mixtral model loaded on one device, with its KV cache."""
+
+    def __init__(self, core, config: MixtralConfig, *, path: str, max_context: int) -> None:
+        self._core = core
+        self.config = config
+        self.path = path
+        self.max_context = max_context
+        self._lock = threading.RLock()
+
+    # ---- construction ----------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        *,
+        device: str = "cpu",
+        dtype: str | None = None,
+        max_context: int | None = None,
+        kv_cache_tokens: int | None = None,
+        page_size: int = 16,
+        max_batch_tokens: int = 256,
+        progress: bool | None = None,
+    ) -> "Engine":
+        """Loads a Hugging Face or consolidated Mistral Mixtral directory.
+
+        device: "cpu" (this build; the CUDA backend comes with its own issue).
+        dtype: weight dtype; default float32 on the CPU (exact numerics), bfloat16 on the GPU.
+        max_context: tokens one sequence may hold (default: the model's max_position_embeddings).
+        kv_cache_tokens: KV cache capacity over all open sequences (default: max_context).
+        page_size: tokens per KV page; max_batch_tokens: tokens per forward chunk.
+        progress: show a loading bar (default: for checkpoints of 256 MiB or more).
+        """
+        path = os.fspath(path)
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        if dtype is None:
+            dtype = "float32" if device == "cpu" else "bfloat16"
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+        for name, value in (("page_size", page_size), ("max_batch_tokens", max_batch_tokens)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        checkpoint = open_checkpoint(path)
+        config = checkpoint.config
+        if max_context is None:
+            max_context = config.max_position_embeddings
+        if isinstance(max_context, bool) or not isinstance(max_context, int) or not 1 <= max_context <= config.max_position_embeddings:
+            raise ValueError(
+                f"max_context must be an integer in [1, {config.max_position_embeddings}] "
+                f"(the model's max_position_embeddings), got {max_context!r}"
+            )
+        if kv_cache_tokens is None:
+            kv_cache_tokens = max_context
+        if isinstance(kv_cache_tokens, bool) or not isinstance(kv_cache_tokens, int) or not 1 <= kv_cache_tokens < 2**31:
+            raise ValueError(f"kv_cache_tokens must be an integer in [1, 2^31), got {kv_cache_tokens!r}")
+        plan = tensor_plan(checkpoint)
+        total_bytes = check_plan(checkpoint, plan)
+        # The CPU computes in float32 whatever the weights; the GPU in the weight dtype.
+        activation_dtype = "float32" if device == "cpu" else dtype
+        try:
+            core = _C.Engine(
+                config.to_core(), device, dtype, activation_dtype,
+                max_context, kv_cache_tokens, page_size, max_batch_tokens,
+            )
+            load_into(core, checkpoint, plan, total_bytes, progress)
+        except ModelLoadError:
+            raise
+        except MixtralError as e:
+            raise ModelLoadError(f"{path}: {e}") from e
+        engine = cls(core, config, path=path, max_context=max_context)
+        engine.loaded_bytes = total_bytes
+        return engine
+
+    # ---- properties ------------------------------------------------------------
+
+    @property
+    def device(self) -> str:
+        return self._core.device
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes the weights take on the device."""
+        return self._core.weight_bytes
+
+    def kv_cache_info(self) -> dict:
+        """Pages of the KV cache: total, free, tokens per page, bytes, open sequences."""
+        with self._lock:
+            core = self._core
+            return {
+                "num_pages": core.num_pages,
+                "free_pages": core.free_pages,
+                "page_size": core.page_size,
+                "bytes": core.kv_cache_bytes,
+                "sequences": core.num_sequences,
+            }
+
+    # ---- running ----------------------------------------------------------------
+
+    def token_array(self, token_ids: Iterable[int]) -> np.ndarray:
+        """token_ids as int32, each checked to lie in [0, vocab_size)."""
+        if isinstance(token_ids, (str, bytes)):
+            raise TokenError("token ids must be a sequence of integers, not a string")
+        try:
+            ids = np.asarray(list(token_ids))
+        except TypeError as e:
+            raise TokenError(f"token ids must be a sequence of integers: {e}") from e
+        if ids.size and (ids.ndim != 1 or ids.dtype.kind not in "iu"):
+            raise TokenError(f"token ids must be a flat sequence of integers, got {ids.dtype} with shape {ids.shape}")
+        ids = ids.astype(np.int64, copy=False).reshape(-1)
+        bad = np.flatnonzero((ids < 0) | (ids >= self.config.vocab_size))
+        if bad.size:
+            raise TokenError(
+                f"token id {int(ids[bad[0]])} at index {int(bad[0])} is outside the vocabulary [0, {self.config.vocab_size})"
+            )
+        return ids.astype(np.int32)
+
+    def logits(self, token_ids: SequenceType[int]) -> np.ndarray:
+        """float32 logits [len(token_ids), vocab_size] of one stateless pass."""
+        ids = self.token_array(token_ids)
+        if ids.size == 0:
+            raise TokenError("logits() needs at least one token id")
+        if ids.size > self.max_context:
+            raise ContextOverflowError(f"{ids.size} tokens exceed max_context {self.max_context}")
+        with self._lock:
+            seq = self._core.create_sequence()
+            try:
+                return self._core.append(seq, ids, True)
+            finally:
+                self._core.release_sequence(seq)
+
+    def new_sequence(self) -> "Sequence":
+        """A new empty sequence with its own KV cache pages."""
+        with self._lock:
+            return Sequence(self, self._core.create_sequence())
+
+
+class Sequence:
+    """A token sequence with KV-cached state: append() prefills or decodes.
+
+    Use as a context manager, or call close(), to give its KV pages back.
+    """
+
+    def __init__(self, engine: Engine, handle: int) -> None:
+        self._engine = engine
+        self._handle: int | None = handle
+        self._tokens: list[int] = []
+
+    def _live_handle(self) -> int:
+        if self._handle is None:
+            raise SequenceClosedError("the sequence is closed")
+        return self._handle
+
+    def append(self, token_ids: SequenceType[int]) -> np.ndarray:
+        """Runs the tokens after the current end; returns float32 logits [vocab_size] after the last one."""
+        engine = self._engine
+        ids = engine.token_array(token_ids)
+        if ids.size == 0:
+            raise TokenError("append() needs at least one token id")
+        with engine._lock:
+            handle = self._live_handle()
+            if len(self._tokens) + ids.size > engine.max_context:
+                raise ContextOverflowError(
+                    f"context overflow: {len(self._tokens)} cached + {ids.size} new tokens exceed "
+                    f"max_context {engine.max_context}"
+                )
+            logits = engine._core.append(handle, ids, False)
+            self._tokens.extend(ids.tolist())
+            return logits
+
+    def truncate(self, length: int) -> None:
+        """Keeps the first `length` tokens and frees the KV pages past them."""
+        if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= len(self._tokens):
+            raise ValueError(f"truncate length must be an integer in [0, {len(self._tokens)}], got {length!r}")
+        with self._engine._lock:
+            self._engine._core.truncate_sequence(self._live_handle(), length)
+            del self._tokens[length:]
+
+    def close(self) -> None:
+        """Frees the KV pages; further appends raise SequenceClosedError. Closing twice is fine."""
+        with self._engine._lock:
+            if self._handle is not None:
+                self._engine._core.release_sequence(self._handle)
+                self._handle = None
+
+    @property
+    def closed(self) -> bool:
+        return self._handle is None
+
+    @property
+    def tokens(self) -> list[int]:
+        """A copy of the token ids the sequence holds."""
+        return list(self._tokens)
+
+    def __len__(self) -> int:
+        return len(self._tokens)
+
+    def __enter__(self) -> "Sequence":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass

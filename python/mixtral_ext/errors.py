@@ -1,0 +1,42 @@
+"""The exceptions of mixtral_ext: one hierarchy under MixtralError.
+
+The C++ core raises the matching class through its exception translator
+(csrc/bindings/module.cpp looks these names up), so Python and C++ errors
+are caught the same way.
+"""
+
+
+class MixtralError(Exception):
+    """Base of every error mixtral_ext raises on purpose."""
+
+
+class ModelLoadError(MixtralError):
+    """A model directory could not be loaded: missing or corrupt file, bad config, wrong tensor."""
+
+
+class ShapeError(MixtralError, ValueError):
+    """A tensor, dtype or shape does not fit what an operation or weight slot needs."""
+
+
+class TokenError(MixtralError, ValueError):
+    """A token id outside [0, vocab_size), or token ids of the wrong type."""
+
+
+class ContextOverflowError(MixtralError, ValueError):
+    """A sequence would grow past the engine's max_context."""
+
+
+class KvCacheFullError(MixtralError, RuntimeError):
+    """The KV cache has no free pages left; close or truncate sequences, or raise kv_cache_tokens."""
+
+
+class DeviceError(MixtralError, RuntimeError):
+    """The CUDA runtime or cuBLAS reported a failure."""
+
+
+class DeviceOutOfMemoryError(DeviceError, MemoryError):
+    """Memory for weights, KV cache or workspace could not be allocated."""
+
+
+class SequenceClosedError(MixtralError, RuntimeError):
+    """A sequence was used after close()."""

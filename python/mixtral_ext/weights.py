@@ -1,0 +1,213 @@
+"""Weight loading: finds the checkpoint files of a model directory, maps each
+tensor name to a slot of the engine (csrc/engine/engine.h lists the slots and
+their layouts), checks names, shapes and dtypes before anything is copied,
+then streams the tensors into the engine with a progress bar.
+
+Supported layouts:
+  Hugging Face: config.json + model.safetensors, or shards listed in
+    model.safetensors.index.json; experts either per expert
+    (block_sparse_moe.experts.E.w1/w2/w3) or fused (mlp.experts.gate_up_proj/down_proj).
+  Consolidated Mistral: params.json + consolidated*.safetensors; its wq/wk rows use
+    interleaved RoPE pairs and are permuted here to the engine's rotate-half layout.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .config import MixtralConfig, load_hf_config, load_params_json
+from .errors import ModelLoadError
+from .safetensors_file import SafetensorsFile
+
+log = logging.getLogger("mixtral_ext")
+
+# Checkpoints above this size show a progress bar unless told otherwise.
+_PROGRESS_BYTES = 256 << 20
+
+
+@dataclass(frozen=True)
+class TensorCopy:
+    """One checkpoint tensor (or one expert of a fused tensor) and where it goes."""
+
+    name: str
+    shape: tuple[int, ...]  # expected checkpoint shape
+    slot: str
+    layer: int = 0
+    expert: int = 0
+    row_offset: int = 0
+    expert_index: int | None = None  # for fused [E, ...] tensors: which expert to take
+    interleaved_heads: int = 0  # > 0: rows come in interleaved RoPE pairs, this many heads
+
+
+@dataclass
+class Checkpoint:
+    format: str  # "hf" or "consolidated"
+    config: MixtralConfig
+    files: dict[str, SafetensorsFile]  # tensor name -> file
+
+    def has(self, name: str) -> bool:
+        return name in self.files
+
+
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise ModelLoadError(f"model directory not found: {path}")
+    if os.path.exists(os.path.join(path, "config.json")):
+        config = load_hf_config(os.path.join(path, "config.json"))
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.exists(index):
+            files = _files_from_index(path, index)
+        else:
+            files = _files_from_glob(path, ["model.safetensors", "model-*.safetensors"])
+        return Checkpoint("hf", config, files)
+    if os.path.exists(os.path.join(path, "params.json")):
+        config = load_params_json(os.path.join(path, "params.json"))
+        return Checkpoint("consolidated", config, _files_from_glob(path, ["consolidated*.safetensors"]))
+    raise ModelLoadError(f"{path}: no config.json (Hugging Face) or params.json (consolidated Mistral) found")
+
+
+def _files_from_index(path: str, index: str) -> dict[str, SafetensorsFile]:
+    try:
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        opened = {shard: SafetensorsFile(os.path.join(path, shard)) for shard in sorted(set(weight_map.values()))}
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise ModelLoadError(f"{index}: cannot use the shard index: {e}") from e
+    files = {}
+    for name, shard in weight_map.items():
+        if name not in opened[shard]:
+            raise ModelLoadError(f"{index} places tensor '{name}' in {shard}, which does not hold it")
+        files[name] = opened[shard]
+    return files
+
+
+def _files_from_glob(path: str, patterns: list[str]) -> dict[str, SafetensorsFile]:
+    paths = sorted({p for pattern in patterns for p in glob.glob(os.path.join(path, pattern))})
+    if not paths:
+        raise ModelLoadError(f"{path}: no safetensors weights ({' or '.join(patterns)})")
+    files = {}
+    for file_path in paths:
+        st = SafetensorsFile(file_path)
+        for name in st.keys():
+            files[name] = st
+    return files
+
+
+def tensor_plan(checkpoint: Checkpoint) -> list[TensorCopy]:
+    """Every tensor the engine needs from this checkpoint, and where it goes."""
+    c = checkpoint.config
+    H, F, D, E = c.hidden_size, c.intermediate_size, c.head_dim, c.num_experts
+    q_rows, kv_rows = c.num_heads * D, c.num_kv_heads * D
+    plan: list[TensorCopy] = []
+    if checkpoint.format == "hf":
+        lm_head = "lm_head.weight"
+        if c.tie_word_embeddings and not checkpoint.has(lm_head):
+            lm_head = "model.embed_tokens.weight"
+        plan += [
+            TensorCopy("model.embed_tokens.weight", (c.vocab_size, H), "embed"),
+            TensorCopy(lm_head, (c.vocab_size, H), "lm_head"),
+            TensorCopy("model.norm.weight", (H,), "final_norm"),
+        ]
+        for i in range(c.num_layers):
+            p = f"model.layers.{i}."
+            plan += [
+                TensorCopy(p + "input_layernorm.weight", (H,), "attn_norm", i),
+                TensorCopy(p + "self_attn.q_proj.weight", (q_rows, H), "wqkv", i),
+                TensorCopy(p + "self_attn.k_proj.weight", (kv_rows, H), "wqkv", i, row_offset=q_rows),
+                TensorCopy(p + "self_attn.v_proj.weight", (kv_rows, H), "wqkv", i, row_offset=q_rows + kv_rows),
+                TensorCopy(p + "self_attn.o_proj.weight", (H, q_rows), "wo", i),
+                TensorCopy(p + "post_attention_layernorm.weight", (H,), "ffn_norm", i),
+            ]
+            if checkpoint.has(p + "mlp.experts.gate_up_proj"):  # fused experts
+                plan.append(TensorCopy(p + "mlp.gate.weight", (E, H), "router", i))
+                for e in range(E):
+                    plan += [
+                        TensorCopy(p + "mlp.experts.gate_up_proj", (E, 2 * F, H), "w13", i, e, expert_index=e),
+                        TensorCopy(p + "mlp.experts.down_proj", (E, H, F), "w2", i, e, expert_index=e),
+                    ]
+            else:
+                moe = p + "block_sparse_moe."
+                plan.append(TensorCopy(moe + "gate.weight", (E, H), "router", i))
+                for e in range(E):
+                    x = f"{moe}experts.{e}."
+                    plan += [
+                        TensorCopy(x + "w1.weight", (F, H), "w13", i, e),
+                        TensorCopy(x + "w3.weight", (F, H), "w13", i, e, row_offset=F),
+                        TensorCopy(x + "w2.weight", (H, F), "w2", i, e),
+                    ]
+    else:
+        plan += [
+            TensorCopy("tok_embeddings.weight", (c.vocab_size, H), "embed"),
+            TensorCopy("output.weight", (c.vocab_size, H), "lm_head"),
+            TensorCopy("norm.weight", (H,), "final_norm"),
+        ]
+        for i in range(c.num_layers):
+            p = f"layers.{i}."
+            plan += [
+                TensorCopy(p + "attention_norm.weight", (H,), "attn_norm", i),
+                TensorCopy(p + "attention.wq.weight", (q_rows, H), "wqkv", i, interleaved_heads=c.num_heads),
+                TensorCopy(p + "attention.wk.weight", (kv_rows, H), "wqkv", i, row_offset=q_rows,
+                           interleaved_heads=c.num_kv_heads),
+                TensorCopy(p + "attention.wv.weight", (kv_rows, H), "wqkv", i, row_offset=q_rows + kv_rows),
+                TensorCopy(p + "attention.wo.weight", (H, q_rows), "wo", i),
+                TensorCopy(p + "ffn_norm.weight", (H,), "ffn_norm", i),
+                TensorCopy(p + "feed_forward.gate.weight", (E, H), "router", i),
+            ]
+            for e in range(E):
+                x = f"{p}feed_forward.experts.{e}."
+                plan += [
+                    TensorCopy(x + "w1.weight", (F, H), "w13", i, e),
+                    TensorCopy(x + "w3.weight", (F, H), "w13", i, e, row_offset=F),
+                    TensorCopy(x + "w2.weight", (H, F), "w2", i, e),
+                ]
+    return plan
+
+
+def check_plan(checkpoint: Checkpoint, plan: list[TensorCopy]) -> int:
+    """Checks that every planned tensor exists with its shape; returns the bytes to copy."""
+    total = 0
+    for copy in plan:
+        if not checkpoint.has(copy.name):
+            raise ModelLoadError(f"missing tensor '{copy.name}' in the checkpoint")
+        st = checkpoint.files[copy.name]
+        if st.shape(copy.name) != copy.shape:
+            raise ModelLoadError(
+                f"{st.path}: tensor '{copy.name}' has shape {list(st.shape(copy.name))}, expected {list(copy.shape)}"
+            )
+        nbytes = st.nbytes(copy.name)
+        total += nbytes // copy.shape[0] if copy.expert_index is not None else nbytes
+    return total
+
+
+def rotate_half_rows(num_heads: int, head_dim: int) -> np.ndarray:
+    """Row order that turns interleaved RoPE pairs (x0, x1), (x2, x3), ... of each
+    head into the rotate-half layout (x0, x2, ..., x1, x3, ...)."""
+    half = np.arange(head_dim // 2)
+    within = np.concatenate([2 * half, 2 * half + 1])
+    return (np.arange(num_heads)[:, None] * head_dim + within[None, :]).reshape(-1)
+
+
+def load_into(core, checkpoint: Checkpoint, plan: list[TensorCopy], total_bytes: int, progress: bool | None) -> None:
+    """Copies every planned tensor into the engine core."""
+    show = total_bytes >= _PROGRESS_BYTES if progress is None else progress
+    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="loading weights", disable=not show) as bar:
+        for copy in plan:
+            array, dtype = checkpoint.files[copy.name].tensor(copy.name)
+            if copy.expert_index is not None:
+                array = array[copy.expert_index]
+            if copy.interleaved_heads:
+                array = array[rotate_half_rows(copy.interleaved_heads, array.shape[0] // copy.interleaved_heads)]
+            core.load_weight(copy.slot, copy.layer, copy.expert, copy.row_offset, np.ascontiguousarray(array), dtype)
+            bar.update(array.nbytes)
+    missing = core.missing_weights()
+    if missing:
+        raise ModelLoadError("weights left unfilled: " + "; ".join(missing[:8]))
+    log.info("loaded %.3f GB of weights (%s checkpoint)", total_bytes / 1e9, checkpoint.format)
