@@ -66,6 +66,7 @@ class Engine:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         checkpoint = open_checkpoint(path)
         config = checkpoint.config
+        core_config = config.to_core()  # validates the config before any tensor is read
         if max_context is None:
             max_context = config.max_position_embeddings
         if isinstance(max_context, bool) or not isinstance(max_context, int) or not 1 <= max_context <= config.max_position_embeddings:
@@ -83,7 +84,7 @@ class Engine:
         activation_dtype = "float32" if device == "cpu" else dtype
         try:
             core = _C.Engine(
-                config.to_core(), device, dtype, activation_dtype,
+                core_config, device, dtype, activation_dtype,
                 max_context, kv_cache_tokens, page_size, max_batch_tokens,
             )
             load_into(core, checkpoint, plan, total_bytes, progress)

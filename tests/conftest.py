@@ -1,0 +1,138 @@
+"""Shared fixtures: tiny random Mixtral checkpoints written by Hugging Face
+transformers (the reference nobody here wrote), their logits, and writers for
+the other checkpoint layouts the engine reads."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+TINY = dict(
+    vocab_size=101,
+    hidden_size=48,
+    intermediate_size=37,
+    num_hidden_layers=2,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    head_dim=10,
+    num_local_experts=4,
+    num_experts_per_tok=2,
+    max_position_embeddings=512,
+    rope_theta=10000.0,
+)
+
+
+def make_hf_model(seed: int = 0, **overrides):
+    """A MixtralForCausalLM with weights spread so that routing and attention are not uniform."""
+    kwargs = dict(TINY, **overrides)
+    rope_theta = kwargs.pop("rope_theta")
+    config = transformers.MixtralConfig(**kwargs, attn_implementation="eager", experts_implementation="eager")
+    config.rope_parameters = {"rope_type": "default", "rope_theta": rope_theta}
+    torch.manual_seed(seed)
+    model = transformers.MixtralForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            elif "gate.weight" in name:
+                p.normal_(0.0, 1.0)  # decisive routing
+            elif "embed" in name:
+                p.normal_(0.0, 1.0)
+            else:
+                p.normal_(0.0, 1.0 / math.sqrt(p.shape[-1]))
+    return model
+
+
+def hf_logits(model, token_ids) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([list(token_ids)])).logits[0].float().numpy()
+
+
+def assert_close(actual: np.ndarray, expected: np.ndarray, rel: float) -> None:
+    """max |actual - expected| <= rel * max |expected|."""
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    err = float(np.max(np.abs(actual.astype(np.float64) - expected)))
+    scale = float(np.max(np.abs(expected)))
+    assert err <= rel * scale, f"max abs error {err:.3g} > {rel:g} * {scale:.3g}"
+
+
+def random_tokens(n: int, vocab: int, seed: int = 1) -> list[int]:
+    return np.random.default_rng(seed).integers(0, vocab, size=n).tolist()
+
+
+def write_consolidated(model, out_dir) -> None:
+    """The model as a consolidated Mistral checkpoint: params.json and
+    consolidated.safetensors, with wq/wk rows in interleaved RoPE order
+    (the inverse of the permutation Hugging Face's converter applies)."""
+    c = model.config
+    os.makedirs(out_dir, exist_ok=True)
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def to_interleaved(w, heads):
+        rows, cols = w.shape
+        return w.view(heads, 2, rows // heads // 2, cols).transpose(1, 2).reshape(rows, cols).contiguous()
+
+    out = {
+        "tok_embeddings.weight": sd["model.embed_tokens.weight"],
+        "norm.weight": sd["model.norm.weight"],
+        "output.weight": sd["lm_head.weight"],
+    }
+    F = c.intermediate_size
+    for i in range(c.num_hidden_layers):
+        p, q = f"model.layers.{i}.", f"layers.{i}."
+        out[q + "attention_norm.weight"] = sd[p + "input_layernorm.weight"]
+        out[q + "ffn_norm.weight"] = sd[p + "post_attention_layernorm.weight"]
+        out[q + "attention.wq.weight"] = to_interleaved(sd[p + "self_attn.q_proj.weight"], c.num_attention_heads)
+        out[q + "attention.wk.weight"] = to_interleaved(sd[p + "self_attn.k_proj.weight"], c.num_key_value_heads)
+        out[q + "attention.wv.weight"] = sd[p + "self_attn.v_proj.weight"]
+        out[q + "attention.wo.weight"] = sd[p + "self_attn.o_proj.weight"]
+        out[q + "feed_forward.gate.weight"] = sd[p + "mlp.gate.weight"]
+        for e in range(c.num_local_experts):
+            gate_up = sd[p + "mlp.experts.gate_up_proj"][e]
+            x = f"{q}feed_forward.experts.{e}."
+            out[x + "w1.weight"] = gate_up[:F].contiguous()
+            out[x + "w3.weight"] = gate_up[F:].contiguous()
+            out[x + "w2.weight"] = sd[p + "mlp.experts.down_proj"][e].contiguous()
+    safetensors_torch.save_file(out, os.path.join(out_dir, "consolidated.safetensors"))
+    params = {
+        "dim": c.hidden_size,
+        "n_layers": c.num_hidden_layers,
+        "head_dim": c.head_dim,
+        "hidden_dim": F,
+        "n_heads": c.num_attention_heads,
+        "n_kv_heads": c.num_key_value_heads,
+        "norm_eps": c.rms_norm_eps,
+        "vocab_size": c.vocab_size,
+        "rope_theta": c.rope_parameters["rope_theta"],
+        "max_seq_len": c.max_position_embeddings,
+        "moe": {"num_experts": c.num_local_experts, "num_experts_per_tok": c.num_experts_per_tok},
+    }
+    with open(os.path.join(out_dir, "params.json"), "w") as f:
+        json.dump(params, f)
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    return make_hf_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tiny_model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_hf")
+    tiny_model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_dir):
+    import mixtral_ext
+
+    return mixtral_ext.Engine.from_pretrained(tiny_dir, max_context=256)
