@@ -9,6 +9,7 @@
 #include "core/cuda_library.h"
 #include "cpu/cpu_backend.h"
 #include "engine/engine.h"
+#include "engine/sampler.h"
 
 namespace py = pybind11;
 using namespace mixtral;
@@ -140,6 +141,31 @@ PYBIND11_MODULE(_C, m) {
       .def("truncate_sequence", &Engine::truncate_sequence)
       .def("sequence_length", &Engine::sequence_length)
       .def("append", &append, py::arg("sequence"), py::arg("tokens"), py::arg("all_logits"));
+
+  py::class_<SamplingParams>(m, "SamplingParams")
+      .def(py::init<>())
+      .def_readwrite("temperature", &SamplingParams::temperature)
+      .def_readwrite("top_k", &SamplingParams::top_k)
+      .def_readwrite("top_p", &SamplingParams::top_p)
+      .def_readwrite("min_p", &SamplingParams::min_p)
+      .def_readwrite("repetition_penalty", &SamplingParams::repetition_penalty)
+      .def_readwrite("presence_penalty", &SamplingParams::presence_penalty)
+      .def_readwrite("frequency_penalty", &SamplingParams::frequency_penalty)
+      .def_readwrite("logprobs", &SamplingParams::logprobs)
+      .def("validate", &SamplingParams::validate);
+
+  py::class_<Sampler>(m, "Sampler")
+      .def(py::init<int64_t, const SamplingParams&, uint64_t>(), py::arg("vocab_size"), py::arg("params"),
+           py::arg("seed"))
+      .def("add_prompt", [](Sampler& s, const py::array_t<int32_t, py::array::c_style>& tokens) {
+        s.add_prompt(tokens.data(), tokens.size());
+      })
+      .def("sample", [](Sampler& s, const py::array_t<float, py::array::c_style>& logits) {
+        MX_CHECK(logits.ndim() == 1 && logits.shape(0) == s.vocab_size(), ShapeError,
+                 "sample: expected float32 logits [" << s.vocab_size() << "]");
+        const SampledToken t = s.sample(logits.data());
+        return py::make_tuple(t.token, t.logprob, t.top_tokens, t.top_logprobs);
+      }, "Returns (token, logprob, top_tokens, top_logprobs) and records the token as output.");
 
   m.def("probe_cuda", [](const std::string& library_path) {
     CudaProbe probe = probe_cuda_library(library_path);

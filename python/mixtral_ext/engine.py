@@ -6,15 +6,18 @@ one engine."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
-from typing import Iterable, Sequence as SequenceType
+from typing import AsyncIterator, Iterable, Iterator, Sequence as SequenceType
 
 import numpy as np
 
 from . import _C
 from .config import MixtralConfig
 from .errors import ContextOverflowError, MixtralError, ModelLoadError, SequenceClosedError, TokenError
+from .generation import Delta, GenerationResult, GenerationSession, Progress, SamplingSettings, Usage
+from .tokenizer import Tokenizer
 from .weights import check_plan, load_into, open_checkpoint, tensor_plan
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -29,6 +32,8 @@ class Engine:
         self.path = path
         self.max_context = max_context
         self._lock = threading.RLock()
+        self._tokenizer = None
+        self._generation = GenerationSession(self)
 
     # ---- construction ----------------------------------------------------------
 
@@ -152,6 +157,112 @@ class Engine:
                 return self._core.append(seq, ids, True)
             finally:
                 self._core.release_sequence(seq)
+
+    # ---- text ------------------------------------------------------------------
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The model's tokenizer (mistral-common), loaded on first use; ModelLoadError if none fits."""
+        with self._lock:
+            if self._tokenizer is None:
+                self._tokenizer = Tokenizer.for_model(self.path, self.config.vocab_size)
+            return self._tokenizer
+
+    def tokenizer_or_none(self) -> Tokenizer | None:
+        try:
+            return self.tokenizer
+        except ModelLoadError:
+            return None
+
+    def _prompt_ids(self, prompt: str | SequenceType[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, bos=True)  # "" gives BOS alone
+        ids = self.token_array(prompt).tolist()
+        if not ids:
+            raise TokenError("a prompt of token ids needs at least one id")
+        return ids
+
+    def stream(self, prompt: str | SequenceType[int], **sampling) -> Iterator[Delta]:
+        """Yields a Delta per generated token (text, token_id, logprobs); the last has finish_reason.
+
+        Arguments as generate(). The concatenated delta texts equal generate()'s text."""
+        return self._stream(prompt, sampling, Progress())
+
+    def _stream(self, prompt, sampling: dict, progress: Progress, cancel: threading.Event | None = None) -> Iterator[Delta]:
+        settings = SamplingSettings.from_kwargs(**sampling)
+        ids = self._prompt_ids(prompt)
+        return self._generation.stream(ids, settings, progress, cancel)
+
+    def generate(
+        self,
+        prompt: str | SequenceType[int],
+        *,
+        max_tokens: int = 256,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        seed: int | None = None,
+        stop: str | SequenceType[str] | None = None,
+        stop_token_ids: SequenceType[int] | None = None,
+        logprobs: int | None = None,
+    ) -> GenerationResult:
+        """Generates from a prompt (text, or token ids); temperature 0 is greedy.
+
+        Stops at EOS, a stop token id, a stop string (not included in the text) or after
+        max_tokens ("length"). logprobs=n also returns the n most likely tokens per step."""
+        sampling = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                        repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                        frequency_penalty=frequency_penalty, seed=seed, stop=stop, stop_token_ids=stop_token_ids,
+                        logprobs=logprobs)
+        progress = Progress()
+        deltas = list(self._stream(prompt, sampling, progress))
+        decode_time = progress.end - (progress.first_token or progress.end)
+        return GenerationResult(
+            text="".join(d.text for d in deltas),
+            token_ids=[d.token_id for d in deltas],
+            finish_reason=deltas[-1].finish_reason,
+            usage=Usage(progress.prompt_tokens, len(deltas), progress.cached_tokens),
+            time_to_first_token=(progress.first_token or progress.end) - progress.start,
+            tokens_per_second=(len(deltas) - 1) / decode_time if decode_time > 0 else float("nan"),
+            logprobs=[d.logprob for d in deltas] if logprobs is not None else None,
+            top_logprobs=[d.top_logprobs for d in deltas] if logprobs else None,
+        )
+
+    async def agenerate(self, prompt: str | SequenceType[int], **sampling) -> GenerationResult:
+        """generate() on a worker thread, so the event loop keeps running."""
+        return await asyncio.to_thread(self.generate, prompt, **sampling)
+
+    async def astream(self, prompt: str | SequenceType[int], **sampling) -> AsyncIterator[Delta]:
+        """stream() on a worker thread; cancelling the consumer stops generation at the next token."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+        done = object()
+
+        def produce() -> None:
+            try:
+                for delta in self._stream(prompt, sampling, Progress(), cancel):
+                    loop.call_soon_threadsafe(queue.put_nowait, delta)
+                    if cancel.is_set():
+                        break
+            except BaseException as e:  # handed to the consumer
+                loop.call_soon_threadsafe(queue.put_nowait, e)
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, done)
+
+        worker = loop.run_in_executor(None, produce)
+        try:
+            while (item := await queue.get()) is not done:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            cancel.set()
+            await asyncio.shield(worker)
 
     def new_sequence(self) -> "Sequence":
         """A new empty sequence with its own KV cache pages."""

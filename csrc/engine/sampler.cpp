@@ -1,0 +1,102 @@
+// Host token sampling (see engine/sampler.h for the steps and conventions).
+#include "engine/sampler.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "core/error.h"
+
+namespace mixtral {
+
+void SamplingParams::validate() const {
+  MX_CHECK(std::isfinite(temperature) && temperature >= 0, ShapeError,
+           "temperature must be a finite number >= 0, got " << temperature);
+  MX_CHECK(top_k >= 0, ShapeError, "top_k must be >= 0 (0 disables it), got " << top_k);
+  MX_CHECK(top_p > 0 && top_p <= 1, ShapeError, "top_p must be in (0, 1], got " << top_p);
+  MX_CHECK(min_p >= 0 && min_p <= 1, ShapeError, "min_p must be in [0, 1], got " << min_p);
+  MX_CHECK(std::isfinite(repetition_penalty) && repetition_penalty > 0, ShapeError,
+           "repetition_penalty must be a finite number > 0, got " << repetition_penalty);
+  MX_CHECK(std::isfinite(presence_penalty) && std::fabs(presence_penalty) <= 2, ShapeError,
+           "presence_penalty must be in [-2, 2], got " << presence_penalty);
+  MX_CHECK(std::isfinite(frequency_penalty) && std::fabs(frequency_penalty) <= 2, ShapeError,
+           "frequency_penalty must be in [-2, 2], got " << frequency_penalty);
+  MX_CHECK(logprobs >= 0 && logprobs <= 20, ShapeError, "logprobs must be in [0, 20], got " << logprobs);
+}
+
+Sampler::Sampler(int64_t vocab_size, const SamplingParams& params, uint64_t seed)
+    : vocab_size_(vocab_size), params_(params), rng_(seed), seen_(vocab_size, 0), output_counts_(vocab_size, 0) {
+  params_.validate();
+}
+
+void Sampler::add_prompt(const int32_t* tokens, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    MX_CHECK(tokens[i] >= 0 && tokens[i] < vocab_size_, TokenError,
+             "token id " << tokens[i] << " is outside the vocabulary [0, " << vocab_size_ << ")");
+    seen_[tokens[i]] = 1;
+  }
+}
+
+SampledToken Sampler::sample(const float* raw) {
+  const int64_t V = vocab_size_;
+  const SamplingParams& p = params_;
+  // Raw log-softmax for the reported logprobs.
+  const float raw_max = *std::max_element(raw, raw + V);
+  double raw_sum = 0.0;
+  for (int64_t i = 0; i < V; ++i) raw_sum += std::exp(double(raw[i]) - raw_max);
+  const float log_norm = raw_max + static_cast<float>(std::log(raw_sum));
+
+  std::vector<float> logits(raw, raw + V);
+  for (int64_t i = 0; i < V; ++i) {
+    if (p.repetition_penalty != 1.0f && seen_[i])
+      logits[i] = logits[i] > 0 ? logits[i] / p.repetition_penalty : logits[i] * p.repetition_penalty;
+    if (output_counts_[i] > 0)
+      logits[i] -= p.presence_penalty + p.frequency_penalty * static_cast<float>(output_counts_[i]);
+  }
+
+  int32_t chosen;
+  if (p.temperature == 0.0f) {
+    chosen = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+  } else {
+    // Candidates sorted by logit, highest first (ties to the lower id), cut by top_k.
+    std::vector<int32_t> order(V);
+    std::iota(order.begin(), order.end(), 0);
+    const int64_t keep = p.top_k > 0 ? std::min<int64_t>(p.top_k, V) : V;
+    auto higher = [&](int32_t a, int32_t b) { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); };
+    std::partial_sort(order.begin(), order.begin() + keep, order.end(), higher);
+    order.resize(keep);
+    std::vector<double> prob(keep);
+    const double top = logits[order[0]] / p.temperature;
+    double total = 0.0;
+    for (int64_t j = 0; j < keep; ++j) total += (prob[j] = std::exp(logits[order[j]] / p.temperature - top));
+    // top_p: the shortest prefix whose mass reaches top_p; min_p: relative to the most likely.
+    int64_t cut = keep;
+    double mass = 0.0;
+    for (int64_t j = 0; j < keep; ++j) {
+      if (prob[j] < p.min_p * prob[0]) { cut = j; break; }
+      mass += prob[j] / total;
+      if (mass >= p.top_p) { cut = j + 1; break; }
+    }
+    cut = std::max<int64_t>(cut, 1);
+    std::discrete_distribution<int64_t> draw(prob.begin(), prob.begin() + cut);
+    chosen = order[draw(rng_)];
+  }
+  ++output_counts_[chosen];
+  seen_[chosen] = 1;
+
+  SampledToken result{chosen, raw[chosen] - log_norm, {}, {}};
+  if (p.logprobs > 0) {
+    std::vector<int32_t> ids(V);
+    std::iota(ids.begin(), ids.end(), 0);
+    const int64_t n = std::min<int64_t>(p.logprobs, V);
+    std::partial_sort(ids.begin(), ids.begin() + n, ids.end(),
+                      [&](int32_t a, int32_t b) { return raw[a] > raw[b] || (raw[a] == raw[b] && a < b); });
+    for (int64_t j = 0; j < n; ++j) {
+      result.top_tokens.push_back(ids[j]);
+      result.top_logprobs.push_back(raw[ids[j]] - log_norm);
+    }
+  }
+  return result;
+}
+
+}  // namespace mixtral

@@ -1,0 +1,196 @@
+"""Text in, text out: mistral-common tokenizers, streaming detokenization, the
+C++ sampler (seeded, statistically exact), generate/stream/async, stop
+handling, prefix reuse, and greedy parity with transformers' generate()."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from conftest import random_tokens, torch
+
+import mixtral_ext
+from mixtral_ext import _C
+from mixtral_ext.synthetic import DEMO_CONFIG, write_random_checkpoint
+from mixtral_ext.tokenizer import StreamDecoder, Tokenizer, _shipped_path
+
+mistral_common = pytest.importorskip("mistral_common")
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "  Leading spaces, and\ttabs\nnewlines.",
+    "Le café est très chaud, n'est-ce pas ? Où êtes-vous ?",
+    "La bella vita è qui: perché no?",
+    "Größe, Straße und Übermut sind schön.",
+    "¿Dónde está la biblioteca? ¡Olé! España, niño.",
+    "def f(x):\n    return {'a': [x ** 2 for _ in range(3)]}  # code",
+    "Emoji: 🤖🚀👩‍💻 and CJK 漢字 かな",
+]
+
+
+@pytest.fixture(scope="module", params=["mistral_instruct_tokenizer_240323.model.v3", "tokenizer.model.v1"])
+def tokenizer(request):
+    return Tokenizer(_shipped_path(request.param))
+
+
+@pytest.fixture(scope="module")
+def text_engine(tmp_path_factory):
+    config = replace(DEMO_CONFIG, hidden_size=64, num_layers=2, head_dim=16, intermediate_size=96)
+    path = write_random_checkpoint(tmp_path_factory.mktemp("text_model"), config, seed=5)
+    return mixtral_ext.Engine.from_pretrained(path, max_context=256)
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_encode_decode_match_mistral_common(tokenizer, text):
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    reference = MistralTokenizer.from_file(tokenizer.path).instruct_tokenizer.tokenizer
+    ids = tokenizer.encode(text)
+    assert ids == reference.encode(text, bos=True, eos=False) and ids[0] == tokenizer.bos_id
+    assert tokenizer.encode(text, bos=False) == ids[1:]
+    assert tokenizer.decode(ids) == reference.decode(ids)
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_stream_decoder_deltas_add_up(tokenizer, text):
+    ids = tokenizer.encode(text, bos=False)
+    decoder = StreamDecoder(tokenizer)
+    deltas = [decoder.push(t) for t in ids] + [decoder.flush()]
+    assert "".join(deltas) == tokenizer.decode(ids)
+    assert not any("\ufffd" in d for d in deltas)
+
+
+def sampler(vocab, seed, **settings):
+    params = _C.SamplingParams()
+    for k, v in settings.items():
+        setattr(params, k, v)
+    return _C.Sampler(vocab, params, seed)
+
+
+def test_seeded_sampling_is_reproducible():
+    logits = np.random.default_rng(0).normal(size=50).astype(np.float32)
+    draw = lambda seed: [sampler(50, seed, temperature=1.3).sample(logits)[0] for _ in range(1)] + [
+        t for s in [sampler(50, seed, temperature=1.3)] for t in [s.sample(logits)[0] for _ in range(40)]]
+    assert draw(7) == draw(7)
+    assert draw(7) != draw(8)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [dict(temperature=1.0), dict(temperature=0.5), dict(temperature=1.0, top_k=3), dict(temperature=0.8, top_p=0.7),
+     dict(temperature=1.0, min_p=0.2), dict(temperature=2.0, top_k=5, top_p=0.9, min_p=0.05)],
+)
+def test_sample_distribution_matches_truncated_softmax(settings):
+    logits = np.array([2.0, 1.5, 1.4, 0.3, -0.2, -1.0, 0.9, 0.0], dtype=np.float32)
+    # The expected distribution, computed independently of the C++ code.
+    p = np.exp(logits / settings["temperature"] - np.max(logits / settings["temperature"]))
+    p /= p.sum()
+    order = np.argsort(-p, kind="stable")
+    keep = np.zeros_like(p, dtype=bool)
+    mass = 0.0
+    for rank, i in enumerate(order):
+        if settings.get("top_k") and rank >= settings["top_k"]:
+            break
+        if p[i] < settings.get("min_p", 0.0) * p[order[0]]:
+            break
+        keep[i] = True
+        mass += p[i]
+        if mass >= settings.get("top_p", 1.0):
+            break
+    expected = np.where(keep, p, 0.0)
+    expected /= expected.sum()
+    s = sampler(len(logits), 1234, **settings)
+    n = 20000
+    counts = np.bincount([s.sample(logits)[0] for _ in range(n)], minlength=len(logits)) / n
+    assert np.all(counts[~keep] == 0)
+    assert np.max(np.abs(counts - expected)) < 0.015, (counts, expected)
+
+
+def test_penalties_and_logprobs():
+    logits = np.array([3.0, 2.9, -1.0, 0.5], dtype=np.float32)
+    s = sampler(4, 0, temperature=0.0, repetition_penalty=2.0, logprobs=2)
+    s.add_prompt(np.array([0], dtype=np.int32))  # 3.0 / 2 = 1.5 < 2.9
+    token, logprob, top_ids, top_lps = s.sample(logits)
+    ref = logits - np.log(np.exp(logits).sum())
+    assert token == 1 and logprob == pytest.approx(ref[1], abs=1e-5)
+    assert top_ids == [0, 1] and np.allclose(top_lps, ref[[0, 1]], atol=1e-5)
+    s = sampler(4, 0, temperature=0.0, frequency_penalty=1.0, presence_penalty=1.0)
+    assert [s.sample(logits)[0] for _ in range(3)] == [0, 1, 0]  # 3.0-2 < 2.9, then 2.9-2 < 1.0
+
+
+@pytest.mark.parametrize(
+    "bad", [dict(temperature=-1), dict(top_p=0.0), dict(top_p=1.5), dict(min_p=2.0), dict(top_k=-1),
+            dict(repetition_penalty=0.0), dict(max_tokens=0), dict(logprobs=50), dict(presence_penalty=5.0),
+            dict(seed=-1), dict(temperature=float("nan")), dict(stop=[""]), dict(max_tokens=2.5)])
+def test_impossible_settings_raise_value_error_naming_them(text_engine, bad):
+    name = next(iter(bad))
+    with pytest.raises(ValueError, match=name):
+        text_engine.generate("hello", **bad)
+    assert text_engine.generate("hello", max_tokens=2, temperature=0).usage.completion_tokens == 2
+
+
+def test_generate_stream_and_stop_strings(text_engine):
+    base = text_engine.generate("Once upon a time", max_tokens=40, temperature=0)
+    assert base.finish_reason == "length" and len(base.token_ids) == 40
+    assert base.text == text_engine.tokenizer.decode(base.token_ids)
+    streamed = list(text_engine.stream("Once upon a time", max_tokens=40, temperature=0))
+    assert "".join(d.text for d in streamed) == base.text and streamed[-1].finish_reason == "length"
+    stop = base.text[len(base.text) // 2 : len(base.text) // 2 + 3]
+    cut = text_engine.generate("Once upon a time", max_tokens=40, temperature=0, stop=[stop])
+    assert cut.finish_reason == "stop" and cut.text == base.text[: base.text.index(stop)]
+    assert "".join(d.text for d in text_engine.stream("Once upon a time", max_tokens=40, temperature=0,
+                                                      stop=stop)) == cut.text
+    by_token = text_engine.generate("Once upon a time", max_tokens=40, temperature=0,
+                                    stop_token_ids=[base.token_ids[5]])
+    assert by_token.finish_reason == "stop" and by_token.token_ids == base.token_ids[: base.token_ids.index(base.token_ids[5]) + 1]
+
+
+def test_prefix_reuse_gives_the_same_tokens(text_engine, tmp_path):
+    first = text_engine.generate("The capital of France", max_tokens=6, temperature=0)
+    follow = text_engine.tokenizer.encode("The capital of France") + first.token_ids + [1032, 2200]
+    reused = text_engine.generate(follow, max_tokens=8, temperature=0)
+    assert reused.usage.cached_tokens >= len(follow) - 3
+    fresh = mixtral_ext.Engine.from_pretrained(text_engine.path, max_context=256)
+    again = fresh.generate(follow, max_tokens=8, temperature=0)
+    assert again.usage.cached_tokens == 0 and again.token_ids == reused.token_ids
+
+
+def test_empty_prompt_and_context_overflow(text_engine):
+    result = text_engine.generate("", max_tokens=3, temperature=0)
+    assert result.usage.prompt_tokens == 1 and len(result.token_ids) == 3
+    with pytest.raises(mixtral_ext.ContextOverflowError):
+        text_engine.generate(random_tokens(256, 32768), max_tokens=3)
+    long = text_engine.generate(random_tokens(250, 32768), max_tokens=50, temperature=0)
+    assert long.finish_reason == "length" and len(long.token_ids) == 6  # the context is full
+
+
+def test_seeded_generation_is_reproducible(text_engine):
+    runs = [text_engine.generate("Hello", max_tokens=12, temperature=1.0, top_p=0.9, seed=42).token_ids for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+def test_async_variants_and_cancellation(text_engine):
+    async def scenario():
+        full = await text_engine.agenerate("Hi there", max_tokens=8, temperature=0)
+        parts = [d.text async for d in text_engine.astream("Hi there", max_tokens=8, temperature=0)]
+        stream = text_engine.astream("Hi there", max_tokens=200, temperature=0)
+        async for _ in stream:
+            break
+        await stream.aclose()  # cancelled midway: generation stops, the engine is free again
+        after = await asyncio.wait_for(text_engine.agenerate("Hi there", max_tokens=8, temperature=0), 60)
+        return full, parts, after
+
+    full, parts, after = asyncio.run(scenario())
+    assert "".join(parts) == full.text and after.token_ids == full.token_ids
+
+
+def test_greedy_generate_equals_transformers(tiny_dir, tiny_model):
+    engine = mixtral_ext.Engine.from_pretrained(tiny_dir, max_context=128)
+    prompt = random_tokens(9, 101, seed=21)
+    ours = engine.generate(prompt, max_tokens=24, temperature=0, stop_token_ids=[tiny_model.config.eos_token_id])
+    with torch.no_grad():
+        theirs = tiny_model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False,
+                                     pad_token_id=0)[0, len(prompt):].tolist()
+    assert ours.token_ids == theirs
