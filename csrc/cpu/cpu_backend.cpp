@@ -9,7 +9,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
-#include <new>
 #include <vector>
 
 #include "core/op_checks.h"
@@ -157,22 +156,25 @@ void CpuBackend::rope_kv_append(Tensor& qkv, const AttentionShape& shape, const 
   for (int64_t i = 0; i < half; ++i)
     inv_freq[i] = static_cast<float>(1.0 / std::pow(static_cast<double>(rope_theta), (2.0 * i) / D));
 
-  std::vector<float> row(width);
+  std::vector<float> row(width), cos_angle(half), sin_angle(half);
   for (int64_t t = 0; t < T; ++t) {
     const int32_t page = cache_slot(page_table.ptr<int32_t>(), page_table.shape[0], kv.num_pages,
                                     kv.page_size, pos[t]);
     const int64_t slot_row = pos[t] % kv.page_size;
     convert_host(static_cast<char*>(qkv.data) + t * width * dtype_size(qkv.dtype), qkv.dtype,
                  row.data(), DType::kFloat32, width);
+    for (int64_t i = 0; i < half; ++i) {
+      const float angle = static_cast<float>(pos[t]) * inv_freq[i];
+      cos_angle[i] = std::cos(angle);
+      sin_angle[i] = std::sin(angle);
+    }
     // q and k heads are adjacent in the row: rotate all of them in one pass.
     for (int64_t h = 0; h < q_heads + kv_heads; ++h) {
       float* x = row.data() + h * D;
       for (int64_t i = 0; i < half; ++i) {
-        const float angle = static_cast<float>(pos[t]) * inv_freq[i];
-        const float c = std::cos(angle), s = std::sin(angle);
         const float x1 = x[i], x2 = x[i + half];
-        x[i] = x1 * c - x2 * s;
-        x[i + half] = x2 * c + x1 * s;
+        x[i] = x1 * cos_angle[i] - x2 * sin_angle[i];
+        x[i + half] = x2 * cos_angle[i] + x1 * sin_angle[i];
       }
     }
     convert_host(row.data(), DType::kFloat32, static_cast<char*>(qkv.data) + t * width * dtype_size(qkv.dtype),

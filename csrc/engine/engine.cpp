@@ -9,7 +9,6 @@
 #include "engine/engine.h"
 
 #include <algorithm>
-#include <limits>
 
 namespace mixtral {
 
