@@ -5,7 +5,6 @@ handed to the C++ core as a ModelConfig."""
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 
 from .errors import ModelLoadError
