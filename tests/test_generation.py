@@ -126,10 +126,11 @@ def test_penalties_and_logprobs():
 @pytest.mark.parametrize(
     "bad", [dict(temperature=-1), dict(top_p=0.0), dict(top_p=1.5), dict(min_p=2.0), dict(top_k=-1),
             dict(repetition_penalty=0.0), dict(max_tokens=0), dict(logprobs=50), dict(presence_penalty=5.0),
-            dict(seed=-1), dict(temperature=float("nan")), dict(stop=[""]), dict(max_tokens=2.5)])
+            dict(seed=-1), dict(temperature=float("nan")), dict(stop=[""]), dict(max_tokens=2.5),
+            dict(stop_token_ids="ab"), dict(stop_token_ids=[-1]), dict(stop_token_ids=5)])
 def test_impossible_settings_raise_value_error_naming_them(text_engine, bad):
     name = next(iter(bad))
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(mixtral_ext.SettingError, match=name):  # a ValueError
         text_engine.generate("hello", **bad)
     assert text_engine.generate("hello", max_tokens=2, temperature=0).usage.completion_tokens == 2
 
@@ -197,3 +198,68 @@ def test_greedy_generate_equals_transformers(tiny_dir, tiny_model):
         theirs = tiny_model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False,
                                      pad_token_id=0)[0, len(prompt):].tolist()
     assert ours.token_ids == theirs
+
+
+def test_threads_and_interleaved_streams_share_one_engine(text_engine):
+    import threading
+
+    jobs = [(f"Prompt number {i}", dict(max_tokens=10, temperature=0.9, seed=i)) for i in range(6)]
+    serial = [text_engine.generate(p, **s).token_ids for p, s in jobs]
+    results = [None] * len(jobs)
+
+    def work(i):
+        prompt, settings = jobs[i]
+        if i % 2:
+            results[i] = [d.token_id for d in text_engine.stream(prompt, **settings)]
+        else:
+            results[i] = text_engine.generate(prompt, **settings).token_ids
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert results == serial
+    # Two streams stepped alternately from one thread: each keeps its own sequence.
+    a, b = (text_engine.stream(p, **s) for p, s in jobs[:2])
+    pairs = list(zip(a, b))
+    assert [x.token_id for x, _ in pairs] == serial[0] and [y.token_id for _, y in pairs] == serial[1]
+
+
+def test_cancelled_streams_free_their_pages(text_engine):
+    text_engine.clear_prefix_cache()
+    free = text_engine.kv_cache_info()["free_pages"]
+    stream = text_engine.stream("A long story", max_tokens=100, temperature=0)
+    for _, _ in zip(range(3), stream):
+        pass
+    assert text_engine.kv_cache_info()["free_pages"] < free
+    stream.close()
+    assert text_engine.kv_cache_info()["free_pages"] == free
+
+    async def cancel_midway():
+        async def consume():
+            async for _ in text_engine.astream("A long story", max_tokens=100, temperature=0):
+                await asyncio.sleep(0)
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancel_midway())
+    assert text_engine.kv_cache_info()["free_pages"] == free
+    text_engine.generate("A long story", max_tokens=5)  # a finished generation keeps its pages for reuse
+    assert text_engine.kv_cache_info()["free_pages"] < free
+    text_engine.clear_prefix_cache()
+    assert text_engine.kv_cache_info()["free_pages"] == free
+
+
+def test_a_full_cache_evicts_the_prefix_cache_first(tmp_path):
+    config = replace(DEMO_CONFIG, hidden_size=64, num_layers=1, head_dim=16, intermediate_size=64)
+    engine = mixtral_ext.Engine.from_pretrained(write_random_checkpoint(tmp_path, config), max_context=64,
+                                                kv_cache_tokens=64, page_size=8)
+    engine.generate(random_tokens(40, 32768), max_tokens=4)  # keeps 6 of the 8 pages for prefix reuse
+    with engine.new_sequence() as seq:
+        seq.append(random_tokens(60, 32768))
+        with engine.new_sequence() as other, pytest.raises(mixtral_ext.KvCacheFullError):
+            other.append(random_tokens(10, 32768))

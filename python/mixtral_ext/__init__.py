@@ -3,12 +3,17 @@
     engine = mixtral_ext.Engine.from_pretrained("path/to/Mixtral-8x22B")
     with engine.new_sequence() as seq:
         logits = seq.append([1, 851, 349])
+    print(engine.generate("The capital of France is", max_tokens=16).text)
+    reply = engine.chat([{"role": "user", "content": "Hello!"}], tools=None)
 """
 
 from .config import MixtralConfig
 from .cuda import cuda_info
 from .engine import Engine, Sequence
+from .generation import Delta, GenerationResult, Usage
+from .chat import AssistantMessage, ChatResult, ToolCall
 from .errors import (
+    ChatFormatError,
     ContextOverflowError,
     DeviceError,
     DeviceOutOfMemoryError,
@@ -16,6 +21,7 @@ from .errors import (
     MixtralError,
     ModelLoadError,
     SequenceClosedError,
+    SettingError,
     ShapeError,
     TokenError,
 )
@@ -27,9 +33,17 @@ __all__ = [
     "Sequence",
     "MixtralConfig",
     "cuda_info",
+    "GenerationResult",
+    "Delta",
+    "Usage",
+    "ChatResult",
+    "AssistantMessage",
+    "ToolCall",
     "MixtralError",
     "ModelLoadError",
+    "SettingError",
     "ShapeError",
+    "ChatFormatError",
     "TokenError",
     "ContextOverflowError",
     "KvCacheFullError",

@@ -2,20 +2,31 @@
 C++ core; Engine.logits runs one stateless pass; Sequence holds KV-cached
 state for incremental prefill and decode. Every input is checked here before
 it reaches C++; every core call holds the engine's lock, so threads may share
-one engine."""
+one engine. Token ids are int32 numpy arrays at the core boundary; logits come
+back as float32 numpy arrays [tokens, vocab_size] or [vocab_size]."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
-from typing import AsyncIterator, Iterable, Iterator, Sequence as SequenceType
+from typing import AsyncIterator, Callable, Iterable, Iterator, Sequence as SequenceType
 
 import numpy as np
 
 from . import _C
 from .config import MixtralConfig
-from .errors import ContextOverflowError, MixtralError, ModelLoadError, SequenceClosedError, TokenError
+from .chat import TOOL_CALLS_TOKEN, AssistantMessage, ChatResult, encode_chat, parse_tool_calls
+from .errors import (
+    ContextOverflowError,
+    KvCacheFullError,
+    MixtralError,
+    ModelLoadError,
+    SequenceClosedError,
+    SettingError,
+    TokenError,
+)
 from .generation import Delta, GenerationResult, GenerationSession, Progress, SamplingSettings, Usage
 from .tokenizer import Tokenizer
 from .weights import check_plan, load_into, open_checkpoint, tensor_plan
@@ -61,28 +72,28 @@ class Engine:
         """
         path = os.fspath(path)
         if device not in ("cpu", "cuda"):
-            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+            raise SettingError(f"device must be 'cpu' or 'cuda', got {device!r}")
         if dtype is None:
             dtype = "float32" if device == "cpu" else "bfloat16"
         if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+            raise SettingError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
         for name, value in (("page_size", page_size), ("max_batch_tokens", max_batch_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise SettingError(f"{name} must be a positive integer, got {value!r}")
         checkpoint = open_checkpoint(path)
         config = checkpoint.config
         core_config = config.to_core()  # validates the config before any tensor is read
         if max_context is None:
             max_context = config.max_position_embeddings
         if isinstance(max_context, bool) or not isinstance(max_context, int) or not 1 <= max_context <= config.max_position_embeddings:
-            raise ValueError(
+            raise SettingError(
                 f"max_context must be an integer in [1, {config.max_position_embeddings}] "
                 f"(the model's max_position_embeddings), got {max_context!r}"
             )
         if kv_cache_tokens is None:
             kv_cache_tokens = max_context
         if isinstance(kv_cache_tokens, bool) or not isinstance(kv_cache_tokens, int) or not 1 <= kv_cache_tokens < 2**31:
-            raise ValueError(f"kv_cache_tokens must be an integer in [1, 2^31), got {kv_cache_tokens!r}")
+            raise SettingError(f"kv_cache_tokens must be an integer in [1, 2^31), got {kv_cache_tokens!r}")
         plan = tensor_plan(checkpoint)
         total_bytes = check_plan(checkpoint, plan)
         # The CPU computes in float32 whatever the weights; the GPU in the weight dtype.
@@ -123,6 +134,10 @@ class Engine:
                 "bytes": core.kv_cache_bytes,
                 "sequences": core.num_sequences,
             }
+
+    def clear_prefix_cache(self) -> None:
+        """Frees the KV pages kept from the last generation for prefix reuse."""
+        self._generation.drop_idle()
 
     # ---- running ----------------------------------------------------------------
 
@@ -220,49 +235,82 @@ class Engine:
                         logprobs=logprobs)
         progress = Progress()
         deltas = list(self._stream(prompt, sampling, progress))
-        decode_time = progress.end - (progress.first_token or progress.end)
         return GenerationResult(
             text="".join(d.text for d in deltas),
             token_ids=[d.token_id for d in deltas],
             finish_reason=deltas[-1].finish_reason,
             usage=Usage(progress.prompt_tokens, len(deltas), progress.cached_tokens),
-            time_to_first_token=(progress.first_token or progress.end) - progress.start,
-            tokens_per_second=(len(deltas) - 1) / decode_time if decode_time > 0 else float("nan"),
+            time_to_first_token=progress.time_to_first_token,
+            tokens_per_second=progress.tokens_per_second,
             logprobs=[d.logprob for d in deltas] if logprobs is not None else None,
             top_logprobs=[d.top_logprobs for d in deltas] if logprobs else None,
         )
+
+    # ---- chat --------------------------------------------------------------------
+
+    def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """The prompt token ids of an OpenAI-style conversation in the model's chat format."""
+        return encode_chat(self.tokenizer, messages, tools)
+
+    def chat_stream(self, messages: list[dict], *, tools: list[dict] | None = None, **sampling) -> Iterator[Delta]:
+        """Streams the assistant's reply to OpenAI-style messages (roles system, user, assistant, tool).
+
+        tools: OpenAI-style function definitions. Content arrives as text deltas; when the model
+        calls tools, the last delta has finish_reason "tool_calls" and the parsed tool_calls.
+        Sampling arguments as generate()."""
+        return self._chat_stream(messages, tools, sampling, Progress())
+
+    def _chat_stream(self, messages, tools, sampling: dict, progress: Progress,
+                     cancel: threading.Event | None = None) -> Iterator[Delta]:
+        tokenizer = self.tokenizer
+        prompt_ids = encode_chat(tokenizer, messages, tools)
+        settings = SamplingSettings.from_kwargs(**sampling)
+        marker = tokenizer.special_id(TOOL_CALLS_TOKEN)
+        with contextlib.closing(self._generation.stream(prompt_ids, settings, progress, cancel, marker)) as deltas:
+            for delta in deltas:
+                if delta.finish_reason and progress.tool_calls_from is not None:
+                    call_ids = progress.token_ids[progress.tool_calls_from :]
+                    if delta.finish_reason == "stop":
+                        call_ids = call_ids[:-1]  # the EOS or stop token
+                    raw = tokenizer.decode(call_ids)
+                    calls = parse_tool_calls(raw) if delta.finish_reason == "stop" else None
+                    if calls:
+                        delta.tool_calls, delta.finish_reason = calls, "tool_calls"
+                    else:  # not a valid call list: the model's output comes back as text
+                        delta.text += TOOL_CALLS_TOKEN + raw
+                yield delta
+
+    def chat(self, messages: list[dict], *, tools: list[dict] | None = None, **sampling) -> ChatResult:
+        """The assistant's reply to OpenAI-style messages: ChatResult.message has content, or tool_calls
+        (finish_reason "tool_calls"); message.to_openai() appends to the conversation. Sampling as generate()."""
+        progress = Progress()
+        deltas = list(self._chat_stream(messages, tools, sampling, progress))
+        tool_calls = deltas[-1].tool_calls or []
+        return ChatResult(
+            message=AssistantMessage(None if tool_calls else "".join(d.text for d in deltas), tool_calls),
+            finish_reason=deltas[-1].finish_reason,
+            usage=Usage(progress.prompt_tokens, len(deltas), progress.cached_tokens),
+            time_to_first_token=progress.time_to_first_token,
+            tokens_per_second=progress.tokens_per_second,
+        )
+
+    # ---- asyncio -----------------------------------------------------------------
 
     async def agenerate(self, prompt: str | SequenceType[int], **sampling) -> GenerationResult:
         """generate() on a worker thread, so the event loop keeps running."""
         return await asyncio.to_thread(self.generate, prompt, **sampling)
 
-    async def astream(self, prompt: str | SequenceType[int], **sampling) -> AsyncIterator[Delta]:
-        """stream() on a worker thread; cancelling the consumer stops generation at the next token."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        cancel = threading.Event()
-        done = object()
+    async def achat(self, messages: list[dict], *, tools: list[dict] | None = None, **sampling) -> ChatResult:
+        """chat() on a worker thread."""
+        return await asyncio.to_thread(self.chat, messages, tools=tools, **sampling)
 
-        def produce() -> None:
-            try:
-                for delta in self._stream(prompt, sampling, Progress(), cancel):
-                    loop.call_soon_threadsafe(queue.put_nowait, delta)
-                    if cancel.is_set():
-                        break
-            except BaseException as e:  # handed to the consumer
-                loop.call_soon_threadsafe(queue.put_nowait, e)
-            finally:
-                loop.call_soon_threadsafe(queue.put_nowait, done)
+    def astream(self, prompt: str | SequenceType[int], **sampling) -> AsyncIterator[Delta]:
+        """stream() on a worker thread; cancelling the consumer stops generation and frees its KV pages."""
+        return _async_deltas(lambda cancel: self._stream(prompt, sampling, Progress(), cancel))
 
-        worker = loop.run_in_executor(None, produce)
-        try:
-            while (item := await queue.get()) is not done:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            cancel.set()
-            await asyncio.shield(worker)
+    def achat_stream(self, messages: list[dict], *, tools: list[dict] | None = None, **sampling) -> AsyncIterator[Delta]:
+        """chat_stream() on a worker thread; cancelling the consumer stops generation and frees its KV pages."""
+        return _async_deltas(lambda cancel: self._chat_stream(messages, tools, sampling, Progress(), cancel))
 
     def new_sequence(self) -> "Sequence":
         """A new empty sequence with its own KV cache pages."""
@@ -299,14 +347,19 @@ class Sequence:
                     f"context overflow: {len(self._tokens)} cached + {ids.size} new tokens exceed "
                     f"max_context {engine.max_context}"
                 )
-            logits = engine._core.append(handle, ids, False)
+            try:
+                logits = engine._core.append(handle, ids, False)
+            except KvCacheFullError:  # the append changed nothing; free the prefix cache and try once more
+                if not engine._generation.drop_idle():
+                    raise
+                logits = engine._core.append(handle, ids, False)
             self._tokens.extend(ids.tolist())
             return logits
 
     def truncate(self, length: int) -> None:
         """Keeps the first `length` tokens and frees the KV pages past them."""
         if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= len(self._tokens):
-            raise ValueError(f"truncate length must be an integer in [0, {len(self._tokens)}], got {length!r}")
+            raise SettingError(f"truncate length must be an integer in [0, {len(self._tokens)}], got {length!r}")
         with self._engine._lock:
             self._engine._core.truncate_sequence(self._live_handle(), length)
             del self._tokens[length:]
@@ -341,3 +394,36 @@ class Sequence:
             self.close()
         except Exception:
             pass
+
+
+async def _async_deltas(make_stream: Callable[[threading.Event], Iterator[Delta]]) -> AsyncIterator[Delta]:
+    """Runs a delta stream on a worker thread and hands its deltas to the event loop.
+
+    Leaving the async iteration early (break, aclose, task cancellation) sets the
+    stream's cancel event and waits for the worker, which stops at the next token."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    cancel = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            with contextlib.closing(make_stream(cancel)) as deltas:
+                for delta in deltas:
+                    loop.call_soon_threadsafe(queue.put_nowait, delta)
+                    if cancel.is_set():
+                        break
+        except BaseException as e:  # handed to the consumer
+            loop.call_soon_threadsafe(queue.put_nowait, e)
+        finally:
+            loop.call_soon_threadsafe(queue.put_nowait, done)
+
+    worker = loop.run_in_executor(None, produce)
+    try:
+        while (item := await queue.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        cancel.set()
+        await asyncio.shield(worker)

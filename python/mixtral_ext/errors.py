@@ -14,12 +14,20 @@ class ModelLoadError(MixtralError):
     """A model directory could not be loaded: missing or corrupt file, bad config, wrong tensor."""
 
 
+class SettingError(MixtralError, ValueError):
+    """An impossible engine or sampling setting; the message names the setting and its allowed range."""
+
+
 class ShapeError(MixtralError, ValueError):
     """A tensor, dtype or shape does not fit what an operation or weight slot needs."""
 
 
 class TokenError(MixtralError, ValueError):
     """A token id outside [0, vocab_size), or token ids of the wrong type."""
+
+
+class ChatFormatError(MixtralError, ValueError):
+    """Chat messages or tool definitions that the model's chat format cannot encode."""
 
 
 class ContextOverflowError(MixtralError, ValueError):

@@ -1,7 +1,8 @@
 """Text generation on an Engine: sampling settings, the token loop with stop
 strings and stop tokens, streaming deltas, and prefix reuse (the engine keeps
 the KV cache of its last prompt + output; a new prompt that shares a prefix
-with it prefills only the rest)."""
+with it prefills only the rest). Token ids are Python ints; logits are float32
+numpy arrays [vocab_size] from the engine."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Iterator
 import numpy as np
 
 from . import _C
-from .errors import ContextOverflowError, ShapeError
+from .errors import ContextOverflowError, SettingError, ShapeError
 from .tokenizer import StreamDecoder
 
 
@@ -46,8 +47,14 @@ class SamplingSettings:
         else:
             stop = tuple(stop)
         if not all(isinstance(s, str) and s for s in stop):
-            raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
-        kwargs["stop_token_ids"] = tuple(kwargs.pop("stop_token_ids", None) or ())
+            raise SettingError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+        stop_token_ids = kwargs.pop("stop_token_ids", None) or ()
+        if isinstance(stop_token_ids, (str, bytes)) or not hasattr(stop_token_ids, "__iter__"):
+            raise SettingError(f"stop_token_ids must be a list of token ids, got {stop_token_ids!r}")
+        stop_token_ids = tuple(stop_token_ids)
+        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in stop_token_ids):
+            raise SettingError(f"stop_token_ids must be non-negative integers, got {stop_token_ids!r}")
+        kwargs["stop_token_ids"] = stop_token_ids
         settings = cls(stop=stop, **{k: v for k, v in kwargs.items() if v is not None})
         settings.validate()
         return settings
@@ -57,7 +64,7 @@ class SamplingSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
                 bound = f"[{low}, {high}]" if high is not None else f">= {low}"
-                raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
+                raise SettingError(f"{name} must be an integer {bound}, got {value!r}")
 
         integer("max_tokens", 1)
         integer("top_k", 0)
@@ -68,11 +75,11 @@ class SamplingSettings:
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
+                raise SettingError(f"{name} must be a finite number, got {value!r}")
         try:
             self.core_params().validate()
         except ShapeError as e:
-            raise ValueError(str(e)) from None
+            raise SettingError(str(e)) from None
 
     def core_params(self):
         p = _C.SamplingParams()
@@ -92,7 +99,8 @@ class Delta:
     token_id: int | None
     logprob: float | None = None
     top_logprobs: dict[int, float] | None = None
-    finish_reason: str | None = None  # set on the last delta
+    finish_reason: str | None = None  # set on the last delta: "stop", "length" or "tool_calls"
+    tool_calls: list | None = None  # chat only: the parsed ToolCalls, on the last delta
 
 
 @dataclass
@@ -144,31 +152,66 @@ class _StopMatcher:
 
 @dataclass
 class Progress:
+    """What one generation did, filled in as it runs."""
+
     prompt_tokens: int = 0
     cached_tokens: int = 0
     token_ids: list[int] = field(default_factory=list)
+    tool_calls_from: int | None = None  # index in token_ids just after a [TOOL_CALLS] token
     start: float = 0.0
     first_token: float | None = None
     end: float = 0.0
 
+    @property
+    def time_to_first_token(self) -> float:
+        return (self.first_token or self.end) - self.start
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Decode rate after the first token."""
+        decode_time = self.end - (self.first_token or self.end)
+        return (len(self.token_ids) - 1) / decode_time if decode_time > 0 else float("nan")
+
 
 class GenerationSession:
-    """Runs generations on one engine, one at a time, keeping the KV cache of
-    the last prompt + output for prefix reuse."""
+    """Runs generations on one engine. Each generation leases a sequence: the
+    idle one kept from the last generation that finished (its KV cache holds
+    that prompt + output, so a prompt sharing a prefix with it prefills only
+    the rest), or a new one while that is busy. Generations on several threads
+    run side by side, each step taking the engine lock. A generation that is
+    cancelled, closed early or fails closes its sequence, freeing its pages."""
 
     def __init__(self, engine) -> None:
         self.engine = engine
-        self.lock = threading.Lock()
-        self._cached = None  # the Sequence kept for prefix reuse
+        self._lock = threading.Lock()  # guards _idle only; never held while taking the engine lock
+        self._idle = None  # the Sequence kept for prefix reuse
 
-    def _prefill(self, prompt_ids: list[int], progress: Progress) -> np.ndarray:
-        engine = self.engine
-        if self._cached is None or self._cached.closed:
-            self._cached = engine.new_sequence()
-        seq = self._cached
-        cached = seq.tokens
+    def _lease(self):
+        with self._lock:
+            seq, self._idle = self._idle, None
+        return seq if seq is not None and not seq.closed else self.engine.new_sequence()
+
+    def _give_back(self, seq, keep: bool) -> None:
+        if keep:
+            with self._lock:
+                if self._idle is None:
+                    self._idle, seq = seq, None
+        if seq is not None:
+            seq.close()
+
+    def drop_idle(self) -> bool:
+        """Closes the idle sequence kept for prefix reuse; True if there was one."""
+        with self._lock:
+            seq, self._idle = self._idle, None
+        if seq is None:
+            return False
+        seq.close()
+        return True
+
+    @staticmethod
+    def _prefill(seq, prompt_ids: list[int], progress: Progress) -> np.ndarray:
         shared = 0
-        for a, b in zip(cached, prompt_ids):
+        for a, b in zip(seq.tokens, prompt_ids):
             if a != b:
                 break
             shared += 1
@@ -178,8 +221,11 @@ class GenerationSession:
         return seq.append(prompt_ids[shared:])
 
     def stream(self, prompt_ids: list[int], settings: SamplingSettings, progress: Progress,
-               cancel: threading.Event | None = None) -> Iterator[Delta]:
-        """Yields one Delta per sampled token; the last one carries finish_reason."""
+               cancel: threading.Event | None = None, tool_calls_id: int | None = None) -> Iterator[Delta]:
+        """Yields one Delta per sampled token; the last one carries finish_reason.
+
+        After a tool_calls_id token the deltas carry no text (the chat layer parses
+        progress.token_ids[progress.tool_calls_from:]) and stop strings no longer apply."""
         engine = self.engine
         tokenizer = engine.tokenizer if settings.stop else engine.tokenizer_or_none()
         if len(prompt_ids) + 1 > engine.max_context:
@@ -196,28 +242,37 @@ class GenerationSession:
         def held_back_text() -> str:
             return (matcher.feed(decoder.flush())[0] + matcher.flush()) if decoder else ""
 
-        with self.lock:
-            progress.prompt_tokens, progress.start = len(prompt_ids), time.perf_counter()
-            try:
-                logits = self._prefill(prompt_ids, progress)
-                seq = self._cached
-                while True:
-                    token, logprob, top_ids, top_lps = sampler.sample(logits)
-                    progress.first_token = progress.first_token or time.perf_counter()
-                    progress.token_ids.append(token)
-                    top = dict(zip(top_ids, top_lps)) if settings.logprobs else None
-                    if token in stop_ids:
-                        yield Delta(held_back_text(), token, logprob, top, "stop")
-                        return
+        progress.prompt_tokens, progress.start = len(prompt_ids), time.perf_counter()
+        seq, finished = self._lease(), False
+        try:
+            logits = self._prefill(seq, prompt_ids, progress)
+            while True:
+                token, logprob, top_ids, top_lps = sampler.sample(logits)
+                progress.first_token = progress.first_token or time.perf_counter()
+                progress.token_ids.append(token)
+                top = dict(zip(top_ids, top_lps)) if settings.logprobs else None
+                if token in stop_ids:
+                    finished = True
+                    yield Delta(held_back_text(), token, logprob, top, "stop")
+                    return
+                if token == tool_calls_id and progress.tool_calls_from is None:
+                    progress.tool_calls_from = len(progress.token_ids)
+                    text, hit = held_back_text(), False
+                    decoder = None
+                else:
                     text, hit = matcher.feed(decoder.push(token)) if decoder else ("", False)
-                    if hit:
-                        yield Delta(text, token, logprob, top, "stop")
-                        return
-                    full = len(progress.token_ids) >= settings.max_tokens or len(seq) + 1 >= engine.max_context
-                    if full or (cancel is not None and cancel.is_set()):
-                        yield Delta(text + held_back_text(), token, logprob, top, "length")
-                        return
-                    yield Delta(text, token, logprob, top)
-                    logits = seq.append([token])
-            finally:
-                progress.end = time.perf_counter()
+                if hit:
+                    finished = True
+                    yield Delta(text, token, logprob, top, "stop")
+                    return
+                if cancel is not None and cancel.is_set():
+                    return
+                if len(progress.token_ids) >= settings.max_tokens or len(seq) + 1 >= engine.max_context:
+                    finished = True
+                    yield Delta(text + held_back_text(), token, logprob, top, "length")
+                    return
+                yield Delta(text, token, logprob, top)
+                logits = seq.append([token])
+        finally:
+            progress.end = time.perf_counter()
+            self._give_back(seq, keep=finished)

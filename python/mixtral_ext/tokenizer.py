@@ -10,7 +10,7 @@ from __future__ import annotations
 import glob
 import os
 
-from .errors import ModelLoadError
+from .errors import ModelLoadError, TokenError
 
 _SHIPPED_BY_VOCAB = {32000: "tokenizer.model.v1", 32768: "mistral_instruct_tokenizer_240323.model.v3"}
 
@@ -61,7 +61,7 @@ class Tokenizer:
 
     def encode(self, text: str, bos: bool = True) -> list[int]:
         if not isinstance(text, str):
-            raise TypeError(f"text must be a str, got {type(text).__name__}")
+            raise TokenError(f"text must be a str, got {type(text).__name__}")
         return self._raw.encode(text, bos=bos, eos=False)
 
     def decode(self, ids: list[int]) -> str:
@@ -70,9 +70,10 @@ class Tokenizer:
     def special_id(self, piece: str) -> int | None:
         """The id of a control token such as "[TOOL_CALLS]", or None if this tokenizer has none."""
         try:
-            return self._raw.get_control_token(piece)
-        except Exception:
+            token = self._raw.get_special_token(piece)
+        except Exception:  # tekken raises for unknown pieces
             return None
+        return token if self._raw.id_to_piece(token) == piece else None  # sentencepiece maps unknowns to <unk>
 
 
 class StreamDecoder:

@@ -1,0 +1,228 @@
+"""Chat: prompts equal mistral-common's encode_chat_completion (with and
+without tools), tool calls are parsed from what the model writes (malformed
+JSON comes back as text), follow-up turns re-use the KV cache, and the
+interactive command line holds a multi-turn conversation."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import replace
+
+import pytest
+
+import mixtral_ext
+from mixtral_ext import _C
+from mixtral_ext.__main__ import main
+from mixtral_ext.chat import parse_tool_calls
+from mixtral_ext.synthetic import DEMO_CONFIG, write_random_checkpoint
+
+mistral_common = pytest.importorskip("mistral_common")
+from mistral_common.protocol.instruct.messages import (  # noqa: E402
+    AssistantMessage,
+    SystemMessage,
+    ToolMessage,
+    UserMessage,
+)
+from mistral_common.protocol.instruct.request import ChatCompletionRequest  # noqa: E402
+from mistral_common.protocol.instruct.tool_calls import Function, FunctionCall, Tool, ToolCall  # noqa: E402
+
+WEATHER = {"name": "get_weather", "description": "Current weather in a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+OPENAI_TOOLS = [{"type": "function", "function": WEATHER}]
+CONVERSATION = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": "What is the weather in Paris?"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "Abc123xyz", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+    {"role": "tool", "tool_call_id": "Abc123xyz", "name": "get_weather", "content": "22 C, sunny"},
+    {"role": "assistant", "content": "It is 22 C and sunny in Paris."},
+    {"role": "user", "content": "Und in Köln? 🌧"},
+]
+
+
+def reference_messages():
+    """CONVERSATION built with mistral-common's own message classes."""
+    call = ToolCall(id="Abc123xyz", function=FunctionCall(name="get_weather", arguments='{"city": "Paris"}'))
+    return [
+        SystemMessage(content="Answer briefly."),
+        UserMessage(content="What is the weather in Paris?"),
+        AssistantMessage(tool_calls=[call]),
+        ToolMessage(tool_call_id="Abc123xyz", name="get_weather", content="22 C, sunny"),
+        AssistantMessage(content="It is 22 C and sunny in Paris."),
+        UserMessage(content="Und in Köln? 🌧"),
+    ]
+
+
+@pytest.fixture(scope="module")
+def chat_engine(tmp_path_factory):
+    config = replace(DEMO_CONFIG, hidden_size=64, num_layers=2, head_dim=16, intermediate_size=96)
+    path = write_random_checkpoint(tmp_path_factory.mktemp("chat_model"), config, seed=9)
+    return mixtral_ext.Engine.from_pretrained(path, max_context=512)
+
+
+@pytest.mark.parametrize("with_tools", [False, True])
+def test_chat_prompt_equals_mistral_common(chat_engine, with_tools):
+    tools = [Tool(function=Function(**WEATHER))] if with_tools else None
+    request = ChatCompletionRequest(messages=reference_messages(), tools=tools)
+    expected = chat_engine.tokenizer.mistral.encode_chat_completion(request).tokens
+    assert chat_engine.chat_prompt(CONVERSATION, OPENAI_TOOLS if with_tools else None) == expected
+    assert (chat_engine.tokenizer.special_id("[AVAILABLE_TOOLS]") in expected) == with_tools
+
+
+def test_chat_prompt_v1_tokenizer(tiny_dir):
+    engine = mixtral_ext.Engine.from_pretrained(tiny_dir, max_context=64)  # vocab 101: no shipped tokenizer
+    with pytest.raises(mixtral_ext.ModelLoadError, match="tokenizer"):
+        engine.chat([{"role": "user", "content": "hi"}])
+    from mixtral_ext.tokenizer import Tokenizer, _shipped_path
+
+    v1 = Tokenizer(_shipped_path("tokenizer.model.v1"))
+    messages = [{"role": "user", "content": "Bonjour"}, {"role": "assistant", "content": "Salut"},
+                {"role": "user", "content": "Ça va ?"}]
+    request = ChatCompletionRequest(messages=[UserMessage(content="Bonjour"), AssistantMessage(content="Salut"),
+                                              UserMessage(content="Ça va ?")])
+    from mixtral_ext.chat import encode_chat
+
+    assert encode_chat(v1, messages, None) == v1.mistral.encode_chat_completion(request).tokens
+    assert v1.special_id("[TOOL_CALLS]") is None
+    with pytest.raises(mixtral_ext.ChatFormatError, match="no tool-call format"):
+        encode_chat(v1, messages, OPENAI_TOOLS)
+
+
+def tool_call_tokens(tokenizer, calls):
+    """The tokens mistral-common writes for an assistant turn with these calls: [TOOL_CALLS] ... </s>."""
+    results = [ToolMessage(tool_call_id=call.id, name=call.function.name, content="ok") for call in calls]
+    request = ChatCompletionRequest(messages=[UserMessage(content="x"), AssistantMessage(tool_calls=calls), *results])
+    tokens = tokenizer.mistral.encode_chat_completion(request).tokens
+    start = tokens.index(tokenizer.special_id("[TOOL_CALLS]"))
+    return tokens[start : tokens.index(tokenizer.eos_id, start) + 1]
+
+
+def test_parse_tool_calls_from_mistral_common_tokens(chat_engine):
+    tokenizer = chat_engine.tokenizer
+    calls = [ToolCall(id="q1w2e3r4t", function=FunctionCall(name="get_weather", arguments='{"city": "Lyon"}')),
+             ToolCall(id="z9x8c7v6b", function=FunctionCall(name="get_time", arguments='{"tz": "CET", "n": [1, 2]}'))]
+    tokens = tool_call_tokens(tokenizer, calls)
+    assert tokens[-1] == tokenizer.eos_id
+    parsed = parse_tool_calls(tokenizer.decode(tokens[1:-1]))
+    assert [(c.id, c.name, c.arguments) for c in parsed] == [
+        ("q1w2e3r4t", "get_weather", {"city": "Lyon"}), ("z9x8c7v6b", "get_time", {"tz": "CET", "n": [1, 2]})]
+    assert parsed[0].to_openai()["function"]["arguments"] == '{"city": "Lyon"}'
+
+
+@pytest.mark.parametrize("text", ['[{"name": "f", "argu', "[]", '{"arguments": {}}', '[{"name": "f", "arguments": 3}]',
+                                  '[{"name": "", "arguments": {}}]', "[1]", "null", '"f"', "[" * 5000,
+                                  '[{"name": "f", "arguments": "{not json"}]'])
+def test_malformed_tool_calls_are_not_parsed(text):
+    assert parse_tool_calls(text) is None
+
+
+def test_parse_tool_calls_fills_missing_ids_and_string_arguments():
+    calls = parse_tool_calls('{"name": "f", "arguments": "{\\"a\\": 1}"}')
+    assert len(calls) == 1 and calls[0].arguments == {"a": 1}
+    assert len(calls[0].id) == 9 and calls[0].id.isalnum()
+
+
+class ScriptedSampler:
+    """Stands in for _C.Sampler: returns a fixed list of tokens, as if the model wrote them."""
+
+    script: list[int] = []
+
+    def __init__(self, vocab, params, seed):
+        self.tokens = iter(self.script)
+
+    def add_prompt(self, ids):
+        pass
+
+    def sample(self, logits):
+        return next(self.tokens), 0.0, [], []
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    monkeypatch.setattr(_C, "Sampler", ScriptedSampler)
+    return ScriptedSampler
+
+
+def test_chat_returns_tool_calls_and_reuses_the_cache_next_turn(chat_engine, scripted):
+    tokenizer = chat_engine.tokenizer
+    calls = [ToolCall(id="Abc123xyz", function=FunctionCall(name="get_weather", arguments='{"city": "Paris"}'))]
+    scripted.script = tool_call_tokens(tokenizer, calls)
+    messages = CONVERSATION[:2]
+    streamed = list(chat_engine.chat_stream(messages, tools=OPENAI_TOOLS, max_tokens=100))
+    assert all(d.text == "" for d in streamed) and streamed[-1].finish_reason == "tool_calls"
+    result = chat_engine.chat(messages, tools=OPENAI_TOOLS, max_tokens=100)
+    assert result.finish_reason == "tool_calls" and result.message.content is None
+    assert [(c.id, c.name, c.arguments) for c in result.message.tool_calls] == [("Abc123xyz", "get_weather", {"city": "Paris"})]
+    first_prompt = chat_engine.chat_prompt(messages, OPENAI_TOOLS)
+    assert result.usage.prompt_tokens == len(first_prompt) and result.usage.completion_tokens == len(scripted.script)
+
+    # The next turn: the tool's answer. Its prompt starts with the first prompt and the calls the model wrote.
+    follow = messages + [result.message.to_openai(),
+                         {"role": "tool", "tool_call_id": "Abc123xyz", "name": "get_weather", "content": "22 C"}]
+    scripted.script = tokenizer.encode("Sunny, 22 C.", bos=False) + [tokenizer.eos_id]
+    answer = chat_engine.chat(follow, tools=OPENAI_TOOLS, max_tokens=100)
+    assert answer.message.content == "Sunny, 22 C." and answer.finish_reason == "stop" and not answer.message.tool_calls
+    assert answer.usage.cached_tokens == len(first_prompt) + len(tool_call_tokens(tokenizer, calls)) - 1
+
+
+def test_malformed_tool_call_comes_back_as_text(chat_engine, scripted):
+    tokenizer = chat_engine.tokenizer
+    raw = tokenizer.encode(' [{"name": "get_weather", "argu', bos=False)
+    scripted.script = [tokenizer.special_id("[TOOL_CALLS]")] + raw + [tokenizer.eos_id]
+    result = chat_engine.chat(CONVERSATION[:2], tools=OPENAI_TOOLS, max_tokens=100)
+    assert result.finish_reason == "stop" and not result.message.tool_calls
+    assert result.message.content == "[TOOL_CALLS]" + tokenizer.decode(raw)
+    scripted.script = [tokenizer.special_id("[TOOL_CALLS]")] + raw  # cut off by max_tokens
+    cut = chat_engine.chat(CONVERSATION[:2], tools=OPENAI_TOOLS, max_tokens=len(raw) + 1)
+    assert cut.finish_reason == "length" and cut.message.content == "[TOOL_CALLS]" + tokenizer.decode(raw)
+
+
+def test_chat_with_the_model_streams_and_reuses_the_prompt(chat_engine):
+    # (no system message: the v3 format repeats it in the last user turn, so it moves every turn)
+    messages = [{"role": "user", "content": "Tell me about Mixtral."}]
+    result = chat_engine.chat(messages, max_tokens=12, temperature=0)
+    streamed = list(chat_engine.chat_stream(messages, max_tokens=12, temperature=0))
+    assert "".join(d.text for d in streamed) == (result.message.content or "")
+    assert streamed[-1].finish_reason == result.finish_reason
+    follow = messages + [{"role": "assistant", "content": "It is a model."}, {"role": "user", "content": "More?"}]
+    again = chat_engine.chat(follow, max_tokens=4, temperature=0)
+    assert again.usage.cached_tokens >= len(chat_engine.chat_prompt(messages)) - 1
+
+
+@pytest.mark.parametrize("messages", [[], "hello", [{"role": "assistant", "content": "first"}],
+                                      [{"role": "robot", "content": "x"}], [{"content": "no role"}],
+                                      [{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}], [1, 2]])
+def test_bad_messages_raise_chat_format_error(chat_engine, messages):
+    with pytest.raises(mixtral_ext.ChatFormatError):
+        chat_engine.chat(messages, max_tokens=2)
+    assert chat_engine.chat([{"role": "user", "content": "ok"}], max_tokens=2).usage.completion_tokens >= 1
+
+
+def test_bad_tools_raise_chat_format_error(chat_engine):
+    for tools in ({"type": "function"}, [{"type": "function", "function": {"description": "no name"}}], ["x"]):
+        with pytest.raises(mixtral_ext.ChatFormatError):
+            chat_engine.chat([{"role": "user", "content": "hi"}], tools=tools, max_tokens=2)
+
+
+def test_async_chat(chat_engine):
+    import asyncio
+
+    async def scenario():
+        result = await chat_engine.achat([{"role": "user", "content": "Hi"}], max_tokens=6, temperature=0)
+        parts = [d.text async for d in chat_engine.achat_stream([{"role": "user", "content": "Hi"}],
+                                                                 max_tokens=6, temperature=0)]
+        return result, parts
+
+    result, parts = asyncio.run(scenario())
+    assert "".join(parts) == (result.message.content or "")
+
+
+def test_chat_command_line(tmp_path, monkeypatch, capsys):
+    model = write_random_checkpoint(tmp_path, replace(DEMO_CONFIG, hidden_size=64, num_layers=1, head_dim=16,
+                                                      intermediate_size=64), seed=3)
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello there\n\n/reset\nBonjour\nAnd again\n"))
+    assert main(["chat", "--model", model, "--max-tokens", "5", "--seed", "1", "--system", "Be kind."]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.count("> ") == 6  # three turns, the empty line, /reset, then end of input
+    assert captured.err.count("tokens in") == 3 and "finish:" in captured.err
+
