@@ -65,7 +65,8 @@ def chat_loop(engine: Engine, args: argparse.Namespace) -> None:
         print()
         if "".join(parts).strip():  # the format has no empty assistant turns; user turns in a row are merged
             messages.append({"role": "assistant", "content": "".join(parts)})
-        print(f"[{count} tokens in {time.perf_counter() - start:.2f} s, finish: {delta.finish_reason}]",
+        elapsed = time.perf_counter() - start
+        print(f"[{count} tokens in {elapsed:.2f} s, {count / elapsed:.1f} tokens/s, finish: {delta.finish_reason}]",
               file=sys.stderr)
 
 
