@@ -58,27 +58,41 @@ SampledToken Sampler::sample(const float* raw) {
   if (p.temperature == 0.0f) {
     chosen = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
   } else {
-    // Candidates sorted by logit, highest first (ties to the lower id), cut by top_k.
+    // Candidates: all tokens, or the top_k by logit (ties to the lower id).
+    auto higher = [&](int32_t a, int32_t b) { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); };
     std::vector<int32_t> order(V);
     std::iota(order.begin(), order.end(), 0);
-    const int64_t keep = p.top_k > 0 ? std::min<int64_t>(p.top_k, V) : V;
-    auto higher = [&](int32_t a, int32_t b) { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); };
-    std::partial_sort(order.begin(), order.begin() + keep, order.end(), higher);
-    order.resize(keep);
-    std::vector<double> prob(keep);
-    const double top = logits[order[0]] / p.temperature;
-    double total = 0.0;
-    for (int64_t j = 0; j < keep; ++j) total += (prob[j] = std::exp(logits[order[j]] / p.temperature - top));
-    // top_p: the shortest prefix whose mass reaches top_p; min_p: relative to the most likely.
-    int64_t cut = keep;
-    double mass = 0.0;
-    for (int64_t j = 0; j < keep; ++j) {
-      if (prob[j] < p.min_p * prob[0]) { cut = j; break; }
-      mass += prob[j] / total;
-      if (mass >= p.top_p) { cut = j + 1; break; }
+    if (p.top_k > 0 && p.top_k < V) {
+      std::nth_element(order.begin(), order.begin() + p.top_k, order.end(), higher);
+      order.resize(p.top_k);
     }
-    cut = std::max<int64_t>(cut, 1);
-    std::discrete_distribution<int64_t> draw(prob.begin(), prob.begin() + cut);
+    const double inv_temperature = 1.0 / p.temperature;
+    const double top = *std::max_element(logits.begin(), logits.end()) * inv_temperature;
+    std::vector<double> prob(V);
+    double total = 0.0;
+    for (int32_t id : order) total += (prob[id] = std::exp(logits[id] * inv_temperature - top));
+    // top_p keeps the shortest most-likely prefix whose mass reaches top_p; min_p drops tokens
+    // below min_p times the most likely. Both need the candidates in order, but only up to the
+    // cut: sort a prefix, growing it until the cut falls inside.
+    int64_t cut = static_cast<int64_t>(order.size());
+    if (p.top_p < 1.0f || p.min_p > 0.0f) {
+      for (int64_t sorted = std::min<int64_t>(cut, 128);; sorted = std::min<int64_t>(cut, sorted * 8)) {
+        std::partial_sort(order.begin(), order.begin() + sorted, order.end(), higher);
+        double mass = 0.0;
+        int64_t found = -1;
+        for (int64_t j = 0; j < sorted && found < 0; ++j) {
+          if (prob[order[j]] < p.min_p * prob[order[0]]) found = j;
+          else if ((mass += prob[order[j]] / total) >= p.top_p) found = j + 1;
+        }
+        if (found >= 0 || sorted == cut) {
+          if (found >= 0) cut = std::max<int64_t>(found, 1);
+          break;
+        }
+      }
+    }
+    std::vector<double> weights(cut);
+    for (int64_t j = 0; j < cut; ++j) weights[j] = prob[order[j]];
+    std::discrete_distribution<int64_t> draw(weights.begin(), weights.end());
     chosen = order[draw(rng_)];
   }
   ++output_counts_[chosen];

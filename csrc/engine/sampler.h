@@ -8,7 +8,8 @@
 //   3. temperature 0: argmax (ties to the lower id); else logits / temperature,
 //      softmax, keep the top_k, then the smallest top-probability set reaching
 //      top_p, then tokens with prob >= min_p * max prob; renormalise and draw
-//      with a seeded generator.
+//      with a seeded generator. Only the part of the vocabulary up to the cut
+//      is sorted, so a draw costs O(V) plus a short partial sort.
 #pragma once
 
 #include <cstdint>

@@ -5,6 +5,7 @@ handed to the C++ core as a ModelConfig."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 
 from .errors import ModelLoadError
@@ -65,8 +66,8 @@ def _int(data: dict, key: str, path: str, default=None) -> int:
 
 def _float(data: dict, key: str, path: str, default=None) -> float:
     value = data.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ModelLoadError(f"{path}: '{key}' must be a positive number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ModelLoadError(f"{path}: '{key}' must be a positive finite number, got {value!r}")
     return float(value)
 
 
@@ -90,6 +91,8 @@ def load_hf_config(path: str) -> MixtralConfig:
     rope_theta = rope.get("rope_theta", data.get("rope_theta", 1e6))
     max_positions = _int(data, "max_position_embeddings", path)
     window = data.get("sliding_window")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int)):
+        raise ModelLoadError(f"{path}: sliding_window must be an integer or null, got {window!r}")
     if window is not None and window < max_positions:
         raise ModelLoadError(f"{path}: sliding_window {window} is not supported (Mixtral has none)")
     if data.get("hidden_act", "silu") != "silu":
@@ -108,7 +111,7 @@ def load_hf_config(path: str) -> MixtralConfig:
         rms_norm_eps=_float(data, "rms_norm_eps", path, 1e-5),
         max_position_embeddings=max_positions,
         tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),
-        checkpoint_dtype=_DTYPE_NAMES.get(data.get("dtype") or data.get("torch_dtype")),
+        checkpoint_dtype=_DTYPE_NAMES.get(str(data.get("dtype") or data.get("torch_dtype"))),
     )
 
 

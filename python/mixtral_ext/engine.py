@@ -20,6 +20,7 @@ from .config import MixtralConfig
 from .chat import TOOL_CALLS_TOKEN, AssistantMessage, ChatResult, encode_chat, parse_tool_calls
 from .errors import (
     ContextOverflowError,
+    DeviceOutOfMemoryError,
     KvCacheFullError,
     MixtralError,
     ModelLoadError,
@@ -78,8 +79,8 @@ class Engine:
         if dtype not in _DTYPES:
             raise SettingError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
         for name, value in (("page_size", page_size), ("max_batch_tokens", max_batch_tokens)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise SettingError(f"{name} must be a positive integer, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 2**31:
+                raise SettingError(f"{name} must be an integer in [1, 2^31), got {value!r}")
         checkpoint = open_checkpoint(path)
         config = checkpoint.config
         core_config = config.to_core()  # validates the config before any tensor is read
@@ -104,7 +105,7 @@ class Engine:
                 max_context, kv_cache_tokens, page_size, max_batch_tokens,
             )
             load_into(core, checkpoint, plan, total_bytes, progress)
-        except ModelLoadError:
+        except (ModelLoadError, DeviceOutOfMemoryError):  # out of memory: says how many bytes
             raise
         except MixtralError as e:
             raise ModelLoadError(f"{path}: {e}") from e
@@ -147,7 +148,7 @@ class Engine:
             raise TokenError("token ids must be a sequence of integers, not a string")
         try:
             ids = np.asarray(list(token_ids))
-        except TypeError as e:
+        except (TypeError, ValueError, OverflowError) as e:  # not iterable, ragged, or too large to hold
             raise TokenError(f"token ids must be a sequence of integers: {e}") from e
         if ids.size and (ids.ndim != 1 or ids.dtype.kind not in "iu"):
             raise TokenError(f"token ids must be a flat sequence of integers, got {ids.dtype} with shape {ids.shape}")
@@ -169,9 +170,18 @@ class Engine:
         with self._lock:
             seq = self._core.create_sequence()
             try:
-                return self._core.append(seq, ids, True)
+                return self._append(seq, ids, True)
             finally:
                 self._core.release_sequence(seq)
+
+    def _append(self, handle: int, ids: np.ndarray, all_logits: bool) -> np.ndarray:
+        """Runs ids on a core sequence; when the KV cache is full, frees the prefix cache and tries once more."""
+        try:
+            return self._core.append(handle, ids, all_logits)
+        except KvCacheFullError:  # the failed append changed nothing
+            if not self._generation.drop_idle():
+                raise
+            return self._core.append(handle, ids, all_logits)
 
     # ---- text ------------------------------------------------------------------
 
@@ -347,12 +357,7 @@ class Sequence:
                     f"context overflow: {len(self._tokens)} cached + {ids.size} new tokens exceed "
                     f"max_context {engine.max_context}"
                 )
-            try:
-                logits = engine._core.append(handle, ids, False)
-            except KvCacheFullError:  # the append changed nothing; free the prefix cache and try once more
-                if not engine._generation.drop_idle():
-                    raise
-                logits = engine._core.append(handle, ids, False)
+            logits = engine._append(handle, ids, False)
             self._tokens.extend(ids.tolist())
             return logits
 

@@ -107,6 +107,15 @@ def tensor_plan(checkpoint: Checkpoint) -> list[TensorCopy]:
     H, F, D, E = c.hidden_size, c.intermediate_size, c.head_dim, c.num_experts
     q_rows, kv_rows = c.num_heads * D, c.num_kv_heads * D
     plan: list[TensorCopy] = []
+
+    def need(name: str) -> str:
+        """Stops at the first layer or expert the checkpoint lacks, so a config that claims
+        a billion layers fails at once instead of planning a billion copies."""
+        if not checkpoint.has(name):
+            raise ModelLoadError(f"missing tensor '{name}' in the checkpoint (the config declares "
+                                 f"{c.num_layers} layers of {E} experts)")
+        return name
+
     if checkpoint.format == "hf":
         lm_head = "lm_head.weight"
         if c.tie_word_embeddings and not checkpoint.has(lm_head):
@@ -119,7 +128,7 @@ def tensor_plan(checkpoint: Checkpoint) -> list[TensorCopy]:
         for i in range(c.num_layers):
             p = f"model.layers.{i}."
             plan += [
-                TensorCopy(p + "input_layernorm.weight", (H,), "attn_norm", i),
+                TensorCopy(need(p + "input_layernorm.weight"), (H,), "attn_norm", i),
                 TensorCopy(p + "self_attn.q_proj.weight", (q_rows, H), "wqkv", i),
                 TensorCopy(p + "self_attn.k_proj.weight", (kv_rows, H), "wqkv", i, row_offset=q_rows),
                 TensorCopy(p + "self_attn.v_proj.weight", (kv_rows, H), "wqkv", i, row_offset=q_rows + kv_rows),
@@ -127,6 +136,10 @@ def tensor_plan(checkpoint: Checkpoint) -> list[TensorCopy]:
                 TensorCopy(p + "post_attention_layernorm.weight", (H,), "ffn_norm", i),
             ]
             if checkpoint.has(p + "mlp.experts.gate_up_proj"):  # fused experts
+                fused = checkpoint.files[p + "mlp.experts.gate_up_proj"].shape(p + "mlp.experts.gate_up_proj")
+                if fused[:1] != (E,):
+                    raise ModelLoadError(f"tensor '{p}mlp.experts.gate_up_proj' has shape {list(fused)}, "
+                                         f"expected {E} experts first")
                 plan.append(TensorCopy(p + "mlp.gate.weight", (E, H), "router", i))
                 for e in range(E):
                     plan += [
@@ -139,7 +152,7 @@ def tensor_plan(checkpoint: Checkpoint) -> list[TensorCopy]:
                 for e in range(E):
                     x = f"{moe}experts.{e}."
                     plan += [
-                        TensorCopy(x + "w1.weight", (F, H), "w13", i, e),
+                        TensorCopy(need(x + "w1.weight"), (F, H), "w13", i, e),
                         TensorCopy(x + "w3.weight", (F, H), "w13", i, e, row_offset=F),
                         TensorCopy(x + "w2.weight", (H, F), "w2", i, e),
                     ]
@@ -152,7 +165,7 @@ def tensor_plan(checkpoint: Checkpoint) -> list[TensorCopy]:
         for i in range(c.num_layers):
             p = f"layers.{i}."
             plan += [
-                TensorCopy(p + "attention_norm.weight", (H,), "attn_norm", i),
+                TensorCopy(need(p + "attention_norm.weight"), (H,), "attn_norm", i),
                 TensorCopy(p + "attention.wq.weight", (q_rows, H), "wqkv", i, interleaved_heads=c.num_heads),
                 TensorCopy(p + "attention.wk.weight", (kv_rows, H), "wqkv", i, row_offset=q_rows,
                            interleaved_heads=c.num_kv_heads),
@@ -164,7 +177,7 @@ def tensor_plan(checkpoint: Checkpoint) -> list[TensorCopy]:
             for e in range(E):
                 x = f"{p}feed_forward.experts.{e}."
                 plan += [
-                    TensorCopy(x + "w1.weight", (F, H), "w13", i, e),
+                    TensorCopy(need(x + "w1.weight"), (F, H), "w13", i, e),
                     TensorCopy(x + "w3.weight", (F, H), "w13", i, e, row_offset=F),
                     TensorCopy(x + "w2.weight", (H, F), "w2", i, e),
                 ]
