@@ -132,9 +132,12 @@ def test_bad_engine_arguments(tiny_dir):
             mixtral_ext.Engine.from_pretrained(tiny_dir, **kwargs)
 
 
-def test_cuda_device_is_refused_cleanly(tiny_dir):
-    with pytest.raises(ModelLoadError, match="cuda"):
+def test_cuda_without_a_usable_gpu_raises_device_error(tiny_dir):
+    if mixtral_ext.cuda_info()["device_count"] > 0:
+        pytest.skip("a GPU is present")
+    with pytest.raises(mixtral_ext.DeviceError, match="(?i)cuda"):
         mixtral_ext.Engine.from_pretrained(tiny_dir, device="cuda")
+    assert mixtral_ext.Engine.from_pretrained(tiny_dir, max_context=8).logits([1, 2]).shape == (2, 101)
 
 
 @pytest.mark.parametrize("bad", [[5, -1], [101], [2**40], ["a"], [1.5], "hello", [[1, 2]], [True]])
@@ -212,3 +215,8 @@ def test_errors_form_one_hierarchy():
             assert issubclass(obj, MixtralError)
     assert issubclass(TokenError, ValueError) and issubclass(ContextOverflowError, ValueError)
     assert np is not None
+
+
+def test_expert_gemm_path_is_a_cuda_setting(tiny_engine):
+    with pytest.raises(mixtral_ext.SettingError, match="CUDA"):
+        tiny_engine.set_expert_gemm_path("grouped")

@@ -6,6 +6,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "bindings/bindings.h"
 #include "core/cuda_library.h"
 #include "cpu/cpu_backend.h"
 #include "engine/engine.h"
@@ -14,7 +15,7 @@
 namespace py = pybind11;
 using namespace mixtral;
 
-namespace {
+namespace mixtral {
 
 DType parse_dtype(const std::string& name) {
   if (name == "float32") return DType::kFloat32;
@@ -23,16 +24,20 @@ DType parse_dtype(const std::string& name) {
   throw ShapeError("unsupported dtype '" + name + "' (float32, bfloat16 or float16)");
 }
 
+std::unique_ptr<Backend> make_backend(const std::string& device, const std::string& cuda_library) {
+  if (device == "cpu") return std::make_unique<CpuBackend>();
+  MX_CHECK(device == "cuda", Error, "unknown device '" << device << "' (cpu or cuda)");
+  MX_CHECK(!cuda_library.empty(), Error, "device 'cuda': this build has no CUDA backend library");
+  return create_cuda_backend(cuda_library, 0);
+}
+
+}  // namespace mixtral
+
+namespace {
+
 void raise_as(const char* python_class, const std::exception& error) {
   py::object cls = py::module_::import("mixtral_ext.errors").attr(python_class);
   PyErr_SetString(cls.ptr(), error.what());
-}
-
-std::unique_ptr<Backend> make_backend(const std::string& device) {
-  if (device == "cpu") return std::make_unique<CpuBackend>();
-  throw Error("device '" + device +
-              "': this build runs the model on the CPU only; the CUDA backend library provides "
-              "the device runtime (probe_cuda) but not yet the model's operations");
 }
 
 py::array_t<float> append(Engine& engine, int sequence, const py::array_t<int32_t, py::array::c_style>& tokens,
@@ -113,7 +118,7 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init([](const ModelConfig& config, const std::string& device,
                        const std::string& weight_dtype, const std::string& activation_dtype,
                        int64_t max_context, int64_t kv_cache_tokens, int page_size,
-                       int64_t max_batch_tokens) {
+                       int64_t max_batch_tokens, const std::string& cuda_library) {
              EngineOptions options;
              options.weight_dtype = parse_dtype(weight_dtype);
              options.activation_dtype = parse_dtype(activation_dtype);
@@ -121,11 +126,14 @@ PYBIND11_MODULE(_C, m) {
              options.kv_cache_tokens = kv_cache_tokens;
              options.page_size = page_size;
              options.max_batch_tokens = max_batch_tokens;
-             return std::make_unique<Engine>(config, options, make_backend(device));
+             return std::make_unique<Engine>(config, options, make_backend(device, cuda_library));
            }),
            py::arg("config"), py::arg("device"), py::arg("weight_dtype"), py::arg("activation_dtype"),
            py::arg("max_context"), py::arg("kv_cache_tokens"), py::arg("page_size"),
-           py::arg("max_batch_tokens"))
+           py::arg("max_batch_tokens"), py::arg("cuda_library") = "")
+      .def("set_backend_option", [](Engine& e, const std::string& name, const std::string& value) {
+        e.backend().set_option(name, value);
+      })
       .def("load_weight", &load_weight, py::arg("slot"), py::arg("layer"), py::arg("expert"),
            py::arg("row_offset"), py::arg("source"), py::arg("source_dtype"))
       .def("missing_weights", &Engine::missing_weights)
@@ -166,6 +174,8 @@ PYBIND11_MODULE(_C, m) {
         const SampledToken t = s.sample(logits.data());
         return py::make_tuple(t.token, t.logprob, t.top_tokens, t.top_logprobs);
       }, "Returns (token, logprob, top_tokens, top_logprobs) and records the token as output.");
+
+  bind_ops(m);
 
   m.def("probe_cuda", [](const std::string& library_path) {
     CudaProbe probe = probe_cuda_library(library_path);

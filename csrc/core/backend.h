@@ -36,6 +36,10 @@ class MX_EXPORT Backend {
   virtual ~Backend() = default;
   virtual Device device() const = 0;
   virtual std::string name() const = 0;
+  // A backend-specific setting (the CUDA backend: "expert_gemm" = auto|per_expert|batched|grouped).
+  virtual void set_option(const std::string& name, const std::string& value) {
+    throw Error("backend " + this->name() + ": unknown option '" + name + "' = '" + value + "'");
+  }
 
   // ---- memory ----
   virtual void* allocate(size_t bytes) = 0;  // throws DeviceOutOfMemoryError

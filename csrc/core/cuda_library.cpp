@@ -5,15 +5,36 @@
 
 namespace mixtral {
 
-CudaProbe probe_cuda_library(const std::string& path) {
+namespace {
+
+// The library stays mapped once opened: later calls reuse it.
+void* symbol(const std::string& path, const char* name) {
   void* library = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
-  if (!library) return {-1, std::string("cannot load the CUDA backend: ") + dlerror()};
+  if (!library) throw DeviceError(std::string("cannot load the CUDA backend: ") + dlerror());
+  void* found = dlsym(library, name);
+  if (!found) throw DeviceError(path + " has no " + name);
+  return found;
+}
+
+}  // namespace
+
+CudaProbe probe_cuda_library(const std::string& path) {
   using ProbeFn = int (*)(char*, int);
-  auto probe = reinterpret_cast<ProbeFn>(dlsym(library, "mixtral_ext_cuda_probe"));
-  if (!probe) return {-1, "the CUDA backend library has no mixtral_ext_cuda_probe"};
+  ProbeFn probe;
+  try {
+    probe = reinterpret_cast<ProbeFn>(symbol(path, "mixtral_ext_cuda_probe"));
+  } catch (const DeviceError& e) {
+    return {-1, e.what()};
+  }
   char message[512] = {0};
   const int count = probe(message, sizeof(message));
-  return {count, message};  // the library stays mapped: later calls reuse it
+  return {count, message};
+}
+
+std::unique_ptr<Backend> create_cuda_backend(const std::string& path, int device) {
+  using CreateFn = Backend* (*)(int);
+  auto create = reinterpret_cast<CreateFn>(symbol(path, "mixtral_ext_cuda_create_backend"));
+  return std::unique_ptr<Backend>(create(device));
 }
 
 }  // namespace mixtral

@@ -1,47 +1,62 @@
-// The CUDA runtime of the backend: device query, the stream and the cuBLAS
-// handle with its workspace. Exposed through a C entry point
-// (csrc/core/cuda_library.h) so the core loads this library only when a
-// caller asks for the GPU; a machine without a driver never maps it.
+// The CUDA runtime (see cuda/runtime.cuh) and the library's C entry points
+// (csrc/core/cuda_library.h): the probe, and the factory of the CUDA backend,
+// so the core loads this library only when a caller asks for the GPU.
+#include "cuda/runtime.cuh"
+
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
-#include <string>
 
 #include "core/cuda_library.h"
-#include "cuda/cuda_check.cuh"
+#include "cuda/cuda_backend.cuh"
 
 namespace mixtral::cuda {
 
-// One device, one stream, one cuBLAS handle bound to that stream.
-class Runtime {
- public:
-  explicit Runtime(int device) : device_(device) {
-    CUDA_CHECK(cudaSetDevice(device_));
+Runtime::Runtime(int device) : device_(device) {
+  CUDA_CHECK(cudaSetDevice(device_));
+  try {
     CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
     CUBLAS_CHECK(cublasCreate(&cublas_));
     CUBLAS_CHECK(cublasSetStream(cublas_, stream_));
     CUDA_CHECK(cudaMalloc(&workspace_, kWorkspaceBytes));
     CUBLAS_CHECK(cublasSetWorkspace(cublas_, workspace_, kWorkspaceBytes));
+    CUDA_CHECK(cudaMallocHost(&staging_, kStagingBytes));
+    for (cudaEvent_t& event : staging_free_) CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
+  } catch (...) {
+    release();
+    throw;
   }
-  ~Runtime() {
-    cudaFree(workspace_);
-    cublasDestroy(cublas_);
-    cudaStreamDestroy(stream_);
+}
+
+Runtime::~Runtime() { release(); }
+
+void Runtime::release() {
+  for (cudaEvent_t event : staging_free_)
+    if (event) cudaEventDestroy(event);
+  if (staging_) cudaFreeHost(staging_);
+  if (workspace_) cudaFree(workspace_);
+  if (cublas_) cublasDestroy(cublas_);
+  if (stream_) cudaStreamDestroy(stream_);
+}
+
+void Runtime::upload(void* device_dst, const void* host_src, size_t bytes) {
+  const size_t half = kStagingBytes / 2;
+  for (size_t done = 0, chunk = 0; done < bytes; done += half, ++chunk) {
+    const size_t n = std::min(half, bytes - done);
+    char* buffer = staging_ + (chunk % 2) * half;
+    CUDA_CHECK(cudaEventSynchronize(staging_free_[chunk % 2]));  // the copy out of this half is done
+    std::memcpy(buffer, static_cast<const char*>(host_src) + done, n);
+    CUDA_CHECK(cudaMemcpyAsync(static_cast<char*>(device_dst) + done, buffer, n, cudaMemcpyHostToDevice, stream_));
+    CUDA_CHECK(cudaEventRecord(staging_free_[chunk % 2], stream_));
   }
-  Runtime(const Runtime&) = delete;
-  Runtime& operator=(const Runtime&) = delete;
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
 
-  cudaStream_t stream() const { return stream_; }
-  cublasHandle_t cublas() const { return cublas_; }
+void Runtime::download(void* host_dst, const void* device_src, size_t bytes) {
+  CUDA_CHECK(cudaMemcpyAsync(host_dst, device_src, bytes, cudaMemcpyDeviceToHost, stream_));
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
 
- private:
-  static constexpr size_t kWorkspaceBytes = 32u << 20;  // cuBLAS' recommendation for Hopper
-  int device_;
-  cudaStream_t stream_ = nullptr;
-  cublasHandle_t cublas_ = nullptr;
-  void* workspace_ = nullptr;
-};
-
-// "<count> devices; device 0: <name>, sm_<cc>, <SMs> SMs, <GiB> GiB; cuBLAS <version>".
 std::string describe_devices() {
   int count = 0;
   CUDA_CHECK(cudaGetDeviceCount(&count));
@@ -54,7 +69,7 @@ std::string describe_devices() {
                 prop.major, prop.minor, prop.multiProcessorCount,
                 static_cast<double>(prop.totalGlobalMem) / (1u << 30));
   summary += line;
-  Runtime runtime(0);  // proves the stream and the cuBLAS handle can be made
+  Runtime runtime(0);  // proves the stream, the cuBLAS handle and the staging buffer can be made
   int version = 0;
   CUBLAS_CHECK(cublasGetVersion(runtime.cublas(), &version));
   summary += "; cuBLAS " + std::to_string(version);
@@ -75,4 +90,8 @@ extern "C" MX_EXPORT int mixtral_ext_cuda_probe(char* message, int capacity) {
   }
   std::snprintf(message, static_cast<size_t>(capacity), "%s", text.c_str());
   return count;
+}
+
+extern "C" MX_EXPORT mixtral::Backend* mixtral_ext_cuda_create_backend(int device) {
+  return new mixtral::cuda::CudaBackend(device);  // throws DeviceError; the core catches it
 }

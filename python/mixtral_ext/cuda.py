@@ -11,6 +11,7 @@ import importlib.util
 import os
 
 from . import _C
+from .errors import DeviceError
 
 _LIBRARY = os.path.join(os.path.dirname(__file__), "libmixtral_ext_cuda.so")
 
@@ -40,3 +41,11 @@ def cuda_info() -> dict:
     _preload_cublas_wheel()
     count, summary = _C.probe_cuda(_LIBRARY)
     return {"built": True, "device_count": count, "summary": summary}
+
+
+def backend_library() -> str:
+    """The CUDA backend library's path, with cuBLAS ready to load; DeviceError in a CPU-only build."""
+    if not os.path.exists(_LIBRARY):
+        raise DeviceError("device 'cuda': this build has no CUDA backend (built without nvcc or cuBLAS)")
+    _preload_cublas_wheel()
+    return _LIBRARY

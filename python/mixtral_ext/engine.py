@@ -17,10 +17,11 @@ import numpy as np
 
 from . import _C
 from .config import MixtralConfig
+from .cuda import backend_library
 from .chat import TOOL_CALLS_TOKEN, AssistantMessage, ChatResult, encode_chat, parse_tool_calls
 from .errors import (
     ContextOverflowError,
-    DeviceOutOfMemoryError,
+    DeviceError,
     KvCacheFullError,
     MixtralError,
     ModelLoadError,
@@ -64,7 +65,7 @@ class Engine:
     ) -> "Engine":
         """Loads a Hugging Face or consolidated Mistral Mixtral directory.
 
-        device: "cpu" (this build; the CUDA backend comes with its own issue).
+        device: "cpu", or "cuda" (the first GPU; DeviceError when this build or machine has none).
         dtype: weight dtype; default float32 on the CPU (exact numerics), bfloat16 on the GPU.
         max_context: tokens one sequence may hold (default: the model's max_position_embeddings).
         kv_cache_tokens: KV cache capacity over all open sequences (default: max_context).
@@ -99,13 +100,14 @@ class Engine:
         total_bytes = check_plan(checkpoint, plan)
         # The CPU computes in float32 whatever the weights; the GPU in the weight dtype.
         activation_dtype = "float32" if device == "cpu" else dtype
+        cuda_library = backend_library() if device == "cuda" else ""
         try:
             core = _C.Engine(
                 core_config, device, dtype, activation_dtype,
-                max_context, kv_cache_tokens, page_size, max_batch_tokens,
+                max_context, kv_cache_tokens, page_size, max_batch_tokens, cuda_library,
             )
             load_into(core, checkpoint, plan, total_bytes, progress)
-        except (ModelLoadError, DeviceOutOfMemoryError):  # out of memory: says how many bytes
+        except (ModelLoadError, DeviceError):  # a device error (out of memory included) keeps its type
             raise
         except MixtralError as e:
             raise ModelLoadError(f"{path}: {e}") from e
@@ -135,6 +137,16 @@ class Engine:
                 "bytes": core.kv_cache_bytes,
                 "sequences": core.num_sequences,
             }
+
+    def set_expert_gemm_path(self, path: str) -> None:
+        """CUDA only: how the expert GEMMs run: "auto" (default), "batched", "per_expert" or "grouped"."""
+        if self.device != "cuda":
+            raise SettingError(f"expert_gemm paths are a CUDA setting; this engine runs on {self.device}")
+        with self._lock:
+            try:
+                self._core.set_backend_option("expert_gemm", path)
+            except MixtralError as e:
+                raise SettingError(str(e)) from None
 
     def clear_prefix_cache(self) -> None:
         """Frees the KV pages kept from the last generation for prefix reuse."""

@@ -1,0 +1,126 @@
+"""Operation benchmarks of the CUDA backend at Mixtral-8x22B shapes (bf16), each
+against what the same run measures on the same card: the device copy bandwidth
+and the bf16 matmul rate (both with torch). Never asserts; prints a markdown
+table last and writes JSON.
+
+    python benchmarks/bench_ops.py [--out DIR] [--device cuda|cpu] [--small]
+
+--small shrinks every shape (a smoke run of the script, e.g. on the CPU).
+Columns: ms per call; GB/s of the bytes the op must move (weights read, plus
+activations); TFLOP/s; the fraction of the copy bandwidth (memory-bound ops)
+or of the matmul rate (compute-bound ones) reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+from mixtral_ext import _C
+from mixtral_ext.cuda import backend_library
+
+# Mixtral-8x22B: hidden 6144, 48 query / 8 KV heads of 128, 8 experts of width 16384, top-2, vocab 32768.
+FULL = dict(hidden=6144, heads=48, kv_heads=8, head_dim=128, ffn=16384, experts=8, k=2, vocab=32768,
+            prefill=2048, context=2048, page=16)
+SMALL = dict(hidden=256, heads=8, kv_heads=2, head_dim=32, ffn=512, experts=8, k=2, vocab=1024,
+             prefill=64, context=128, page=16)
+
+
+def torch_reference_rates(device: str, small: bool) -> tuple[float, float]:
+    """(copy GB/s counting read + write, bf16 matmul TFLOP/s) measured with torch on this device."""
+    import torch
+
+    dev = torch.device(device)
+    n = (1 << 24) if small else (1 << 29)  # 1 GiB of bf16 per buffer on the GPU
+    a = torch.empty(n, dtype=torch.bfloat16, device=dev)
+    b = torch.empty_like(a)
+    size = 256 if small else 8192
+    x = torch.randn(size, size, dtype=torch.bfloat16, device=dev)
+    y = torch.randn(size, size, dtype=torch.bfloat16, device=dev)
+
+    def timed(fn, iters):
+        fn()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) / iters
+
+    copy_s = timed(lambda: b.copy_(a), 20)
+    matmul_s = timed(lambda: x @ y, 20)
+    return 2 * a.numel() * 2 / copy_s / 1e9, 2 * size**3 / matmul_s / 1e12
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--small", action="store_true")
+    args = parser.parse_args()
+    s = SMALL if args.small else FULL
+    ops = _C.Ops(args.device, backend_library() if args.device == "cuda" else "")
+    copy_gbs, matmul_tflops = torch_reference_rates(args.device, args.small)
+    iters = 3 if args.small else 20
+    H, F, E, k, D = s["hidden"], s["ffn"], s["experts"], s["k"], s["head_dim"]
+    qkv_width = (s["heads"] + 2 * s["kv_heads"]) * D
+    rows = []
+
+    def add(name, shape, seconds, bytes_moved, flops):
+        gbs, tflops = bytes_moved / seconds / 1e9, flops / seconds / 1e12
+        memory_bound = bytes_moved / copy_gbs > flops / (matmul_tflops * 1e3)
+        floor = gbs / copy_gbs if memory_bound else tflops / matmul_tflops
+        rows.append(dict(op=name, shape=shape, ms=seconds * 1e3, gb_per_s=gbs, tflop_per_s=tflops,
+                         bound="memory" if memory_bound else "compute", fraction_of_floor=floor))
+
+    # Dense projections at decode (1 row) and prefill.
+    for m in (1, s["prefill"]):
+        for name, n, kk in (("qkv", qkv_width, H), ("o", H, s["heads"] * D), ("lm_head", s["vocab"], H)):
+            out_dtype = "float32" if name == "lm_head" else "bfloat16"
+            sec = ops.time_matmul(m, n, kk, "bfloat16", out_dtype, iters)
+            add(f"matmul {name}", f"{m}x{kk} @ {n}x{kk}", sec, 2 * (n * kk + m * kk + m * n), 2 * m * n * kk)
+
+    # Expert GEMMs, the three cuBLAS paths: w13 at decode (2 experts, one row each) and prefill
+    # (all experts, 2048 * 2 rows spread evenly).
+    decode_rows = [1, 0, 0, 1] + [0] * (E - 4)
+    prefill_rows = [s["prefill"] * k // E] * E
+    paths = ["per_expert", "batched", "grouped"] if args.device == "cuda" else ["auto"]
+    for label, split in (("decode", decode_rows), ("prefill", prefill_rows)):
+        r = sum(split)
+        used = sum(1 for c in split if c)
+        for path in paths:
+            if args.device == "cuda":
+                ops.set_option("expert_gemm", path)
+            sec = ops.time_expert_matmul(split, 2 * F, H, "bfloat16", iters)
+            add(f"experts w13 {path}", f"{label}: {r} rows, {used} experts", sec,
+                2 * (used * 2 * F * H + r * H + r * 2 * F), 2 * r * 2 * F * H)
+    if args.device == "cuda":
+        ops.set_option("expert_gemm", "auto")
+
+    # Attention: decode (1 query token) at the context, and prefill of the whole context.
+    kv_bytes_per_token = 2 * s["kv_heads"] * D * 2
+    for tokens in (1, s["context"]):
+        sec = ops.time_attention(tokens, s["context"], s["heads"], s["kv_heads"], D, s["page"], "bfloat16", iters)
+        pairs = tokens * s["context"] - tokens * (tokens - 1) // 2  # causal (query, key) pairs
+        add("attention", f"{tokens} tokens, {s['context']} context", sec,
+            s["context"] * kv_bytes_per_token + tokens * qkv_width * 2, 4 * pairs * s["heads"] * D)
+
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench_ops.json"), "w") as f:
+        json.dump(dict(device=args.device, copy_gb_per_s=copy_gbs, matmul_tflop_per_s=matmul_tflops, ops=rows), f,
+                  indent=2)
+    print(f"\n{args.device}: copy {copy_gbs:.0f} GB/s (read + write), bf16 matmul {matmul_tflops:.0f} TFLOP/s "
+          f"(torch, this run)\n")
+    print("| op | shape | ms | GB/s | TFLOP/s | bound | of floor |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['op']} | {row['shape']} | {row['ms']:.4f} | {row['gb_per_s']:.0f} | {row['tflop_per_s']:.1f} | "
+              f"{row['bound']} | {row['fraction_of_floor']:.0%} |")
+
+
+if __name__ == "__main__":
+    main()

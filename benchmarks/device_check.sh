@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The one command to run on a GPU machine (no network there): builds the extension for sm_90a
+# with every core, runs the GPU tests, runs the op benchmarks, prints a short table last and
+# writes full logs under $OUT (default: a new temporary folder).
+#   MEMCHECK=1  also runs the GPU tests under compute-sanitizer memcheck (slow)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$(mktemp -d)}
+mkdir -p "$OUT"
+status=0
+step() { echo "== $1 ($(date +%T))"; }
+
+step "build (sm_90a, $(nproc) jobs)"
+if ! MIXTRAL_EXT_CUDA=ON MIXTRAL_EXT_CUDA_ARCHS=90a MAX_JOBS=$(nproc) \
+    pip install --no-build-isolation --no-deps . > "$OUT/build.log" 2>&1; then
+  tail -40 "$OUT/build.log"
+  exit 1
+fi
+python -c "import mixtral_ext; print(mixtral_ext.cuda_info()['summary'])" | tee "$OUT/device.txt"
+
+step "GPU tests"
+# Run from outside the source tree so the installed package (with its CUDA library) is the one imported.
+(cd "$OUT" && python -m pytest -q -p no:cacheprovider -m cuda "$OLDPWD/tests/test_cuda.py" \
+   --rootdir "$OLDPWD" -c "$OLDPWD/pyproject.toml") > "$OUT/gpu_tests.log" 2>&1 || status=1
+tail -3 "$OUT/gpu_tests.log"
+
+if [ "${MEMCHECK:-0}" = 1 ]; then
+  step "GPU tests under compute-sanitizer memcheck"
+  (cd "$OUT" && compute-sanitizer --tool memcheck --error-exitcode 1 python -m pytest -q -p no:cacheprovider \
+     -m cuda "$OLDPWD/tests/test_cuda.py" --rootdir "$OLDPWD" -c "$OLDPWD/pyproject.toml" -k "not out_of_memory") \
+     > "$OUT/memcheck.log" 2>&1 || status=1
+  tail -3 "$OUT/memcheck.log"
+fi
+
+step "op benchmarks"
+(cd "$OUT" && python "$OLDPWD/benchmarks/bench_ops.py" --out "$OUT") > "$OUT/bench_ops.log" 2>&1 || status=1
+grep -E "^\|| copy " "$OUT/bench_ops.log" || tail -20 "$OUT/bench_ops.log"
+echo "logs: $OUT; GPU tests: $(tail -1 "$OUT/gpu_tests.log")"
+exit $status

@@ -1,0 +1,337 @@
+// mixtral_ext._C.Ops: each operation of core/backend.h callable on its own,
+// on the CPU or the CUDA backend, for the tests that hold every CUDA op to its
+// CPU twin. Inputs come as float32 / int32 numpy arrays and are converted to
+// the requested dtype on the host; outputs come back as float32 / int32 numpy
+// arrays. Every device buffer has guard bytes on both sides, checked after the
+// op; outputs start filled with 0xFF bytes (NaN in every float dtype), so a
+// missed write shows. Indices are range-checked on the host before any
+// backend reads them (the CUDA kernels trust the engine's checks).
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <chrono>
+#include <cstring>
+#include <optional>
+#include <vector>
+
+#include "bindings/bindings.h"
+
+namespace py = pybind11;
+
+namespace mixtral {
+
+namespace {
+
+using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
+using IntArray = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
+
+constexpr size_t kGuardBytes = 256;
+constexpr unsigned char kGuard = 0xA5;
+
+std::vector<int64_t> shape_of(const py::array& a) { return std::vector<int64_t>(a.shape(), a.shape() + a.ndim()); }
+
+Tensor make_tensor(void* data, DType dtype, Device device, const std::vector<int64_t>& shape) {
+  MX_CHECK(!shape.empty() && shape.size() <= size_t(kMaxDims), ShapeError, "Ops: 1 to 4 dims expected");
+  Tensor t(data, dtype, device, {1});
+  t.ndim = static_cast<int>(shape.size());
+  int64_t stride = 1;
+  for (int d = t.ndim - 1; d >= 0; --d) {
+    t.shape[d] = shape[d];
+    t.strides[d] = stride;
+    stride *= shape[d];
+  }
+  return t;
+}
+
+void check_range(const IntArray& a, int64_t low, int64_t high, const char* what) {
+  for (py::ssize_t i = 0; i < a.size(); ++i)
+    MX_CHECK(a.data()[i] >= low && a.data()[i] < high, ShapeError,
+             what << " " << a.data()[i] << " at index " << i << " outside [" << low << ", " << high << ")");
+}
+
+// The buffers of one op call on one backend, each between two guard zones.
+class Buffers {
+ public:
+  explicit Buffers(Backend& backend) : backend_(backend) {}
+  ~Buffers() {
+    for (void* base : bases_) backend_.release(base);
+  }
+
+  Tensor input(const FloatArray& a, DType dtype) {
+    std::vector<char> converted(a.size() * dtype_size(dtype));
+    convert_host(a.data(), DType::kFloat32, converted.data(), dtype, a.size());
+    return place(converted.data(), dtype, shape_of(a));
+  }
+  Tensor input(const IntArray& a) { return place(a.data(), DType::kInt32, shape_of(a)); }
+  Tensor output(DType dtype, const std::vector<int64_t>& shape) { return place(nullptr, dtype, shape); }
+
+  FloatArray to_float(const Tensor& t) {
+    std::vector<char> raw(t.nbytes());
+    backend_.copy_to_host(raw.data(), t.data, raw.size());
+    FloatArray out(std::vector<py::ssize_t>(t.shape.begin(), t.shape.begin() + t.ndim));
+    convert_host(raw.data(), t.dtype, out.mutable_data(), DType::kFloat32, t.numel());
+    return out;
+  }
+  IntArray to_int(const Tensor& t) {
+    IntArray out(std::vector<py::ssize_t>(t.shape.begin(), t.shape.begin() + t.ndim));
+    backend_.copy_to_host(out.mutable_data(), t.data, t.nbytes());
+    return out;
+  }
+
+  // Throws if any guard byte changed.
+  void check_guards() {
+    for (size_t i = 0; i < bases_.size(); ++i) {
+      std::vector<unsigned char> guard(kGuardBytes);
+      for (size_t side = 0; side < 2; ++side) {
+        const size_t offset = side == 0 ? 0 : kGuardBytes + sizes_[i];
+        backend_.copy_to_host(guard.data(), static_cast<char*>(bases_[i]) + offset, kGuardBytes);
+        for (unsigned char byte : guard)
+          MX_CHECK(byte == kGuard, Error,
+                   backend_.name() << ": an op wrote " << (side == 0 ? "before" : "after") << " buffer " << i);
+      }
+    }
+  }
+
+ private:
+  Tensor place(const void* host, DType dtype, const std::vector<int64_t>& shape) {
+    Tensor t = make_tensor(nullptr, dtype, backend_.device(), shape);
+    const size_t bytes = t.nbytes();
+    std::vector<unsigned char> image(bytes + 2 * kGuardBytes, kGuard);
+    if (host) std::memcpy(image.data() + kGuardBytes, host, bytes);
+    else std::memset(image.data() + kGuardBytes, 0xFF, bytes);
+    void* base = backend_.allocate(image.size());
+    bases_.push_back(base);
+    sizes_.push_back(bytes);
+    backend_.copy_from_host(base, image.data(), image.size());
+    t.data = static_cast<char*>(base) + kGuardBytes;
+    return t;
+  }
+
+  Backend& backend_;
+  std::vector<void*> bases_;
+  std::vector<size_t> sizes_;
+};
+
+KvLayer kv_layer(const Tensor& k_pool, const Tensor& v_pool) {
+  MX_CHECK(k_pool.ndim == 4 && v_pool.ndim == 4 && k_pool.shape == v_pool.shape, ShapeError,
+           "Ops: k and v pools must both be [num_pages, Hkv, page_size, D]");
+  KvLayer kv;
+  kv.k = k_pool.data, kv.v = v_pool.data, kv.dtype = k_pool.dtype;
+  kv.num_pages = static_cast<int>(k_pool.shape[0]);
+  kv.page_size = static_cast<int>(k_pool.shape[2]);
+  return kv;
+}
+
+void check_pages(const IntArray& positions, const IntArray& page_table, int64_t num_pages, int64_t page_size) {
+  check_range(page_table, 0, num_pages, "page");
+  check_range(positions, 0, page_table.size() * page_size, "position");
+}
+
+class Ops {
+ public:
+  Ops(const std::string& device, const std::string& cuda_library) : backend_(make_backend(device, cuda_library)) {}
+  Backend& backend() { return *backend_; }
+
+  template <typename Fn>
+  auto run(Fn&& fn) {
+    Buffers buffers(*backend_);
+    auto result = fn(buffers);
+    backend_->synchronize();
+    buffers.check_guards();
+    return result;
+  }
+
+ private:
+  std::unique_ptr<Backend> backend_;
+};
+
+// Device buffers for timing: left uninitialised (the ops' speed does not depend on the
+// values), except the index arrays, which are uploaded.
+class TimingBuffers {
+ public:
+  explicit TimingBuffers(Backend& backend) : backend_(backend) {}
+  ~TimingBuffers() {
+    for (void* p : owned_) backend_.release(p);
+  }
+  Tensor any(DType dtype, const std::vector<int64_t>& shape) {
+    Tensor t = make_tensor(nullptr, dtype, backend_.device(), shape);
+    t.data = backend_.allocate(t.nbytes());
+    owned_.push_back(t.data);
+    return t;
+  }
+  Tensor ints(const std::vector<int32_t>& values) {
+    Tensor t = any(DType::kInt32, {static_cast<int64_t>(values.size())});
+    backend_.copy_from_host(t.data, values.data(), t.nbytes());
+    return t;
+  }
+  // Mean seconds per call of fn over `iters` calls, after one warm-up call.
+  template <typename Fn>
+  double seconds(Fn&& fn, int iters) {
+    MX_CHECK(iters >= 1, ShapeError, "iters must be >= 1");
+    fn();
+    backend_.synchronize();
+    const auto start = std::chrono::steady_clock::now();
+    for (int i = 0; i < iters; ++i) fn();
+    backend_.synchronize();
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() / iters;
+  }
+
+ private:
+  Backend& backend_;
+  std::vector<void*> owned_;
+};
+
+}  // namespace
+
+void bind_ops(py::module_& m) {
+  py::class_<Ops>(m, "Ops", "Single operations on one backend, for testing the CUDA ops against their CPU twins.")
+      .def(py::init<const std::string&, const std::string&>(), py::arg("device"), py::arg("cuda_library") = "")
+      .def("set_option", [](Ops& ops, const std::string& name, const std::string& value) {
+        ops.backend().set_option(name, value);
+      })
+      .def("embedding", [](Ops& ops, const FloatArray& table, const IntArray& ids, const std::string& dtype) {
+        check_range(ids, 0, table.shape(0), "token id");
+        return ops.run([&](Buffers& b) {
+          Tensor t = b.input(table, parse_dtype(dtype)), i = b.input(ids);
+          Tensor out = b.output(parse_dtype(dtype), {ids.shape(0), table.shape(1)});
+          ops.backend().embedding(t, i, out);
+          return b.to_float(out);
+        });
+      })
+      .def("add_rmsnorm", [](Ops& ops, const FloatArray& residual, std::optional<FloatArray> delta,
+                             const FloatArray& weight, float eps, const std::string& dtype) {
+        return ops.run([&](Buffers& b) {
+          const DType d = parse_dtype(dtype);
+          Tensor r = b.input(residual, d), w = b.input(weight, d), out = b.output(d, shape_of(residual));
+          Tensor dl = delta ? b.input(*delta, d) : Tensor();
+          ops.backend().add_rmsnorm(r, delta ? &dl : nullptr, w, eps, out);
+          return py::make_tuple(b.to_float(r), b.to_float(out));
+        });
+      })
+      .def("matmul", [](Ops& ops, const FloatArray& x, const FloatArray& w, const std::string& dtype,
+                        const std::string& out_dtype) {
+        return ops.run([&](Buffers& b) {
+          Tensor xt = b.input(x, parse_dtype(dtype)), wt = b.input(w, parse_dtype(dtype));
+          Tensor out = b.output(parse_dtype(out_dtype), {x.shape(0), w.shape(0)});
+          ops.backend().matmul(xt, wt, out);
+          return b.to_float(out);
+        });
+      })
+      .def("rope_kv_append", [](Ops& ops, const FloatArray& qkv, int heads, int kv_heads, int head_dim,
+                                const IntArray& positions, float theta, const FloatArray& k_pool,
+                                const FloatArray& v_pool, const IntArray& page_table, const std::string& dtype) {
+        check_pages(positions, page_table, k_pool.shape(0), k_pool.shape(2));
+        return ops.run([&](Buffers& b) {
+          const DType d = parse_dtype(dtype);
+          Tensor q = b.input(qkv, d), pos = b.input(positions), table = b.input(page_table);
+          Tensor k = b.input(k_pool, d), v = b.input(v_pool, d);
+          ops.backend().rope_kv_append(q, AttentionShape{heads, kv_heads, head_dim}, pos, theta, kv_layer(k, v), table);
+          return py::make_tuple(b.to_float(q), b.to_float(k), b.to_float(v));
+        });
+      })
+      .def("attention", [](Ops& ops, const FloatArray& qkv, int heads, int kv_heads, int head_dim,
+                           const IntArray& positions, const FloatArray& k_pool, const FloatArray& v_pool,
+                           const IntArray& page_table, const std::string& dtype) {
+        check_pages(positions, page_table, k_pool.shape(0), k_pool.shape(2));
+        return ops.run([&](Buffers& b) {
+          const DType d = parse_dtype(dtype);
+          Tensor q = b.input(qkv, d), pos = b.input(positions), table = b.input(page_table);
+          Tensor k = b.input(k_pool, d), v = b.input(v_pool, d);
+          Tensor out = b.output(d, {qkv.shape(0), int64_t(heads) * head_dim});
+          ops.backend().attention(q, AttentionShape{heads, kv_heads, head_dim}, pos, kv_layer(k, v), table, out);
+          return b.to_float(out);
+        });
+      })
+      .def("router_topk", [](Ops& ops, const FloatArray& logits, int k) {
+        return ops.run([&](Buffers& b) {
+          Tensor l = b.input(logits, DType::kFloat32);
+          Tensor ids = b.output(DType::kInt32, {logits.shape(0), k}), w = b.output(DType::kFloat32, {logits.shape(0), k});
+          ops.backend().router_topk(l, ids, w);
+          return py::make_tuple(b.to_int(ids), b.to_float(w));
+        });
+      })
+      .def("moe_permute", [](Ops& ops, const IntArray& expert_ids, int num_experts) {
+        check_range(expert_ids, 0, num_experts, "expert id");
+        return ops.run([&](Buffers& b) {
+          Tensor ids = b.input(expert_ids), offsets = b.output(DType::kInt32, {num_experts + 1});
+          Tensor p2e = b.output(DType::kInt32, {expert_ids.size()}), e2p = b.output(DType::kInt32, {expert_ids.size()});
+          ops.backend().moe_permute(ids, offsets, p2e, e2p);
+          return py::make_tuple(b.to_int(offsets), b.to_int(p2e), b.to_int(e2p));
+        });
+      })
+      .def("moe_gather", [](Ops& ops, const FloatArray& x, const IntArray& permuted_to_expanded, int k,
+                            const std::string& dtype) {
+        check_range(permuted_to_expanded, 0, x.shape(0) * int64_t(k), "expanded row");
+        return ops.run([&](Buffers& b) {
+          Tensor xt = b.input(x, parse_dtype(dtype)), p2e = b.input(permuted_to_expanded);
+          Tensor out = b.output(parse_dtype(dtype), {permuted_to_expanded.size(), x.shape(1)});
+          ops.backend().moe_gather(xt, p2e, k, out);
+          return b.to_float(out);
+        });
+      })
+      .def("expert_matmul", [](Ops& ops, const FloatArray& x, const FloatArray& w, const IntArray& offsets,
+                               const std::string& dtype, const std::string& out_dtype) {
+        return ops.run([&](Buffers& b) {
+          Tensor xt = b.input(x, parse_dtype(dtype)), wt = b.input(w, parse_dtype(dtype)), off = b.input(offsets);
+          Tensor out = b.output(parse_dtype(out_dtype), {x.shape(0), w.shape(1)});
+          ops.backend().expert_matmul(xt, wt, off, out);
+          return b.to_float(out);
+        });
+      })
+      .def("silu_mul", [](Ops& ops, const FloatArray& gate_up, const std::string& dtype) {
+        return ops.run([&](Buffers& b) {
+          Tensor g = b.input(gate_up, parse_dtype(dtype));
+          Tensor out = b.output(parse_dtype(dtype), {gate_up.shape(0), gate_up.shape(1) / 2});
+          ops.backend().silu_mul(g, out);
+          return b.to_float(out);
+        });
+      })
+      // ---- timing: mean seconds per call, inputs of the given sizes left uninitialised ----
+      .def("time_matmul", [](Ops& ops, int64_t m, int64_t n, int64_t k, const std::string& dtype,
+                             const std::string& out_dtype, int iters) {
+        TimingBuffers b(ops.backend());
+        Tensor x = b.any(parse_dtype(dtype), {m, k}), w = b.any(parse_dtype(dtype), {n, k});
+        Tensor out = b.any(parse_dtype(out_dtype), {m, n});
+        return b.seconds([&] { ops.backend().matmul(x, w, out); }, iters);
+      })
+      .def("time_expert_matmul", [](Ops& ops, const std::vector<int32_t>& rows_per_expert, int64_t n, int64_t k,
+                                    const std::string& dtype, int iters) {
+        TimingBuffers b(ops.backend());
+        std::vector<int32_t> offsets{0};
+        for (int32_t rows : rows_per_expert) offsets.push_back(offsets.back() + rows);
+        const int64_t experts = static_cast<int64_t>(rows_per_expert.size());
+        Tensor x = b.any(parse_dtype(dtype), {offsets.back(), k}), w = b.any(parse_dtype(dtype), {experts, n, k});
+        Tensor out = b.any(parse_dtype(dtype), {offsets.back(), n}), off = b.ints(offsets);
+        return b.seconds([&] { ops.backend().expert_matmul(x, w, off, out); }, iters);
+      })
+      .def("time_attention", [](Ops& ops, int64_t tokens, int64_t context, int heads, int kv_heads, int head_dim,
+                                int page_size, const std::string& dtype, int iters) {
+        MX_CHECK(tokens >= 1 && context >= tokens, ShapeError, "time_attention: need 1 <= tokens <= context");
+        TimingBuffers b(ops.backend());
+        const DType d = parse_dtype(dtype);
+        const int64_t pages = (context + page_size - 1) / page_size;
+        std::vector<int32_t> positions(tokens), table(pages);
+        for (int64_t t = 0; t < tokens; ++t) positions[t] = static_cast<int32_t>(context - tokens + t);
+        for (int64_t p = 0; p < pages; ++p) table[p] = static_cast<int32_t>(p);
+        Tensor qkv = b.any(d, {tokens, int64_t(heads + 2 * kv_heads) * head_dim});
+        Tensor k = b.any(d, {pages, kv_heads, page_size, head_dim}), v = b.any(d, {pages, kv_heads, page_size, head_dim});
+        Tensor out = b.any(d, {tokens, int64_t(heads) * head_dim}), pos = b.ints(positions), pt = b.ints(table);
+        const AttentionShape shape{heads, kv_heads, head_dim};
+        const KvLayer kv = kv_layer(k, v);
+        return b.seconds([&] { ops.backend().attention(qkv, shape, pos, kv, pt, out); }, iters);
+      })
+      .def("moe_unpermute", [](Ops& ops, const FloatArray& y, const IntArray& expanded_to_permuted,
+                               const FloatArray& weights, const std::string& dtype) {
+        check_range(expanded_to_permuted, 0, y.shape(0), "permuted row");
+        return ops.run([&](Buffers& b) {
+          Tensor yt = b.input(y, parse_dtype(dtype)), e2p = b.input(expanded_to_permuted);
+          Tensor w = b.input(weights, DType::kFloat32);
+          Tensor out = b.output(parse_dtype(dtype), {weights.shape(0), y.shape(1)});
+          ops.backend().moe_unpermute(yt, e2p, w, out);
+          return b.to_float(out);
+        });
+      });
+}
+
+}  // namespace mixtral

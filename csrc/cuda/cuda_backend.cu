@@ -1,0 +1,292 @@
+// The CUDA backend's operations (see cuda/cuda_backend.cuh): argument checks
+// shared with the CPU backend (core/op_checks), kernels from cuda/kernels.cu,
+// and the cuBLAS calls. cuBLAS is column-major: a row-major out[M, N] =
+// x[M, K] @ w[N, K]^T is the column-major out^T[N, M] = w^T[N, K] x^T[K, M],
+// i.e. cublasGemmEx(OP_T, OP_N, m=N, n=M, k=K, A=w, lda=K, B=x, ldb=K, C=out, ldc=N).
+#include "cuda/cuda_backend.cuh"
+
+#include <algorithm>
+
+#include "core/op_checks.h"
+#include "cuda/kernels.cuh"
+
+namespace mixtral::cuda {
+
+namespace {
+
+cudaDataType_t cuda_type(DType dtype) {
+  switch (dtype) {
+    case DType::kFloat32: return CUDA_R_32F;
+    case DType::kBFloat16: return CUDA_R_16BF;
+    case DType::kFloat16: return CUDA_R_16F;
+    default: throw ShapeError(std::string("cuBLAS: unsupported dtype ") + dtype_name(dtype));
+  }
+}
+
+void check_same_dtype(const char* op, const Tensor& a, const Tensor& b) {
+  MX_CHECK(a.dtype == b.dtype, ShapeError,
+           op << ": the CUDA backend needs one dtype, got " << dtype_name(a.dtype) << " and " << dtype_name(b.dtype));
+}
+
+const float kOne = 1.0f, kZero = 0.0f;
+
+}  // namespace
+
+CudaBackend::CudaBackend(int device) : runtime_(device) {}
+
+CudaBackend::~CudaBackend() {
+  if (pointers_) cudaFree(pointers_);
+}
+
+void CudaBackend::set_option(const std::string& name, const std::string& value) {
+  MX_CHECK(name == "expert_gemm", Error, "cuda backend: unknown option '" << name << "'");
+  if (value == "auto") expert_path_ = ExpertGemmPath::kAuto;
+  else if (value == "per_expert") expert_path_ = ExpertGemmPath::kPerExpert;
+  else if (value == "batched") expert_path_ = ExpertGemmPath::kBatched;
+  else if (value == "grouped") expert_path_ = ExpertGemmPath::kGrouped;
+  else throw Error("expert_gemm must be auto, per_expert, batched or grouped, got '" + value + "'");
+}
+
+// ---- memory --------------------------------------------------------------------------
+
+void* CudaBackend::allocate(size_t bytes) {
+  void* ptr = nullptr;
+  const cudaError_t status = cudaMalloc(&ptr, std::max<size_t>(bytes, 1));
+  if (status != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky-free error so the device stays usable
+    size_t free_bytes = 0, total_bytes = 0;
+    cudaMemGetInfo(&free_bytes, &total_bytes);
+    std::ostringstream message;
+    message << "cuda: out of memory allocating " << bytes << " bytes (" << free_bytes << " of " << total_bytes
+            << " free): " << cudaGetErrorString(status);
+    throw DeviceOutOfMemoryError(message.str());
+  }
+  return ptr;
+}
+
+void CudaBackend::release(void* ptr) {
+  if (ptr) cudaFree(ptr);
+}
+
+void CudaBackend::copy_from_host(void* dst, const void* host_src, size_t bytes) {
+  runtime_.upload(dst, host_src, bytes);
+}
+
+void CudaBackend::copy_to_host(void* host_dst, const void* src, size_t bytes) {
+  runtime_.download(host_dst, src, bytes);
+}
+
+void CudaBackend::synchronize() { CUDA_CHECK(cudaStreamSynchronize(runtime_.stream())); }
+
+// ---- dense --------------------------------------------------------------------------------
+
+void CudaBackend::embedding(const Tensor& table, const Tensor& ids, Tensor& out) {
+  check_embedding(table, ids, out);
+  check_same_dtype("embedding", table, out);
+  dispatch_device_float(out.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    launch_embedding(table.ptr<const T>(), ids.ptr<const int32_t>(), out.ptr<T>(), ids.shape[0], table.shape[1],
+                     runtime_.stream());
+  });
+}
+
+void CudaBackend::add_rmsnorm(Tensor& residual, const Tensor* delta, const Tensor& weight, float eps, Tensor& out) {
+  check_add_rmsnorm(residual, delta, weight, out);
+  check_same_dtype("add_rmsnorm", residual, out);
+  check_same_dtype("add_rmsnorm", residual, weight);
+  if (delta) check_same_dtype("add_rmsnorm", residual, *delta);
+  dispatch_device_float(out.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    launch_add_rmsnorm(residual.ptr<T>(), delta ? delta->ptr<const T>() : nullptr, weight.ptr<const T>(), eps,
+                       out.ptr<T>(), residual.shape[0], residual.shape[1], runtime_.stream());
+  });
+}
+
+void CudaBackend::gemm(const void* x, DType x_dtype, const void* w, DType w_dtype, void* out, DType out_dtype,
+                       int64_t m, int64_t n, int64_t k) {
+  if (m == 0 || n == 0) return;
+  MX_CHECK(x_dtype == w_dtype, ShapeError,
+           "matmul: cuBLAS needs x and w of one dtype, got " << dtype_name(x_dtype) << " and " << dtype_name(w_dtype));
+  CUBLAS_CHECK(cublasGemmEx(runtime_.cublas(), CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(n), static_cast<int>(m),
+                            static_cast<int>(k), &kOne, w, cuda_type(w_dtype), static_cast<int>(k), x,
+                            cuda_type(x_dtype), static_cast<int>(k), &kZero, out, cuda_type(out_dtype),
+                            static_cast<int>(n), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+void CudaBackend::matmul(const Tensor& x, const Tensor& w, Tensor& out) {
+  check_matmul(x, w, out);
+  gemm(x.data, x.dtype, w.data, w.dtype, out.data, out.dtype, x.shape[0], w.shape[0], x.shape[1]);
+}
+
+// ---- attention ------------------------------------------------------------------------------
+
+void CudaBackend::rope_kv_append(Tensor& qkv, const AttentionShape& shape, const Tensor& positions, float rope_theta,
+                                 const KvLayer& kv, const Tensor& page_table) {
+  check_attention(qkv, shape, positions, kv, page_table, nullptr);
+  MX_CHECK(qkv.dtype == kv.dtype, ShapeError, "rope_kv_append: the CUDA backend needs qkv and cache of one dtype");
+  dispatch_device_float(qkv.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    launch_rope_kv_append(qkv.ptr<T>(), qkv.shape[0], qkv.shape[1], shape, positions.ptr<const int32_t>(), rope_theta,
+                          static_cast<T*>(kv.k), static_cast<T*>(kv.v), page_table.ptr<const int32_t>(),
+                          kv.page_size, runtime_.stream());
+  });
+}
+
+void CudaBackend::attention(const Tensor& qkv, const AttentionShape& shape, const Tensor& positions, const KvLayer& kv,
+                            const Tensor& page_table, Tensor& out) {
+  check_attention(qkv, shape, positions, kv, page_table, &out);
+  MX_CHECK(qkv.dtype == kv.dtype && qkv.dtype == out.dtype, ShapeError,
+           "attention: the CUDA backend needs qkv, cache and out of one dtype");
+  dispatch_device_float(qkv.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    launch_attention(qkv.ptr<const T>(), qkv.shape[0], qkv.shape[1], shape, positions.ptr<const int32_t>(),
+                     static_cast<const T*>(kv.k), static_cast<const T*>(kv.v), page_table.ptr<const int32_t>(),
+                     kv.page_size, out.ptr<T>(), runtime_.stream());
+  });
+}
+
+// ---- mixture of experts ---------------------------------------------------------------------
+
+void CudaBackend::router_topk(const Tensor& logits, Tensor& expert_ids, Tensor& weights) {
+  check_router_topk(logits, expert_ids, weights);
+  launch_router_topk(logits.ptr<const float>(), logits.shape[0], static_cast<int>(logits.shape[1]),
+                     static_cast<int>(expert_ids.shape[1]), expert_ids.ptr<int32_t>(), weights.ptr<float>(),
+                     runtime_.stream());
+}
+
+void CudaBackend::moe_permute(const Tensor& expert_ids, Tensor& expert_offsets, Tensor& permuted_to_expanded,
+                              Tensor& expanded_to_permuted) {
+  check_moe_permute(expert_ids, expert_offsets, permuted_to_expanded, expanded_to_permuted);
+  launch_moe_permute(expert_ids.ptr<const int32_t>(), expert_ids.numel(), static_cast<int>(expert_offsets.shape[0] - 1),
+                     expert_offsets.ptr<int32_t>(), permuted_to_expanded.ptr<int32_t>(),
+                     expanded_to_permuted.ptr<int32_t>(), runtime_.stream());
+}
+
+void CudaBackend::moe_gather(const Tensor& x, const Tensor& permuted_to_expanded, int k, Tensor& out) {
+  check_moe_gather(x, permuted_to_expanded, k, out);
+  check_same_dtype("moe_gather", x, out);
+  dispatch_device_float(x.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    launch_moe_gather(x.ptr<const T>(), permuted_to_expanded.ptr<const int32_t>(), k, out.ptr<T>(), out.shape[0],
+                      x.shape[1], runtime_.stream());
+  });
+}
+
+std::vector<int32_t> CudaBackend::offsets_on_host(const Tensor& expert_offsets) {
+  std::vector<int32_t> offsets(expert_offsets.shape[0]);
+  runtime_.download(offsets.data(), expert_offsets.data, offsets.size() * sizeof(int32_t));
+  return offsets;
+}
+
+void** CudaBackend::pointer_arrays(int64_t rows) {
+  if (rows > pointer_capacity_) {
+    if (pointers_) CUDA_CHECK(cudaFree(pointers_));
+    pointers_ = nullptr;
+    pointer_capacity_ = std::max<int64_t>(rows, 4096);
+    pointers_ = static_cast<void**>(allocate(3 * pointer_capacity_ * sizeof(void*)));
+  }
+  return pointers_;
+}
+
+void CudaBackend::expert_gemm_per_expert(const Tensor& x, const Tensor& w, const std::vector<int32_t>& offsets,
+                                         Tensor& out) {
+  const int64_t N = w.shape[1], K = w.shape[2];
+  for (size_t e = 0; e + 1 < offsets.size(); ++e) {
+    const int64_t begin = offsets[e], count = offsets[e + 1] - begin;
+    if (count == 0) continue;
+    gemm(x.rows(begin, count).data, x.dtype, static_cast<const char*>(w.data) + e * N * K * dtype_size(w.dtype),
+         w.dtype, out.rows(begin, count).data, out.dtype, count, N, K);
+  }
+}
+
+void CudaBackend::expert_gemm_batched(const Tensor& x, const Tensor& w, const Tensor& expert_offsets, Tensor& out) {
+  const int64_t R = x.shape[0], N = w.shape[1], K = w.shape[2];
+  if (R == 0) return;
+  MX_CHECK(x.dtype == w.dtype, ShapeError, "expert_matmul: cuBLAS needs x and w of one dtype");
+  void** arrays = pointer_arrays(R);
+  const void** a = const_cast<const void**>(arrays);
+  const void** b = a + R;
+  void** c = arrays + 2 * R;
+  launch_expert_pointers(expert_offsets.ptr<const int32_t>(), static_cast<int>(w.shape[0]), R, x.data, w.data,
+                         out.data, N, K, dtype_size(x.dtype), dtype_size(out.dtype), a, b, c, runtime_.stream());
+  CUBLAS_CHECK(cublasGemmBatchedEx(runtime_.cublas(), CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(N), 1,
+                                   static_cast<int>(K), &kOne, a, cuda_type(w.dtype), static_cast<int>(K), b,
+                                   cuda_type(x.dtype), static_cast<int>(K), &kZero, c, cuda_type(out.dtype),
+                                   static_cast<int>(N), static_cast<int>(R), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+void CudaBackend::expert_gemm_grouped(const Tensor& x, const Tensor& w, const std::vector<int32_t>& offsets,
+                                      Tensor& out) {
+  const int64_t N = w.shape[1], K = w.shape[2];
+  MX_CHECK(x.dtype == w.dtype && x.dtype == out.dtype, ShapeError,
+           "expert_matmul: the grouped cuBLAS path needs x, w and out of one dtype");
+  std::vector<int> m, n, k, lda, ldb, ldc, group_size;
+  std::vector<cublasOperation_t> trans_a, trans_b;
+  std::vector<float> alpha, beta;
+  host_pointers_.clear();
+  std::vector<const void*> b_host;
+  std::vector<void*> c_host;
+  for (size_t e = 0; e + 1 < offsets.size(); ++e) {
+    const int64_t begin = offsets[e], count = offsets[e + 1] - begin;
+    if (count == 0) continue;
+    trans_a.push_back(CUBLAS_OP_T), trans_b.push_back(CUBLAS_OP_N);
+    m.push_back(static_cast<int>(N)), n.push_back(static_cast<int>(count)), k.push_back(static_cast<int>(K));
+    lda.push_back(static_cast<int>(K)), ldb.push_back(static_cast<int>(K)), ldc.push_back(static_cast<int>(N));
+    group_size.push_back(1), alpha.push_back(1.0f), beta.push_back(0.0f);
+    host_pointers_.push_back(static_cast<const char*>(w.data) + e * N * K * dtype_size(w.dtype));
+    b_host.push_back(x.rows(begin, count).data);
+    c_host.push_back(out.rows(begin, count).data);
+  }
+  const int groups = static_cast<int>(m.size());
+  if (groups == 0) return;
+  void** arrays = pointer_arrays(groups);
+  const void** a = const_cast<const void**>(arrays);
+  const void** b = a + groups;
+  void** c = arrays + 2 * groups;
+  host_pointers_.insert(host_pointers_.end(), b_host.begin(), b_host.end());
+  host_pointers_.insert(host_pointers_.end(), c_host.begin(), c_host.end());
+  runtime_.upload(arrays, host_pointers_.data(), host_pointers_.size() * sizeof(void*));
+  CUBLAS_CHECK(cublasGemmGroupedBatchedEx(runtime_.cublas(), trans_a.data(), trans_b.data(), m.data(), n.data(),
+                                          k.data(), alpha.data(), a, cuda_type(w.dtype), lda.data(), b,
+                                          cuda_type(x.dtype), ldb.data(), beta.data(), c, cuda_type(out.dtype),
+                                          ldc.data(), groups, group_size.data(), CUBLAS_COMPUTE_32F));
+}
+
+void CudaBackend::expert_matmul(const Tensor& x, const Tensor& w, const Tensor& expert_offsets, Tensor& out) {
+  check_expert_matmul(x, w, expert_offsets, out);
+  ExpertGemmPath path = expert_path_;
+  if (path == ExpertGemmPath::kAuto)
+    path = x.shape[0] <= kBatchedMaxRows ? ExpertGemmPath::kBatched : ExpertGemmPath::kPerExpert;
+  if (path == ExpertGemmPath::kBatched) return expert_gemm_batched(x, w, expert_offsets, out);
+  const std::vector<int32_t> offsets = offsets_on_host(expert_offsets);
+  MX_CHECK(offsets.front() == 0 && offsets.back() == x.shape[0], ShapeError,
+           "expert_matmul: offsets must span [0, " << x.shape[0] << "], got [" << offsets.front() << ", "
+                                                   << offsets.back() << "]");
+  for (size_t e = 0; e + 1 < offsets.size(); ++e)
+    MX_CHECK(offsets[e] <= offsets[e + 1], ShapeError, "expert_matmul: offsets must not decrease");
+  if (path == ExpertGemmPath::kGrouped) return expert_gemm_grouped(x, w, offsets, out);
+  expert_gemm_per_expert(x, w, offsets, out);
+}
+
+void CudaBackend::silu_mul(const Tensor& gate_up, Tensor& out) {
+  check_silu_mul(gate_up, out);
+  check_same_dtype("silu_mul", gate_up, out);
+  dispatch_device_float(out.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    launch_silu_mul(gate_up.ptr<const T>(), out.ptr<T>(), out.shape[0], out.shape[1], runtime_.stream());
+  });
+}
+
+void CudaBackend::moe_unpermute(const Tensor& y, const Tensor& expanded_to_permuted, const Tensor& weights,
+                                Tensor& out) {
+  check_moe_unpermute(y, expanded_to_permuted, weights, out);
+  check_same_dtype("moe_unpermute", y, out);
+  dispatch_device_float(out.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    launch_moe_unpermute(y.ptr<const T>(), expanded_to_permuted.ptr<const int32_t>(), weights.ptr<const float>(),
+                         out.ptr<T>(), weights.shape[0], static_cast<int>(weights.shape[1]), y.shape[1],
+                         runtime_.stream());
+  });
+}
+
+}  // namespace mixtral::cuda

@@ -1,0 +1,75 @@
+// The CUDA backend: every operation of core/backend.h on one GPU. Hand-written
+// kernels (cuda/kernels.cu) for the element-wise, attention, routing and
+// permutation steps; cuBLAS for the dense projections (cublasGemmEx, float32
+// accumulation) and for the expert GEMMs, by one of three paths:
+//   per_expert  one cublasGemmEx per expert with rows (expert offsets read on the host)
+//   batched     cublasGemmBatchedEx, one 1-row GEMM per permuted row, with device pointer
+//               arrays written by a kernel from the offsets (no host sync, graph-capturable)
+//   grouped     cublasGemmGroupedBatchedEx, one group per expert with rows (offsets on the host)
+// "auto" picks batched up to kBatchedMaxRows rows (decode) and per_expert above
+// (prefill), the fastest paths the H200 measurements in DESIGN.md found.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/backend.h"
+#include "cuda/runtime.cuh"
+
+namespace mixtral::cuda {
+
+enum class ExpertGemmPath { kAuto, kPerExpert, kBatched, kGrouped };
+
+class CudaBackend final : public Backend {
+ public:
+  explicit CudaBackend(int device);
+  ~CudaBackend() override;
+
+  Device device() const override { return Device::kCuda; }
+  std::string name() const override { return "cuda"; }
+  void set_option(const std::string& name, const std::string& value) override;
+
+  void* allocate(size_t bytes) override;
+  void release(void* ptr) override;
+  void copy_from_host(void* dst, const void* host_src, size_t bytes) override;
+  void copy_to_host(void* host_dst, const void* src, size_t bytes) override;
+  void synchronize() override;
+
+  void embedding(const Tensor& table, const Tensor& ids, Tensor& out) override;
+  void add_rmsnorm(Tensor& residual, const Tensor* delta, const Tensor& weight, float eps, Tensor& out) override;
+  void matmul(const Tensor& x, const Tensor& w, Tensor& out) override;
+  void rope_kv_append(Tensor& qkv, const AttentionShape& shape, const Tensor& positions, float rope_theta,
+                      const KvLayer& kv, const Tensor& page_table) override;
+  void attention(const Tensor& qkv, const AttentionShape& shape, const Tensor& positions, const KvLayer& kv,
+                 const Tensor& page_table, Tensor& out) override;
+  void router_topk(const Tensor& logits, Tensor& expert_ids, Tensor& weights) override;
+  void moe_permute(const Tensor& expert_ids, Tensor& expert_offsets, Tensor& permuted_to_expanded,
+                   Tensor& expanded_to_permuted) override;
+  void moe_gather(const Tensor& x, const Tensor& permuted_to_expanded, int k, Tensor& out) override;
+  void expert_matmul(const Tensor& x, const Tensor& w, const Tensor& expert_offsets, Tensor& out) override;
+  void silu_mul(const Tensor& gate_up, Tensor& out) override;
+  void moe_unpermute(const Tensor& y, const Tensor& expanded_to_permuted, const Tensor& weights,
+                     Tensor& out) override;
+
+  static constexpr int64_t kBatchedMaxRows = 16;
+
+ private:
+  // out[M, N] = x[M, K] @ w^T for row-major w with leading dimension K (one cublasGemmEx).
+  void gemm(const void* x, DType x_dtype, const void* w, DType w_dtype, void* out, DType out_dtype, int64_t m,
+            int64_t n, int64_t k);
+  void expert_gemm_per_expert(const Tensor& x, const Tensor& w, const std::vector<int32_t>& offsets, Tensor& out);
+  void expert_gemm_batched(const Tensor& x, const Tensor& w, const Tensor& expert_offsets, Tensor& out);
+  void expert_gemm_grouped(const Tensor& x, const Tensor& w, const std::vector<int32_t>& offsets, Tensor& out);
+  std::vector<int32_t> offsets_on_host(const Tensor& expert_offsets);
+  // Device arrays of 3 * rows pointers for the batched and grouped paths, grown rarely.
+  void** pointer_arrays(int64_t rows);
+
+  Runtime runtime_;
+  ExpertGemmPath expert_path_ = ExpertGemmPath::kAuto;
+  void** pointers_ = nullptr;
+  int64_t pointer_capacity_ = 0;
+  std::vector<const void*> host_pointers_;  // the grouped path's arrays before their upload
+};
+
+}  // namespace mixtral::cuda

@@ -1,0 +1,406 @@
+// The hand-written CUDA kernels of the model (launchers declared in
+// cuda/kernels.cuh; layouts in core/backend.h). Every kernel widens its
+// inputs to float, accumulates in float and rounds once when it stores, as
+// the CPU twins in csrc/cpu/cpu_backend.cpp do.
+#include <algorithm>
+#include <cfloat>
+
+#include "cuda/cuda_check.cuh"
+#include "cuda/kernels.cuh"
+
+namespace mixtral::cuda {
+
+namespace {
+
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_f32(float v);
+template <>
+__device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <>
+__device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int offset = 16; offset > 0; offset /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
+__device__ float block_sum(float v) {
+  __shared__ float partial[32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  v = warp_sum(v);
+  __syncthreads();  // partial[] may still be read by a previous call
+  if (lane == 0) partial[warp] = v;
+  __syncthreads();
+  v = lane < warps ? partial[lane] : 0.0f;
+  return warp_sum(v);
+}
+
+unsigned blocks_for(int64_t items, int threads) { return static_cast<unsigned>((items + threads - 1) / threads); }
+
+// ---- embedding, norm ------------------------------------------------------------
+
+template <typename T>
+__global__ void embedding_kernel(const T* table, const int32_t* ids, T* out, int64_t hidden) {
+  const T* src = table + int64_t(ids[blockIdx.x]) * hidden;
+  T* dst = out + int64_t(blockIdx.x) * hidden;
+  for (int64_t i = threadIdx.x; i < hidden; i += blockDim.x) dst[i] = src[i];
+}
+
+template <typename T>
+__global__ void add_rmsnorm_kernel(T* residual, const T* delta, const T* weight, float eps, T* out,
+                                   int64_t hidden) {
+  T* row = residual + int64_t(blockIdx.x) * hidden;
+  float sum_sq = 0.0f;
+  for (int64_t i = threadIdx.x; i < hidden; i += blockDim.x) {
+    float v = to_f32(row[i]);
+    if (delta) {
+      const T stored = from_f32<T>(v + to_f32(delta[int64_t(blockIdx.x) * hidden + i]));
+      row[i] = stored;
+      v = to_f32(stored);  // the norm reads the residual as stored
+    }
+    sum_sq += v * v;
+  }
+  const float inv_rms = 1.0f / sqrtf(block_sum(sum_sq) / static_cast<float>(hidden) + eps);
+  T* out_row = out + int64_t(blockIdx.x) * hidden;
+  for (int64_t i = threadIdx.x; i < hidden; i += blockDim.x)
+    out_row[i] = from_f32<T>(to_f32(row[i]) * inv_rms * to_f32(weight[i]));
+}
+
+// ---- attention ------------------------------------------------------------------
+
+// grid (tokens, Hq + 2 Hkv): the q and k heads are rotated in place, the k and v heads
+// are written to cache row pos % page_size of page page_table[pos / page_size].
+template <typename T>
+__global__ void rope_kv_append_kernel(T* qkv, int64_t width, int q_heads, int kv_heads, int head_dim,
+                                      const int32_t* positions, float rope_theta, T* k_pool, T* v_pool,
+                                      const int32_t* page_table, int page_size) {
+  const int64_t t = blockIdx.x;
+  const int head = blockIdx.y, half = head_dim / 2;
+  const int32_t pos = positions[t];
+  T* x = qkv + t * width + int64_t(head) * head_dim;
+  const bool rotated = head < q_heads + kv_heads;
+  if (rotated) {
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+      const float inv_freq = static_cast<float>(1.0 / pow(static_cast<double>(rope_theta), (2.0 * i) / head_dim));
+      const float angle = static_cast<float>(pos) * inv_freq;
+      const float c = cosf(angle), s = sinf(angle);
+      const float x1 = to_f32(x[i]), x2 = to_f32(x[i + half]);
+      x[i] = from_f32<T>(x1 * c - x2 * s);
+      x[i + half] = from_f32<T>(x2 * c + x1 * s);
+    }
+  }
+  if (head < q_heads) return;
+  __syncthreads();  // the rotated k is read back by other threads below
+  const bool is_k = rotated;
+  const int g = is_k ? head - q_heads : head - q_heads - kv_heads;
+  const int64_t page = page_table[pos / page_size];
+  T* dst = (is_k ? k_pool : v_pool) + ((page * kv_heads + g) * page_size + pos % page_size) * head_dim;
+  for (int i = threadIdx.x; i < head_dim; i += blockDim.x) dst[i] = x[i];
+}
+
+constexpr int kTile = 32;  // cache positions per shared-memory tile: one per lane
+
+// grid (tokens, Hkv), block (group * 32): warp w computes query head g * group + w with an
+// online softmax over tiles of 32 cache positions; K and V tiles are shared by the group.
+// kChunks = ceil(head_dim / 32) output elements per lane.
+template <typename T, int kChunks>
+__global__ void attention_kernel(const T* qkv, int64_t width, int q_heads, int kv_heads, int head_dim,
+                                 const int32_t* positions, const T* k_pool, const T* v_pool,
+                                 const int32_t* page_table, int page_size, float scale, T* out) {
+  extern __shared__ float shared[];
+  const int group = q_heads / kv_heads;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t t = blockIdx.x;
+  const int g = blockIdx.y, head = g * group + warp;
+  const int k_stride = head_dim + 1;  // padding: lanes read different rows without bank conflicts
+  float* q_shared = shared;                                    // [group][head_dim]
+  float* k_tile = q_shared + group * head_dim;                 // [kTile][head_dim + 1]
+  float* v_tile = k_tile + kTile * k_stride;                   // [kTile][head_dim]
+  const T* q = qkv + t * width + int64_t(head) * head_dim;
+  for (int i = lane; i < head_dim; i += 32) q_shared[warp * head_dim + i] = to_f32(q[i]) * scale;
+
+  const int64_t length = int64_t(positions[t]) + 1;
+  float running_max = -FLT_MAX, denom = 0.0f, acc[kChunks];
+  for (int c = 0; c < kChunks; ++c) acc[c] = 0.0f;
+  for (int64_t start = 0; start < length; start += kTile) {
+    __syncthreads();  // the previous tile is no longer read (and q_shared is written)
+    for (int idx = threadIdx.x; idx < kTile * head_dim; idx += blockDim.x) {
+      const int p = idx / head_dim, i = idx % head_dim;
+      const int64_t pos = start + p;
+      if (pos < length) {
+        const int64_t page = page_table[pos / page_size];
+        const int64_t offset = ((page * kv_heads + g) * page_size + pos % page_size) * head_dim + i;
+        k_tile[p * k_stride + i] = to_f32(k_pool[offset]);
+        v_tile[p * head_dim + i] = to_f32(v_pool[offset]);
+      }
+    }
+    __syncthreads();
+    const bool valid = start + lane < length;
+    float score = -FLT_MAX;
+    if (valid) {
+      score = 0.0f;
+      for (int i = 0; i < head_dim; ++i) score += q_shared[warp * head_dim + i] * k_tile[lane * k_stride + i];
+    }
+    const float new_max = fmaxf(running_max, warp_max(score));
+    const float p = valid ? expf(score - new_max) : 0.0f;
+    const float correction = expf(running_max - new_max);
+    denom = denom * correction + warp_sum(p);
+    for (int c = 0; c < kChunks; ++c) acc[c] *= correction;
+    const int tile_rows = static_cast<int>(length - start < kTile ? length - start : kTile);
+    for (int j = 0; j < tile_rows; ++j) {
+      const float pj = __shfl_sync(0xffffffffu, p, j);
+      for (int c = 0; c < kChunks; ++c) {
+        const int i = lane + 32 * c;
+        if (i < head_dim) acc[c] += pj * v_tile[j * head_dim + i];
+      }
+    }
+    running_max = new_max;
+  }
+  T* o = out + t * int64_t(q_heads) * head_dim + int64_t(head) * head_dim;
+  for (int c = 0; c < kChunks; ++c) {
+    const int i = lane + 32 * c;
+    if (i < head_dim) o[i] = from_f32<T>(acc[c] / denom);
+  }
+}
+
+// ---- mixture of experts ---------------------------------------------------------------
+
+__global__ void router_topk_kernel(const float* logits, int64_t tokens, int num_experts, int k,
+                                   int32_t* expert_ids, float* weights) {
+  const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (t >= tokens) return;
+  const float* row = logits + t * num_experts;
+  float max_logit = row[0];
+  for (int e = 1; e < num_experts; ++e) max_logit = fmaxf(max_logit, row[e]);
+  float denom = 0.0f;
+  for (int e = 0; e < num_experts; ++e) denom += expf(row[e] - max_logit);
+  int32_t* ids = expert_ids + t * k;
+  float* w = weights + t * k;
+  float chosen_sum = 0.0f;
+  for (int j = 0; j < k; ++j) {
+    int best = -1;
+    float best_prob = 0.0f;
+    for (int e = 0; e < num_experts; ++e) {
+      bool taken = false;
+      for (int i = 0; i < j; ++i) taken |= ids[i] == e;
+      const float prob = expf(row[e] - max_logit) / denom;
+      if (!taken && (best < 0 || prob > best_prob)) best = e, best_prob = prob;
+    }
+    ids[j] = best;
+    chosen_sum += (w[j] = best_prob);
+  }
+  for (int j = 0; j < k; ++j) w[j] /= chosen_sum;
+}
+
+// One block; warp e (looping over experts) scans the rows in order, 32 at a time, and
+// places its expert's rows with a ballot, so the order within an expert is the row order.
+__global__ void moe_permute_kernel(const int32_t* expert_ids, int64_t rows, int num_experts, int32_t* offsets,
+                                   int32_t* permuted_to_expanded, int32_t* expanded_to_permuted) {
+  extern __shared__ int32_t counts[];  // [num_experts + 1]
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  for (int e = warp; e < num_experts; e += warps) {
+    int32_t count = 0;
+    for (int64_t base = 0; base < rows; base += 32) {
+      const bool mine = base + lane < rows && expert_ids[base + lane] == e;
+      count += __popc(__ballot_sync(0xffffffffu, mine));
+    }
+    if (lane == 0) counts[e + 1] = count;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    counts[0] = 0;
+    for (int e = 0; e < num_experts; ++e) counts[e + 1] += counts[e];
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e <= num_experts; e += blockDim.x) offsets[e] = counts[e];
+  for (int e = warp; e < num_experts; e += warps) {
+    int32_t next = counts[e];
+    for (int64_t base = 0; base < rows; base += 32) {
+      const bool mine = base + lane < rows && expert_ids[base + lane] == e;
+      const unsigned ballot = __ballot_sync(0xffffffffu, mine);
+      if (mine) {
+        const int32_t r = next + __popc(ballot & ((1u << lane) - 1));
+        permuted_to_expanded[r] = static_cast<int32_t>(base + lane);
+        expanded_to_permuted[base + lane] = r;
+      }
+      next += __popc(ballot);
+    }
+  }
+}
+
+template <typename T>
+__global__ void moe_gather_kernel(const T* x, const int32_t* permuted_to_expanded, int k, T* out, int64_t hidden) {
+  const T* src = x + int64_t(permuted_to_expanded[blockIdx.x] / k) * hidden;
+  T* dst = out + int64_t(blockIdx.x) * hidden;
+  for (int64_t i = threadIdx.x; i < hidden; i += blockDim.x) dst[i] = src[i];
+}
+
+template <typename T>
+__global__ void silu_mul_kernel(const T* gate_up, T* out, int64_t rows, int64_t width) {
+  const int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (idx >= rows * width) return;
+  const int64_t r = idx / width, i = idx % width;
+  const float gate = to_f32(gate_up[r * 2 * width + i]), up = to_f32(gate_up[r * 2 * width + width + i]);
+  out[idx] = from_f32<T>(gate / (1.0f + expf(-gate)) * up);
+}
+
+template <typename T>
+__global__ void moe_unpermute_kernel(const T* y, const int32_t* expanded_to_permuted, const float* weights, T* out,
+                                     int k, int64_t hidden) {
+  const int64_t t = blockIdx.x;
+  for (int64_t i = threadIdx.x; i < hidden; i += blockDim.x) {
+    float sum = 0.0f;
+    for (int j = 0; j < k; ++j)
+      sum += weights[t * k + j] * to_f32(y[int64_t(expanded_to_permuted[t * k + j]) * hidden + i]);
+    out[t * hidden + i] = from_f32<T>(sum);
+  }
+}
+
+__global__ void expert_pointers_kernel(const int32_t* offsets, int num_experts, int64_t rows, const char* x,
+                                       const char* w, char* out, int64_t n, int64_t k, size_t in_element,
+                                       size_t out_element, const void** a, const void** b, void** c) {
+  const int64_t r = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (r >= rows) return;
+  int low = 0, high = num_experts - 1;  // the last e with offsets[e] <= r (empty experts skipped)
+  while (low < high) {
+    const int mid = (low + high + 1) / 2;
+    if (offsets[mid] <= r) low = mid;
+    else high = mid - 1;
+  }
+  a[r] = w + size_t(low) * n * k * in_element;
+  b[r] = x + size_t(r) * k * in_element;
+  c[r] = out + size_t(r) * n * out_element;
+}
+
+}  // namespace
+
+// ---- launchers --------------------------------------------------------------------------
+
+template <typename T>
+void launch_embedding(const T* table, const int32_t* ids, T* out, int64_t tokens, int64_t hidden, cudaStream_t stream) {
+  if (tokens == 0) return;
+  embedding_kernel<<<static_cast<unsigned>(tokens), 256, 0, stream>>>(table, ids, out, hidden);
+  CUDA_CHECK_LAUNCH();
+}
+
+template <typename T>
+void launch_add_rmsnorm(T* residual, const T* delta, const T* weight, float eps, T* out, int64_t rows,
+                        int64_t hidden, cudaStream_t stream) {
+  if (rows == 0) return;
+  add_rmsnorm_kernel<<<static_cast<unsigned>(rows), 512, 0, stream>>>(residual, delta, weight, eps, out, hidden);
+  CUDA_CHECK_LAUNCH();
+}
+
+template <typename T>
+void launch_rope_kv_append(T* qkv, int64_t tokens, int64_t width, const AttentionShape& shape,
+                           const int32_t* positions, float rope_theta, T* k_pool, T* v_pool,
+                           const int32_t* page_table, int page_size, cudaStream_t stream) {
+  if (tokens == 0) return;
+  const dim3 grid(static_cast<unsigned>(tokens), shape.num_heads + 2 * shape.num_kv_heads);
+  const int threads = std::min(256, (shape.head_dim + 31) / 32 * 32);
+  rope_kv_append_kernel<<<grid, threads, 0, stream>>>(qkv, width, shape.num_heads, shape.num_kv_heads,
+                                                      shape.head_dim, positions, rope_theta, k_pool, v_pool,
+                                                      page_table, page_size);
+  CUDA_CHECK_LAUNCH();
+}
+
+template <typename T>
+void launch_attention(const T* qkv, int64_t tokens, int64_t width, const AttentionShape& shape,
+                      const int32_t* positions, const T* k_pool, const T* v_pool, const int32_t* page_table,
+                      int page_size, T* out, cudaStream_t stream) {
+  const int group = shape.num_heads / shape.num_kv_heads, d = shape.head_dim;
+  MX_CHECK(group <= 32, ShapeError, "cuda attention: at most 32 query heads per KV head, got " << group);
+  MX_CHECK(d <= 256, ShapeError, "cuda attention: head_dim at most 256, got " << d);
+  if (tokens == 0) return;
+  const size_t shared_bytes = sizeof(float) * (size_t(group) * d + size_t(kTile) * (d + 1) + size_t(kTile) * d);
+  const dim3 grid(static_cast<unsigned>(tokens), shape.num_kv_heads);
+  const float scale = 1.0f / sqrtf(static_cast<float>(d));
+  auto launch = [&](auto kernel) {
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared_bytes)));
+    kernel<<<grid, group * 32, shared_bytes, stream>>>(qkv, width, shape.num_heads, shape.num_kv_heads, d, positions,
+                                                        k_pool, v_pool, page_table, page_size, scale, out);
+  };
+  if (d <= 64) launch(attention_kernel<T, 2>);
+  else if (d <= 128) launch(attention_kernel<T, 4>);
+  else launch(attention_kernel<T, 8>);
+  CUDA_CHECK_LAUNCH();
+}
+
+void launch_router_topk(const float* logits, int64_t tokens, int num_experts, int k, int32_t* expert_ids,
+                        float* weights, cudaStream_t stream) {
+  if (tokens == 0) return;
+  router_topk_kernel<<<blocks_for(tokens, 128), 128, 0, stream>>>(logits, tokens, num_experts, k, expert_ids, weights);
+  CUDA_CHECK_LAUNCH();
+}
+
+void launch_moe_permute(const int32_t* expert_ids, int64_t rows, int num_experts, int32_t* expert_offsets,
+                        int32_t* permuted_to_expanded, int32_t* expanded_to_permuted, cudaStream_t stream) {
+  const int threads = 32 * std::min(32, num_experts);
+  moe_permute_kernel<<<1, threads, sizeof(int32_t) * (num_experts + 1), stream>>>(
+      expert_ids, rows, num_experts, expert_offsets, permuted_to_expanded, expanded_to_permuted);
+  CUDA_CHECK_LAUNCH();
+}
+
+template <typename T>
+void launch_moe_gather(const T* x, const int32_t* permuted_to_expanded, int k, T* out, int64_t rows,
+                       int64_t hidden, cudaStream_t stream) {
+  if (rows == 0) return;
+  moe_gather_kernel<<<static_cast<unsigned>(rows), 256, 0, stream>>>(x, permuted_to_expanded, k, out, hidden);
+  CUDA_CHECK_LAUNCH();
+}
+
+template <typename T>
+void launch_silu_mul(const T* gate_up, T* out, int64_t rows, int64_t width, cudaStream_t stream) {
+  if (rows * width == 0) return;
+  silu_mul_kernel<<<blocks_for(rows * width, 256), 256, 0, stream>>>(gate_up, out, rows, width);
+  CUDA_CHECK_LAUNCH();
+}
+
+template <typename T>
+void launch_moe_unpermute(const T* y, const int32_t* expanded_to_permuted, const float* weights, T* out,
+                          int64_t tokens, int k, int64_t hidden, cudaStream_t stream) {
+  if (tokens == 0) return;
+  moe_unpermute_kernel<<<static_cast<unsigned>(tokens), 256, 0, stream>>>(y, expanded_to_permuted, weights, out, k,
+                                                                          hidden);
+  CUDA_CHECK_LAUNCH();
+}
+
+void launch_expert_pointers(const int32_t* expert_offsets, int num_experts, int64_t rows, const void* x,
+                            const void* w, void* out, int64_t n, int64_t k, size_t in_element,
+                            size_t out_element, const void** a, const void** b, void** c, cudaStream_t stream) {
+  if (rows == 0) return;
+  expert_pointers_kernel<<<blocks_for(rows, 128), 128, 0, stream>>>(
+      expert_offsets, num_experts, rows, static_cast<const char*>(x), static_cast<const char*>(w),
+      static_cast<char*>(out), n, k, in_element, out_element, a, b, c);
+  CUDA_CHECK_LAUNCH();
+}
+
+#define MX_INSTANTIATE(T)                                                                                      \
+  template void launch_embedding<T>(const T*, const int32_t*, T*, int64_t, int64_t, cudaStream_t);            \
+  template void launch_add_rmsnorm<T>(T*, const T*, const T*, float, T*, int64_t, int64_t, cudaStream_t);     \
+  template void launch_rope_kv_append<T>(T*, int64_t, int64_t, const AttentionShape&, const int32_t*, float,  \
+                                         T*, T*, const int32_t*, int, cudaStream_t);                          \
+  template void launch_attention<T>(const T*, int64_t, int64_t, const AttentionShape&, const int32_t*,        \
+                                    const T*, const T*, const int32_t*, int, T*, cudaStream_t);               \
+  template void launch_moe_gather<T>(const T*, const int32_t*, int, T*, int64_t, int64_t, cudaStream_t);      \
+  template void launch_silu_mul<T>(const T*, T*, int64_t, int64_t, cudaStream_t);                             \
+  template void launch_moe_unpermute<T>(const T*, const int32_t*, const float*, T*, int64_t, int, int64_t,    \
+                                        cudaStream_t);
+
+MX_INSTANTIATE(float)
+MX_INSTANTIATE(__nv_bfloat16)
+MX_INSTANTIATE(__half)
+
+}  // namespace mixtral::cuda

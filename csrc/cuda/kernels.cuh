@@ -1,0 +1,78 @@
+// Launchers of the hand-written CUDA kernels (csrc/cuda/kernels.cu). Each one
+// enqueues on `stream` and checks the launch; layouts are those of
+// core/backend.h, element types float, __nv_bfloat16 or __half (T), with
+// float32 accumulation. Arguments were checked by core/op_checks first.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "core/backend.h"
+
+namespace mixtral::cuda {
+
+// Calls fn(T{}) with T the device type of a float dtype.
+template <typename Fn>
+void dispatch_device_float(DType dtype, Fn&& fn) {
+  switch (dtype) {
+    case DType::kFloat32: fn(float{}); return;
+    case DType::kBFloat16: fn(__nv_bfloat16{}); return;
+    case DType::kFloat16: fn(__half{}); return;
+    default: throw ShapeError(std::string("expected a float dtype, got ") + dtype_name(dtype));
+  }
+}
+
+// out[t] = table[ids[t]]: table [V, H], out [T, H].
+template <typename T>
+void launch_embedding(const T* table, const int32_t* ids, T* out, int64_t tokens, int64_t hidden, cudaStream_t stream);
+
+// residual += delta (if given), out = rmsnorm(residual) * weight; rows of `hidden`.
+template <typename T>
+void launch_add_rmsnorm(T* residual, const T* delta, const T* weight, float eps, T* out, int64_t rows,
+                        int64_t hidden, cudaStream_t stream);
+
+// Rotate-half RoPE on the q and k heads of qkv [T, width], k and v into the paged pools.
+template <typename T>
+void launch_rope_kv_append(T* qkv, int64_t tokens, int64_t width, const AttentionShape& shape,
+                           const int32_t* positions, float rope_theta, T* k_pool, T* v_pool,
+                           const int32_t* page_table, int page_size, cudaStream_t stream);
+
+// Causal GQA attention over the paged cache; one block per (token, KV head), one warp per
+// query head of the group, the group's K/V tiles loaded once into shared memory.
+template <typename T>
+void launch_attention(const T* qkv, int64_t tokens, int64_t width, const AttentionShape& shape,
+                      const int32_t* positions, const T* k_pool, const T* v_pool,
+                      const int32_t* page_table, int page_size, T* out, cudaStream_t stream);
+
+// Softmax over E experts, top-k (ties to the lower id), renormalised: logits [T, E] float32.
+void launch_router_topk(const float* logits, int64_t tokens, int num_experts, int k, int32_t* expert_ids,
+                        float* weights, cudaStream_t stream);
+
+// Groups expanded rows by expert, stable in the row index: offsets [E + 1], both row maps [R].
+void launch_moe_permute(const int32_t* expert_ids, int64_t rows, int num_experts, int32_t* expert_offsets,
+                        int32_t* permuted_to_expanded, int32_t* expanded_to_permuted, cudaStream_t stream);
+
+// out[r] = x[permuted_to_expanded[r] / k].
+template <typename T>
+void launch_moe_gather(const T* x, const int32_t* permuted_to_expanded, int k, T* out, int64_t rows,
+                       int64_t hidden, cudaStream_t stream);
+
+// out = silu(gate_up[:, :F]) * gate_up[:, F:].
+template <typename T>
+void launch_silu_mul(const T* gate_up, T* out, int64_t rows, int64_t width, cudaStream_t stream);
+
+// out[t] = sum_j weights[t, j] * y[expanded_to_permuted[t*k + j]], j ascending (deterministic).
+template <typename T>
+void launch_moe_unpermute(const T* y, const int32_t* expanded_to_permuted, const float* weights, T* out,
+                          int64_t tokens, int k, int64_t hidden, cudaStream_t stream);
+
+// The device pointer arrays of the batched expert GEMM, one GEMM per permuted row r:
+// a[r] = w + expert(r) * N * K, b[r] = x + r * K, c[r] = out + r * N, where expert(r) is
+// the e with offsets[e] <= r < offsets[e + 1]. Sizes in bytes per element.
+void launch_expert_pointers(const int32_t* expert_offsets, int num_experts, int64_t rows, const void* x,
+                            const void* w, void* out, int64_t n, int64_t k, size_t in_element,
+                            size_t out_element, const void** a, const void** b, void** c, cudaStream_t stream);
+
+}  // namespace mixtral::cuda

@@ -1,0 +1,232 @@
+"""The CUDA backend against its CPU twin (marked cuda; skipped without a GPU).
+
+Every operation runs on both backends through mixtral_ext._C.Ops on random
+inputs of odd sizes in float32, bfloat16 and float16 (both sides read the same
+rounded inputs; every output buffer has guard bytes checked after the op);
+integer outputs (expert ids, offsets, row maps) must be equal. Then the whole
+engine: GPU logits against the CPU engine and transformers, greedy generation
+token for token, seeded sampling, and a device out-of-memory as a Python
+exception. MIXTRAL_EXT_TEST_DEVICE=cpu runs the same tests with the CPU as the
+device under test, which checks the tests themselves on a machine with no GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from conftest import assert_close, hf_logits, random_tokens
+
+import mixtral_ext
+from mixtral_ext import _C
+from mixtral_ext.cuda import backend_library
+
+DEVICE = os.environ.get("MIXTRAL_EXT_TEST_DEVICE", "cuda")
+DTYPES = ["float32", "bfloat16", "float16"]
+# max |device - cpu| <= REL * max |cpu|: one rounding of the output dtype, or float32 sums in another order.
+REL = {"float32": 2e-5, "bfloat16": 1.6e-2, "float16": 2e-3}
+
+pytestmark = pytest.mark.cuda
+
+
+def gpu_available() -> bool:
+    return DEVICE == "cpu" or mixtral_ext.cuda_info()["device_count"] > 0
+
+
+@pytest.fixture(scope="module")
+def ops():
+    if not gpu_available():
+        pytest.skip("no CUDA device")
+    device = _C.Ops(DEVICE, backend_library() if DEVICE == "cuda" else "")
+    return _C.Ops("cpu"), device
+
+
+def rng(seed: int):
+    return np.random.default_rng(seed)
+
+
+def normal(r, *shape, scale=1.0):
+    return (r.normal(0.0, scale, size=shape)).astype(np.float32)
+
+
+def close(actual, expected, dtype, rel_scale=1.0):
+    assert_close(np.asarray(actual), np.asarray(expected), REL[dtype] * rel_scale)
+
+
+# ---- single operations ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_embedding(ops, dtype):
+    r = rng(1)
+    table, ids = normal(r, 301, 67), r.integers(0, 301, size=13).astype(np.int32)
+    cpu, dev = (o.embedding(table, ids, dtype) for o in ops)
+    np.testing.assert_array_equal(dev, cpu)  # a copy: exact
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_delta", [False, True])
+def test_add_rmsnorm(ops, dtype, with_delta):
+    r = rng(2)
+    residual, delta, weight = normal(r, 11, 1031), normal(r, 11, 1031), r.uniform(0.5, 1.5, 1031).astype(np.float32)
+    (cpu_res, cpu_out), (dev_res, dev_out) = (o.add_rmsnorm(residual, delta if with_delta else None, weight, 1e-5, dtype)
+                                              for o in ops)
+    np.testing.assert_array_equal(dev_res, cpu_res)  # one rounded add: exact
+    close(dev_out, cpu_out, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("out_dtype", ["same", "float32"])
+@pytest.mark.parametrize("m", [1, 5, 77])
+def test_matmul(ops, dtype, out_dtype, m):
+    r = rng(3)
+    x, w = normal(r, m, 333), normal(r, 129, 333, scale=0.05)
+    out_dtype = dtype if out_dtype == "same" else out_dtype
+    cpu, dev = (o.matmul(x, w, dtype, out_dtype) for o in ops)
+    close(dev, cpu, out_dtype, rel_scale=4.0)
+
+
+def paged_setup(r, tokens_before, tokens, heads, kv_heads, head_dim, page_size, dtype_pages=23):
+    """A shuffled page table covering positions [0, tokens_before + tokens) and random pools."""
+    pages_needed = (tokens_before + tokens + page_size - 1) // page_size
+    table = r.permutation(dtype_pages)[:pages_needed].astype(np.int32)
+    k_pool = normal(r, dtype_pages, kv_heads, page_size, head_dim)
+    v_pool = normal(r, dtype_pages, kv_heads, page_size, head_dim)
+    qkv = normal(r, tokens, (heads + 2 * kv_heads) * head_dim)
+    positions = np.arange(tokens_before, tokens_before + tokens, dtype=np.int32)
+    return qkv, positions, k_pool, v_pool, table
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(6, 2, 10), (8, 8, 16), (12, 1, 64), (6, 3, 128)])
+def test_rope_kv_append(ops, dtype, heads, kv_heads, head_dim):
+    r = rng(4)
+    qkv, positions, k_pool, v_pool, table = paged_setup(r, 37, 9, heads, kv_heads, head_dim, page_size=5)
+    positions[-1] = 70000  # a long-context angle; its page is the last of the table
+    table = np.concatenate([table, np.full(70000 // 5 + 1 - len(table), table[0], np.int32)])
+    cpu, dev = (o.rope_kv_append(qkv, heads, kv_heads, head_dim, positions, 1e6, k_pool, v_pool, table, dtype)
+                for o in ops)
+    for c, d in zip(cpu, dev):
+        close(d, c, dtype, rel_scale=2.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,head_dim,page_size", [(6, 2, 10, 5), (8, 8, 16, 16), (12, 1, 64, 7),
+                                                               (6, 3, 128, 16), (4, 2, 256, 3)])
+@pytest.mark.parametrize("before,tokens", [(0, 1), (0, 19), (45, 1), (100, 33)])
+def test_attention(ops, dtype, heads, kv_heads, head_dim, page_size, before, tokens):
+    r = rng(5)
+    qkv, positions, k_pool, v_pool, table = paged_setup(r, before, tokens, heads, kv_heads, head_dim, page_size,
+                                                        dtype_pages=(before + tokens) // page_size + 9)
+    cpu, dev = (o.attention(qkv, heads, kv_heads, head_dim, positions, k_pool, v_pool, table, dtype) for o in ops)
+    close(dev, cpu, dtype, rel_scale=2.0)
+
+
+@pytest.mark.parametrize("experts,k", [(8, 2), (5, 1), (13, 4)])
+def test_router_and_permutation_are_exact(ops, experts, k):
+    r = rng(6)
+    logits = normal(r, 37, experts, scale=2.0)
+    (cpu_ids, cpu_w), (dev_ids, dev_w) = (o.router_topk(logits, k) for o in ops)
+    np.testing.assert_array_equal(dev_ids, cpu_ids)
+    assert_close(dev_w, cpu_w, 1e-6)
+    cpu_perm, dev_perm = (o.moe_permute(cpu_ids, experts) for o in ops)
+    for c, d in zip(cpu_perm, dev_perm):
+        np.testing.assert_array_equal(d, c)
+    skewed = np.where(r.random(cpu_ids.shape) < 0.7, 0, cpu_ids).astype(np.int32)  # empty and crowded experts
+    for c, d in zip(*(o.moe_permute(skewed, experts) for o in ops)):
+        np.testing.assert_array_equal(d, c)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gather_silu_unpermute(ops, dtype):
+    r = rng(7)
+    tokens, k, hidden, ffn = 19, 2, 93, 71
+    ids = r.integers(0, 6, size=(tokens, k)).astype(np.int32)
+    _, p2e, e2p = ops[0].moe_permute(ids, 6)
+    x = normal(r, tokens, hidden)
+    cpu, dev = (o.moe_gather(x, p2e, k, dtype) for o in ops)
+    np.testing.assert_array_equal(dev, cpu)
+    gate_up = normal(r, tokens * k, 2 * ffn)
+    cpu, dev = (o.silu_mul(gate_up, dtype) for o in ops)
+    close(dev, cpu, dtype)
+    y, weights = normal(r, tokens * k, hidden), r.dirichlet(np.ones(k), size=tokens).astype(np.float32)
+    cpu, dev = (o.moe_unpermute(y, e2p, weights, dtype) for o in ops)
+    close(dev, cpu, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows_per_expert", [[1, 0, 1, 0, 0], [0, 0, 2, 0, 0], [9, 0, 31, 4, 1], [40, 33, 0, 7, 57]])
+def test_expert_matmul_three_paths(ops, dtype, rows_per_expert):
+    cpu_ops, dev_ops = ops
+    r = rng(8)
+    offsets = np.concatenate([[0], np.cumsum(rows_per_expert)]).astype(np.int32)
+    x, w = normal(r, int(offsets[-1]), 203), normal(r, len(rows_per_expert), 117, 203, scale=0.07)
+    expected = cpu_ops.expert_matmul(x, w, offsets, dtype, dtype)
+    results = {}
+    paths = ["auto", "per_expert", "batched"] + (["grouped"] if DEVICE == "cuda" else [])
+    for path in paths:
+        if DEVICE == "cuda":
+            dev_ops.set_option("expert_gemm", path)
+        results[path] = dev_ops.expert_matmul(x, w, offsets, dtype, dtype)
+        close(results[path], expected, dtype, rel_scale=4.0)
+    if DEVICE == "cuda":
+        dev_ops.set_option("expert_gemm", "auto")
+
+
+def test_bad_option_is_an_error(ops):
+    with pytest.raises(mixtral_ext.MixtralError, match="option"):
+        ops[1].set_option("no_such_option", "1")
+
+
+# ---- the engine -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def device_engines(tiny_dir):
+    if not gpu_available():
+        pytest.skip("no CUDA device")
+    return {dtype: mixtral_ext.Engine.from_pretrained(tiny_dir, device=DEVICE, dtype=dtype, max_context=256,
+                                                      page_size=7, max_batch_tokens=48)
+            for dtype in DTYPES}
+
+
+def test_engine_logits_match_cpu_and_transformers(device_engines, tiny_engine, tiny_model, tiny_dir):
+    ids = random_tokens(100, 101, seed=31)
+    cpu = tiny_engine.logits(ids)
+    assert_close(device_engines["float32"].logits(ids), cpu, 1e-4)
+    assert_close(device_engines["float32"].logits(ids), hf_logits(tiny_model, ids), 1e-4)
+    # Half-precision weights: against the CPU engine on the same rounded weights (which keeps its
+    # activations in float32), over a short prompt so that rounding rarely flips a routing choice.
+    short = ids[:24]
+    for dtype, rel in (("bfloat16", 5e-2), ("float16", 1e-2)):
+        same_weights = mixtral_ext.Engine.from_pretrained(tiny_dir, dtype=dtype, max_context=64)
+        assert_close(device_engines[dtype].logits(short), same_weights.logits(short), rel)
+
+
+def test_engine_incremental_decode_equals_full_pass(device_engines):
+    engine, ids = device_engines["float32"], random_tokens(60, 101, seed=32)
+    full = engine.logits(ids)
+    with engine.new_sequence() as seq:
+        steps = [seq.append(ids[:23])] + [seq.append([t]) for t in ids[23:]]
+    assert_close(np.stack(steps), full[22:], 1e-4)
+
+
+def test_greedy_generation_equals_cpu_and_seeded_sampling_repeats(device_engines, tiny_engine):
+    prompt = random_tokens(11, 101, seed=33)
+    cpu = tiny_engine.generate(prompt, max_tokens=30, temperature=0)
+    assert device_engines["float32"].generate(prompt, max_tokens=30, temperature=0).token_ids == cpu.token_ids
+    runs = [device_engines["bfloat16"].generate(prompt, max_tokens=20, temperature=0.9, top_p=0.9, seed=5).token_ids
+            for _ in range(2)]
+    assert runs[0] == runs[1]
+    if DEVICE == "cuda":  # each expert GEMM path gives the same greedy tokens
+        engine = device_engines["float32"]
+        for path in ("per_expert", "batched", "grouped", "auto"):
+            engine.set_expert_gemm_path(path)
+            assert engine.generate(prompt, max_tokens=30, temperature=0).token_ids == cpu.token_ids
+
+
+def test_device_out_of_memory_is_an_exception(tiny_dir, device_engines):
+    with pytest.raises(mixtral_ext.DeviceOutOfMemoryError, match="out of memory"):
+        mixtral_ext.Engine.from_pretrained(tiny_dir, device=DEVICE, max_context=256, kv_cache_tokens=2**31 - 1)
+    assert device_engines["float32"].logits([1, 2, 3]).shape == (3, 101)
