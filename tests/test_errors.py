@@ -220,3 +220,11 @@ def test_errors_form_one_hierarchy():
 def test_expert_gemm_path_is_a_cuda_setting(tiny_engine):
     with pytest.raises(mixtral_ext.SettingError, match="CUDA"):
         tiny_engine.set_expert_gemm_path("grouped")
+
+
+def test_settings_past_int32_and_out_of_memory_at_load(tiny_dir):
+    with pytest.raises(mixtral_ext.SettingError, match="page_size"):
+        mixtral_ext.Engine.from_pretrained(tiny_dir, page_size=2**31)
+    with pytest.raises(mixtral_ext.DeviceOutOfMemoryError, match="out of memory"):  # 343 GB of KV cache
+        mixtral_ext.Engine.from_pretrained(tiny_dir, max_context=64, kv_cache_tokens=2**31 - 1)
+    assert mixtral_ext.Engine.from_pretrained(tiny_dir, max_context=8).logits([3]).shape == (1, 101)
