@@ -67,7 +67,7 @@ class SamplingSettings:
                 raise SettingError(f"{name} must be an integer {bound}, got {value!r}")
 
         integer("max_tokens", 1)
-        integer("top_k", 0)
+        integer("top_k", 0, 2**31 - 1)
         if self.logprobs is not None:
             integer("logprobs", 0, 20)
         if self.seed is not None:
