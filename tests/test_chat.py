@@ -226,3 +226,10 @@ def test_chat_command_line(tmp_path, monkeypatch, capsys):
     assert captured.out.count("> ") == 6  # three turns, the empty line, /reset, then end of input
     assert captured.err.count("tokens in") == 3 and "finish:" in captured.err
 
+
+
+def test_chat_stream_checks_its_input_before_the_first_delta(chat_engine):
+    with pytest.raises(mixtral_ext.ChatFormatError):
+        chat_engine.chat_stream([{"role": "robot", "content": "x"}])
+    with pytest.raises(mixtral_ext.SettingError, match="top_p"):
+        chat_engine.chat_stream([{"role": "user", "content": "x"}], top_p=2.0)

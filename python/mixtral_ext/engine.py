@@ -284,11 +284,17 @@ class Engine:
 
     def _chat_stream(self, messages, tools, sampling: dict, progress: Progress,
                      cancel: threading.Event | None = None) -> Iterator[Delta]:
+        """Checks the messages and settings at once; returns the generator of deltas."""
         tokenizer = self.tokenizer
         prompt_ids = encode_chat(tokenizer, messages, tools)
         settings = SamplingSettings.from_kwargs(**sampling)
         marker = tokenizer.special_id(TOOL_CALLS_TOKEN)
-        with contextlib.closing(self._generation.stream(prompt_ids, settings, progress, cancel, marker)) as deltas:
+        return self._chat_deltas(self._generation.stream(prompt_ids, settings, progress, cancel, marker), progress)
+
+    def _chat_deltas(self, generation: Iterator[Delta], progress: Progress) -> Iterator[Delta]:
+        """The generation's deltas, with the tool calls parsed on the last one."""
+        tokenizer = self.tokenizer
+        with contextlib.closing(generation) as deltas:
             for delta in deltas:
                 if delta.finish_reason and progress.tool_calls_from is not None:
                     call_ids = progress.token_ids[progress.tool_calls_from :]
