@@ -14,7 +14,8 @@ MIXTRAL_EXT_SANITIZE=ON MIXTRAL_EXT_CUDA=OFF \
 # so that ASan's C++ exception interceptor finds the real __cxa_throw.
 export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)"
 # CPython's own allocations are not leaks to report; leaks of the core are checked by test_stress.py.
-export ASAN_OPTIONS="detect_leaks=0:log_path=$scratch/report"
+# allocator_may_return_null: an impossible allocation must fail as the tests expect (DeviceOutOfMemoryError).
+export ASAN_OPTIONS="detect_leaks=0:allocator_may_return_null=1:log_path=$scratch/report"
 export UBSAN_OPTIONS="print_stacktrace=1:log_path=$scratch/report"
 export MIXTRAL_EXT_CUDA=OFF PYTHONPATH="$scratch/site"
 status=0
