@@ -11,7 +11,6 @@ from dataclasses import replace
 import pytest
 
 import mixtral_ext
-from mixtral_ext import _C
 from mixtral_ext.__main__ import main
 from mixtral_ext.chat import parse_tool_calls
 from mixtral_ext.synthetic import DEMO_CONFIG, write_random_checkpoint
@@ -122,31 +121,35 @@ def test_parse_tool_calls_fills_missing_ids_and_string_arguments():
     assert len(calls[0].id) == 9 and calls[0].id.isalnum()
 
 
-class ScriptedSampler:
-    """Stands in for _C.Sampler: returns a fixed list of tokens, as if the model wrote them."""
+class Script:
+    """The tokens the model is made to write, from the start in every generation."""
 
-    script: list[int] = []
-
-    def __init__(self, vocab, params, seed):
-        self.tokens = iter(self.script)
-
-    def add_prompt(self, ids):
-        pass
-
-    def sample(self, logits):
-        return next(self.tokens), 0.0, [], []
+    tokens: list[int] = []
 
 
 @pytest.fixture
 def scripted(monkeypatch):
-    monkeypatch.setattr(_C, "Sampler", ScriptedSampler)
-    return ScriptedSampler
+    """Stands in for the engine's sampler: the model runs, the tokens come from the script."""
+    script = Script()
+    real_new_sampler = mixtral_ext.Engine._new_sampler
+
+    def new_sampler(self, *args):
+        script.remaining = iter(script.tokens)
+        return real_new_sampler(self, *args)
+
+    def append_sample(self, token_ids, sampler):
+        self.append(token_ids)
+        return next(script.remaining), 0.0, [], []
+
+    monkeypatch.setattr(mixtral_ext.Engine, "_new_sampler", new_sampler)
+    monkeypatch.setattr(mixtral_ext.Sequence, "_append_sample", append_sample)
+    return script
 
 
 def test_chat_returns_tool_calls_and_reuses_the_cache_next_turn(chat_engine, scripted):
     tokenizer = chat_engine.tokenizer
     calls = [ToolCall(id="Abc123xyz", function=FunctionCall(name="get_weather", arguments='{"city": "Paris"}'))]
-    scripted.script = tool_call_tokens(tokenizer, calls)
+    scripted.tokens = tool_call_tokens(tokenizer, calls)
     messages = CONVERSATION[:2]
     streamed = list(chat_engine.chat_stream(messages, tools=OPENAI_TOOLS, max_tokens=100))
     assert all(d.text == "" for d in streamed) and streamed[-1].finish_reason == "tool_calls"
@@ -154,12 +157,12 @@ def test_chat_returns_tool_calls_and_reuses_the_cache_next_turn(chat_engine, scr
     assert result.finish_reason == "tool_calls" and result.message.content is None
     assert [(c.id, c.name, c.arguments) for c in result.message.tool_calls] == [("Abc123xyz", "get_weather", {"city": "Paris"})]
     first_prompt = chat_engine.chat_prompt(messages, OPENAI_TOOLS)
-    assert result.usage.prompt_tokens == len(first_prompt) and result.usage.completion_tokens == len(scripted.script)
+    assert result.usage.prompt_tokens == len(first_prompt) and result.usage.completion_tokens == len(scripted.tokens)
 
     # The next turn: the tool's answer. Its prompt starts with the first prompt and the calls the model wrote.
     follow = messages + [result.message.to_openai(),
                          {"role": "tool", "tool_call_id": "Abc123xyz", "name": "get_weather", "content": "22 C"}]
-    scripted.script = tokenizer.encode("Sunny, 22 C.", bos=False) + [tokenizer.eos_id]
+    scripted.tokens = tokenizer.encode("Sunny, 22 C.", bos=False) + [tokenizer.eos_id]
     answer = chat_engine.chat(follow, tools=OPENAI_TOOLS, max_tokens=100)
     assert answer.message.content == "Sunny, 22 C." and answer.finish_reason == "stop" and not answer.message.tool_calls
     assert answer.usage.cached_tokens == len(first_prompt) + len(tool_call_tokens(tokenizer, calls)) - 1
@@ -168,11 +171,11 @@ def test_chat_returns_tool_calls_and_reuses_the_cache_next_turn(chat_engine, scr
 def test_malformed_tool_call_comes_back_as_text(chat_engine, scripted):
     tokenizer = chat_engine.tokenizer
     raw = tokenizer.encode(' [{"name": "get_weather", "argu', bos=False)
-    scripted.script = [tokenizer.special_id("[TOOL_CALLS]")] + raw + [tokenizer.eos_id]
+    scripted.tokens = [tokenizer.special_id("[TOOL_CALLS]")] + raw + [tokenizer.eos_id]
     result = chat_engine.chat(CONVERSATION[:2], tools=OPENAI_TOOLS, max_tokens=100)
     assert result.finish_reason == "stop" and not result.message.tool_calls
     assert result.message.content == "[TOOL_CALLS]" + tokenizer.decode(raw)
-    scripted.script = [tokenizer.special_id("[TOOL_CALLS]")] + raw  # cut off by max_tokens
+    scripted.tokens = [tokenizer.special_id("[TOOL_CALLS]")] + raw  # cut off by max_tokens
     cut = chat_engine.chat(CONVERSATION[:2], tools=OPENAI_TOOLS, max_tokens=len(raw) + 1)
     assert cut.finish_reason == "length" and cut.message.content == "[TOOL_CALLS]" + tokenizer.decode(raw)
 

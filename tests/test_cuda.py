@@ -174,6 +174,60 @@ def test_expert_matmul_three_paths(ops, dtype, rows_per_expert):
         dev_ops.set_option("expert_gemm", "auto")
 
 
+def sampling_params(**settings):
+    params = _C.SamplingParams()
+    for name, value in settings.items():
+        setattr(params, name, value)
+    return params
+
+
+def test_sample_greedy_penalties_logprobs_and_state_match(ops):
+    r = rng(9)
+    logits = normal(r, 32768, scale=3.0)
+    seen, counts = (r.random(32768) < 0.01).astype(np.int32), r.integers(0, 3, 32768).astype(np.int32)
+    params = sampling_params(temperature=0.0, repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.2,
+                             logprobs=5)
+    cpu, dev = (o.sample(logits, params, 1, 0, seen, counts) for o in ops)
+    assert dev[0] == cpu[0]  # the token
+    assert abs(dev[1] - cpu[1]) < 1e-4  # its logprob
+    np.testing.assert_array_equal(dev[2], cpu[2])  # top ids
+    assert_close(dev[3], cpu[3], 1e-5)
+    np.testing.assert_array_equal(dev[4], cpu[4])  # seen after
+    np.testing.assert_array_equal(dev[5], cpu[5])  # counts after
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [dict(temperature=1.0), dict(temperature=0.5), dict(temperature=1.0, top_k=3), dict(temperature=0.8, top_p=0.7),
+     dict(temperature=1.0, min_p=0.2), dict(temperature=2.0, top_k=5, top_p=0.9, min_p=0.05)],
+)
+def test_sample_distribution_matches_truncated_softmax(ops, settings):
+    logits = np.array([2.0, 1.5, 1.4, 0.3, -0.2, -1.0, 0.9, 0.0], dtype=np.float32)
+    p = np.exp(logits / settings["temperature"] - np.max(logits / settings["temperature"]))
+    p /= p.sum()
+    order = np.argsort(-p, kind="stable")
+    keep = np.zeros_like(p, dtype=bool)
+    mass = 0.0
+    for rank, i in enumerate(order):
+        if settings.get("top_k") and rank >= settings["top_k"]:
+            break
+        if p[i] < settings.get("min_p", 0.0) * p[order[0]]:
+            break
+        keep[i] = True
+        mass += p[i]
+        if mass >= settings.get("top_p", 1.0):
+            break
+    expected = np.where(keep, p, 0.0) / np.where(keep, p, 0.0).sum()
+    zeros = np.zeros(len(logits), np.int32)
+    n = 3000
+    draws = [ops[1].sample(logits, sampling_params(**settings), 77, step, zeros, zeros)[0] for step in range(n)]
+    counts = np.bincount(draws, minlength=len(logits)) / n
+    assert np.all(counts[~keep] == 0)
+    assert np.max(np.abs(counts - expected)) < 0.03, (counts, expected)
+    again = [ops[1].sample(logits, sampling_params(**settings), 77, step, zeros, zeros)[0] for step in range(50)]
+    assert again == draws[:50]  # seeded: the same (seed, step) draws the same token
+
+
 def test_bad_option_is_an_error(ops):
     with pytest.raises(mixtral_ext.MixtralError, match="option"):
         ops[1].set_option("no_such_option", "1")

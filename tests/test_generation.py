@@ -62,11 +62,27 @@ def test_stream_decoder_deltas_add_up(tokenizer, text):
     assert not any("\ufffd" in d for d in deltas)
 
 
+class HostSampler:
+    """One generation's sampler on the CPU backend's sample op, its state kept here."""
+
+    def __init__(self, vocab, seed, **settings):
+        self.ops, self.params, self.seed, self.step = _C.Ops("cpu"), _C.SamplingParams(), seed, 0
+        for k, v in settings.items():
+            setattr(self.params, k, v)
+        self.seen, self.counts = np.zeros(vocab, np.int32), np.zeros(vocab, np.int32)
+
+    def add_prompt(self, ids):
+        self.seen[np.asarray(ids)] = 1
+
+    def sample(self, logits):
+        token, logprob, top_ids, top_lps, self.seen, self.counts = self.ops.sample(
+            logits, self.params, self.seed, self.step, self.seen, self.counts)
+        self.step += 1
+        return token, logprob, top_ids.tolist(), top_lps.tolist()
+
+
 def sampler(vocab, seed, **settings):
-    params = _C.SamplingParams()
-    for k, v in settings.items():
-        setattr(params, k, v)
-    return _C.Sampler(vocab, params, seed)
+    return HostSampler(vocab, seed, **settings)
 
 
 def test_seeded_sampling_is_reproducible():
@@ -114,7 +130,7 @@ def test_sample_distribution_matches_truncated_softmax(settings):
 def test_penalties_and_logprobs():
     logits = np.array([3.0, 2.9, -1.0, 0.5], dtype=np.float32)
     s = sampler(4, 0, temperature=0.0, repetition_penalty=2.0, logprobs=2)
-    s.add_prompt(np.array([0], dtype=np.int32))  # 3.0 / 2 = 1.5 < 2.9
+    s.add_prompt([0])  # 3.0 / 2 = 1.5 < 2.9
     token, logprob, top_ids, top_lps = s.sample(logits)
     ref = logits - np.log(np.exp(logits).sum())
     assert token == 1 and logprob == pytest.approx(ref[1], abs=1e-5)

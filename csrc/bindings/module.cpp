@@ -10,7 +10,6 @@
 #include "core/cuda_library.h"
 #include "cpu/cpu_backend.h"
 #include "engine/engine.h"
-#include "engine/sampler.h"
 
 namespace py = pybind11;
 using namespace mixtral;
@@ -148,7 +147,26 @@ PYBIND11_MODULE(_C, m) {
       .def("release_sequence", &Engine::release_sequence)
       .def("truncate_sequence", &Engine::truncate_sequence)
       .def("sequence_length", &Engine::sequence_length)
-      .def("append", &append, py::arg("sequence"), py::arg("tokens"), py::arg("all_logits"));
+      .def("append", &append, py::arg("sequence"), py::arg("tokens"), py::arg("all_logits"))
+      .def("create_sampler", [](Engine& e, const SamplingParams& params, uint64_t seed,
+                                const py::array_t<int32_t, py::array::c_style>& prompt) {
+        return e.create_sampler(params, seed, prompt.data(), prompt.size());
+      }, py::arg("params"), py::arg("seed"), py::arg("prompt"))
+      .def("release_sampler", &Engine::release_sampler)
+      .def_property_readonly("num_samplers", &Engine::num_samplers)
+      .def("append_sample", [](Engine& e, int sequence, const py::array_t<int32_t, py::array::c_style>& tokens,
+                               int sampler) {
+        MX_CHECK(tokens.ndim() == 1, ShapeError, "token ids must be a 1-D list");
+        const int32_t* ids = tokens.data();
+        const int64_t n = tokens.shape(0);
+        SampledToken t;
+        {
+          py::gil_scoped_release release;
+          t = e.append_sample(sequence, ids, n, sampler);
+        }
+        return py::make_tuple(t.token, t.logprob, t.top_tokens, t.top_logprobs);
+      }, py::arg("sequence"), py::arg("tokens"), py::arg("sampler"),
+         "Runs the tokens, then samples the next one on the device: (token, logprob, top_ids, top_logprobs).");
 
   py::class_<SamplingParams>(m, "SamplingParams")
       .def(py::init<>())
@@ -161,19 +179,6 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("frequency_penalty", &SamplingParams::frequency_penalty)
       .def_readwrite("logprobs", &SamplingParams::logprobs)
       .def("validate", &SamplingParams::validate);
-
-  py::class_<Sampler>(m, "Sampler")
-      .def(py::init<int64_t, const SamplingParams&, uint64_t>(), py::arg("vocab_size"), py::arg("params"),
-           py::arg("seed"))
-      .def("add_prompt", [](Sampler& s, const py::array_t<int32_t, py::array::c_style>& tokens) {
-        s.add_prompt(tokens.data(), tokens.size());
-      })
-      .def("sample", [](Sampler& s, const py::array_t<float, py::array::c_style>& logits) {
-        MX_CHECK(logits.ndim() == 1 && logits.shape(0) == s.vocab_size(), ShapeError,
-                 "sample: expected float32 logits [" << s.vocab_size() << "]");
-        const SampledToken t = s.sample(logits.data());
-        return py::make_tuple(t.token, t.logprob, t.top_tokens, t.top_logprobs);
-      }, "Returns (token, logprob, top_tokens, top_logprobs) and records the token as output.");
 
   bind_ops(m);
 

@@ -12,6 +12,7 @@
 //   page_table [pages of the sequence] int32; positions [T] int32
 #pragma once
 
+#include "core/sampling.h"
 #include "core/tensor.h"
 
 namespace mixtral {
@@ -97,6 +98,15 @@ class MX_EXPORT Backend {
   // y [R, H], weights [T, k] float32, out [T, H].
   virtual void moe_unpermute(const Tensor& y, const Tensor& expanded_to_permuted,
                              const Tensor& weights, Tensor& out) = 0;
+
+  // ---- sampling ----
+  // One token from logits [V] float32 by the steps of core/sampling.h with the draw
+  // uniform01(seed, step); seen and counts [V] int32 are read for the penalties and updated
+  // with the chosen token. token [1] int32, logprob [1] float32 (raw log-softmax of the token),
+  // top_ids [n] int32 and top_logprobs [n] float32 with n = params.logprobs (may be 0).
+  virtual void sample(const Tensor& logits, const SamplingParams& params, uint64_t seed, uint64_t step,
+                      Tensor& seen, Tensor& counts, Tensor& token, Tensor& logprob, Tensor& top_ids,
+                      Tensor& top_logprobs) = 0;
 };
 
 }  // namespace mixtral

@@ -2,6 +2,8 @@
 // dtype conversion declared in core/tensor.h.
 #include "core/op_checks.h"
 
+#include <algorithm>
+
 namespace mixtral {
 
 void convert_host(const void* src, DType src_dtype, void* dst, DType dst_dtype, int64_t n) {
@@ -100,6 +102,19 @@ void check_moe_unpermute(const Tensor& y, const Tensor& expanded_to_permuted,
   expect_float(y, "moe_unpermute.y", {rows, -1});
   expect(expanded_to_permuted, "moe_unpermute.expanded_to_permuted", DType::kInt32, {rows});
   expect_float(out, "moe_unpermute.out", {weights.shape[0], y.shape[1]});
+}
+
+void check_sample(const Tensor& logits, const SamplingParams& params, const Tensor& seen, const Tensor& counts,
+                  const Tensor& token, const Tensor& logprob, const Tensor& top_ids, const Tensor& top_logprobs) {
+  params.validate();
+  expect(logits, "sample.logits", DType::kFloat32, {-1});
+  expect(seen, "sample.seen", DType::kInt32, {logits.shape[0]});
+  expect(counts, "sample.counts", DType::kInt32, {logits.shape[0]});
+  expect(token, "sample.token", DType::kInt32, {1});
+  expect(logprob, "sample.logprob", DType::kFloat32, {1});
+  const int64_t n = std::min<int64_t>(params.logprobs, logits.shape[0]);
+  expect(top_ids, "sample.top_ids", DType::kInt32, {n});
+  expect(top_logprobs, "sample.top_logprobs", DType::kFloat32, {n});
 }
 
 }  // namespace mixtral

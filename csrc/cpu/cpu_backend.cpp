@@ -370,4 +370,18 @@ void CpuBackend::moe_unpermute(const Tensor& y, const Tensor& expanded_to_permut
   o.commit();
 }
 
+// ---- sampling --------------------------------------------------------------------------
+
+void CpuBackend::sample(const Tensor& logits, const SamplingParams& params, uint64_t seed, uint64_t step,
+                        Tensor& seen, Tensor& counts, Tensor& token, Tensor& logprob, Tensor& top_ids,
+                        Tensor& top_logprobs) {
+  check_sample(logits, params, seen, counts, token, logprob, top_ids, top_logprobs);
+  const SampledToken s = sample_token(logits.ptr<float>(), logits.shape[0], params, seed, step, seen.ptr<int32_t>(),
+                                      counts.ptr<int32_t>());
+  *token.ptr<int32_t>() = s.token;
+  *logprob.ptr<float>() = s.logprob;
+  std::copy(s.top_tokens.begin(), s.top_tokens.end(), top_ids.ptr<int32_t>());
+  std::copy(s.top_logprobs.begin(), s.top_logprobs.end(), top_logprobs.ptr<float>());
+}
+
 }  // namespace mixtral

@@ -129,11 +129,16 @@ Engine::Engine(const ModelConfig& config, const EngineOptions& options,
     expert_act_ = plan.add(act, {T * k, F});
     expert_out_ = plan.add(act, {T * k, H});
     logits_ = plan.add(DType::kFloat32, {T, c.vocab_size});
+    sampled_token_ = plan.add(DType::kInt32, {1});
+    sampled_logprob_ = plan.add(DType::kFloat32, {1});
+    top_ids_ = plan.add(DType::kInt32, {kMaxLogprobs});
+    top_logprobs_ = plan.add(DType::kFloat32, {kMaxLogprobs});
     workspace_arena_ = backend_->allocate(plan.bytes());
     for (Tensor* t : {&ids_, &positions_, &page_table_, &residual_, &normed_, &qkv_, &attn_, &delta_,
                       &router_logits_, &expert_ids_, &expert_weights_, &expert_offsets_,
                       &permuted_to_expanded_, &expanded_to_permuted_, &expert_in_, &gate_up_,
-                      &expert_act_, &expert_out_, &logits_})
+                      &expert_act_, &expert_out_, &logits_, &sampled_token_, &sampled_logprob_, &top_ids_,
+                      &top_logprobs_})
       ArenaPlan::place(*t, workspace_arena_, backend_->device());
   } catch (...) {
     if (kv_arena_) backend_->release(kv_arena_);
@@ -143,6 +148,7 @@ Engine::Engine(const ModelConfig& config, const EngineOptions& options,
 }
 
 Engine::~Engine() {
+  for (auto& entry : samplers_) backend_->release(entry.second.state);
   backend_->release(workspace_arena_);
   backend_->release(kv_arena_);
   backend_->release(weight_arena_);
@@ -228,6 +234,11 @@ void Engine::truncate_sequence(int sequence, int64_t length) {
 }
 
 void Engine::append(int sequence, const int32_t* tokens, int64_t n, bool all_logits, float* out) {
+  MX_CHECK(out, ShapeError, "append: no output buffer");
+  forward(sequence, tokens, n, all_logits, out);
+}
+
+void Engine::forward(int sequence, const int32_t* tokens, int64_t n, bool all_logits, float* host_out) {
   MX_CHECK(n >= 1, ShapeError, "append: no tokens given");
   for (int64_t i = 0; i < n; ++i)
     MX_CHECK(tokens[i] >= 0 && tokens[i] < config_.vocab_size, TokenError,
@@ -241,8 +252,11 @@ void Engine::append(int sequence, const int32_t* tokens, int64_t n, bool all_log
   try {
     for (int64_t done = 0; done < n; done += options_.max_batch_tokens) {
       const int64_t count = std::min(options_.max_batch_tokens, n - done);
-      float* chunk_out = all_logits ? out + done * config_.vocab_size : (done + count == n ? out : nullptr);
-      run_chunk(sequence, tokens + done, count, start + done, all_logits, chunk_out);
+      const int64_t rows = all_logits ? count : (done + count == n ? 1 : 0);
+      run_chunk(sequence, tokens + done, count, start + done, rows);
+      if (host_out && rows > 0)
+        backend_->copy_to_host(host_out + (all_logits ? done * config_.vocab_size : 0), logits_.data,
+                               size_t(rows) * config_.vocab_size * sizeof(float));
     }
   } catch (...) {
     kv_.resize(sequence, start);
@@ -250,8 +264,59 @@ void Engine::append(int sequence, const int32_t* tokens, int64_t n, bool all_log
   }
 }
 
-void Engine::run_chunk(int sequence, const int32_t* tokens, int64_t n, int64_t start,
-                       bool all_logits, float* out) {
+// ---- sampling -----------------------------------------------------------------
+
+int Engine::create_sampler(const SamplingParams& params, uint64_t seed, const int32_t* prompt, int64_t n) {
+  params.validate();
+  const int64_t V = config_.vocab_size;
+  std::vector<int32_t> state(2 * V, 0);  // seen, then counts
+  for (int64_t i = 0; i < n; ++i) {
+    MX_CHECK(prompt[i] >= 0 && prompt[i] < V, TokenError,
+             "token id " << prompt[i] << " is outside the vocabulary [0, " << V << ")");
+    state[prompt[i]] = 1;
+  }
+  void* device_state = backend_->allocate(state.size() * sizeof(int32_t));
+  try {
+    backend_->copy_from_host(device_state, state.data(), state.size() * sizeof(int32_t));
+  } catch (...) {
+    backend_->release(device_state);
+    throw;
+  }
+  samplers_[next_sampler_] = SamplerState{params, seed, 0, device_state};
+  return next_sampler_++;
+}
+
+void Engine::release_sampler(int sampler) {
+  auto found = samplers_.find(sampler);
+  MX_CHECK(found != samplers_.end(), Error, "release_sampler: no sampler " << sampler);
+  backend_->release(found->second.state);
+  samplers_.erase(found);
+}
+
+SampledToken Engine::append_sample(int sequence, const int32_t* tokens, int64_t n, int sampler) {
+  auto found = samplers_.find(sampler);
+  MX_CHECK(found != samplers_.end(), Error, "append_sample: no sampler " << sampler);
+  SamplerState& s = found->second;
+  forward(sequence, tokens, n, false, nullptr);
+  const int64_t V = config_.vocab_size, top_n = std::min<int64_t>(s.params.logprobs, V);
+  Tensor logits(logits_.data, DType::kFloat32, logits_.device, {V});
+  Tensor seen(s.state, DType::kInt32, logits_.device, {V});
+  Tensor counts(static_cast<int32_t*>(s.state) + V, DType::kInt32, logits_.device, {V});
+  Tensor top_ids = top_ids_.rows(0, top_n), top_logprobs = top_logprobs_.rows(0, top_n);
+  backend_->sample(logits, s.params, s.seed, s.step, seen, counts, sampled_token_, sampled_logprob_, top_ids,
+                   top_logprobs);
+  ++s.step;
+  SampledToken result{0, 0.0f, std::vector<int32_t>(top_n), std::vector<float>(top_n)};
+  backend_->copy_to_host(&result.token, sampled_token_.data, sizeof(int32_t));
+  backend_->copy_to_host(&result.logprob, sampled_logprob_.data, sizeof(float));
+  if (top_n > 0) {
+    backend_->copy_to_host(result.top_tokens.data(), top_ids.data, top_n * sizeof(int32_t));
+    backend_->copy_to_host(result.top_logprobs.data(), top_logprobs.data, top_n * sizeof(float));
+  }
+  return result;
+}
+
+void Engine::run_chunk(int sequence, const int32_t* tokens, int64_t n, int64_t start, int64_t logit_rows) {
   const ModelConfig& c = config_;
   Backend& b = *backend_;
   const AttentionShape shape{int(c.num_heads), int(c.num_kv_heads), int(c.head_dim)};
@@ -293,12 +358,10 @@ void Engine::run_chunk(int sequence, const int32_t* tokens, int64_t n, int64_t s
     b.expert_matmul(expert_act, weight(Slot::kW2, layer), expert_offsets_, expert_out);
     b.moe_unpermute(expert_out, expanded_to_permuted, expert_weights, delta);
   }
-  if (!out) return;  // a prefill chunk whose logits nobody reads
+  if (logit_rows == 0) return;  // a prefill chunk whose logits nobody reads
   b.add_rmsnorm(x, &delta, norm_weight(Slot::kFinalNorm, 0), c.rms_norm_eps, h);
-  const int64_t first_row = all_logits ? 0 : n - 1, rows = all_logits ? n : 1;
-  Tensor logits = logits_.rows(0, rows);
-  b.matmul(h.rows(first_row, rows), weight(Slot::kLmHead, 0), logits);
-  b.copy_to_host(out, logits.data, logits.nbytes());
+  Tensor logits = logits_.rows(0, logit_rows);
+  b.matmul(h.rows(n - logit_rows, logit_rows), weight(Slot::kLmHead, 0), logits);
 }
 
 }  // namespace mixtral

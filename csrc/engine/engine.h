@@ -12,6 +12,7 @@
 // permute interleaved checkpoints before calling load_weight.
 #pragma once
 
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -78,6 +79,15 @@ class Engine {
   // out: [n, V] when all_logits, else [V] for the last token. On any error the
   // sequence keeps its previous length.
   void append(int sequence, const int32_t* tokens, int64_t n, bool all_logits, float* out);
+  // ---- sampling on the device (logits stay there; a few bytes come back) ----
+  // A sampler for one generation: settings, seed, and its state (seen, counts) on the device,
+  // with the prompt's tokens marked seen. Returns its handle.
+  int create_sampler(const SamplingParams& params, uint64_t seed, const int32_t* prompt, int64_t n);
+  void release_sampler(int sampler);
+  // append() of the tokens, then the next token drawn by the sampler (its step'th draw).
+  SampledToken append_sample(int sequence, const int32_t* tokens, int64_t n, int sampler);
+  int num_samplers() const { return static_cast<int>(samplers_.size()); }
+
   const KvCacheManager& kv_cache() const { return kv_; }
   size_t kv_cache_bytes() const { return kv_bytes_; }
 
@@ -90,8 +100,20 @@ class Engine {
   Tensor weight(Slot slot, int64_t layer) const;  // [rows, cols], or [E, rows, cols] for experts
   Tensor norm_weight(Slot slot, int64_t layer) const;  // [H]
   KvLayer kv_layer(int64_t layer) const;
-  void run_chunk(int sequence, const int32_t* tokens, int64_t n, int64_t start, bool all_logits,
-                 float* out);
+  // Runs the tokens in chunks. Logits: all_logits -> [n, V] to host_out; else the last
+  // token's [V] to host_out, or left in logits_ row 0 when host_out is null.
+  void forward(int sequence, const int32_t* tokens, int64_t n, bool all_logits, float* host_out);
+  // One chunk; leaves float32 logits of the last logit_rows tokens in logits_ rows [0, logit_rows).
+  void run_chunk(int sequence, const int32_t* tokens, int64_t n, int64_t start, int64_t logit_rows);
+
+  struct SamplerState {
+    SamplingParams params;
+    uint64_t seed;
+    uint64_t step;
+    void* state;  // on the device: seen [V] then counts [V], int32
+  };
+  std::map<int, SamplerState> samplers_;
+  int next_sampler_ = 0;
 
   ModelConfig config_;
   EngineOptions options_;
@@ -113,6 +135,7 @@ class Engine {
   Tensor expert_offsets_, permuted_to_expanded_, expanded_to_permuted_;  // [E+1], [T*k], [T*k]
   Tensor expert_in_, gate_up_, expert_act_, expert_out_;  // [T*k, H], [T*k, 2F], [T*k, F], [T*k, H]
   Tensor logits_;  // [T, V] float32
+  Tensor sampled_token_, sampled_logprob_, top_ids_, top_logprobs_;  // [1] i32, [1] f32, [20] i32, [20] f32
 };
 
 }  // namespace mixtral

@@ -182,18 +182,27 @@ class Engine:
         with self._lock:
             seq = self._core.create_sequence()
             try:
-                return self._append(seq, ids, True)
+                return self._retry_when_full(lambda: self._core.append(seq, ids, True))
             finally:
                 self._core.release_sequence(seq)
 
-    def _append(self, handle: int, ids: np.ndarray, all_logits: bool) -> np.ndarray:
-        """Runs ids on a core sequence; when the KV cache is full, frees the prefix cache and tries once more."""
+    def _retry_when_full(self, run):
+        """run(); when the KV cache is full, frees the prefix cache and runs it once more."""
         try:
-            return self._core.append(handle, ids, all_logits)
-        except KvCacheFullError:  # the failed append changed nothing
+            return run()
+        except KvCacheFullError:  # the failed run changed nothing
             if not self._generation.drop_idle():
                 raise
-            return self._core.append(handle, ids, all_logits)
+            return run()
+
+    def _new_sampler(self, params, seed: int, prompt_ids: list[int]) -> int:
+        """A core sampler (its state on the device) for one generation; release it with _release_sampler."""
+        with self._lock:
+            return self._core.create_sampler(params, seed, np.asarray(prompt_ids, dtype=np.int32))
+
+    def _release_sampler(self, sampler: int) -> None:
+        with self._lock:
+            self._core.release_sampler(sampler)
 
     # ---- text ------------------------------------------------------------------
 
@@ -364,10 +373,21 @@ class Sequence:
 
     def append(self, token_ids: SequenceType[int]) -> np.ndarray:
         """Runs the tokens after the current end; returns float32 logits [vocab_size] after the last one."""
-        engine = self._engine
-        ids = engine.token_array(token_ids)
+        ids = self._engine.token_array(token_ids)
         if ids.size == 0:
             raise TokenError("append() needs at least one token id")
+        return self._run(ids, lambda handle: self._engine._core.append(handle, ids, False))
+
+    def _append_sample(self, token_ids: list[int], sampler: int) -> tuple:
+        """append() with no logits coming back: the engine's sampler draws the next token on the
+        device. token_ids come from a generation, already checked. Returns (token, logprob, top_ids,
+        top_logprobs)."""
+        ids = np.asarray(token_ids, dtype=np.int32)
+        return self._run(ids, lambda handle: self._engine._core.append_sample(handle, ids, sampler))
+
+    def _run(self, ids: np.ndarray, call):
+        """call(handle) under the engine lock once ids fit in the context; records ids after it succeeds."""
+        engine = self._engine
         with engine._lock:
             handle = self._live_handle()
             if len(self._tokens) + ids.size > engine.max_context:
@@ -375,9 +395,9 @@ class Sequence:
                     f"context overflow: {len(self._tokens)} cached + {ids.size} new tokens exceed "
                     f"max_context {engine.max_context}"
                 )
-            logits = engine._append(handle, ids, False)
+            result = engine._retry_when_full(lambda: call(handle))
             self._tokens.extend(ids.tolist())
-            return logits
+            return result
 
     def truncate(self, length: int) -> None:
         """Keeps the first `length` tokens and frees the KV pages past them."""

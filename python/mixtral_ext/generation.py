@@ -1,8 +1,8 @@
 """Text generation on an Engine: sampling settings, the token loop with stop
 strings and stop tokens, streaming deltas, and prefix reuse (the engine keeps
 the KV cache of its last prompt + output; a new prompt that shares a prefix
-with it prefills only the rest). Token ids are Python ints; logits are float32
-numpy arrays [vocab_size] from the engine."""
+with it prefills only the rest). Tokens are drawn by the engine's sampler on
+the engine's device (core/sampling.h), so logits never come back to Python."""
 
 from __future__ import annotations
 
@@ -12,8 +12,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
-
-import numpy as np
 
 from . import _C
 from .errors import ContextOverflowError, SettingError, ShapeError
@@ -209,7 +207,7 @@ class GenerationSession:
         return True
 
     @staticmethod
-    def _prefill(seq, prompt_ids: list[int], progress: Progress) -> np.ndarray:
+    def _prefill(seq, prompt_ids: list[int], progress: Progress, sampler: int) -> tuple:
         shared = 0
         for a, b in zip(seq.tokens, prompt_ids):
             if a != b:
@@ -218,7 +216,7 @@ class GenerationSession:
         shared = min(shared, len(prompt_ids) - 1)  # the last prompt token is run again for its logits
         seq.truncate(shared)
         progress.cached_tokens = shared
-        return seq.append(prompt_ids[shared:])
+        return seq._append_sample(prompt_ids[shared:], sampler)
 
     def stream(self, prompt_ids: list[int], settings: SamplingSettings, progress: Progress,
                cancel: threading.Event | None = None, tool_calls_id: int | None = None) -> Iterator[Delta]:
@@ -233,8 +231,6 @@ class GenerationSession:
                 f"the prompt has {len(prompt_ids)} tokens; max_context {engine.max_context} leaves no room to generate"
             )
         seed = settings.seed if settings.seed is not None else int.from_bytes(os.urandom(8), "little")
-        sampler = _C.Sampler(engine.config.vocab_size, settings.core_params(), seed)
-        sampler.add_prompt(np.asarray(prompt_ids, dtype=np.int32))
         stop_ids = set(settings.stop_token_ids) | ({tokenizer.eos_id} if tokenizer else set())
         decoder = StreamDecoder(tokenizer) if tokenizer else None
         matcher = _StopMatcher(settings.stop)
@@ -243,11 +239,12 @@ class GenerationSession:
             return (matcher.feed(decoder.flush())[0] + matcher.flush()) if decoder else ""
 
         progress.prompt_tokens, progress.start = len(prompt_ids), time.perf_counter()
+        sampler = engine._new_sampler(settings.core_params(), seed, prompt_ids)
         seq, finished = self._lease(), False
         try:
-            logits = self._prefill(seq, prompt_ids, progress)
+            drawn = self._prefill(seq, prompt_ids, progress, sampler)
             while True:
-                token, logprob, top_ids, top_lps = sampler.sample(logits)
+                token, logprob, top_ids, top_lps = drawn
                 progress.first_token = progress.first_token or time.perf_counter()
                 progress.token_ids.append(token)
                 top = dict(zip(top_ids, top_lps)) if settings.logprobs else None
@@ -272,7 +269,8 @@ class GenerationSession:
                     yield Delta(text + held_back_text(), token, logprob, top, "length")
                     return
                 yield Delta(text, token, logprob, top)
-                logits = seq.append([token])
+                drawn = seq._append_sample([token], sampler)
         finally:
             progress.end = time.perf_counter()
+            engine._release_sampler(sampler)
             self._give_back(seq, keep=finished)

@@ -1,5 +1,5 @@
-// Host token sampling (see engine/sampler.h for the steps and conventions).
-#include "engine/sampler.h"
+// Host token sampling (see core/sampling.h for the steps and conventions).
+#include "core/sampling.h"
 
 #include <algorithm>
 #include <cmath>
@@ -21,38 +21,20 @@ void SamplingParams::validate() const {
            "presence_penalty must be in [-2, 2], got " << presence_penalty);
   MX_CHECK(std::isfinite(frequency_penalty) && std::fabs(frequency_penalty) <= 2, ShapeError,
            "frequency_penalty must be in [-2, 2], got " << frequency_penalty);
-  MX_CHECK(logprobs >= 0 && logprobs <= 20, ShapeError, "logprobs must be in [0, 20], got " << logprobs);
+  MX_CHECK(logprobs >= 0 && logprobs <= kMaxLogprobs, ShapeError, "logprobs must be in [0, " << kMaxLogprobs << "], got " << logprobs);
 }
 
-Sampler::Sampler(int64_t vocab_size, const SamplingParams& params, uint64_t seed)
-    : vocab_size_(vocab_size), params_(params), rng_(seed), seen_(vocab_size, 0), output_counts_(vocab_size, 0) {
-  params_.validate();
-}
-
-void Sampler::add_prompt(const int32_t* tokens, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    MX_CHECK(tokens[i] >= 0 && tokens[i] < vocab_size_, TokenError,
-             "token id " << tokens[i] << " is outside the vocabulary [0, " << vocab_size_ << ")");
-    seen_[tokens[i]] = 1;
-  }
-}
-
-SampledToken Sampler::sample(const float* raw) {
-  const int64_t V = vocab_size_;
-  const SamplingParams& p = params_;
+SampledToken sample_token(const float* raw, int64_t vocab_size, const SamplingParams& p, uint64_t seed,
+                          uint64_t step, int32_t* seen, int32_t* counts) {
+  const int64_t V = vocab_size;
   // Raw log-softmax for the reported logprobs.
   const float raw_max = *std::max_element(raw, raw + V);
   double raw_sum = 0.0;
   for (int64_t i = 0; i < V; ++i) raw_sum += std::exp(double(raw[i]) - raw_max);
   const float log_norm = raw_max + static_cast<float>(std::log(raw_sum));
 
-  std::vector<float> logits(raw, raw + V);
-  for (int64_t i = 0; i < V; ++i) {
-    if (p.repetition_penalty != 1.0f && seen_[i])
-      logits[i] = logits[i] > 0 ? logits[i] / p.repetition_penalty : logits[i] * p.repetition_penalty;
-    if (output_counts_[i] > 0)
-      logits[i] -= p.presence_penalty + p.frequency_penalty * static_cast<float>(output_counts_[i]);
-  }
+  std::vector<float> logits(V);
+  for (int64_t i = 0; i < V; ++i) logits[i] = penalized_logit(raw[i], seen[i], counts[i], p);
 
   int32_t chosen;
   if (p.temperature == 0.0f) {
@@ -90,13 +72,20 @@ SampledToken Sampler::sample(const float* raw) {
         }
       }
     }
-    std::vector<double> weights(cut);
-    for (int64_t j = 0; j < cut; ++j) weights[j] = prob[order[j]];
-    std::discrete_distribution<int64_t> draw(weights.begin(), weights.end());
-    chosen = order[draw(rng_)];
+    double kept = 0.0;
+    for (int64_t j = 0; j < cut; ++j) kept += prob[order[j]];
+    const double target = uniform01(seed, step) * kept;
+    double cumulative = 0.0;
+    chosen = order[cut - 1];  // where rounding leaves the target past the last cumulative sum
+    for (int64_t j = 0; j < cut; ++j) {
+      if ((cumulative += prob[order[j]]) > target) {
+        chosen = order[j];
+        break;
+      }
+    }
   }
-  ++output_counts_[chosen];
-  seen_[chosen] = 1;
+  ++counts[chosen];
+  seen[chosen] = 1;
 
   SampledToken result{chosen, raw[chosen] - log_norm, {}, {}};
   if (p.logprobs > 0) {

@@ -1,0 +1,194 @@
+// Token sampling on the device (the steps of core/sampling.h; the host
+// function sample_token there is its twin). One block of 1024 threads reads
+// logits [V] float32 and the generation's state, seen and counts [V] int32,
+// and writes the token, its logprob and the top-n logprobs, then records the
+// token in the state, so the logits never leave the GPU. top_k and top_p
+// become thresholds found by bisection over the order-preserving integer keys
+// of the floats (32 rounds each, exact up to ties); the draw walks the kept
+// tokens in id order.
+#include <cfloat>
+
+#include "cuda/cuda_check.cuh"
+#include "cuda/kernels.cuh"
+
+namespace mixtral::cuda {
+
+namespace {
+
+constexpr int kThreads = 1024;
+
+// Unsigned keys ordered as the floats are (negative floats below positive ones).
+__device__ __forceinline__ uint32_t order_key(float f) {
+  const uint32_t bits = __float_as_uint(f);
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+struct Best {
+  float value;
+  int32_t index;
+};
+
+// The larger value, ties to the lower index.
+__device__ __forceinline__ Best better(Best a, Best b) {
+  return (b.value > a.value || (b.value == a.value && b.index < a.index)) ? b : a;
+}
+
+__device__ Best block_best(Best v) {
+  __shared__ float values[32];
+  __shared__ int32_t indices[32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int offset = 16; offset > 0; offset /= 2)
+    v = better(v, Best{__shfl_xor_sync(0xffffffffu, v.value, offset), __shfl_xor_sync(0xffffffffu, v.index, offset)});
+  __syncthreads();
+  if (lane == 0) values[warp] = v.value, indices[warp] = v.index;
+  __syncthreads();
+  v = lane < kThreads / 32 ? Best{values[lane], indices[lane]} : Best{-FLT_MAX, INT32_MAX};
+  for (int offset = 16; offset > 0; offset /= 2)
+    v = better(v, Best{__shfl_xor_sync(0xffffffffu, v.value, offset), __shfl_xor_sync(0xffffffffu, v.index, offset)});
+  return v;
+}
+
+__device__ float block_total(float v) {
+  __shared__ float partial[32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  __syncthreads();
+  if (lane == 0) partial[warp] = v;
+  __syncthreads();
+  v = lane < kThreads / 32 ? partial[lane] : 0.0f;
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// The largest key t with measure(t) >= goal, for a measure that does not grow with t.
+template <typename Measure>
+__device__ uint32_t largest_key_reaching(float goal, Measure measure) {
+  uint64_t low = 0, high = 0xFFFFFFFFull;
+  while (low < high) {
+    const uint64_t mid = low + (high - low + 1) / 2;
+    if (measure(static_cast<uint32_t>(mid)) >= goal) low = mid;
+    else high = mid - 1;
+  }
+  return static_cast<uint32_t>(low);
+}
+
+__global__ void __launch_bounds__(kThreads) sample_kernel(const float* raw, int vocab, SamplingParams p, uint64_t seed,
+                                                          uint64_t step, int32_t* seen, int32_t* counts,
+                                                          int32_t* token_out, float* logprob_out, int32_t* top_ids,
+                                                          float* top_logprobs) {
+  __shared__ float range_mass[kThreads];
+  __shared__ int32_t chosen_shared;
+  __shared__ float kept_mass;
+  const int tid = threadIdx.x;
+  const int chunk = (vocab + kThreads - 1) / kThreads;
+  const int begin = min(vocab, tid * chunk), end = min(vocab, begin + chunk);
+  auto adjusted = [&](int i) { return penalized_logit(raw[i], seen[i], counts[i], p); };
+
+  // Raw log-softmax normaliser, for the logprobs.
+  Best raw_best{-FLT_MAX, INT32_MAX};
+  for (int i = begin; i < end; ++i) raw_best = better(raw_best, Best{raw[i], i});
+  const float raw_max = block_best(raw_best).value;
+  float raw_sum = 0.0f;
+  for (int i = begin; i < end; ++i) raw_sum += expf(raw[i] - raw_max);
+  const float log_norm = raw_max + logf(block_total(raw_sum));
+
+  Best adjusted_best{-FLT_MAX, INT32_MAX};
+  for (int i = begin; i < end; ++i) adjusted_best = better(adjusted_best, Best{adjusted(i), i});
+  const Best top = block_best(adjusted_best);
+  if (p.temperature == 0.0f) {
+    if (tid == 0) chosen_shared = top.index;
+  } else {
+    const float inv_temperature = 1.0f / p.temperature, top_scaled = top.value * inv_temperature;
+    uint32_t logit_key = 0;  // top_k: keep logits whose key is at least this
+    if (p.top_k > 0 && p.top_k < vocab) {
+      logit_key = largest_key_reaching(static_cast<float>(p.top_k), [&](uint32_t key) {
+        float count = 0.0f;
+        for (int i = begin; i < end; ++i) count += order_key(adjusted(i)) >= key ? 1.0f : 0.0f;
+        return block_total(count);
+      });
+    }
+    auto prob = [&](int i, float logit) {  // relative to the most likely token (which has 1)
+      return order_key(logit) >= logit_key ? expf(logit * inv_temperature - top_scaled) : 0.0f;
+    };
+    float mass = 0.0f;
+    for (int i = begin; i < end; ++i) mass += prob(i, adjusted(i));
+    const float total = block_total(mass);
+    uint32_t prob_key = 0;  // top_p and min_p: keep probabilities whose key is at least this
+    if (p.top_p < 1.0f) {
+      prob_key = largest_key_reaching(p.top_p * total, [&](uint32_t key) {
+        float kept = 0.0f;
+        for (int i = begin; i < end; ++i) {
+          const float q = prob(i, adjusted(i));
+          kept += order_key(q) >= key ? q : 0.0f;
+        }
+        return block_total(kept);
+      });
+    }
+    if (p.min_p > 0.0f) prob_key = max(prob_key, order_key(p.min_p));
+    auto kept_prob = [&](int i) {
+      const float q = prob(i, adjusted(i));
+      return q > 0.0f && order_key(q) >= prob_key ? q : 0.0f;
+    };
+    float own = 0.0f;
+    for (int i = begin; i < end; ++i) own += kept_prob(i);
+    range_mass[tid] = own;
+    __syncthreads();
+    if (tid == 0) {  // exclusive prefix sums of the threads' ranges, in id order
+      float running = 0.0f;
+      for (int t = 0; t < kThreads; ++t) {
+        const float m = range_mass[t];
+        range_mass[t] = running;
+        running += m;
+      }
+      kept_mass = running;
+      chosen_shared = top.index;  // kept; the answer should rounding leave the target past the end
+    }
+    __syncthreads();
+    const float target = static_cast<float>(uniform01(seed, step)) * kept_mass;  // in exactly one thread's range
+    float cumulative = range_mass[tid];
+    if (own > 0.0f && cumulative <= target && target < cumulative + own) {
+      for (int i = begin; i < end; ++i) {
+        const float q = kept_prob(i);
+        if (q > 0.0f && (cumulative += q) > target) {
+          chosen_shared = i;
+          break;
+        }
+      }
+    }
+  }
+  __syncthreads();
+  const int32_t chosen = chosen_shared;
+
+  // The n most likely tokens under the raw logits, most likely first.
+  int32_t previous = -1;
+  float previous_value = FLT_MAX;
+  for (int j = 0; j < p.logprobs && j < vocab; ++j) {
+    Best best{-FLT_MAX, INT32_MAX};
+    for (int i = begin; i < end; ++i) {
+      const bool after = raw[i] < previous_value || (raw[i] == previous_value && i > previous);
+      if (after) best = better(best, Best{raw[i], i});
+    }
+    best = block_best(best);
+    if (tid == 0) top_ids[j] = best.index, top_logprobs[j] = best.value - log_norm;
+    previous = best.index, previous_value = best.value;
+  }
+  __syncthreads();  // every thread is done reading seen and counts
+  if (tid == 0) {
+    *token_out = chosen;
+    *logprob_out = raw[chosen] - log_norm;
+    counts[chosen] += 1;
+    seen[chosen] = 1;
+  }
+}
+
+}  // namespace
+
+void launch_sample(const float* logits, int64_t vocab, const SamplingParams& params, uint64_t seed, uint64_t step,
+                   int32_t* seen, int32_t* counts, int32_t* token, float* logprob, int32_t* top_ids,
+                   float* top_logprobs, cudaStream_t stream) {
+  sample_kernel<<<1, kThreads, 0, stream>>>(logits, static_cast<int>(vocab), params, seed, step, seen, counts, token,
+                                            logprob, top_ids, top_logprobs);
+  CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace mixtral::cuda
