@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one command to run on a GPU machine (no network there): builds the extension for sm_90a
-# with every core, runs the GPU tests, runs the op benchmarks, prints a short table last and
-# writes full logs under $OUT (default: a new temporary folder).
+# with every core, runs the GPU tests, the op benchmarks and an engine benchmark (synthetic
+# 8x22B widths), prints a short table last and writes full logs under $OUT (default: a new
+# temporary folder).
 #   MEMCHECK=1  also runs the GPU tests under compute-sanitizer memcheck (slow)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -35,5 +36,9 @@ fi
 step "op benchmarks"
 (cd "$OUT" && python "$OLDPWD/benchmarks/bench_ops.py" --out "$OUT") > "$OUT/bench_ops.log" 2>&1 || status=1
 grep -E "^\|| copy " "$OUT/bench_ops.log" || tail -20 "$OUT/bench_ops.log"
+step "engine: synthetic 8x22B widths, 4 layers, 2048-token prompt"
+(cd "$OUT" && python -m mixtral_ext bench --device cuda --shape 8x22b --layers 4 --prompt-tokens 2048 \
+   --new-tokens 64 --json "$OUT/bench_engine.json") > "$OUT/bench_engine.log" 2>&1 || status=1
+tail -1 "$OUT/bench_engine.log"
 echo "logs: $OUT; GPU tests: $(tail -1 "$OUT/gpu_tests.log")"
 exit $status

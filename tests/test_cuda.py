@@ -280,6 +280,18 @@ def test_greedy_generation_equals_cpu_and_seeded_sampling_repeats(device_engines
             assert engine.generate(prompt, max_tokens=30, temperature=0).token_ids == cpu.token_ids
 
 
+def test_synthetic_engine_matches_the_cpu_one(device_engines):
+    from dataclasses import replace
+
+    from mixtral_ext.synthetic import DEMO_CONFIG
+
+    config = replace(DEMO_CONFIG, num_layers=2)
+    ids = random_tokens(40, config.vocab_size, seed=35)
+    cpu = mixtral_ext.Engine.synthetic(config, max_context=64, seed=7).logits(ids)
+    device = mixtral_ext.Engine.synthetic(config, device=DEVICE, dtype="float32", max_context=64, seed=7).logits(ids)
+    assert_close(device, cpu, 1e-4)
+
+
 def test_device_out_of_memory_is_an_exception(tiny_dir, device_engines):
     with pytest.raises(mixtral_ext.DeviceOutOfMemoryError, match="out of memory"):
         mixtral_ext.Engine.from_pretrained(tiny_dir, device=DEVICE, max_context=256, kv_cache_tokens=2**31 - 1)

@@ -279,3 +279,27 @@ def test_a_full_cache_evicts_the_prefix_cache_first(tmp_path):
         seq.append(random_tokens(60, 32768))
         with engine.new_sequence() as other, pytest.raises(mixtral_ext.KvCacheFullError):
             other.append(random_tokens(10, 32768))
+
+
+def test_synthetic_engine_and_bench_command(tmp_path, capsys):
+    import json
+
+    from mixtral_ext.__main__ import main
+
+    config = replace(DEMO_CONFIG, hidden_size=64, num_layers=2, head_dim=16, intermediate_size=96)
+    a, b = (mixtral_ext.Engine.synthetic(config, max_context=64, seed=s) for s in (3, 3))
+    ids = random_tokens(12, 32768, seed=4)
+    logits = a.logits(ids)
+    assert np.isfinite(logits).all() and logits.std() > 0.1
+    np.testing.assert_array_equal(logits, b.logits(ids))  # the seed decides every weight
+    assert not np.array_equal(logits, mixtral_ext.Engine.synthetic(config, max_context=64, seed=4).logits(ids))
+    result = a.generate(ids, max_tokens=20, temperature=0, ignore_eos=True)
+    assert len(result.token_ids) == 20 and result.finish_reason == "length"
+    with pytest.raises(mixtral_ext.SettingError, match="ignore_eos"):
+        a.generate(ids, ignore_eos="yes")
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--shape", "demo", "--layers", "1", "--prompt-tokens", "9", "--new-tokens", "4",
+                 "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["new_tokens"] == 4 and report["layers"] == 1 and report["decode_tokens_per_s"] > 0
+    assert "tokens/s" in capsys.readouterr().out

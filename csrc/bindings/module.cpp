@@ -136,6 +136,10 @@ PYBIND11_MODULE(_C, m) {
       .def("load_weight", &load_weight, py::arg("slot"), py::arg("layer"), py::arg("expert"),
            py::arg("row_offset"), py::arg("source"), py::arg("source_dtype"))
       .def("missing_weights", &Engine::missing_weights)
+      .def("init_random", [](Engine& e, uint64_t seed) {
+        py::gil_scoped_release release;
+        e.init_random(seed);
+      }, py::arg("seed"))
       .def_property_readonly("weight_bytes", &Engine::weight_bytes)
       .def_property_readonly("kv_cache_bytes", &Engine::kv_cache_bytes)
       .def_property_readonly("device", [](Engine& e) { return e.backend().name(); })

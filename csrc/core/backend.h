@@ -49,6 +49,9 @@ class MX_EXPORT Backend {
   virtual void copy_to_host(void* host_dst, const void* src, size_t bytes) = 0;
   virtual void synchronize() = 0;
 
+  // t[i] = uniform_in(seed, i, low, high) (core/random.h), rounded to t's dtype; t contiguous.
+  virtual void fill_uniform(Tensor& t, uint64_t seed, float low, float high) = 0;
+
   // ---- operations ----
   // out[t] = table[ids[t]]; table [V, H], ids [T] int32 (already range-checked), out [T, H].
   virtual void embedding(const Tensor& table, const Tensor& ids, Tensor& out) = 0;

@@ -19,11 +19,7 @@
 #include <cstdint>
 #include <vector>
 
-#if defined(__CUDACC__)
-#define MX_HOST_DEVICE __host__ __device__
-#else
-#define MX_HOST_DEVICE
-#endif
+#include "core/random.h"
 
 namespace mixtral {
 
@@ -47,15 +43,6 @@ struct SampledToken {
   std::vector<int32_t> top_tokens;     // the `logprobs` most likely tokens, most likely first
   std::vector<float> top_logprobs;
 };
-
-// A uniform double in [0, 1) from (seed, step): splitmix64 of the pair, 53 bits.
-MX_HOST_DEVICE inline double uniform01(uint64_t seed, uint64_t step) {
-  uint64_t z = seed + 0x9E3779B97F4A7C15ull * (step + 1);
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  z ^= z >> 31;
-  return static_cast<double>(z >> 11) * (1.0 / 9007199254740992.0);
-}
 
 // The logit after the penalties of step 1.
 MX_HOST_DEVICE inline float penalized_logit(float logit, int32_t seen, int32_t count, const SamplingParams& p) {

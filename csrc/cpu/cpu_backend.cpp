@@ -97,6 +97,13 @@ void CpuBackend::copy_to_host(void* host_dst, const void* src, size_t bytes) {
 
 // ---- dense operations -----------------------------------------------------------
 
+void CpuBackend::fill_uniform(Tensor& t, uint64_t seed, float low, float high) {
+  MX_CHECK(is_float(t.dtype) && t.contiguous(), ShapeError, "fill_uniform: a contiguous float tensor expected");
+  const int64_t n = t.numel();
+#pragma omp parallel for schedule(static) if (n > kParallelWork)
+  for (int64_t i = 0; i < n; ++i) store_scalar(t.data, t.dtype, i, uniform_in(seed, uint64_t(i), low, high));
+}
+
 void CpuBackend::embedding(const Tensor& table, const Tensor& ids, Tensor& out) {
   check_embedding(table, ids, out);
   const int64_t vocab = table.shape[0], hidden = table.shape[1];

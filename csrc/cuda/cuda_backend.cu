@@ -78,6 +78,14 @@ void CudaBackend::copy_to_host(void* host_dst, const void* src, size_t bytes) {
 
 void CudaBackend::synchronize() { CUDA_CHECK(cudaStreamSynchronize(runtime_.stream())); }
 
+void CudaBackend::fill_uniform(Tensor& t, uint64_t seed, float low, float high) {
+  MX_CHECK(is_float(t.dtype) && t.contiguous(), ShapeError, "fill_uniform: a contiguous float tensor expected");
+  dispatch_device_float(t.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    launch_fill_uniform(t.ptr<T>(), t.numel(), seed, low, high, runtime_.stream());
+  });
+}
+
 // ---- dense --------------------------------------------------------------------------------
 
 void CudaBackend::embedding(const Tensor& table, const Tensor& ids, Tensor& out) {

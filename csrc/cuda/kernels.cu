@@ -49,7 +49,13 @@ __device__ float block_sum(float v) {
 
 unsigned blocks_for(int64_t items, int threads) { return static_cast<unsigned>((items + threads - 1) / threads); }
 
-// ---- embedding, norm ------------------------------------------------------------
+// ---- fill, embedding, norm -----------------------------------------------------------
+
+template <typename T>
+__global__ void fill_uniform_kernel(T* data, int64_t n, uint64_t seed, float low, float high) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    data[i] = from_f32<T>(uniform_in(seed, uint64_t(i), low, high));
+}
 
 template <typename T>
 __global__ void embedding_kernel(const T* table, const int32_t* ids, T* out, int64_t hidden) {
@@ -289,6 +295,14 @@ __global__ void expert_pointers_kernel(const int32_t* offsets, int num_experts, 
 // ---- launchers --------------------------------------------------------------------------
 
 template <typename T>
+void launch_fill_uniform(T* data, int64_t n, uint64_t seed, float low, float high, cudaStream_t stream) {
+  if (n == 0) return;
+  fill_uniform_kernel<<<static_cast<unsigned>(std::min<int64_t>(blocks_for(n, 256), 65536)), 256, 0, stream>>>(
+      data, n, seed, low, high);
+  CUDA_CHECK_LAUNCH();
+}
+
+template <typename T>
 void launch_embedding(const T* table, const int32_t* ids, T* out, int64_t tokens, int64_t hidden, cudaStream_t stream) {
   if (tokens == 0) return;
   embedding_kernel<<<static_cast<unsigned>(tokens), 256, 0, stream>>>(table, ids, out, hidden);
@@ -388,6 +402,7 @@ void launch_expert_pointers(const int32_t* expert_offsets, int num_experts, int6
 }
 
 #define MX_INSTANTIATE(T)                                                                                      \
+  template void launch_fill_uniform<T>(T*, int64_t, uint64_t, float, float, cudaStream_t);                     \
   template void launch_embedding<T>(const T*, const int32_t*, T*, int64_t, int64_t, cudaStream_t);            \
   template void launch_add_rmsnorm<T>(T*, const T*, const T*, float, T*, int64_t, int64_t, cudaStream_t);     \
   template void launch_rope_kv_append<T>(T*, int64_t, int64_t, const AttentionShape&, const int32_t*, float,  \

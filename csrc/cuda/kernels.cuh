@@ -24,6 +24,10 @@ void dispatch_device_float(DType dtype, Fn&& fn) {
   }
 }
 
+// data[i] = uniform_in(seed, i, low, high) (core/random.h), rounded to T.
+template <typename T>
+void launch_fill_uniform(T* data, int64_t n, uint64_t seed, float low, float high, cudaStream_t stream);
+
 // out[t] = table[ids[t]]: table [V, H], out [T, H].
 template <typename T>
 void launch_embedding(const T* table, const int32_t* ids, T* out, int64_t tokens, int64_t hidden, cudaStream_t stream);

@@ -9,6 +9,7 @@
 #include "engine/engine.h"
 
 #include <algorithm>
+#include <cmath>
 
 namespace mixtral {
 
@@ -196,6 +197,25 @@ std::vector<std::string> Engine::missing_weights() const {
     }
   }
   return missing;
+}
+
+void Engine::init_random(uint64_t seed) {
+  const float sqrt3 = std::sqrt(3.0f);
+  for (int s = 0; s < static_cast<int>(Slot::kCount); ++s) {
+    const SlotLayout& slot = slots_[s];
+    Tensor all(static_cast<char*>(weight_arena_) + slot.offset, options_.weight_dtype, backend_->device(),
+               {slot.count * slot.rows * slot.cols});
+    const Slot kind = static_cast<Slot>(s);
+    float low = 0.5f, high = 1.5f;  // norms
+    if (kind == Slot::kEmbed || kind == Slot::kRouter) {
+      low = -sqrt3, high = sqrt3;
+    } else if (kind != Slot::kFinalNorm && kind != Slot::kAttnNorm && kind != Slot::kFfnNorm) {
+      high = sqrt3 / std::sqrt(static_cast<float>(slot.cols)), low = -high;
+    }
+    backend_->fill_uniform(all, seed * 16 + s, low, high);
+    std::fill(rows_loaded_[s].begin(), rows_loaded_[s].end(), slot.rows);
+  }
+  backend_->synchronize();
 }
 
 Tensor Engine::weight(Slot slot, int64_t layer) const {

@@ -68,6 +68,10 @@ class Engine {
   void load_weight(const std::string& slot, int64_t layer, int64_t expert, int64_t row_offset,
                    const void* src, DType src_dtype, int64_t rows, int64_t cols);
   std::vector<std::string> missing_weights() const;  // slots not fully loaded
+  // Fills every slot with random weights on the device, no file needed (for benchmarks):
+  // linear weights uniform with std 1/sqrt(cols), embedding and router std 1 (decisive
+  // routing), norms in [0.5, 1.5).
+  void init_random(uint64_t seed);
   size_t weight_bytes() const { return weight_bytes_; }
 
   // ---- sequences ----

@@ -5,18 +5,25 @@
   generate --model DIR --prompt TEXT streams a completion from a model directory
   chat --model DIR                   an interactive multi-turn chat in the model's chat format
                                      (/reset starts over, /exit or end of input quits)
+  bench [--model DIR | --shape S]    time to first token and tokens/s, for a model directory or a
+                                     synthetic model (random weights made on the device) of shape
+                                     demo, 8x7b or 8x22b, optionally with fewer --layers
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 import tempfile
 import time
 
+import numpy as np
+
 from .engine import Engine
 from .errors import MixtralError
-from .synthetic import write_random_checkpoint
+from .synthetic import SHAPES, write_random_checkpoint
 
 
 def stream_to_stdout(engine: Engine, prompt: str, args: argparse.Namespace) -> None:
@@ -70,6 +77,36 @@ def chat_loop(engine: Engine, args: argparse.Namespace) -> None:
               file=sys.stderr)
 
 
+def bench(args: argparse.Namespace) -> dict:
+    """Prefill of a random prompt, then greedy decode past EOS; returns the measurements."""
+    if args.model:
+        engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
+                                        max_context=args.prompt_tokens + args.new_tokens)
+        name = args.model
+    else:
+        config = SHAPES[args.shape]
+        if args.layers:
+            config = dataclasses.replace(config, num_layers=args.layers)
+        engine = Engine.synthetic(config, device=args.device, dtype=args.dtype,
+                                  max_context=args.prompt_tokens + args.new_tokens, max_batch_tokens=args.prompt_tokens)
+        name = f"synthetic {args.shape}, {config.num_layers} layers"
+    prompt = np.random.default_rng(0).integers(3, engine.config.vocab_size, args.prompt_tokens).tolist()
+    engine.generate(prompt[:8], max_tokens=2, temperature=0, ignore_eos=True)  # warm-up
+    engine.clear_prefix_cache()
+    result = engine.generate(prompt, max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
+    layers = engine.config.num_layers
+    ms_per_token = 1e3 / result.tokens_per_second
+    report = dict(model=name, device=engine.device, layers=layers, prompt_tokens=args.prompt_tokens,
+                  new_tokens=len(result.token_ids), time_to_first_token_ms=1e3 * result.time_to_first_token,
+                  prefill_tokens_per_s=args.prompt_tokens / result.time_to_first_token,
+                  decode_tokens_per_s=result.tokens_per_second, decode_ms_per_token=ms_per_token,
+                  decode_ms_per_layer=ms_per_token / layers)
+    print(f"{name} on {engine.device}: first token after {report['time_to_first_token_ms']:.1f} ms "
+          f"({report['prefill_tokens_per_s']:.0f} prompt tokens/s); decode {report['decode_tokens_per_s']:.1f} "
+          f"tokens/s = {ms_per_token:.2f} ms/token, {report['decode_ms_per_layer']:.3f} ms per layer")
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mixtral-ext", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -83,6 +120,16 @@ def main(argv: list[str] | None = None) -> int:
         command.add_argument("--model", required=True)
         command.add_argument("--dtype", default=None)
         command.add_argument("--max-context", type=int, default=None)
+    timing = sub.add_parser("bench", help="time to first token and tokens/s")
+    source = timing.add_mutually_exclusive_group()
+    source.add_argument("--model", default=None, help="a model directory")
+    source.add_argument("--shape", choices=sorted(SHAPES), default="demo", help="a synthetic model's shape")
+    timing.add_argument("--layers", type=int, default=None, help="synthetic: this many layers")
+    timing.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    timing.add_argument("--dtype", default=None)
+    timing.add_argument("--prompt-tokens", type=int, default=128)
+    timing.add_argument("--new-tokens", type=int, default=32)
+    timing.add_argument("--json", default=None, help="also write the measurements to this file")
     for command in (demo, generate, chat):
         command.add_argument("--max-tokens", type=int, default=48 if command is not chat else 512)
         command.add_argument("--temperature", type=float, default=0.7)
@@ -90,6 +137,12 @@ def main(argv: list[str] | None = None) -> int:
         command.add_argument("--seed", type=int, default=None)
     args = parser.parse_args(argv)
     try:
+        if args.command == "bench":
+            report = bench(args)
+            if args.json:
+                with open(args.json, "w", encoding="utf-8") as f:
+                    json.dump(report, f, indent=2)
+            return 0
         if args.command == "chat":
             chat_loop(Engine.from_pretrained(args.model, dtype=args.dtype, max_context=args.max_context), args)
             return 0

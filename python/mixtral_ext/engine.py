@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import threading
+from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Iterable, Iterator, Sequence as SequenceType
 
 import numpy as np
@@ -36,10 +37,56 @@ from .weights import check_plan, load_into, open_checkpoint, tensor_plan
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
+@dataclass(frozen=True)
+class _EngineOptions:
+    """The checked construction settings shared by from_pretrained() and synthetic()."""
+
+    device: str
+    dtype: str
+    page_size: int
+    max_batch_tokens: int
+
+    @classmethod
+    def checked(cls, device, dtype, page_size, max_batch_tokens) -> "_EngineOptions":
+        if device not in ("cpu", "cuda"):
+            raise SettingError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        if dtype is None:
+            dtype = "float32" if device == "cpu" else "bfloat16"
+        if dtype not in _DTYPES:
+            raise SettingError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+        for name, value in (("page_size", page_size), ("max_batch_tokens", max_batch_tokens)):
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 2**31:
+                raise SettingError(f"{name} must be an integer in [1, 2^31), got {value!r}")
+        return cls(device, dtype, page_size, max_batch_tokens)
+
+    @staticmethod
+    def context(config: MixtralConfig, max_context, kv_cache_tokens) -> tuple[int, int]:
+        """max_context and kv_cache_tokens, defaulted and checked against the model."""
+        if max_context is None:
+            max_context = config.max_position_embeddings
+        if isinstance(max_context, bool) or not isinstance(max_context, int) or not 1 <= max_context <= config.max_position_embeddings:
+            raise SettingError(
+                f"max_context must be an integer in [1, {config.max_position_embeddings}] "
+                f"(the model's max_position_embeddings), got {max_context!r}"
+            )
+        if kv_cache_tokens is None:
+            kv_cache_tokens = max_context
+        if isinstance(kv_cache_tokens, bool) or not isinstance(kv_cache_tokens, int) or not 1 <= kv_cache_tokens < 2**31:
+            raise SettingError(f"kv_cache_tokens must be an integer in [1, 2^31), got {kv_cache_tokens!r}")
+        return max_context, kv_cache_tokens
+
+    def make_core(self, config: MixtralConfig, max_context: int, kv_cache_tokens: int):
+        # The CPU computes in float32 whatever the weights; the GPU in the weight dtype.
+        activation_dtype = "float32" if self.device == "cpu" else self.dtype
+        cuda_library = backend_library() if self.device == "cuda" else ""
+        return _C.Engine(config.to_core(), self.device, self.dtype, activation_dtype, max_context, kv_cache_tokens,
+                         self.page_size, self.max_batch_tokens, cuda_library)
+
+
 class Engine:
     """A Mixtral model loaded on one device, with its KV cache."""
 
-    def __init__(self, core, config: MixtralConfig, *, path: str, max_context: int) -> None:
+    def __init__(self, core, config: MixtralConfig, *, path: str | None, max_context: int) -> None:
         self._core = core
         self.config = config
         self.path = path
@@ -73,39 +120,15 @@ class Engine:
         progress: show a loading bar (default: for checkpoints of 256 MiB or more).
         """
         path = os.fspath(path)
-        if device not in ("cpu", "cuda"):
-            raise SettingError(f"device must be 'cpu' or 'cuda', got {device!r}")
-        if dtype is None:
-            dtype = "float32" if device == "cpu" else "bfloat16"
-        if dtype not in _DTYPES:
-            raise SettingError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
-        for name, value in (("page_size", page_size), ("max_batch_tokens", max_batch_tokens)):
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 2**31:
-                raise SettingError(f"{name} must be an integer in [1, 2^31), got {value!r}")
+        options = _EngineOptions.checked(device, dtype, page_size, max_batch_tokens)
         checkpoint = open_checkpoint(path)
         config = checkpoint.config
-        core_config = config.to_core()  # validates the config before any tensor is read
-        if max_context is None:
-            max_context = config.max_position_embeddings
-        if isinstance(max_context, bool) or not isinstance(max_context, int) or not 1 <= max_context <= config.max_position_embeddings:
-            raise SettingError(
-                f"max_context must be an integer in [1, {config.max_position_embeddings}] "
-                f"(the model's max_position_embeddings), got {max_context!r}"
-            )
-        if kv_cache_tokens is None:
-            kv_cache_tokens = max_context
-        if isinstance(kv_cache_tokens, bool) or not isinstance(kv_cache_tokens, int) or not 1 <= kv_cache_tokens < 2**31:
-            raise SettingError(f"kv_cache_tokens must be an integer in [1, 2^31), got {kv_cache_tokens!r}")
+        config.to_core()  # validates the config before any tensor is read
+        max_context, kv_cache_tokens = options.context(config, max_context, kv_cache_tokens)
         plan = tensor_plan(checkpoint)
         total_bytes = check_plan(checkpoint, plan)
-        # The CPU computes in float32 whatever the weights; the GPU in the weight dtype.
-        activation_dtype = "float32" if device == "cpu" else dtype
-        cuda_library = backend_library() if device == "cuda" else ""
         try:
-            core = _C.Engine(
-                core_config, device, dtype, activation_dtype,
-                max_context, kv_cache_tokens, page_size, max_batch_tokens, cuda_library,
-            )
+            core = options.make_core(config, max_context, kv_cache_tokens)
             load_into(core, checkpoint, plan, total_bytes, progress)
         except (ModelLoadError, DeviceError):  # a device error (out of memory included) keeps its type
             raise
@@ -114,6 +137,31 @@ class Engine:
         engine = cls(core, config, path=path, max_context=max_context)
         engine.loaded_bytes = total_bytes
         return engine
+
+    @classmethod
+    def synthetic(
+        cls,
+        config: MixtralConfig,
+        *,
+        device: str = "cpu",
+        dtype: str | None = None,
+        max_context: int | None = None,
+        kv_cache_tokens: int | None = None,
+        page_size: int = 16,
+        max_batch_tokens: int = 256,
+        seed: int = 0,
+    ) -> "Engine":
+        """A model of `config` with random weights made on the device itself (no file is read or
+        written): for benchmarks at real widths. Other arguments as from_pretrained(); its text
+        tokenizer is the one mistral-common ships for the vocabulary size."""
+        options = _EngineOptions.checked(device, dtype, page_size, max_batch_tokens)
+        config.to_core()
+        max_context, kv_cache_tokens = options.context(config, max_context, kv_cache_tokens)
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**60:
+            raise SettingError(f"seed must be an integer in [0, 2^60), got {seed!r}")
+        core = options.make_core(config, max_context, kv_cache_tokens)
+        core.init_random(seed)
+        return cls(core, config, path=None, max_context=max_context)
 
     # ---- properties ------------------------------------------------------------
 
@@ -255,15 +303,17 @@ class Engine:
         stop: str | SequenceType[str] | None = None,
         stop_token_ids: SequenceType[int] | None = None,
         logprobs: int | None = None,
+        ignore_eos: bool = False,
     ) -> GenerationResult:
         """Generates from a prompt (text, or token ids); temperature 0 is greedy.
 
         Stops at EOS, a stop token id, a stop string (not included in the text) or after
-        max_tokens ("length"). logprobs=n also returns the n most likely tokens per step."""
+        max_tokens ("length"). logprobs=n also returns the n most likely tokens per step;
+        ignore_eos=True generates past EOS (for benchmarks)."""
         sampling = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                         repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                         frequency_penalty=frequency_penalty, seed=seed, stop=stop, stop_token_ids=stop_token_ids,
-                        logprobs=logprobs)
+                        logprobs=logprobs, ignore_eos=ignore_eos)
         progress = Progress()
         deltas = list(self._stream(prompt, sampling, progress))
         return GenerationResult(

@@ -34,6 +34,7 @@ class SamplingSettings:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     logprobs: int | None = None
+    ignore_eos: bool = False  # generate past EOS (benchmarks)
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "SamplingSettings":
@@ -64,6 +65,8 @@ class SamplingSettings:
                 bound = f"[{low}, {high}]" if high is not None else f">= {low}"
                 raise SettingError(f"{name} must be an integer {bound}, got {value!r}")
 
+        if not isinstance(self.ignore_eos, bool):
+            raise SettingError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
         integer("max_tokens", 1)
         integer("top_k", 0, 2**31 - 1)
         if self.logprobs is not None:
@@ -231,7 +234,7 @@ class GenerationSession:
                 f"the prompt has {len(prompt_ids)} tokens; max_context {engine.max_context} leaves no room to generate"
             )
         seed = settings.seed if settings.seed is not None else int.from_bytes(os.urandom(8), "little")
-        stop_ids = set(settings.stop_token_ids) | ({tokenizer.eos_id} if tokenizer else set())
+        stop_ids = set(settings.stop_token_ids) | ({tokenizer.eos_id} if tokenizer and not settings.ignore_eos else set())
         decoder = StreamDecoder(tokenizer) if tokenizer else None
         matcher = _StopMatcher(settings.stop)
 

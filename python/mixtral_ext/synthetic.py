@@ -1,7 +1,8 @@
 """Random-weight Mixtral checkpoints written without torch, in the Hugging Face
-layout (config.json + model.safetensors): for the demo and for benchmarks
-that need no downloaded model. Weights are drawn with a realistic spread
-(unit-variance activations, decisive routing), not zeros."""
+layout (config.json + model.safetensors): for the demo and for tests that need
+no downloaded model. Weights are drawn with a realistic spread (unit-variance
+activations, decisive routing), not zeros. Also the published models' shapes,
+for Engine.synthetic() (random weights made on the device, no file)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,16 @@ DEMO_CONFIG = MixtralConfig(
     rms_norm_eps=1e-5,
     max_position_embeddings=4096,
 )
+
+
+# The published models' widths (their config.json files).
+MIXTRAL_8X7B = MixtralConfig(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
+                             intermediate_size=14336, num_experts=8, experts_per_token=2, vocab_size=32000,
+                             rope_theta=1e6, rms_norm_eps=1e-5, max_position_embeddings=32768)
+MIXTRAL_8X22B = MixtralConfig(hidden_size=6144, num_layers=56, num_heads=48, num_kv_heads=8, head_dim=128,
+                              intermediate_size=16384, num_experts=8, experts_per_token=2, vocab_size=32768,
+                              rope_theta=1e6, rms_norm_eps=1e-5, max_position_embeddings=65536)
+SHAPES = {"demo": DEMO_CONFIG, "8x7b": MIXTRAL_8X7B, "8x22b": MIXTRAL_8X22B}
 
 
 def write_random_checkpoint(path: str | os.PathLike, config: MixtralConfig = DEMO_CONFIG, seed: int = 0) -> str:

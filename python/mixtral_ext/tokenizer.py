@@ -37,8 +37,10 @@ class Tokenizer:
         self._raw = self.mistral.instruct_tokenizer.tokenizer
 
     @classmethod
-    def for_model(cls, model_dir: str, vocab_size: int) -> "Tokenizer":
-        found = sorted(glob.glob(os.path.join(model_dir, "tokenizer.model.v*")) + glob.glob(os.path.join(model_dir, "tekken.json")))
+    def for_model(cls, model_dir: str | None, vocab_size: int) -> "Tokenizer":
+        """The tokenizer file in model_dir, else the one shipped for vocab_size (model_dir None: no directory)."""
+        found = [] if model_dir is None else sorted(
+            glob.glob(os.path.join(model_dir, "tokenizer.model.v*")) + glob.glob(os.path.join(model_dir, "tekken.json")))
         if found:
             return cls(found[-1])
         if vocab_size in _SHIPPED_BY_VOCAB:
