@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from conftest import random_tokens
 
+import pytest
+
 import mixtral_ext
 
 
@@ -46,3 +48,25 @@ def test_dropped_sequence_frees_its_pages(tiny_engine):
     seq.append(random_tokens(40, 101))
     del seq
     assert tiny_engine.kv_cache_info()["free_pages"] == before
+
+
+def test_kv_cache_sized_from_free_memory_and_memory_report(tiny_dir):
+    free, total = mixtral_ext._C.device_memory("cpu")
+    assert 0 < free <= total
+    per_token = 2 * 2 * 2 * 10 * 4  # layers x (k, v) x KV heads x head_dim x float32
+    fraction = 100 * per_token / free  # about a hundred tokens' worth of the free memory
+    engine = mixtral_ext.Engine.from_pretrained(tiny_dir, kv_cache_fraction=fraction, page_size=8)
+    report = engine.memory_report()
+    assert report["kv_bytes_per_token"] == per_token
+    assert 0 < report["kv_cache_tokens"] <= 112 and report["max_context"] <= report["kv_cache_tokens"]
+    assert report["free_kv_tokens"] == report["kv_cache_tokens"]
+    assert report["weight_bytes"] >= engine.config.parameter_count() * 4
+    with engine.new_sequence() as seq:
+        seq.append(list(range(1, 20)))
+        assert engine.memory_report()["free_kv_tokens"] == report["kv_cache_tokens"] - 24  # 3 pages of 8
+    with pytest.raises(mixtral_ext.DeviceOutOfMemoryError, match="max_context 500"):
+        mixtral_ext.Engine.from_pretrained(tiny_dir, kv_cache_fraction=fraction, max_context=500)
+    for bad in (dict(kv_cache_fraction=0.0), dict(kv_cache_fraction=1.5), dict(kv_cache_fraction="all"),
+                dict(kv_cache_fraction=0.5, kv_cache_tokens=64)):
+        with pytest.raises(mixtral_ext.SettingError, match="kv_cache"):
+            mixtral_ext.Engine.from_pretrained(tiny_dir, **bad)

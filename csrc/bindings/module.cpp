@@ -142,6 +142,11 @@ PYBIND11_MODULE(_C, m) {
       }, py::arg("seed"))
       .def_property_readonly("weight_bytes", &Engine::weight_bytes)
       .def_property_readonly("kv_cache_bytes", &Engine::kv_cache_bytes)
+      .def_property_readonly("workspace_bytes", &Engine::workspace_bytes)
+      .def("memory_info", [](Engine& e) {
+        const MemoryInfo info = e.backend().memory_info();
+        return py::make_tuple(info.free_bytes, info.total_bytes);
+      }, "(free, total) bytes of the engine's device now")
       .def_property_readonly("device", [](Engine& e) { return e.backend().name(); })
       .def_property_readonly("num_pages", [](const Engine& e) { return e.kv_cache().num_pages(); })
       .def_property_readonly("free_pages", [](const Engine& e) { return e.kv_cache().free_pages(); })
@@ -185,6 +190,11 @@ PYBIND11_MODULE(_C, m) {
       .def("validate", &SamplingParams::validate);
 
   bind_ops(m);
+
+  m.def("device_memory", [](const std::string& device, const std::string& cuda_library) {
+    const MemoryInfo info = make_backend(device, cuda_library)->memory_info();
+    return py::make_tuple(info.free_bytes, info.total_bytes);
+  }, py::arg("device"), py::arg("cuda_library") = "", "(free, total) bytes of a device, before any engine is made");
 
   m.def("probe_cuda", [](const std::string& library_path) {
     CudaProbe probe = probe_cuda_library(library_path);

@@ -32,6 +32,11 @@ struct KvLayer {
   int page_size = 0;
 };
 
+struct MemoryInfo {
+  size_t free_bytes;   // what the device could still allocate
+  size_t total_bytes;
+};
+
 class MX_EXPORT Backend {
  public:
   virtual ~Backend() = default;
@@ -48,6 +53,7 @@ class MX_EXPORT Backend {
   virtual void copy_from_host(void* dst, const void* host_src, size_t bytes) = 0;
   virtual void copy_to_host(void* host_dst, const void* src, size_t bytes) = 0;
   virtual void synchronize() = 0;
+  virtual MemoryInfo memory_info() = 0;
 
   // t[i] = uniform_in(seed, i, low, high) (core/random.h), rounded to t's dtype; t contiguous.
   virtual void fill_uniform(Tensor& t, uint64_t seed, float low, float high) = 0;

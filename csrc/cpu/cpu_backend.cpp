@@ -6,6 +6,10 @@
 // here since they are host-readable; a bad one raises instead of reading wild memory.
 #include "cpu/cpu_backend.h"
 
+#include <unistd.h>
+
+#include <fstream>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -96,6 +100,20 @@ void CpuBackend::copy_to_host(void* host_dst, const void* src, size_t bytes) {
 }
 
 // ---- dense operations -----------------------------------------------------------
+
+MemoryInfo CpuBackend::memory_info() {
+  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  MemoryInfo info{static_cast<size_t>(sysconf(_SC_AVPHYS_PAGES)) * page,
+                  static_cast<size_t>(sysconf(_SC_PHYS_PAGES)) * page};
+  std::ifstream meminfo("/proc/meminfo");  // MemAvailable counts reclaimable caches too
+  std::string key;
+  size_t kib = 0;
+  while (meminfo >> key >> kib) {
+    if (key == "MemAvailable:") info.free_bytes = kib * 1024;
+    meminfo.ignore(64, '\n');
+  }
+  return info;
+}
 
 void CpuBackend::fill_uniform(Tensor& t, uint64_t seed, float low, float high) {
   MX_CHECK(is_float(t.dtype) && t.contiguous(), ShapeError, "fill_uniform: a contiguous float tensor expected");

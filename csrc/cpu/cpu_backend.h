@@ -73,6 +73,7 @@ class CpuBackend final : public Backend {
   void copy_to_host(void* host_dst, const void* src, size_t bytes) override;
   void synchronize() override {}
   void fill_uniform(Tensor& t, uint64_t seed, float low, float high) override;
+  MemoryInfo memory_info() override;  // the host's available and total memory
 
   void embedding(const Tensor& table, const Tensor& ids, Tensor& out) override;
   void add_rmsnorm(Tensor& residual, const Tensor* delta, const Tensor& weight, float eps,

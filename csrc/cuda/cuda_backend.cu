@@ -78,6 +78,12 @@ void CudaBackend::copy_to_host(void* host_dst, const void* src, size_t bytes) {
 
 void CudaBackend::synchronize() { CUDA_CHECK(cudaStreamSynchronize(runtime_.stream())); }
 
+MemoryInfo CudaBackend::memory_info() {
+  MemoryInfo info{0, 0};
+  CUDA_CHECK(cudaMemGetInfo(&info.free_bytes, &info.total_bytes));
+  return info;
+}
+
 void CudaBackend::fill_uniform(Tensor& t, uint64_t seed, float low, float high) {
   MX_CHECK(is_float(t.dtype) && t.contiguous(), ShapeError, "fill_uniform: a contiguous float tensor expected");
   dispatch_device_float(t.dtype, [&](auto tag) {

@@ -134,7 +134,8 @@ Engine::Engine(const ModelConfig& config, const EngineOptions& options,
     sampled_logprob_ = plan.add(DType::kFloat32, {1});
     top_ids_ = plan.add(DType::kInt32, {kMaxLogprobs});
     top_logprobs_ = plan.add(DType::kFloat32, {kMaxLogprobs});
-    workspace_arena_ = backend_->allocate(plan.bytes());
+    workspace_bytes_ = plan.bytes();
+    workspace_arena_ = backend_->allocate(workspace_bytes_);
     for (Tensor* t : {&ids_, &positions_, &page_table_, &residual_, &normed_, &qkv_, &attn_, &delta_,
                       &router_logits_, &expert_ids_, &expert_weights_, &expert_offsets_,
                       &permuted_to_expanded_, &expanded_to_permuted_, &expert_in_, &gate_up_,

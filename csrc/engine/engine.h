@@ -94,6 +94,7 @@ class Engine {
 
   const KvCacheManager& kv_cache() const { return kv_; }
   size_t kv_cache_bytes() const { return kv_bytes_; }
+  size_t workspace_bytes() const { return workspace_bytes_; }
 
  private:
   struct SlotLayout {
@@ -133,6 +134,7 @@ class Engine {
 
   // Workspace for one chunk of up to max_batch_tokens tokens (T rows).
   void* workspace_arena_ = nullptr;
+  size_t workspace_bytes_ = 0;
   Tensor ids_, positions_, page_table_;   // [T], [T], [max pages] int32
   Tensor residual_, normed_, qkv_, attn_, delta_;   // [T, H] / [T, qkv] / [T, Hq*D] / [T, H]
   Tensor router_logits_, expert_ids_, expert_weights_;  // [T, E] f32, [T, k] i32, [T, k] f32

@@ -23,6 +23,7 @@ from .chat import TOOL_CALLS_TOKEN, AssistantMessage, ChatResult, encode_chat, p
 from .errors import (
     ContextOverflowError,
     DeviceError,
+    DeviceOutOfMemoryError,
     KvCacheFullError,
     MixtralError,
     ModelLoadError,
@@ -59,28 +60,67 @@ class _EngineOptions:
                 raise SettingError(f"{name} must be an integer in [1, 2^31), got {value!r}")
         return cls(device, dtype, page_size, max_batch_tokens)
 
-    @staticmethod
-    def context(config: MixtralConfig, max_context, kv_cache_tokens) -> tuple[int, int]:
-        """max_context and kv_cache_tokens, defaulted and checked against the model."""
+    @property
+    def activation_dtype(self) -> str:
+        # The CPU computes in float32 whatever the weights; the GPU in the weight dtype.
+        return "float32" if self.device == "cpu" else self.dtype
+
+    def context(self, config: MixtralConfig, max_context, kv_cache_tokens, kv_cache_fraction) -> tuple[int, int]:
+        """max_context and kv_cache_tokens, defaulted and checked against the model and the device.
+
+        With a kv_cache_fraction (the default on the GPU: 0.9), the KV cache takes that fraction of
+        the device memory left after the weights and the workspace, up to max_position_embeddings
+        tokens; max_context shrinks to fit unless it was given."""
+        limit = config.max_position_embeddings
+        if max_context is not None and (isinstance(max_context, bool) or not isinstance(max_context, int)
+                                        or not 1 <= max_context <= limit):
+            raise SettingError(f"max_context must be an integer in [1, {limit}] (the model's max_position_embeddings), "
+                               f"got {max_context!r}")
+        if kv_cache_tokens is not None and kv_cache_fraction is not None:
+            raise SettingError("give kv_cache_tokens or kv_cache_fraction, not both")
+        if kv_cache_tokens is None and kv_cache_fraction is None and self.device == "cuda":
+            kv_cache_fraction = 0.9
+        if kv_cache_fraction is not None:
+            if isinstance(kv_cache_fraction, bool) or not isinstance(kv_cache_fraction, (int, float)) \
+                    or not 0 < kv_cache_fraction <= 1:
+                raise SettingError(f"kv_cache_fraction must be a number in (0, 1], got {kv_cache_fraction!r}")
+            kv_cache_tokens = self._tokens_that_fit(config, kv_cache_fraction)
+            if max_context is not None and kv_cache_tokens < max_context:
+                raise DeviceOutOfMemoryError(
+                    f"max_context {max_context} needs {max_context * self._kv_token_bytes(config)} bytes of KV cache; "
+                    f"{kv_cache_fraction} of the {self.device} memory left after the weights holds {kv_cache_tokens} tokens")
+            max_context = min(max_context or limit, kv_cache_tokens)
         if max_context is None:
-            max_context = config.max_position_embeddings
-        if isinstance(max_context, bool) or not isinstance(max_context, int) or not 1 <= max_context <= config.max_position_embeddings:
-            raise SettingError(
-                f"max_context must be an integer in [1, {config.max_position_embeddings}] "
-                f"(the model's max_position_embeddings), got {max_context!r}"
-            )
+            max_context = limit
         if kv_cache_tokens is None:
             kv_cache_tokens = max_context
         if isinstance(kv_cache_tokens, bool) or not isinstance(kv_cache_tokens, int) or not 1 <= kv_cache_tokens < 2**31:
             raise SettingError(f"kv_cache_tokens must be an integer in [1, 2^31), got {kv_cache_tokens!r}")
         return max_context, kv_cache_tokens
 
+    def _kv_token_bytes(self, config: MixtralConfig) -> int:
+        return config.kv_bytes_per_token(4 if self.activation_dtype == "float32" else 2)
+
+    def _tokens_that_fit(self, config: MixtralConfig, fraction: float) -> int:
+        free, _ = _C.device_memory(self.device, backend_library() if self.device == "cuda" else "")
+        weights = config.parameter_count() * (4 if self.dtype == "float32" else 2)
+        # The workspace: activations and expert buffers of one chunk, its logits; plus runtime slack.
+        act = 4 if self.activation_dtype == "float32" else 2
+        c, rows = config, self.max_batch_tokens
+        per_row = (act * (4 * c.hidden_size + (c.num_heads + 2 * c.num_kv_heads) * c.head_dim + c.num_heads * c.head_dim)
+                   + 4 * c.vocab_size
+                   + act * c.experts_per_token * (2 * c.hidden_size + 3 * c.intermediate_size))
+        reserve = rows * per_row + (256 << 20)
+        tokens = int(fraction * (free - weights - reserve)) // self._kv_token_bytes(config)
+        if tokens < 1:
+            raise DeviceOutOfMemoryError(
+                f"{self.device}: {free} bytes free cannot hold the weights ({weights} bytes) and a KV cache")
+        return min(tokens, config.max_position_embeddings)
+
     def make_core(self, config: MixtralConfig, max_context: int, kv_cache_tokens: int):
-        # The CPU computes in float32 whatever the weights; the GPU in the weight dtype.
-        activation_dtype = "float32" if self.device == "cpu" else self.dtype
         cuda_library = backend_library() if self.device == "cuda" else ""
-        return _C.Engine(config.to_core(), self.device, self.dtype, activation_dtype, max_context, kv_cache_tokens,
-                         self.page_size, self.max_batch_tokens, cuda_library)
+        return _C.Engine(config.to_core(), self.device, self.dtype, self.activation_dtype, max_context,
+                         kv_cache_tokens, self.page_size, self.max_batch_tokens, cuda_library)
 
 
 class Engine:
@@ -106,6 +146,7 @@ class Engine:
         dtype: str | None = None,
         max_context: int | None = None,
         kv_cache_tokens: int | None = None,
+        kv_cache_fraction: float | None = None,
         page_size: int = 16,
         max_batch_tokens: int = 256,
         progress: bool | None = None,
@@ -114,8 +155,11 @@ class Engine:
 
         device: "cpu", or "cuda" (the first GPU; DeviceError when this build or machine has none).
         dtype: weight dtype; default float32 on the CPU (exact numerics), bfloat16 on the GPU.
-        max_context: tokens one sequence may hold (default: the model's max_position_embeddings).
-        kv_cache_tokens: KV cache capacity over all open sequences (default: max_context).
+        max_context: tokens one sequence may hold (default: the model's max_position_embeddings,
+            or what the KV cache holds when that is less).
+        kv_cache_tokens: KV cache capacity over all open sequences (default: max_context on the CPU).
+        kv_cache_fraction: instead, the fraction of the device memory left after the weights that
+            the KV cache takes, up to max_position_embeddings tokens (default on the GPU: 0.9).
         page_size: tokens per KV page; max_batch_tokens: tokens per forward chunk.
         progress: show a loading bar (default: for checkpoints of 256 MiB or more).
         """
@@ -124,7 +168,7 @@ class Engine:
         checkpoint = open_checkpoint(path)
         config = checkpoint.config
         config.to_core()  # validates the config before any tensor is read
-        max_context, kv_cache_tokens = options.context(config, max_context, kv_cache_tokens)
+        max_context, kv_cache_tokens = options.context(config, max_context, kv_cache_tokens, kv_cache_fraction)
         plan = tensor_plan(checkpoint)
         total_bytes = check_plan(checkpoint, plan)
         try:
@@ -147,6 +191,7 @@ class Engine:
         dtype: str | None = None,
         max_context: int | None = None,
         kv_cache_tokens: int | None = None,
+        kv_cache_fraction: float | None = None,
         page_size: int = 16,
         max_batch_tokens: int = 256,
         seed: int = 0,
@@ -156,7 +201,7 @@ class Engine:
         tokenizer is the one mistral-common ships for the vocabulary size."""
         options = _EngineOptions.checked(device, dtype, page_size, max_batch_tokens)
         config.to_core()
-        max_context, kv_cache_tokens = options.context(config, max_context, kv_cache_tokens)
+        max_context, kv_cache_tokens = options.context(config, max_context, kv_cache_tokens, kv_cache_fraction)
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**60:
             raise SettingError(f"seed must be an integer in [0, 2^60), got {seed!r}")
         core = options.make_core(config, max_context, kv_cache_tokens)
@@ -184,6 +229,26 @@ class Engine:
                 "page_size": core.page_size,
                 "bytes": core.kv_cache_bytes,
                 "sequences": core.num_sequences,
+            }
+
+    def memory_report(self) -> dict:
+        """Where the device memory goes and how many tokens fit: bytes of the weights, the KV cache
+        and the workspace, the KV bytes per token, the KV capacity and what is free of it now, the
+        longest sequence (max_context), and the device's free and total bytes."""
+        with self._lock:
+            core = self._core
+            free, total = core.memory_info()
+            return {
+                "device": core.device,
+                "weight_bytes": core.weight_bytes,
+                "kv_cache_bytes": core.kv_cache_bytes,
+                "workspace_bytes": core.workspace_bytes,
+                "kv_bytes_per_token": core.kv_cache_bytes // (core.num_pages * core.page_size),
+                "kv_cache_tokens": core.num_pages * core.page_size,
+                "free_kv_tokens": core.free_pages * core.page_size,
+                "max_context": self.max_context,
+                "device_free_bytes": free,
+                "device_total_bytes": total,
             }
 
     def set_expert_gemm_path(self, path: str) -> None:
