@@ -56,6 +56,32 @@ def torch_reference_rates(device: str, small: bool) -> tuple[float, float]:
     return 2 * a.numel() * 2 / copy_s / 1e9, 2 * size**3 / matmul_s / 1e12
 
 
+def sdpa_seconds(device: str, tokens: int, context: int, heads: int, kv_heads: int, head_dim: int, iters: int) -> float:
+    """torch's scaled_dot_product_attention, bf16, grouped KV heads; causal over the last `tokens` positions."""
+    import torch
+    import torch.nn.functional as F
+
+    dev = torch.device(device)
+    q = torch.randn(1, heads, tokens, head_dim, dtype=torch.bfloat16, device=dev)
+    k = torch.randn(1, kv_heads, context, head_dim, dtype=torch.bfloat16, device=dev)
+    v = torch.randn_like(k)
+    # Query i sits at position context - tokens + i: with tokens == context that is plain causal.
+    causal = tokens == context and tokens > 1
+
+    def run():
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+
+    run()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        run()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / iters
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -101,13 +127,21 @@ def main() -> None:
     if args.device == "cuda":
         ops.set_option("expert_gemm", "auto")
 
-    # Attention: decode (1 query token) at the context, and prefill of the whole context.
+    # Attention with 8x22B's head layout: decode (1 query token) at growing contexts (the KV bytes
+    # read per second against the copy bandwidth), prefill of the whole context (TFLOP/s against the
+    # matmul rate); PyTorch's scaled_dot_product_attention on the same shapes, same run.
     kv_bytes_per_token = 2 * s["kv_heads"] * D * 2
-    for tokens in (1, s["context"]):
-        sec = ops.time_attention(tokens, s["context"], s["heads"], s["kv_heads"], D, s["page"], "bfloat16", iters)
-        pairs = tokens * s["context"] - tokens * (tokens - 1) // 2  # causal (query, key) pairs
-        add("attention", f"{tokens} tokens, {s['context']} context", sec,
-            s["context"] * kv_bytes_per_token + tokens * qkv_width * 2, 4 * pairs * s["heads"] * D)
+    contexts = [s["context"]] if args.small else [2048, 16384, 65536]
+    cases = [(1, ctx) for ctx in contexts] + [(ctx, ctx) for ctx in contexts if ctx <= 16384]
+    for tokens, ctx in cases:
+        n = iters if tokens == 1 else max(2, iters // 5)
+        pairs = tokens * ctx - tokens * (tokens - 1) // 2  # causal (query, key) pairs
+        bytes_moved, flops = ctx * kv_bytes_per_token + 2 * tokens * s["heads"] * D * 2, 4 * pairs * s["heads"] * D
+        label = "decode" if tokens == 1 else "prefill"
+        sec = ops.time_attention(tokens, ctx, s["heads"], s["kv_heads"], D, s["page"], "bfloat16", n)
+        add(f"attention {label}", f"{tokens} tokens, {ctx} context", sec, bytes_moved, flops)
+        add(f"torch SDPA {label}", f"{tokens} tokens, {ctx} context",
+            sdpa_seconds(args.device, tokens, ctx, s["heads"], s["kv_heads"], D, n), bytes_moved, flops)
 
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_ops.json"), "w") as f:

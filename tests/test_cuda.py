@@ -87,9 +87,10 @@ def test_matmul(ops, dtype, out_dtype, m):
     close(dev, cpu, out_dtype, rel_scale=4.0)
 
 
-def paged_setup(r, tokens_before, tokens, heads, kv_heads, head_dim, page_size, dtype_pages=23):
-    """A shuffled page table covering positions [0, tokens_before + tokens) and random pools."""
-    pages_needed = (tokens_before + tokens + page_size - 1) // page_size
+def paged_setup(r, tokens_before, tokens, heads, kv_heads, head_dim, page_size, dtype_pages=23, spare_pages=0):
+    """A shuffled page table covering positions [0, tokens_before + tokens), plus spare_pages more
+    (a table longer than the context, as a captured decode step sees it), and random pools."""
+    pages_needed = (tokens_before + tokens + page_size - 1) // page_size + spare_pages
     table = r.permutation(dtype_pages)[:pages_needed].astype(np.int32)
     k_pool = normal(r, dtype_pages, kv_heads, page_size, head_dim)
     v_pool = normal(r, dtype_pages, kv_heads, page_size, head_dim)
@@ -114,11 +115,15 @@ def test_rope_kv_append(ops, dtype, heads, kv_heads, head_dim):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads,kv_heads,head_dim,page_size", [(6, 2, 10, 5), (8, 8, 16, 16), (12, 1, 64, 7),
                                                                (6, 3, 128, 16), (4, 2, 256, 3)])
-@pytest.mark.parametrize("before,tokens", [(0, 1), (0, 19), (45, 1), (100, 33)])
-def test_attention(ops, dtype, heads, kv_heads, head_dim, page_size, before, tokens):
+@pytest.mark.parametrize("before,tokens,spare", [(0, 1, 0), (0, 19, 0), (45, 1, 0), (100, 33, 0),
+                                                 (700, 1, 0), (1999, 3, 40), (8190, 2, 0)])
+def test_attention(ops, dtype, heads, kv_heads, head_dim, page_size, before, tokens, spare):
+    """Short caches take one block per (token, KV head); past 512 positions few tokens split the
+    cache (flash-decoding), including splits past the end of the context (spare pages)."""
     r = rng(5)
     qkv, positions, k_pool, v_pool, table = paged_setup(r, before, tokens, heads, kv_heads, head_dim, page_size,
-                                                        dtype_pages=(before + tokens) // page_size + 9)
+                                                        dtype_pages=(before + tokens) // page_size + spare + 9,
+                                                        spare_pages=spare)
     cpu, dev = (o.attention(qkv, heads, kv_heads, head_dim, positions, k_pool, v_pool, table, dtype) for o in ops)
     close(dev, cpu, dtype, rel_scale=2.0)
 

@@ -36,6 +36,7 @@ CudaBackend::CudaBackend(int device) : runtime_(device) {}
 
 CudaBackend::~CudaBackend() {
   if (pointers_) cudaFree(pointers_);
+  if (scratch_) cudaFree(scratch_);
 }
 
 void CudaBackend::set_option(const std::string& name, const std::string& value) {
@@ -151,11 +152,18 @@ void CudaBackend::attention(const Tensor& qkv, const AttentionShape& shape, cons
   check_attention(qkv, shape, positions, kv, page_table, &out);
   MX_CHECK(qkv.dtype == kv.dtype && qkv.dtype == out.dtype, ShapeError,
            "attention: the CUDA backend needs qkv, cache and out of one dtype");
+  const int64_t tokens = qkv.shape[0];
+  const int64_t splits = attention_splits(tokens, page_table.shape[0] * kv.page_size);
+  AttentionScratch scratch{nullptr, 0};
+  if (splits > 1) {
+    scratch.floats = tokens * shape.num_heads * splits * (shape.head_dim + 1);
+    scratch.data = scratch_floats(scratch.floats);
+  }
   dispatch_device_float(qkv.dtype, [&](auto tag) {
     using T = decltype(tag);
-    launch_attention(qkv.ptr<const T>(), qkv.shape[0], qkv.shape[1], shape, positions.ptr<const int32_t>(),
+    launch_attention(qkv.ptr<const T>(), tokens, qkv.shape[1], shape, positions.ptr<const int32_t>(),
                      static_cast<const T*>(kv.k), static_cast<const T*>(kv.v), page_table.ptr<const int32_t>(),
-                     kv.page_size, out.ptr<T>(), runtime_.stream());
+                     page_table.shape[0], kv.page_size, out.ptr<T>(), scratch, runtime_.stream());
   });
 }
 
@@ -194,12 +202,24 @@ std::vector<int32_t> CudaBackend::offsets_on_host(const Tensor& expert_offsets) 
 
 void** CudaBackend::pointer_arrays(int64_t rows) {
   if (rows > pointer_capacity_) {
+    CUDA_CHECK(cudaStreamSynchronize(runtime_.stream()));  // no queued GEMM still reads the old arrays
     if (pointers_) CUDA_CHECK(cudaFree(pointers_));
     pointers_ = nullptr;
     pointer_capacity_ = std::max<int64_t>(rows, 4096);
     pointers_ = static_cast<void**>(allocate(3 * pointer_capacity_ * sizeof(void*)));
   }
   return pointers_;
+}
+
+float* CudaBackend::scratch_floats(int64_t floats) {
+  if (floats > scratch_capacity_) {
+    CUDA_CHECK(cudaStreamSynchronize(runtime_.stream()));  // no queued kernel still reads the old buffer
+    if (scratch_) CUDA_CHECK(cudaFree(scratch_));
+    scratch_ = nullptr;
+    scratch_capacity_ = std::max<int64_t>(floats, 1 << 20);
+    scratch_ = static_cast<float*>(allocate(scratch_capacity_ * sizeof(float)));
+  }
+  return scratch_;
 }
 
 void CudaBackend::expert_gemm_per_expert(const Tensor& x, const Tensor& w, const std::vector<int32_t>& offsets,

@@ -68,11 +68,15 @@ class CudaBackend final : public Backend {
   std::vector<int32_t> offsets_on_host(const Tensor& expert_offsets);
   // Device arrays of 3 * rows pointers for the batched and grouped paths, grown rarely.
   void** pointer_arrays(int64_t rows);
+  // Device scratch of at least `floats` floats (split attention's partial results), grown rarely.
+  float* scratch_floats(int64_t floats);
 
   Runtime runtime_;
   ExpertGemmPath expert_path_ = ExpertGemmPath::kAuto;
   void** pointers_ = nullptr;
   int64_t pointer_capacity_ = 0;
+  float* scratch_ = nullptr;
+  int64_t scratch_capacity_ = 0;
   std::vector<const void*> host_pointers_;  // the grouped path's arrays before their upload
 };
 

@@ -118,18 +118,30 @@ __global__ void rope_kv_append_kernel(T* qkv, int64_t width, int q_heads, int kv
 
 constexpr int kTile = 32;  // cache positions per shared-memory tile: one per lane
 
-// grid (tokens, Hkv), block (group * 32): warp w computes query head g * group + w with an
-// online softmax over tiles of 32 cache positions; K and V tiles are shared by the group.
-// kChunks = ceil(head_dim / 32) output elements per lane.
+// grid (tokens, Hkv, splits), block (group * 32): warp w computes query head g * group + w with
+// an online softmax over tiles of 32 cache positions; K and V tiles are shared by the group.
+// Without splits (split_positions 0) a block covers positions [0, pos + 1) and writes out. With
+// splits (flash-decoding, for few tokens over a long cache) block z covers positions
+// [z * split_positions, (z + 1) * split_positions) and writes its normalised partial output and
+// log-sum-exp for attention_merge_kernel. kChunks = ceil(head_dim / 32) output elements per lane.
 template <typename T, int kChunks>
 __global__ void attention_kernel(const T* qkv, int64_t width, int q_heads, int kv_heads, int head_dim,
                                  const int32_t* positions, const T* k_pool, const T* v_pool,
-                                 const int32_t* page_table, int page_size, float scale, T* out) {
+                                 const int32_t* page_table, int page_size, float scale, T* out,
+                                 int64_t split_positions, float* partial_out, float* partial_lse) {
   extern __shared__ float shared[];
   const int group = q_heads / kv_heads;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t t = blockIdx.x;
   const int g = blockIdx.y, head = g * group + warp;
+  const int64_t length = int64_t(positions[t]) + 1;  // read on the device: one launch serves any position
+  const int64_t begin = split_positions ? blockIdx.z * split_positions : 0;
+  const int64_t end = split_positions ? min(length, begin + split_positions) : length;
+  const int64_t partial = (t * q_heads + head) * int64_t(gridDim.z) + blockIdx.z;
+  if (begin >= end) {  // a split past the end of this token's context
+    if (lane == 0) partial_lse[partial] = -INFINITY;
+    return;
+  }
   const int k_stride = head_dim + 1;  // padding: lanes read different rows without bank conflicts
   float* q_shared = shared;                                    // [group][head_dim]
   float* k_tile = q_shared + group * head_dim;                 // [kTile][head_dim + 1]
@@ -137,15 +149,14 @@ __global__ void attention_kernel(const T* qkv, int64_t width, int q_heads, int k
   const T* q = qkv + t * width + int64_t(head) * head_dim;
   for (int i = lane; i < head_dim; i += 32) q_shared[warp * head_dim + i] = to_f32(q[i]) * scale;
 
-  const int64_t length = int64_t(positions[t]) + 1;
   float running_max = -FLT_MAX, denom = 0.0f, acc[kChunks];
   for (int c = 0; c < kChunks; ++c) acc[c] = 0.0f;
-  for (int64_t start = 0; start < length; start += kTile) {
+  for (int64_t start = begin; start < end; start += kTile) {
     __syncthreads();  // the previous tile is no longer read (and q_shared is written)
     for (int idx = threadIdx.x; idx < kTile * head_dim; idx += blockDim.x) {
       const int p = idx / head_dim, i = idx % head_dim;
       const int64_t pos = start + p;
-      if (pos < length) {
+      if (pos < end) {
         const int64_t page = page_table[pos / page_size];
         const int64_t offset = ((page * kv_heads + g) * page_size + pos % page_size) * head_dim + i;
         k_tile[p * k_stride + i] = to_f32(k_pool[offset]);
@@ -153,7 +164,7 @@ __global__ void attention_kernel(const T* qkv, int64_t width, int q_heads, int k
       }
     }
     __syncthreads();
-    const bool valid = start + lane < length;
+    const bool valid = start + lane < end;
     float score = -FLT_MAX;
     if (valid) {
       score = 0.0f;
@@ -164,7 +175,7 @@ __global__ void attention_kernel(const T* qkv, int64_t width, int q_heads, int k
     const float correction = expf(running_max - new_max);
     denom = denom * correction + warp_sum(p);
     for (int c = 0; c < kChunks; ++c) acc[c] *= correction;
-    const int tile_rows = static_cast<int>(length - start < kTile ? length - start : kTile);
+    const int tile_rows = static_cast<int>(end - start < kTile ? end - start : kTile);
     for (int j = 0; j < tile_rows; ++j) {
       const float pj = __shfl_sync(0xffffffffu, p, j);
       for (int c = 0; c < kChunks; ++c) {
@@ -174,10 +185,38 @@ __global__ void attention_kernel(const T* qkv, int64_t width, int q_heads, int k
     }
     running_max = new_max;
   }
+  if (split_positions) {
+    for (int c = 0; c < kChunks; ++c) {
+      const int i = lane + 32 * c;
+      if (i < head_dim) partial_out[partial * head_dim + i] = acc[c] / denom;
+    }
+    if (lane == 0) partial_lse[partial] = running_max + logf(denom);
+    return;
+  }
   T* o = out + t * int64_t(q_heads) * head_dim + int64_t(head) * head_dim;
   for (int c = 0; c < kChunks; ++c) {
     const int i = lane + 32 * c;
     if (i < head_dim) o[i] = from_f32<T>(acc[c] / denom);
+  }
+}
+
+// grid (tokens, Hq), block >= head_dim: out = sum_z w_z partial_z / sum_z w_z, w_z = exp(lse_z - max lse).
+template <typename T>
+__global__ void attention_merge_kernel(const float* partial_out, const float* partial_lse, int splits, int q_heads,
+                                       int head_dim, T* out) {
+  const int64_t row = int64_t(blockIdx.x) * q_heads + blockIdx.y;  // (token, head)
+  const float* lse = partial_lse + row * splits;
+  float max_lse = -INFINITY;
+  for (int z = 0; z < splits; ++z) max_lse = fmaxf(max_lse, lse[z]);
+  for (int i = threadIdx.x; i < head_dim; i += blockDim.x) {
+    float sum = 0.0f, weight_sum = 0.0f;
+    for (int z = 0; z < splits; ++z) {
+      if (lse[z] == -INFINITY) continue;
+      const float w = expf(lse[z] - max_lse);
+      sum += w * partial_out[(row * splits + z) * head_dim + i];
+      weight_sum += w;
+    }
+    out[row * head_dim + i] = from_f32<T>(sum / weight_sum);
   }
 }
 
@@ -333,23 +372,41 @@ void launch_rope_kv_append(T* qkv, int64_t tokens, int64_t width, const Attentio
 template <typename T>
 void launch_attention(const T* qkv, int64_t tokens, int64_t width, const AttentionShape& shape,
                       const int32_t* positions, const T* k_pool, const T* v_pool, const int32_t* page_table,
-                      int page_size, T* out, cudaStream_t stream) {
+                      int64_t table_pages, int page_size, T* out, AttentionScratch scratch, cudaStream_t stream) {
   const int group = shape.num_heads / shape.num_kv_heads, d = shape.head_dim;
   MX_CHECK(group <= 32, ShapeError, "cuda attention: at most 32 query heads per KV head, got " << group);
   MX_CHECK(d <= 256, ShapeError, "cuda attention: head_dim at most 256, got " << d);
   if (tokens == 0) return;
+  const int64_t splits = attention_splits(tokens, table_pages * page_size);
+  if (splits > 1)
+    MX_CHECK(scratch.floats >= tokens * shape.num_heads * splits * (d + 1), ShapeError,
+             "cuda attention: scratch too small for " << splits << " splits");
   const size_t shared_bytes = sizeof(float) * (size_t(group) * d + size_t(kTile) * (d + 1) + size_t(kTile) * d);
-  const dim3 grid(static_cast<unsigned>(tokens), shape.num_kv_heads);
+  const dim3 grid(static_cast<unsigned>(tokens), shape.num_kv_heads, static_cast<unsigned>(splits));
   const float scale = 1.0f / sqrtf(static_cast<float>(d));
+  float* partial_out = scratch.data;
+  float* partial_lse = scratch.data + tokens * shape.num_heads * splits * d;
+  const int64_t split_positions = splits > 1 ? kSplitPositions : 0;
   auto launch = [&](auto kernel) {
     CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared_bytes)));
     kernel<<<grid, group * 32, shared_bytes, stream>>>(qkv, width, shape.num_heads, shape.num_kv_heads, d, positions,
-                                                        k_pool, v_pool, page_table, page_size, scale, out);
+                                                        k_pool, v_pool, page_table, page_size, scale, out,
+                                                        split_positions, partial_out, partial_lse);
   };
   if (d <= 64) launch(attention_kernel<T, 2>);
   else if (d <= 128) launch(attention_kernel<T, 4>);
   else launch(attention_kernel<T, 8>);
   CUDA_CHECK_LAUNCH();
+  if (splits > 1) {
+    attention_merge_kernel<<<dim3(static_cast<unsigned>(tokens), shape.num_heads), 128, 0, stream>>>(
+        partial_out, partial_lse, static_cast<int>(splits), shape.num_heads, d, out);
+    CUDA_CHECK_LAUNCH();
+  }
+}
+
+int64_t attention_splits(int64_t tokens, int64_t max_positions) {
+  if (tokens > kSplitMaxTokens || max_positions <= 2 * kSplitPositions) return 1;
+  return (max_positions + kSplitPositions - 1) / kSplitPositions;
 }
 
 void launch_router_topk(const float* logits, int64_t tokens, int num_experts, int k, int32_t* expert_ids,
@@ -408,7 +465,8 @@ void launch_expert_pointers(const int32_t* expert_offsets, int num_experts, int6
   template void launch_rope_kv_append<T>(T*, int64_t, int64_t, const AttentionShape&, const int32_t*, float,  \
                                          T*, T*, const int32_t*, int, cudaStream_t);                          \
   template void launch_attention<T>(const T*, int64_t, int64_t, const AttentionShape&, const int32_t*,        \
-                                    const T*, const T*, const int32_t*, int, T*, cudaStream_t);               \
+                                    const T*, const T*, const int32_t*, int64_t, int, T*, AttentionScratch,   \
+                                    cudaStream_t);                                                            \
   template void launch_moe_gather<T>(const T*, const int32_t*, int, T*, int64_t, int64_t, cudaStream_t);      \
   template void launch_silu_mul<T>(const T*, T*, int64_t, int64_t, cudaStream_t);                             \
   template void launch_moe_unpermute<T>(const T*, const int32_t*, const float*, T*, int64_t, int, int64_t,    \

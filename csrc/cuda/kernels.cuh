@@ -44,11 +44,22 @@ void launch_rope_kv_append(T* qkv, int64_t tokens, int64_t width, const Attentio
                            const int32_t* page_table, int page_size, cudaStream_t stream);
 
 // Causal GQA attention over the paged cache; one block per (token, KV head), one warp per
-// query head of the group, the group's K/V tiles loaded once into shared memory.
+// query head of the group, the group's K/V tiles loaded once into shared memory. For at most
+// kSplitMaxTokens tokens over a cache of more than 2 * kSplitPositions positions (page table
+// capacity, table_pages * page_size) the positions are split over blocks of kSplitPositions
+// (flash-decoding) and merged by their log-sum-exp, using scratch floats
+// [tokens * Hq * splits * (head_dim + 1)] (attention_splits() tells the count).
+constexpr int64_t kSplitPositions = 256;
+constexpr int64_t kSplitMaxTokens = 8;
+struct AttentionScratch {
+  float* data;
+  int64_t floats;
+};
+int64_t attention_splits(int64_t tokens, int64_t max_positions);
 template <typename T>
 void launch_attention(const T* qkv, int64_t tokens, int64_t width, const AttentionShape& shape,
-                      const int32_t* positions, const T* k_pool, const T* v_pool,
-                      const int32_t* page_table, int page_size, T* out, cudaStream_t stream);
+                      const int32_t* positions, const T* k_pool, const T* v_pool, const int32_t* page_table,
+                      int64_t table_pages, int page_size, T* out, AttentionScratch scratch, cudaStream_t stream);
 
 // Softmax over E experts, top-k (ties to the lower id), renormalised: logits [T, E] float32.
 void launch_router_topk(const float* logits, int64_t tokens, int num_experts, int k, int32_t* expert_ids,
