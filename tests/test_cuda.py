@@ -186,19 +186,23 @@ def sampling_params(**settings):
     return params
 
 
+def sampler_state(seen, counts, step):
+    return np.concatenate([seen, counts, [step]]).astype(np.int32)
+
+
 def test_sample_greedy_penalties_logprobs_and_state_match(ops):
     r = rng(9)
     logits = normal(r, 32768, scale=3.0)
-    seen, counts = (r.random(32768) < 0.01).astype(np.int32), r.integers(0, 3, 32768).astype(np.int32)
+    state = sampler_state(r.random(32768) < 0.01, r.integers(0, 3, 32768), 41)
     params = sampling_params(temperature=0.0, repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.2,
                              logprobs=5)
-    cpu, dev = (o.sample(logits, params, 1, 0, seen, counts) for o in ops)
+    cpu, dev = (o.sample(logits, params, 1, state) for o in ops)
     assert dev[0] == cpu[0]  # the token
     assert abs(dev[1] - cpu[1]) < 1e-4  # its logprob
     np.testing.assert_array_equal(dev[2], cpu[2])  # top ids
     assert_close(dev[3], cpu[3], 1e-5)
-    np.testing.assert_array_equal(dev[4], cpu[4])  # seen after
-    np.testing.assert_array_equal(dev[5], cpu[5])  # counts after
+    np.testing.assert_array_equal(dev[4], cpu[4])  # seen, counts and the counter after
+    assert dev[4][-1] == 42 and dev[4][32768 + dev[0]] == state[32768 + dev[0]] + 1
 
 
 @pytest.mark.parametrize(
@@ -225,11 +229,13 @@ def test_sample_distribution_matches_truncated_softmax(ops, settings):
     expected = np.where(keep, p, 0.0) / np.where(keep, p, 0.0).sum()
     zeros = np.zeros(len(logits), np.int32)
     n = 3000
-    draws = [ops[1].sample(logits, sampling_params(**settings), 77, step, zeros, zeros)[0] for step in range(n)]
+    draws = [ops[1].sample(logits, sampling_params(**settings), 77, sampler_state(zeros, zeros, step))[0]
+             for step in range(n)]
     counts = np.bincount(draws, minlength=len(logits)) / n
     assert np.all(counts[~keep] == 0)
     assert np.max(np.abs(counts - expected)) < 0.03, (counts, expected)
-    again = [ops[1].sample(logits, sampling_params(**settings), 77, step, zeros, zeros)[0] for step in range(50)]
+    again = [ops[1].sample(logits, sampling_params(**settings), 77, sampler_state(zeros, zeros, step))[0]
+             for step in range(50)]
     assert again == draws[:50]  # seeded: the same (seed, step) draws the same token
 
 

@@ -66,18 +66,16 @@ class HostSampler:
     """One generation's sampler on the CPU backend's sample op, its state kept here."""
 
     def __init__(self, vocab, seed, **settings):
-        self.ops, self.params, self.seed, self.step = _C.Ops("cpu"), _C.SamplingParams(), seed, 0
+        self.ops, self.params, self.seed = _C.Ops("cpu"), _C.SamplingParams(), seed
         for k, v in settings.items():
             setattr(self.params, k, v)
-        self.seen, self.counts = np.zeros(vocab, np.int32), np.zeros(vocab, np.int32)
+        self.state = np.zeros(2 * vocab + 1, np.int32)  # seen, counts, the draw counter
 
     def add_prompt(self, ids):
-        self.seen[np.asarray(ids)] = 1
+        self.state[np.asarray(ids)] = 1
 
     def sample(self, logits):
-        token, logprob, top_ids, top_lps, self.seen, self.counts = self.ops.sample(
-            logits, self.params, self.seed, self.step, self.seen, self.counts)
-        self.step += 1
+        token, logprob, top_ids, top_lps, self.state = self.ops.sample(logits, self.params, self.seed, self.state)
         return token, logprob, top_ids.tolist(), top_lps.tolist()
 
 

@@ -289,17 +289,18 @@ void bind_ops(py::module_& m) {
         });
       })
       .def("sample", [](Ops& ops, const FloatArray& logits, const SamplingParams& params, uint64_t seed,
-                        uint64_t step, const IntArray& seen, const IntArray& counts) {
+                        const IntArray& state) {
         return ops.run([&](Buffers& b) {
           const int64_t n = std::min<int64_t>(params.logprobs, logits.size());
-          Tensor l = b.input(logits, DType::kFloat32), s = b.input(seen), c = b.input(counts);
+          Tensor l = b.input(logits, DType::kFloat32), s = b.input(state);
           Tensor token = b.output(DType::kInt32, {1}), logprob = b.output(DType::kFloat32, {1});
           Tensor top_ids = b.output(DType::kInt32, {n}), top_logprobs = b.output(DType::kFloat32, {n});
-          ops.backend().sample(l, params, seed, step, s, c, token, logprob, top_ids, top_logprobs);
-          return py::make_tuple(b.to_int(token).at(0), b.to_float(logprob).at(0), b.to_int(top_ids), b.to_float(top_logprobs),
-                                b.to_int(s), b.to_int(c));
+          ops.backend().sample(l, params, seed, s, token, logprob, top_ids, top_logprobs);
+          return py::make_tuple(b.to_int(token).at(0), b.to_float(logprob).at(0), b.to_int(top_ids),
+                                b.to_float(top_logprobs), b.to_int(s));
         });
-      }, "One draw: (token, logprob, top_ids, top_logprobs, seen after, counts after).")
+      }, "One draw; state [2V + 1] int32 is seen, counts, step. Returns (token, logprob, top_ids, top_logprobs, "
+         "state after).")
       // ---- timing: mean seconds per call, inputs of the given sizes left uninitialised ----
       .def("time_matmul", [](Ops& ops, int64_t m, int64_t n, int64_t k, const std::string& dtype,
                              const std::string& out_dtype, int iters) {

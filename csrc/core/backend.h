@@ -110,12 +110,12 @@ class MX_EXPORT Backend {
 
   // ---- sampling ----
   // One token from logits [V] float32 by the steps of core/sampling.h with the draw
-  // uniform01(seed, step); seen and counts [V] int32 are read for the penalties and updated
-  // with the chosen token. token [1] int32, logprob [1] float32 (raw log-softmax of the token),
-  // top_ids [n] int32 and top_logprobs [n] float32 with n = params.logprobs (may be 0).
-  virtual void sample(const Tensor& logits, const SamplingParams& params, uint64_t seed, uint64_t step,
-                      Tensor& seen, Tensor& counts, Tensor& token, Tensor& logprob, Tensor& top_ids,
-                      Tensor& top_logprobs) = 0;
+  // uniform01(seed, step). state [2V + 1] int32 is the generation's: seen [V], counts [V] (read
+  // for the penalties) and the draw counter step, all updated here, on the device, so a
+  // captured decode step needs no host input. token [1] int32, logprob [1] float32 (raw
+  // log-softmax of the token), top_ids [n] int32, top_logprobs [n] float32, n = params.logprobs.
+  virtual void sample(const Tensor& logits, const SamplingParams& params, uint64_t seed, Tensor& state,
+                      Tensor& token, Tensor& logprob, Tensor& top_ids, Tensor& top_logprobs) = 0;
 };
 
 }  // namespace mixtral

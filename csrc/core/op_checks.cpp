@@ -104,12 +104,11 @@ void check_moe_unpermute(const Tensor& y, const Tensor& expanded_to_permuted,
   expect_float(out, "moe_unpermute.out", {weights.shape[0], y.shape[1]});
 }
 
-void check_sample(const Tensor& logits, const SamplingParams& params, const Tensor& seen, const Tensor& counts,
-                  const Tensor& token, const Tensor& logprob, const Tensor& top_ids, const Tensor& top_logprobs) {
+void check_sample(const Tensor& logits, const SamplingParams& params, const Tensor& state, const Tensor& token,
+                  const Tensor& logprob, const Tensor& top_ids, const Tensor& top_logprobs) {
   params.validate();
   expect(logits, "sample.logits", DType::kFloat32, {-1});
-  expect(seen, "sample.seen", DType::kInt32, {logits.shape[0]});
-  expect(counts, "sample.counts", DType::kInt32, {logits.shape[0]});
+  expect(state, "sample.state", DType::kInt32, {2 * logits.shape[0] + 1});
   expect(token, "sample.token", DType::kInt32, {1});
   expect(logprob, "sample.logprob", DType::kFloat32, {1});
   const int64_t n = std::min<int64_t>(params.logprobs, logits.shape[0]);

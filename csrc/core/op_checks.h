@@ -24,7 +24,7 @@ void check_silu_mul(const Tensor& gate_up, const Tensor& out);
 void check_moe_unpermute(const Tensor& y, const Tensor& expanded_to_permuted,
                          const Tensor& weights, const Tensor& out);
 
-void check_sample(const Tensor& logits, const SamplingParams& params, const Tensor& seen, const Tensor& counts,
-                  const Tensor& token, const Tensor& logprob, const Tensor& top_ids, const Tensor& top_logprobs);
+void check_sample(const Tensor& logits, const SamplingParams& params, const Tensor& state, const Tensor& token,
+                  const Tensor& logprob, const Tensor& top_ids, const Tensor& top_logprobs);
 
 }  // namespace mixtral

@@ -397,12 +397,14 @@ void CpuBackend::moe_unpermute(const Tensor& y, const Tensor& expanded_to_permut
 
 // ---- sampling --------------------------------------------------------------------------
 
-void CpuBackend::sample(const Tensor& logits, const SamplingParams& params, uint64_t seed, uint64_t step,
-                        Tensor& seen, Tensor& counts, Tensor& token, Tensor& logprob, Tensor& top_ids,
-                        Tensor& top_logprobs) {
-  check_sample(logits, params, seen, counts, token, logprob, top_ids, top_logprobs);
-  const SampledToken s = sample_token(logits.ptr<float>(), logits.shape[0], params, seed, step, seen.ptr<int32_t>(),
-                                      counts.ptr<int32_t>());
+void CpuBackend::sample(const Tensor& logits, const SamplingParams& params, uint64_t seed, Tensor& state,
+                        Tensor& token, Tensor& logprob, Tensor& top_ids, Tensor& top_logprobs) {
+  check_sample(logits, params, state, token, logprob, top_ids, top_logprobs);
+  const int64_t V = logits.shape[0];
+  int32_t* seen = state.ptr<int32_t>();
+  int32_t& step = seen[2 * V];
+  const SampledToken s = sample_token(logits.ptr<float>(), V, params, seed, static_cast<uint32_t>(step), seen, seen + V);
+  ++step;
   *token.ptr<int32_t>() = s.token;
   *logprob.ptr<float>() = s.logprob;
   std::copy(s.top_tokens.begin(), s.top_tokens.end(), top_ids.ptr<int32_t>());

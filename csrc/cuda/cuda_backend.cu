@@ -323,13 +323,11 @@ void CudaBackend::moe_unpermute(const Tensor& y, const Tensor& expanded_to_permu
   });
 }
 
-void CudaBackend::sample(const Tensor& logits, const SamplingParams& params, uint64_t seed, uint64_t step,
-                         Tensor& seen, Tensor& counts, Tensor& token, Tensor& logprob, Tensor& top_ids,
-                         Tensor& top_logprobs) {
-  check_sample(logits, params, seen, counts, token, logprob, top_ids, top_logprobs);
-  launch_sample(logits.ptr<const float>(), logits.shape[0], params, seed, step, seen.ptr<int32_t>(),
-                counts.ptr<int32_t>(), token.ptr<int32_t>(), logprob.ptr<float>(), top_ids.ptr<int32_t>(),
-                top_logprobs.ptr<float>(), runtime_.stream());
+void CudaBackend::sample(const Tensor& logits, const SamplingParams& params, uint64_t seed, Tensor& state,
+                         Tensor& token, Tensor& logprob, Tensor& top_ids, Tensor& top_logprobs) {
+  check_sample(logits, params, state, token, logprob, top_ids, top_logprobs);
+  launch_sample(logits.ptr<const float>(), logits.shape[0], params, seed, state.ptr<int32_t>(), token.ptr<int32_t>(),
+                logprob.ptr<float>(), top_ids.ptr<int32_t>(), top_logprobs.ptr<float>(), runtime_.stream());
 }
 
 }  // namespace mixtral::cuda

@@ -53,8 +53,8 @@ class CudaBackend final : public Backend {
   void silu_mul(const Tensor& gate_up, Tensor& out) override;
   void moe_unpermute(const Tensor& y, const Tensor& expanded_to_permuted, const Tensor& weights,
                      Tensor& out) override;
-  void sample(const Tensor& logits, const SamplingParams& params, uint64_t seed, uint64_t step, Tensor& seen,
-              Tensor& counts, Tensor& token, Tensor& logprob, Tensor& top_ids, Tensor& top_logprobs) override;
+  void sample(const Tensor& logits, const SamplingParams& params, uint64_t seed, Tensor& state, Tensor& token,
+              Tensor& logprob, Tensor& top_ids, Tensor& top_logprobs) override;
 
   static constexpr int64_t kBatchedMaxRows = 16;
 

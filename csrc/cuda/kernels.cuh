@@ -91,8 +91,7 @@ void launch_expert_pointers(const int32_t* expert_offsets, int num_experts, int6
                             size_t out_element, const void** a, const void** b, void** c, cudaStream_t stream);
 
 // One token from logits [V] float32 (core/sampling.h; the Backend::sample contract), one block.
-void launch_sample(const float* logits, int64_t vocab, const SamplingParams& params, uint64_t seed, uint64_t step,
-                   int32_t* seen, int32_t* counts, int32_t* token, float* logprob, int32_t* top_ids,
-                   float* top_logprobs, cudaStream_t stream);
+void launch_sample(const float* logits, int64_t vocab, const SamplingParams& params, uint64_t seed, int32_t* state,
+                   int32_t* token, float* logprob, int32_t* top_ids, float* top_logprobs, cudaStream_t stream);
 
 }  // namespace mixtral::cuda

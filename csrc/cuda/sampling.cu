@@ -1,8 +1,9 @@
 // Token sampling on the device (the steps of core/sampling.h; the host
 // function sample_token there is its twin). One block of 1024 threads reads
-// logits [V] float32 and the generation's state, seen and counts [V] int32,
-// and writes the token, its logprob and the top-n logprobs, then records the
-// token in the state, so the logits never leave the GPU. top_k and top_p
+// logits [V] float32 and the generation's state [2V + 1] int32 (seen, counts,
+// the draw counter), writes the token, its logprob and the top-n logprobs,
+// then records the token and advances the counter, so the logits never leave
+// the GPU and a captured step needs no host input. top_k and top_p
 // become thresholds found by bisection over the order-preserving integer keys
 // of the floats (32 rounds each, exact up to ties); the draw walks the kept
 // tokens in id order.
@@ -73,9 +74,11 @@ __device__ uint32_t largest_key_reaching(float goal, Measure measure) {
 }
 
 __global__ void __launch_bounds__(kThreads) sample_kernel(const float* raw, int vocab, SamplingParams p, uint64_t seed,
-                                                          uint64_t step, int32_t* seen, int32_t* counts,
-                                                          int32_t* token_out, float* logprob_out, int32_t* top_ids,
-                                                          float* top_logprobs) {
+                                                          int32_t* state, int32_t* token_out, float* logprob_out,
+                                                          int32_t* top_ids, float* top_logprobs) {
+  int32_t* seen = state;
+  int32_t* counts = state + vocab;
+  const uint64_t step = static_cast<uint32_t>(state[2 * vocab]);
   __shared__ float range_mass[kThreads];
   __shared__ int32_t chosen_shared;
   __shared__ float kept_mass;
@@ -178,16 +181,16 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float* raw, int 
     *logprob_out = raw[chosen] - log_norm;
     counts[chosen] += 1;
     seen[chosen] = 1;
+    state[2 * vocab] += 1;  // the next draw
   }
 }
 
 }  // namespace
 
-void launch_sample(const float* logits, int64_t vocab, const SamplingParams& params, uint64_t seed, uint64_t step,
-                   int32_t* seen, int32_t* counts, int32_t* token, float* logprob, int32_t* top_ids,
-                   float* top_logprobs, cudaStream_t stream) {
-  sample_kernel<<<1, kThreads, 0, stream>>>(logits, static_cast<int>(vocab), params, seed, step, seen, counts, token,
-                                            logprob, top_ids, top_logprobs);
+void launch_sample(const float* logits, int64_t vocab, const SamplingParams& params, uint64_t seed, int32_t* state,
+                   int32_t* token, float* logprob, int32_t* top_ids, float* top_logprobs, cudaStream_t stream) {
+  sample_kernel<<<1, kThreads, 0, stream>>>(logits, static_cast<int>(vocab), params, seed, state, token, logprob,
+                                            top_ids, top_logprobs);
   CUDA_CHECK_LAUNCH();
 }
 

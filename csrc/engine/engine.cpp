@@ -290,7 +290,7 @@ void Engine::forward(int sequence, const int32_t* tokens, int64_t n, bool all_lo
 int Engine::create_sampler(const SamplingParams& params, uint64_t seed, const int32_t* prompt, int64_t n) {
   params.validate();
   const int64_t V = config_.vocab_size;
-  std::vector<int32_t> state(2 * V, 0);  // seen, then counts
+  std::vector<int32_t> state(2 * V + 1, 0);  // seen, counts, the draw counter
   for (int64_t i = 0; i < n; ++i) {
     MX_CHECK(prompt[i] >= 0 && prompt[i] < V, TokenError,
              "token id " << prompt[i] << " is outside the vocabulary [0, " << V << ")");
@@ -303,7 +303,7 @@ int Engine::create_sampler(const SamplingParams& params, uint64_t seed, const in
     backend_->release(device_state);
     throw;
   }
-  samplers_[next_sampler_] = SamplerState{params, seed, 0, device_state};
+  samplers_[next_sampler_] = SamplerState{params, seed, device_state};
   return next_sampler_++;
 }
 
@@ -321,12 +321,9 @@ SampledToken Engine::append_sample(int sequence, const int32_t* tokens, int64_t 
   forward(sequence, tokens, n, false, nullptr);
   const int64_t V = config_.vocab_size, top_n = std::min<int64_t>(s.params.logprobs, V);
   Tensor logits(logits_.data, DType::kFloat32, logits_.device, {V});
-  Tensor seen(s.state, DType::kInt32, logits_.device, {V});
-  Tensor counts(static_cast<int32_t*>(s.state) + V, DType::kInt32, logits_.device, {V});
+  Tensor state(s.state, DType::kInt32, logits_.device, {2 * V + 1});
   Tensor top_ids = top_ids_.rows(0, top_n), top_logprobs = top_logprobs_.rows(0, top_n);
-  backend_->sample(logits, s.params, s.seed, s.step, seen, counts, sampled_token_, sampled_logprob_, top_ids,
-                   top_logprobs);
-  ++s.step;
+  backend_->sample(logits, s.params, s.seed, state, sampled_token_, sampled_logprob_, top_ids, top_logprobs);
   SampledToken result{0, 0.0f, std::vector<int32_t>(top_n), std::vector<float>(top_n)};
   backend_->copy_to_host(&result.token, sampled_token_.data, sizeof(int32_t));
   backend_->copy_to_host(&result.logprob, sampled_logprob_.data, sizeof(float));

@@ -114,8 +114,7 @@ class Engine {
   struct SamplerState {
     SamplingParams params;
     uint64_t seed;
-    uint64_t step;
-    void* state;  // on the device: seen [V] then counts [V], int32
+    void* state;  // on the device: seen [V], counts [V], the draw counter [1], int32
   };
   std::map<int, SamplerState> samplers_;
   int next_sampler_ = 0;
