@@ -36,9 +36,11 @@ fi
 step "op benchmarks"
 (cd "$OUT" && python "$OLDPWD/benchmarks/bench_ops.py" --out "$OUT") > "$OUT/bench_ops.log" 2>&1 || status=1
 grep -E "^\|| copy " "$OUT/bench_ops.log" || tail -20 "$OUT/bench_ops.log"
-step "engine: synthetic 8x22B widths, 4 layers, 2048-token prompt"
-(cd "$OUT" && python -m mixtral_ext bench --device cuda --shape 8x22b --layers 4 --prompt-tokens 2048 \
-   --new-tokens 64 --json "$OUT/bench_engine.json") > "$OUT/bench_engine.log" 2>&1 || status=1
-tail -1 "$OUT/bench_engine.log"
+step "engine: synthetic 8x22B widths, 4 layers, 2048-token prompt, without and with CUDA graphs"
+for graphs in "" --cuda-graphs; do
+  (cd "$OUT" && python -m mixtral_ext bench --device cuda --shape 8x22b --layers 4 --prompt-tokens 2048 \
+     --new-tokens 64 $graphs --json "$OUT/bench_engine${graphs:+_graphs}.json") > "$OUT/bench_engine${graphs:+_graphs}.log" 2>&1 || status=1
+  tail -1 "$OUT/bench_engine${graphs:+_graphs}.log"
+done
 echo "logs: $OUT; GPU tests: $(tail -1 "$OUT/gpu_tests.log")"
 exit $status

@@ -291,6 +291,19 @@ def test_greedy_generation_equals_cpu_and_seeded_sampling_repeats(device_engines
             assert engine.generate(prompt, max_tokens=30, temperature=0).token_ids == cpu.token_ids
 
 
+def test_recorded_decode_steps_equal_direct_ones(device_engines, tiny_dir):
+    """cuda_graphs=True: the second decode step is recorded as a CUDA graph and replayed for every
+    later token, across page boundaries (page_size 7), for greedy and seeded sampling."""
+    graphs = mixtral_ext.Engine.from_pretrained(tiny_dir, device=DEVICE, dtype="bfloat16", max_context=256,
+                                                page_size=7, max_batch_tokens=48, cuda_graphs=True)
+    prompt = random_tokens(13, 101, seed=36)
+    for settings in (dict(temperature=0), dict(temperature=0.8, top_k=20, seed=9, logprobs=2)):
+        expected = device_engines["bfloat16"].generate(prompt, max_tokens=40, **settings)
+        got = graphs.generate(prompt, max_tokens=40, **settings)
+        assert got.token_ids == expected.token_ids
+    assert graphs.kv_cache_info()["free_pages"] >= 0
+
+
 def test_synthetic_engine_matches_the_cpu_one(device_engines):
     from dataclasses import replace
 

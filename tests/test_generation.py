@@ -301,3 +301,16 @@ def test_synthetic_engine_and_bench_command(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert report["new_tokens"] == 4 and report["layers"] == 1 and report["decode_tokens_per_s"] > 0
     assert "tokens/s" in capsys.readouterr().out
+
+
+def test_decode_steps_through_pinned_buffers_equal_direct_ones(text_engine):
+    """cuda_graphs=True routes decode through the recordable step (on the CPU it runs directly)."""
+    stepped = mixtral_ext.Engine.from_pretrained(text_engine.path, max_context=256, cuda_graphs=True)
+    for settings in (dict(temperature=0), dict(temperature=0.9, top_p=0.9, seed=4, logprobs=3)):
+        expected = text_engine.generate("A quiet morning", max_tokens=15, **settings)
+        got = stepped.generate("A quiet morning", max_tokens=15, **settings)
+        assert got.token_ids == expected.token_ids
+        if settings.get("logprobs"):
+            assert np.allclose(got.logprobs, expected.logprobs, atol=1e-5) and got.top_logprobs == expected.top_logprobs
+    with pytest.raises(mixtral_ext.SettingError, match="cuda_graphs"):
+        mixtral_ext.Engine.from_pretrained(text_engine.path, cuda_graphs="yes")

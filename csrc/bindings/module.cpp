@@ -117,7 +117,7 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init([](const ModelConfig& config, const std::string& device,
                        const std::string& weight_dtype, const std::string& activation_dtype,
                        int64_t max_context, int64_t kv_cache_tokens, int page_size,
-                       int64_t max_batch_tokens, const std::string& cuda_library) {
+                       int64_t max_batch_tokens, const std::string& cuda_library, bool graphs) {
              EngineOptions options;
              options.weight_dtype = parse_dtype(weight_dtype);
              options.activation_dtype = parse_dtype(activation_dtype);
@@ -125,11 +125,12 @@ PYBIND11_MODULE(_C, m) {
              options.kv_cache_tokens = kv_cache_tokens;
              options.page_size = page_size;
              options.max_batch_tokens = max_batch_tokens;
+             options.graphs = graphs;
              return std::make_unique<Engine>(config, options, make_backend(device, cuda_library));
            }),
            py::arg("config"), py::arg("device"), py::arg("weight_dtype"), py::arg("activation_dtype"),
            py::arg("max_context"), py::arg("kv_cache_tokens"), py::arg("page_size"),
-           py::arg("max_batch_tokens"), py::arg("cuda_library") = "")
+           py::arg("max_batch_tokens"), py::arg("cuda_library") = "", py::arg("graphs") = false)
       .def("set_backend_option", [](Engine& e, const std::string& name, const std::string& value) {
         e.backend().set_option(name, value);
       })

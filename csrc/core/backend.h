@@ -55,6 +55,23 @@ class MX_EXPORT Backend {
   virtual void synchronize() = 0;
   virtual MemoryInfo memory_info() = 0;
 
+  // ---- captured steps ----
+  // Host memory the device may read and write while the host goes on (pinned on the GPU), and
+  // copies that return before they are done (synchronize() waits for them).
+  virtual void* allocate_host(size_t bytes) = 0;
+  virtual void release_host(void* ptr) = 0;
+  virtual void copy_from_host_async(void* dst, const void* host_src, size_t bytes) = 0;
+  virtual void copy_to_host_async(void* host_dst, const void* src, size_t bytes) = 0;
+  // Graphs (CUDA graphs): the operations enqueued between begin_graph() and end_graph() are
+  // recorded, not run, and run_graph() replays them, reading the host memory above afresh.
+  // A backend without graphs says so, and the engine runs every step directly.
+  virtual bool supports_graphs() const { return false; }
+  virtual void begin_graph() { throw Error("backend " + name() + " has no graphs"); }
+  virtual int end_graph() { throw Error("backend " + name() + " has no graphs"); }
+  virtual void abort_graph() {}  // ends a capture that failed midway, recording nothing
+  virtual void run_graph(int) { throw Error("backend " + name() + " has no graphs"); }
+  virtual void release_graph(int) {}
+
   // t[i] = uniform_in(seed, i, low, high) (core/random.h), rounded to t's dtype; t contiguous.
   virtual void fill_uniform(Tensor& t, uint64_t seed, float low, float high) = 0;
 

@@ -74,6 +74,12 @@ class CpuBackend final : public Backend {
   void synchronize() override {}
   void fill_uniform(Tensor& t, uint64_t seed, float low, float high) override;
   MemoryInfo memory_info() override;  // the host's available and total memory
+  void* allocate_host(size_t bytes) override { return allocate(bytes); }
+  void release_host(void* ptr) override { release(ptr); }
+  void copy_from_host_async(void* dst, const void* host_src, size_t bytes) override {
+    copy_from_host(dst, host_src, bytes);
+  }
+  void copy_to_host_async(void* host_dst, const void* src, size_t bytes) override { copy_to_host(host_dst, src, bytes); }
 
   void embedding(const Tensor& table, const Tensor& ids, Tensor& out) override;
   void add_rmsnorm(Tensor& residual, const Tensor* delta, const Tensor& weight, float eps,

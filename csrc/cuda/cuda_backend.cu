@@ -35,8 +35,10 @@ const float kOne = 1.0f, kZero = 0.0f;
 CudaBackend::CudaBackend(int device) : runtime_(device) {}
 
 CudaBackend::~CudaBackend() {
+  for (auto& entry : graphs_) cudaGraphExecDestroy(entry.second);
   if (pointers_) cudaFree(pointers_);
   if (scratch_) cudaFree(scratch_);
+  for (void* buffer : retired_) cudaFree(buffer);
 }
 
 void CudaBackend::set_option(const std::string& name, const std::string& value) {
@@ -78,6 +80,71 @@ void CudaBackend::copy_to_host(void* host_dst, const void* src, size_t bytes) {
 }
 
 void CudaBackend::synchronize() { CUDA_CHECK(cudaStreamSynchronize(runtime_.stream())); }
+
+void* CudaBackend::allocate_host(size_t bytes) {
+  void* ptr = nullptr;
+  const cudaError_t status = cudaMallocHost(&ptr, std::max<size_t>(bytes, 1));
+  if (status != cudaSuccess) {
+    cudaGetLastError();
+    throw DeviceOutOfMemoryError("cuda: cannot pin " + std::to_string(bytes) + " bytes of host memory: " +
+                                 cudaGetErrorString(status));
+  }
+  return ptr;
+}
+
+void CudaBackend::release_host(void* ptr) {
+  if (ptr) cudaFreeHost(ptr);
+}
+
+void CudaBackend::copy_from_host_async(void* dst, const void* host_src, size_t bytes) {
+  CUDA_CHECK(cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, runtime_.stream()));
+}
+
+void CudaBackend::copy_to_host_async(void* host_dst, const void* src, size_t bytes) {
+  CUDA_CHECK(cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, runtime_.stream()));
+}
+
+// ---- graphs -------------------------------------------------------------------------
+
+void CudaBackend::begin_graph() {
+  MX_CHECK(!capturing_, Error, "cuda: a graph is already being recorded");
+  // Relaxed: the few host-side calls made while recording (kernel attributes, error checks) stay legal.
+  CUDA_CHECK(cudaStreamBeginCapture(runtime_.stream(), cudaStreamCaptureModeRelaxed));
+  capturing_ = true;
+}
+
+int CudaBackend::end_graph() {
+  capturing_ = false;
+  cudaGraph_t graph = nullptr;
+  CUDA_CHECK(cudaStreamEndCapture(runtime_.stream(), &graph));
+  cudaGraphExec_t exec = nullptr;
+  const cudaError_t status = cudaGraphInstantiate(&exec, graph, 0);
+  cudaGraphDestroy(graph);
+  CUDA_CHECK(status);
+  graphs_[next_graph_] = exec;
+  return next_graph_++;
+}
+
+void CudaBackend::abort_graph() {
+  if (!capturing_) return;
+  capturing_ = false;
+  cudaGraph_t graph = nullptr;
+  if (cudaStreamEndCapture(runtime_.stream(), &graph) == cudaSuccess && graph) cudaGraphDestroy(graph);
+  cudaGetLastError();  // the failed capture's error is reported by whoever threw
+}
+
+void CudaBackend::run_graph(int graph) {
+  auto found = graphs_.find(graph);
+  MX_CHECK(found != graphs_.end(), Error, "cuda: no graph " << graph);
+  CUDA_CHECK(cudaGraphLaunch(found->second, runtime_.stream()));
+}
+
+void CudaBackend::release_graph(int graph) {
+  auto found = graphs_.find(graph);
+  if (found == graphs_.end()) return;
+  cudaGraphExecDestroy(found->second);
+  graphs_.erase(found);
+}
 
 MemoryInfo CudaBackend::memory_info() {
   MemoryInfo info{0, 0};
@@ -155,8 +222,8 @@ void CudaBackend::attention(const Tensor& qkv, const AttentionShape& shape, cons
   const int64_t tokens = qkv.shape[0];
   const int64_t splits = attention_splits(tokens, page_table.shape[0] * kv.page_size);
   AttentionScratch scratch{nullptr, 0};
-  if (splits > 1) {
-    scratch.floats = tokens * shape.num_heads * splits * (shape.head_dim + 1);
+  if (splits > 1) {  // sized for the most tokens that split, so one buffer serves every such call
+    scratch.floats = kSplitMaxTokens * shape.num_heads * splits * (shape.head_dim + 1);
     scratch.data = scratch_floats(scratch.floats);
   }
   dispatch_device_float(qkv.dtype, [&](auto tag) {
@@ -195,6 +262,8 @@ void CudaBackend::moe_gather(const Tensor& x, const Tensor& permuted_to_expanded
 }
 
 std::vector<int32_t> CudaBackend::offsets_on_host(const Tensor& expert_offsets) {
+  MX_CHECK(!capturing_, Error,
+           "cuda: a recorded decode step needs the batched expert path (the others read offsets on the host)");
   std::vector<int32_t> offsets(expert_offsets.shape[0]);
   runtime_.download(offsets.data(), expert_offsets.data, offsets.size() * sizeof(int32_t));
   return offsets;
@@ -202,8 +271,7 @@ std::vector<int32_t> CudaBackend::offsets_on_host(const Tensor& expert_offsets) 
 
 void** CudaBackend::pointer_arrays(int64_t rows) {
   if (rows > pointer_capacity_) {
-    CUDA_CHECK(cudaStreamSynchronize(runtime_.stream()));  // no queued GEMM still reads the old arrays
-    if (pointers_) CUDA_CHECK(cudaFree(pointers_));
+    retire(pointers_);
     pointers_ = nullptr;
     pointer_capacity_ = std::max<int64_t>(rows, 4096);
     pointers_ = static_cast<void**>(allocate(3 * pointer_capacity_ * sizeof(void*)));
@@ -211,10 +279,19 @@ void** CudaBackend::pointer_arrays(int64_t rows) {
   return pointers_;
 }
 
+void CudaBackend::retire(void* buffer) {
+  if (!buffer) return;
+  if (!graphs_.empty()) {  // a recorded graph may still use it: free it with the backend
+    retired_.push_back(buffer);
+    return;
+  }
+  CUDA_CHECK(cudaStreamSynchronize(runtime_.stream()));  // no queued work still reads it
+  CUDA_CHECK(cudaFree(buffer));
+}
+
 float* CudaBackend::scratch_floats(int64_t floats) {
   if (floats > scratch_capacity_) {
-    CUDA_CHECK(cudaStreamSynchronize(runtime_.stream()));  // no queued kernel still reads the old buffer
-    if (scratch_) CUDA_CHECK(cudaFree(scratch_));
+    retire(scratch_);
     scratch_ = nullptr;
     scratch_capacity_ = std::max<int64_t>(floats, 1 << 20);
     scratch_ = static_cast<float*>(allocate(scratch_capacity_ * sizeof(float)));

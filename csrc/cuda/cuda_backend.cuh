@@ -10,6 +10,7 @@
 // (prefill), the fastest paths the H200 measurements in DESIGN.md found.
 #pragma once
 
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -37,6 +38,16 @@ class CudaBackend final : public Backend {
   void synchronize() override;
   void fill_uniform(Tensor& t, uint64_t seed, float low, float high) override;
   MemoryInfo memory_info() override;
+  void* allocate_host(size_t bytes) override;
+  void release_host(void* ptr) override;
+  void copy_from_host_async(void* dst, const void* host_src, size_t bytes) override;
+  void copy_to_host_async(void* host_dst, const void* src, size_t bytes) override;
+  bool supports_graphs() const override { return true; }
+  void begin_graph() override;
+  int end_graph() override;
+  void abort_graph() override;
+  void run_graph(int graph) override;
+  void release_graph(int graph) override;
 
   void embedding(const Tensor& table, const Tensor& ids, Tensor& out) override;
   void add_rmsnorm(Tensor& residual, const Tensor* delta, const Tensor& weight, float eps, Tensor& out) override;
@@ -70,6 +81,8 @@ class CudaBackend final : public Backend {
   void** pointer_arrays(int64_t rows);
   // Device scratch of at least `floats` floats (split attention's partial results), grown rarely.
   float* scratch_floats(int64_t floats);
+  // Frees a buffer that was outgrown, or keeps it until the backend goes while graphs may use it.
+  void retire(void* buffer);
 
   Runtime runtime_;
   ExpertGemmPath expert_path_ = ExpertGemmPath::kAuto;
@@ -77,7 +90,11 @@ class CudaBackend final : public Backend {
   int64_t pointer_capacity_ = 0;
   float* scratch_ = nullptr;
   int64_t scratch_capacity_ = 0;
+  std::vector<void*> retired_;
   std::vector<const void*> host_pointers_;  // the grouped path's arrays before their upload
+  bool capturing_ = false;
+  std::map<int, cudaGraphExec_t> graphs_;
+  int next_graph_ = 0;
 };
 
 }  // namespace mixtral::cuda

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 namespace mixtral {
 
@@ -142,7 +143,11 @@ Engine::Engine(const ModelConfig& config, const EngineOptions& options,
                       &expert_act_, &expert_out_, &logits_, &sampled_token_, &sampled_logprob_, &top_ids_,
                       &top_logprobs_})
       ArenaPlan::place(*t, workspace_arena_, backend_->device());
+    step_in_ = static_cast<int32_t*>(backend_->allocate_host((2 + max_pages) * sizeof(int32_t)));
+    step_out_ = static_cast<int32_t*>(backend_->allocate_host((2 + 2 * kMaxLogprobs) * sizeof(int32_t)));
   } catch (...) {
+    if (step_in_) backend_->release_host(step_in_);
+    if (workspace_arena_) backend_->release(workspace_arena_);
     if (kv_arena_) backend_->release(kv_arena_);
     backend_->release(weight_arena_);
     throw;
@@ -150,7 +155,12 @@ Engine::Engine(const ModelConfig& config, const EngineOptions& options,
 }
 
 Engine::~Engine() {
-  for (auto& entry : samplers_) backend_->release(entry.second.state);
+  for (auto& entry : samplers_) {
+    backend_->release_graph(entry.second.graph);
+    backend_->release(entry.second.state);
+  }
+  backend_->release_host(step_out_);
+  backend_->release_host(step_in_);
   backend_->release(workspace_arena_);
   backend_->release(kv_arena_);
   backend_->release(weight_arena_);
@@ -303,51 +313,116 @@ int Engine::create_sampler(const SamplingParams& params, uint64_t seed, const in
     backend_->release(device_state);
     throw;
   }
-  samplers_[next_sampler_] = SamplerState{params, seed, device_state};
+  samplers_[next_sampler_] = SamplerState{params, seed, device_state, 0, -1};
   return next_sampler_++;
 }
 
 void Engine::release_sampler(int sampler) {
   auto found = samplers_.find(sampler);
   MX_CHECK(found != samplers_.end(), Error, "release_sampler: no sampler " << sampler);
+  backend_->release_graph(found->second.graph);
   backend_->release(found->second.state);
   samplers_.erase(found);
+}
+
+void Engine::enqueue_sample(SamplerState& s) {
+  const int64_t V = config_.vocab_size, top_n = std::min<int64_t>(s.params.logprobs, V);
+  Tensor logits(logits_.data, DType::kFloat32, logits_.device, {V});
+  Tensor state(s.state, DType::kInt32, logits_.device, {2 * V + 1});
+  Tensor top_ids = top_ids_.rows(0, top_n), top_logprobs = top_logprobs_.rows(0, top_n);
+  backend_->sample(logits, s.params, s.seed, state, sampled_token_, sampled_logprob_, top_ids, top_logprobs);
 }
 
 SampledToken Engine::append_sample(int sequence, const int32_t* tokens, int64_t n, int sampler) {
   auto found = samplers_.find(sampler);
   MX_CHECK(found != samplers_.end(), Error, "append_sample: no sampler " << sampler);
   SamplerState& s = found->second;
+  if (n == 1 && options_.graphs) return decode_step(sequence, tokens[0], s);
   forward(sequence, tokens, n, false, nullptr);
-  const int64_t V = config_.vocab_size, top_n = std::min<int64_t>(s.params.logprobs, V);
-  Tensor logits(logits_.data, DType::kFloat32, logits_.device, {V});
-  Tensor state(s.state, DType::kInt32, logits_.device, {2 * V + 1});
-  Tensor top_ids = top_ids_.rows(0, top_n), top_logprobs = top_logprobs_.rows(0, top_n);
-  backend_->sample(logits, s.params, s.seed, state, sampled_token_, sampled_logprob_, top_ids, top_logprobs);
+  enqueue_sample(s);
+  const int64_t top_n = std::min<int64_t>(s.params.logprobs, config_.vocab_size);
   SampledToken result{0, 0.0f, std::vector<int32_t>(top_n), std::vector<float>(top_n)};
   backend_->copy_to_host(&result.token, sampled_token_.data, sizeof(int32_t));
   backend_->copy_to_host(&result.logprob, sampled_logprob_.data, sizeof(float));
   if (top_n > 0) {
-    backend_->copy_to_host(result.top_tokens.data(), top_ids.data, top_n * sizeof(int32_t));
-    backend_->copy_to_host(result.top_logprobs.data(), top_logprobs.data, top_n * sizeof(float));
+    backend_->copy_to_host(result.top_tokens.data(), top_ids_.data, top_n * sizeof(int32_t));
+    backend_->copy_to_host(result.top_logprobs.data(), top_logprobs_.data, top_n * sizeof(float));
   }
   return result;
 }
 
+SampledToken Engine::decode_step(int sequence, int32_t token, SamplerState& s) {
+  MX_CHECK(token >= 0 && token < config_.vocab_size, TokenError,
+           "token id " << token << " is outside the vocabulary [0, " << config_.vocab_size << ")");
+  const int64_t start = kv_.length(sequence);
+  MX_CHECK(start + 1 <= options_.max_context, ContextOverflowError,
+           "context overflow: " << start << " cached + 1 new token exceed max_context " << options_.max_context);
+  kv_.resize(sequence, start + 1);
+  const int64_t V = config_.vocab_size, top_n = std::min<int64_t>(s.params.logprobs, V);
+  const int64_t max_pages = page_table_.shape[0];
+  try {
+    const std::vector<int32_t>& pages = kv_.pages(sequence);
+    step_in_[0] = token;
+    step_in_[1] = static_cast<int32_t>(start);
+    std::copy(pages.begin(), pages.end(), step_in_ + 2);
+    std::fill(step_in_ + 2 + pages.size(), step_in_ + 2 + max_pages, 0);
+    auto enqueue_step = [&] {
+      backend_->copy_from_host_async(ids_.data, step_in_, sizeof(int32_t));
+      backend_->copy_from_host_async(positions_.data, step_in_ + 1, sizeof(int32_t));
+      backend_->copy_from_host_async(page_table_.data, step_in_ + 2, max_pages * sizeof(int32_t));
+      enqueue_forward(1, 1);
+      enqueue_sample(s);
+      backend_->copy_to_host_async(step_out_, sampled_token_.data, sizeof(int32_t));
+      backend_->copy_to_host_async(step_out_ + 1, sampled_logprob_.data, sizeof(float));
+      backend_->copy_to_host_async(step_out_ + 2, top_ids_.data, kMaxLogprobs * sizeof(int32_t));
+      backend_->copy_to_host_async(step_out_ + 2 + kMaxLogprobs, top_logprobs_.data, kMaxLogprobs * sizeof(float));
+    };
+    if (s.graph >= 0) {
+      backend_->run_graph(s.graph);
+    } else if (s.decode_steps == 0 || !backend_->supports_graphs()) {
+      enqueue_step();  // the first step runs directly, so buffers grow before any recording
+    } else {
+      backend_->begin_graph();
+      try {
+        enqueue_step();
+        s.graph = backend_->end_graph();
+      } catch (...) {
+        backend_->abort_graph();
+        throw;
+      }
+      backend_->run_graph(s.graph);
+    }
+    backend_->synchronize();
+    ++s.decode_steps;
+  } catch (...) {
+    kv_.resize(sequence, start);
+    throw;
+  }
+  SampledToken result{step_out_[0], 0.0f, std::vector<int32_t>(step_out_ + 2, step_out_ + 2 + top_n),
+                      std::vector<float>(top_n)};
+  std::memcpy(&result.logprob, step_out_ + 1, sizeof(float));
+  std::memcpy(result.top_logprobs.data(), step_out_ + 2 + kMaxLogprobs, top_n * sizeof(float));
+  return result;
+}
+
 void Engine::run_chunk(int sequence, const int32_t* tokens, int64_t n, int64_t start, int64_t logit_rows) {
+  std::vector<int32_t> positions(n);
+  for (int64_t i = 0; i < n; ++i) positions[i] = static_cast<int32_t>(start + i);
+  const std::vector<int32_t>& pages = kv_.pages(sequence);
+  backend_->copy_from_host(ids_.data, tokens, n * sizeof(int32_t));
+  backend_->copy_from_host(positions_.data, positions.data(), n * sizeof(int32_t));
+  backend_->copy_from_host(page_table_.data, pages.data(), pages.size() * sizeof(int32_t));
+  enqueue_forward(n, logit_rows);
+}
+
+void Engine::enqueue_forward(int64_t n, int64_t logit_rows) {
   const ModelConfig& c = config_;
   Backend& b = *backend_;
   const AttentionShape shape{int(c.num_heads), int(c.num_kv_heads), int(c.head_dim)};
   const int k = int(c.experts_per_token);
-
-  std::vector<int32_t> positions(n);
-  for (int64_t i = 0; i < n; ++i) positions[i] = static_cast<int32_t>(start + i);
-  const std::vector<int32_t>& pages = kv_.pages(sequence);
-  b.copy_from_host(ids_.data, tokens, n * sizeof(int32_t));
-  b.copy_from_host(positions_.data, positions.data(), n * sizeof(int32_t));
-  b.copy_from_host(page_table_.data, pages.data(), pages.size() * sizeof(int32_t));
-
-  Tensor ids = ids_.rows(0, n), pos = positions_.rows(0, n), table = page_table_.rows(0, pages.size());
+  // The whole table, as a recorded decode step sees it: entries past the sequence's pages are
+  // never read (positions bound every read), and the attention's work split stays the same.
+  Tensor ids = ids_.rows(0, n), pos = positions_.rows(0, n), table = page_table_;
   Tensor x = residual_.rows(0, n), h = normed_.rows(0, n), qkv = qkv_.rows(0, n);
   Tensor attn = attn_.rows(0, n), delta = delta_.rows(0, n);
   Tensor router_logits = router_logits_.rows(0, n), expert_ids = expert_ids_.rows(0, n);

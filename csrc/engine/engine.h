@@ -47,6 +47,7 @@ struct EngineOptions {
   int64_t kv_cache_tokens = 0;               // pool capacity over all sequences
   int page_size = 16;                        // tokens per KV page
   int64_t max_batch_tokens = 256;            // tokens per forward chunk
+  bool graphs = false;                       // record each sampler's decode step once, replay it
 };
 
 enum class Slot { kEmbed, kLmHead, kFinalNorm, kAttnNorm, kWqkv, kWo, kFfnNorm, kRouter, kW13, kW2, kCount };
@@ -88,7 +89,10 @@ class Engine {
   // with the prompt's tokens marked seen. Returns its handle.
   int create_sampler(const SamplingParams& params, uint64_t seed, const int32_t* prompt, int64_t n);
   void release_sampler(int sampler);
-  // append() of the tokens, then the next token drawn by the sampler (its step'th draw).
+  // append() of the tokens, then the next token drawn by the sampler. With options.graphs a
+  // one-token call is a decode step whose inputs and outputs go through pinned host memory (one
+  // host sync per token, for the token itself); on a backend with graphs the first step of a
+  // sampler runs directly, the second is recorded as a graph, and later ones replay it.
   SampledToken append_sample(int sequence, const int32_t* tokens, int64_t n, int sampler);
   int num_samplers() const { return static_cast<int>(samplers_.size()); }
 
@@ -108,13 +112,24 @@ class Engine {
   // Runs the tokens in chunks. Logits: all_logits -> [n, V] to host_out; else the last
   // token's [V] to host_out, or left in logits_ row 0 when host_out is null.
   void forward(int sequence, const int32_t* tokens, int64_t n, bool all_logits, float* host_out);
-  // One chunk; leaves float32 logits of the last logit_rows tokens in logits_ rows [0, logit_rows).
+  // One chunk: uploads its inputs and enqueues the forward pass.
   void run_chunk(int sequence, const int32_t* tokens, int64_t n, int64_t start, int64_t logit_rows);
+  // The forward pass of n tokens whose ids, positions and page table are on the device already;
+  // leaves float32 logits of the last logit_rows tokens in logits_ rows [0, logit_rows).
+  void enqueue_forward(int64_t n, int64_t logit_rows);
+  struct SamplerState;
+  // Samples from logits_ row 0 into the sampled_* tensors.
+  void enqueue_sample(SamplerState& s);
+  // One token through the decode step (inputs and outputs in step_in_ / step_out_), recorded
+  // and replayed as a graph where the backend has graphs.
+  SampledToken decode_step(int sequence, int32_t token, SamplerState& s);
 
   struct SamplerState {
     SamplingParams params;
     uint64_t seed;
-    void* state;  // on the device: seen [V], counts [V], the draw counter [1], int32
+    void* state;        // on the device: seen [V], counts [V], the draw counter [1], int32
+    int decode_steps;   // decode steps run so far (graphs: the second one is recorded)
+    int graph;          // the recorded decode step, -1 before
   };
   std::map<int, SamplerState> samplers_;
   int next_sampler_ = 0;
@@ -141,6 +156,10 @@ class Engine {
   Tensor expert_in_, gate_up_, expert_act_, expert_out_;  // [T*k, H], [T*k, 2F], [T*k, F], [T*k, H]
   Tensor logits_;  // [T, V] float32
   Tensor sampled_token_, sampled_logprob_, top_ids_, top_logprobs_;  // [1] i32, [1] f32, [20] i32, [20] f32
+  // Host memory of a decode step: step_in_ [token, position, page table (max pages)] int32;
+  // step_out_ [token, logprob, 20 top ids, 20 top logprobs] (4-byte words).
+  int32_t* step_in_ = nullptr;
+  int32_t* step_out_ = nullptr;
 };
 
 }  // namespace mixtral

@@ -81,14 +81,15 @@ def bench(args: argparse.Namespace) -> dict:
     """Prefill of a random prompt, then greedy decode past EOS; returns the measurements."""
     if args.model:
         engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
-                                        max_context=args.prompt_tokens + args.new_tokens)
+                                        max_context=args.prompt_tokens + args.new_tokens, cuda_graphs=args.cuda_graphs)
         name = args.model
     else:
         config = SHAPES[args.shape]
         if args.layers:
             config = dataclasses.replace(config, num_layers=args.layers)
         engine = Engine.synthetic(config, device=args.device, dtype=args.dtype,
-                                  max_context=args.prompt_tokens + args.new_tokens, max_batch_tokens=args.prompt_tokens)
+                                  max_context=args.prompt_tokens + args.new_tokens, max_batch_tokens=args.prompt_tokens,
+                                  cuda_graphs=args.cuda_graphs)
         name = f"synthetic {args.shape}, {config.num_layers} layers"
     prompt = np.random.default_rng(0).integers(3, engine.config.vocab_size, args.prompt_tokens).tolist()
     engine.generate(prompt[:8], max_tokens=2, temperature=0, ignore_eos=True)  # warm-up
@@ -96,12 +97,13 @@ def bench(args: argparse.Namespace) -> dict:
     result = engine.generate(prompt, max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
     layers = engine.config.num_layers
     ms_per_token = 1e3 / result.tokens_per_second
-    report = dict(model=name, device=engine.device, layers=layers, prompt_tokens=args.prompt_tokens,
+    report = dict(model=name, device=engine.device, cuda_graphs=args.cuda_graphs, layers=layers,
+                  prompt_tokens=args.prompt_tokens,
                   new_tokens=len(result.token_ids), time_to_first_token_ms=1e3 * result.time_to_first_token,
                   prefill_tokens_per_s=args.prompt_tokens / result.time_to_first_token,
                   decode_tokens_per_s=result.tokens_per_second, decode_ms_per_token=ms_per_token,
                   decode_ms_per_layer=ms_per_token / layers)
-    print(f"{name} on {engine.device}: first token after {report['time_to_first_token_ms']:.1f} ms "
+    print(f"{name} on {engine.device}{' with CUDA graphs' if args.cuda_graphs else ''}: first token after {report['time_to_first_token_ms']:.1f} ms "
           f"({report['prefill_tokens_per_s']:.0f} prompt tokens/s); decode {report['decode_tokens_per_s']:.1f} "
           f"tokens/s = {ms_per_token:.2f} ms/token, {report['decode_ms_per_layer']:.3f} ms per layer")
     return report
@@ -129,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     timing.add_argument("--dtype", default=None)
     timing.add_argument("--prompt-tokens", type=int, default=128)
     timing.add_argument("--new-tokens", type=int, default=32)
+    timing.add_argument("--cuda-graphs", action="store_true", help="replay each decode step as a CUDA graph")
     timing.add_argument("--json", default=None, help="also write the measurements to this file")
     for command in (demo, generate, chat):
         command.add_argument("--max-tokens", type=int, default=48 if command is not chat else 512)

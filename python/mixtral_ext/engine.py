@@ -46,9 +46,10 @@ class _EngineOptions:
     dtype: str
     page_size: int
     max_batch_tokens: int
+    cuda_graphs: bool
 
     @classmethod
-    def checked(cls, device, dtype, page_size, max_batch_tokens) -> "_EngineOptions":
+    def checked(cls, device, dtype, page_size, max_batch_tokens, cuda_graphs) -> "_EngineOptions":
         if device not in ("cpu", "cuda"):
             raise SettingError(f"device must be 'cpu' or 'cuda', got {device!r}")
         if dtype is None:
@@ -58,7 +59,9 @@ class _EngineOptions:
         for name, value in (("page_size", page_size), ("max_batch_tokens", max_batch_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 2**31:
                 raise SettingError(f"{name} must be an integer in [1, 2^31), got {value!r}")
-        return cls(device, dtype, page_size, max_batch_tokens)
+        if not isinstance(cuda_graphs, bool):
+            raise SettingError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
+        return cls(device, dtype, page_size, max_batch_tokens, cuda_graphs)
 
     @property
     def activation_dtype(self) -> str:
@@ -120,7 +123,7 @@ class _EngineOptions:
     def make_core(self, config: MixtralConfig, max_context: int, kv_cache_tokens: int):
         cuda_library = backend_library() if self.device == "cuda" else ""
         return _C.Engine(config.to_core(), self.device, self.dtype, self.activation_dtype, max_context,
-                         kv_cache_tokens, self.page_size, self.max_batch_tokens, cuda_library)
+                         kv_cache_tokens, self.page_size, self.max_batch_tokens, cuda_library, self.cuda_graphs)
 
 
 class Engine:
@@ -149,6 +152,7 @@ class Engine:
         kv_cache_fraction: float | None = None,
         page_size: int = 16,
         max_batch_tokens: int = 256,
+        cuda_graphs: bool = False,
         progress: bool | None = None,
     ) -> "Engine":
         """Loads a Hugging Face or consolidated Mistral Mixtral directory.
@@ -161,10 +165,12 @@ class Engine:
         kv_cache_fraction: instead, the fraction of the device memory left after the weights that
             the KV cache takes, up to max_position_embeddings tokens (default on the GPU: 0.9).
         page_size: tokens per KV page; max_batch_tokens: tokens per forward chunk.
+        cuda_graphs: on the GPU, record each generation's decode step as a CUDA graph and replay it
+            for every token (off by default until the device check has proven it on a GPU).
         progress: show a loading bar (default: for checkpoints of 256 MiB or more).
         """
         path = os.fspath(path)
-        options = _EngineOptions.checked(device, dtype, page_size, max_batch_tokens)
+        options = _EngineOptions.checked(device, dtype, page_size, max_batch_tokens, cuda_graphs)
         checkpoint = open_checkpoint(path)
         config = checkpoint.config
         config.to_core()  # validates the config before any tensor is read
@@ -194,12 +200,13 @@ class Engine:
         kv_cache_fraction: float | None = None,
         page_size: int = 16,
         max_batch_tokens: int = 256,
+        cuda_graphs: bool = False,
         seed: int = 0,
     ) -> "Engine":
         """A model of `config` with random weights made on the device itself (no file is read or
         written): for benchmarks at real widths. Other arguments as from_pretrained(); its text
         tokenizer is the one mistral-common ships for the vocabulary size."""
-        options = _EngineOptions.checked(device, dtype, page_size, max_batch_tokens)
+        options = _EngineOptions.checked(device, dtype, page_size, max_batch_tokens, cuda_graphs)
         config.to_core()
         max_context, kv_cache_tokens = options.context(config, max_context, kv_cache_tokens, kv_cache_fraction)
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**60:
