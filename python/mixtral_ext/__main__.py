@@ -103,7 +103,8 @@ def bench(args: argparse.Namespace) -> dict:
                   prefill_tokens_per_s=args.prompt_tokens / result.time_to_first_token,
                   decode_tokens_per_s=result.tokens_per_second, decode_ms_per_token=ms_per_token,
                   decode_ms_per_layer=ms_per_token / layers)
-    print(f"{name} on {engine.device}{' with CUDA graphs' if args.cuda_graphs else ''}: first token after {report['time_to_first_token_ms']:.1f} ms "
+    graphs = " with CUDA graphs" if args.cuda_graphs and engine.device == "cuda" else ""
+    print(f"{name} on {engine.device}{graphs}: first token after {report['time_to_first_token_ms']:.1f} ms "
           f"({report['prefill_tokens_per_s']:.0f} prompt tokens/s); decode {report['decode_tokens_per_s']:.1f} "
           f"tokens/s = {ms_per_token:.2f} ms/token, {report['decode_ms_per_layer']:.3f} ms per layer")
     return report
