@@ -4,6 +4,7 @@
 # 8x22B widths), prints a short table last and writes full logs under $OUT (default: a new
 # temporary folder).
 #   MEMCHECK=1  also runs the GPU tests under compute-sanitizer memcheck (slow)
+#   PEERS=0     skips the side-by-side benchmark against transformers and torch.compile (the longest step)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(mktemp -d)}
@@ -42,5 +43,11 @@ for graphs in "" --cuda-graphs; do
      --new-tokens 64 $graphs --json "$OUT/bench_engine${graphs:+_graphs}.json") > "$OUT/bench_engine${graphs:+_graphs}.log" 2>&1 || status=1
   tail -1 "$OUT/bench_engine${graphs:+_graphs}.log"
 done
+if [ "${PEERS:-1}" = 1 ]; then
+  step "peers: this engine, HF eager and grouped_mm, gpt-fast-style torch.compile (8x22B widths, 2 layers)"
+  (cd "$OUT" && timeout 420 python "$OLDPWD/benchmarks/bench_peers.py" --layers 2 --context 2048 --out "$OUT") \
+    > "$OUT/bench_peers.log" 2>&1 || status=1
+  grep -E "^\||floor|logits" "$OUT/bench_peers.log" || tail -20 "$OUT/bench_peers.log"
+fi
 echo "logs: $OUT; GPU tests: $(tail -1 "$OUT/gpu_tests.log")"
 exit $status
