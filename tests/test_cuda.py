@@ -119,13 +119,21 @@ def test_rope_kv_append(ops, dtype, heads, kv_heads, head_dim):
                                                  (700, 1, 0), (1999, 3, 40), (8190, 2, 0)])
 def test_attention(ops, dtype, heads, kv_heads, head_dim, page_size, before, tokens, spare):
     """Short caches take one block per (token, KV head); past 512 positions few tokens split the
-    cache (flash-decoding), including splits past the end of the context (spare pages)."""
+    cache (flash-decoding), including splits past the end of the context (spare pages); more
+    tokens in bfloat16/float16 with head_dim 64 or 128 run on the tensor cores."""
     r = rng(5)
     qkv, positions, k_pool, v_pool, table = paged_setup(r, before, tokens, heads, kv_heads, head_dim, page_size,
                                                         dtype_pages=(before + tokens) // page_size + spare + 9,
                                                         spare_pages=spare)
-    cpu, dev = (o.attention(qkv, heads, kv_heads, head_dim, positions, k_pool, v_pool, table, dtype) for o in ops)
-    close(dev, cpu, dtype, rel_scale=2.0)
+    cpu = ops[0].attention(qkv, heads, kv_heads, head_dim, positions, k_pool, v_pool, table, dtype)
+    # On the GPU both kernels: "auto" sends prefill in half precision (head_dim 64, 128) to the tensor cores.
+    for mode in ("auto", "simple") if DEVICE == "cuda" else ("auto",):
+        if DEVICE == "cuda":
+            ops[1].set_option("attention", mode)
+        dev = ops[1].attention(qkv, heads, kv_heads, head_dim, positions, k_pool, v_pool, table, dtype)
+        close(dev, cpu, dtype, rel_scale=2.0)
+    if DEVICE == "cuda":
+        ops[1].set_option("attention", "auto")
 
 
 @pytest.mark.parametrize("experts,k", [(8, 2), (5, 1), (13, 4)])

@@ -42,6 +42,11 @@ CudaBackend::~CudaBackend() {
 }
 
 void CudaBackend::set_option(const std::string& name, const std::string& value) {
+  if (name == "attention") {
+    MX_CHECK(value == "auto" || value == "simple", Error, "attention must be auto or simple, got '" << value << "'");
+    tensor_core_attention_ = value == "auto";
+    return;
+  }
   MX_CHECK(name == "expert_gemm", Error, "cuda backend: unknown option '" << name << "'");
   if (value == "auto") expert_path_ = ExpertGemmPath::kAuto;
   else if (value == "per_expert") expert_path_ = ExpertGemmPath::kPerExpert;
@@ -230,7 +235,8 @@ void CudaBackend::attention(const Tensor& qkv, const AttentionShape& shape, cons
     using T = decltype(tag);
     launch_attention(qkv.ptr<const T>(), tokens, qkv.shape[1], shape, positions.ptr<const int32_t>(),
                      static_cast<const T*>(kv.k), static_cast<const T*>(kv.v), page_table.ptr<const int32_t>(),
-                     page_table.shape[0], kv.page_size, out.ptr<T>(), scratch, runtime_.stream());
+                     page_table.shape[0], kv.page_size, out.ptr<T>(), scratch, tensor_core_attention_,
+                     runtime_.stream());
   });
 }
 

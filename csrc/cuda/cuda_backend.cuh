@@ -8,6 +8,8 @@
 //   grouped     cublasGemmGroupedBatchedEx, one group per expert with rows (offsets on the host)
 // "auto" picks batched up to kBatchedMaxRows rows (decode) and per_expert above
 // (prefill), the fastest paths the H200 measurements in DESIGN.md found.
+// Options: "expert_gemm" = auto|per_expert|batched|grouped; "attention" = auto (prefill in
+// bfloat16/float16 on the tensor cores) or simple (the CUDA-core kernel for everything).
 #pragma once
 
 #include <map>
@@ -86,6 +88,7 @@ class CudaBackend final : public Backend {
 
   Runtime runtime_;
   ExpertGemmPath expert_path_ = ExpertGemmPath::kAuto;
+  bool tensor_core_attention_ = true;  // option "attention": auto (tensor cores for prefill) or simple
   void** pointers_ = nullptr;
   int64_t pointer_capacity_ = 0;
   float* scratch_ = nullptr;

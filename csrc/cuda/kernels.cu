@@ -4,6 +4,7 @@
 // the CPU twins in csrc/cpu/cpu_backend.cpp do.
 #include <algorithm>
 #include <cfloat>
+#include <type_traits>
 
 #include "cuda/cuda_check.cuh"
 #include "cuda/kernels.cuh"
@@ -372,11 +373,18 @@ void launch_rope_kv_append(T* qkv, int64_t tokens, int64_t width, const Attentio
 template <typename T>
 void launch_attention(const T* qkv, int64_t tokens, int64_t width, const AttentionShape& shape,
                       const int32_t* positions, const T* k_pool, const T* v_pool, const int32_t* page_table,
-                      int64_t table_pages, int page_size, T* out, AttentionScratch scratch, cudaStream_t stream) {
+                      int64_t table_pages, int page_size, T* out, AttentionScratch scratch, bool tensor_cores,
+                      cudaStream_t stream) {
   const int group = shape.num_heads / shape.num_kv_heads, d = shape.head_dim;
   MX_CHECK(group <= 32, ShapeError, "cuda attention: at most 32 query heads per KV head, got " << group);
   MX_CHECK(d <= 256, ShapeError, "cuda attention: head_dim at most 256, got " << d);
   if (tokens == 0) return;
+  if constexpr (!std::is_same_v<T, float>) {
+    if (tensor_cores && tokens > kSplitMaxTokens &&
+        launch_attention_tensor_cores(qkv, tokens, width, shape, positions, k_pool, v_pool, page_table, page_size, out,
+                                      stream))
+      return;
+  }
   const int64_t splits = attention_splits(tokens, table_pages * page_size);
   if (splits > 1)
     MX_CHECK(scratch.floats >= tokens * shape.num_heads * splits * (d + 1), ShapeError,
@@ -466,7 +474,7 @@ void launch_expert_pointers(const int32_t* expert_offsets, int num_experts, int6
                                          T*, T*, const int32_t*, int, cudaStream_t);                          \
   template void launch_attention<T>(const T*, int64_t, int64_t, const AttentionShape&, const int32_t*,        \
                                     const T*, const T*, const int32_t*, int64_t, int, T*, AttentionScratch,   \
-                                    cudaStream_t);                                                            \
+                                    bool, cudaStream_t);                                                      \
   template void launch_moe_gather<T>(const T*, const int32_t*, int, T*, int64_t, int64_t, cudaStream_t);      \
   template void launch_silu_mul<T>(const T*, T*, int64_t, int64_t, cudaStream_t);                             \
   template void launch_moe_unpermute<T>(const T*, const int32_t*, const float*, T*, int64_t, int, int64_t,    \

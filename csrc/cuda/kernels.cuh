@@ -55,11 +55,21 @@ struct AttentionScratch {
   float* data;
   int64_t floats;
 };
+// More tokens (prefill) in bfloat16 or float16 with head_dim 64 or 128 go to the tensor-core
+// kernel (cuda/attention_tc.cu) when tensor_cores is set.
 int64_t attention_splits(int64_t tokens, int64_t max_positions);
 template <typename T>
 void launch_attention(const T* qkv, int64_t tokens, int64_t width, const AttentionShape& shape,
                       const int32_t* positions, const T* k_pool, const T* v_pool, const int32_t* page_table,
-                      int64_t table_pages, int page_size, T* out, AttentionScratch scratch, cudaStream_t stream);
+                      int64_t table_pages, int page_size, T* out, AttentionScratch scratch, bool tensor_cores,
+                      cudaStream_t stream);
+
+// Flash-attention style prefill on the tensor cores; false (nothing launched) for a head_dim
+// other than 64 or 128, or a group too large for shared memory.
+template <typename T>
+bool launch_attention_tensor_cores(const T* qkv, int64_t tokens, int64_t width, const AttentionShape& shape,
+                                   const int32_t* positions, const T* k_pool, const T* v_pool,
+                                   const int32_t* page_table, int page_size, T* out, cudaStream_t stream);
 
 // Softmax over E experts, top-k (ties to the lower id), renormalised: logits [T, E] float32.
 void launch_router_topk(const float* logits, int64_t tokens, int num_experts, int k, int32_t* expert_ids,

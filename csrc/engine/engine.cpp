@@ -6,6 +6,9 @@
 //              route h; gather rows by expert; silu(h w1) * (h w3) @ w2 per expert;
 //              moe_out = weighted unpermute
 //   h = norm(x += moe_out); logits = h @ lm_head^T
+// Then either the logits go to the host (append), or the backend samples the
+// next token where they are (append_sample); a one-token decode step can be
+// recorded once as a graph and replayed (decode_step).
 #include "engine/engine.h"
 
 #include <algorithm>
