@@ -10,6 +10,7 @@ void convert_host(const void* src, DType src_dtype, void* dst, DType dst_dtype, 
   MX_CHECK(is_float(src_dtype) && is_float(dst_dtype), ShapeError,
            "convert: float dtypes only, got " << dtype_name(src_dtype) << " -> "
                                               << dtype_name(dst_dtype));
+  if (n == 0) return;  // an empty array's buffer may be null
   if (src_dtype == dst_dtype) {
     std::memcpy(dst, src, static_cast<size_t>(n) * dtype_size(src_dtype));
     return;

@@ -92,11 +92,11 @@ void* CpuBackend::allocate(size_t bytes) {
 void CpuBackend::release(void* ptr) { std::free(ptr); }
 
 void CpuBackend::copy_from_host(void* dst, const void* host_src, size_t bytes) {
-  std::memcpy(dst, host_src, bytes);
+  if (bytes) std::memcpy(dst, host_src, bytes);  // an empty array's buffer may be null
 }
 
 void CpuBackend::copy_to_host(void* host_dst, const void* src, size_t bytes) {
-  std::memcpy(host_dst, src, bytes);
+  if (bytes) std::memcpy(host_dst, src, bytes);
 }
 
 // ---- dense operations -----------------------------------------------------------

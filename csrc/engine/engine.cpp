@@ -404,7 +404,7 @@ SampledToken Engine::decode_step(int sequence, int32_t token, SamplerState& s) {
   SampledToken result{step_out_[0], 0.0f, std::vector<int32_t>(step_out_ + 2, step_out_ + 2 + top_n),
                       std::vector<float>(top_n)};
   std::memcpy(&result.logprob, step_out_ + 1, sizeof(float));
-  std::memcpy(result.top_logprobs.data(), step_out_ + 2 + kMaxLogprobs, top_n * sizeof(float));
+  if (top_n > 0) std::memcpy(result.top_logprobs.data(), step_out_ + 2 + kMaxLogprobs, top_n * sizeof(float));
   return result;
 }
 
