@@ -324,6 +324,29 @@ def test_synthetic_engine_matches_the_cpu_one(device_engines):
     assert_close(device, cpu, 1e-4)
 
 
+def test_long_context_engine_matches_the_cpu_and_chunking_does_not_matter(device_engines):
+    """A one-layer model (so a routing flip of an earlier token cannot reach the last logits) over
+    3,000 tokens: chunked prefill equals one-shot on the device, and both equal the CPU engine."""
+    from dataclasses import replace
+
+    from mixtral_ext.synthetic import DEMO_CONFIG
+
+    config = replace(DEMO_CONFIG, num_layers=1, head_dim=64, num_heads=6, num_kv_heads=2)
+    ids = random_tokens(3000, config.vocab_size, seed=37)
+    for dtype, rel in (("float32", 1e-4), ("bfloat16", 5e-2)):
+        cpu = mixtral_ext.Engine.synthetic(config, dtype=dtype, max_context=3072, max_batch_tokens=512, seed=8)
+        with cpu.new_sequence() as seq:
+            expected = seq.append(ids)
+        results = []
+        for chunk in (512, 3072):
+            engine = mixtral_ext.Engine.synthetic(config, device=DEVICE, dtype=dtype, max_context=3072,
+                                                  max_batch_tokens=chunk, seed=8)
+            with engine.new_sequence() as seq:
+                results.append(seq.append(ids))
+        assert_close(results[0], results[1], rel / 4)
+        assert_close(results[1], expected, rel)
+
+
 def test_device_out_of_memory_is_an_exception(tiny_dir, device_engines):
     with pytest.raises(mixtral_ext.DeviceOutOfMemoryError, match="out of memory"):
         mixtral_ext.Engine.from_pretrained(tiny_dir, device=DEVICE, max_context=256, kv_cache_tokens=2**31 - 1)
