@@ -5,7 +5,8 @@
 // arrays. Every device buffer has guard bytes on both sides, checked after the
 // op; outputs start filled with 0xFF bytes (NaN in every float dtype), so a
 // missed write shows. Indices are range-checked on the host before any
-// backend reads them (the CUDA kernels trust the engine's checks).
+// backend reads them (the CUDA kernels trust the engine's checks). The time_*
+// methods time one op on uninitialised buffers of given sizes, for benchmarks.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
