@@ -1,6 +1,7 @@
 """The user-facing engine: Engine.from_pretrained loads a checkpoint into the
-C++ core; Engine.logits runs one stateless pass; Sequence holds KV-cached
-state for incremental prefill and decode. Every input is checked here before
+C++ core (Engine.synthetic makes random weights on the device); Engine.logits
+runs one stateless pass; Sequence holds KV-cached state for incremental
+prefill and decode; generate/stream/chat and their asyncio twins produce text. Every input is checked here before
 it reaches C++; every core call holds the engine's lock, so threads may share
 one engine. Token ids are int32 numpy arrays at the core boundary; logits come
 back as float32 numpy arrays [tokens, vocab_size] or [vocab_size]."""
@@ -17,9 +18,9 @@ from typing import AsyncIterator, Callable, Iterable, Iterator, Sequence as Sequ
 import numpy as np
 
 from . import _C
+from .chat import TOOL_CALLS_TOKEN, AssistantMessage, ChatResult, encode_chat, parse_tool_calls
 from .config import MixtralConfig
 from .cuda import backend_library
-from .chat import TOOL_CALLS_TOKEN, AssistantMessage, ChatResult, encode_chat, parse_tool_calls
 from .errors import (
     ContextOverflowError,
     DeviceError,
