@@ -32,14 +32,30 @@ float dot(const float* x, const typename W::storage* w, int64_t n) {
   return sum;
 }
 
+// Four rows of x (row stride K) against one weight row: the weights are read once for all four.
+template <typename W>
+void dot4(const float* x, const typename W::storage* w, int64_t K, float* out, int64_t ld_out) {
+  const float *x0 = x, *x1 = x + K, *x2 = x + 2 * K, *x3 = x + 3 * K;
+  float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+  for (int64_t i = 0; i < K; ++i) {
+    const float wi = W::load(w[i]);
+    s0 += x0[i] * wi, s1 += x1[i] * wi, s2 += x2[i] * wi, s3 += x3[i] * wi;
+  }
+  out[0] = s0, out[ld_out] = s1, out[2 * ld_out] = s2, out[3 * ld_out] = s3;
+}
+
 // out[m, n] = sum_k x[m, k] * w[n, k] for m < M, n < N; out has row stride ld_out.
+// Rows of x go four at a time, so a prefill reads each weight row once per four tokens.
 template <typename W>
 void matmul_f32(const float* x, const typename W::storage* w, float* out, int64_t M, int64_t N,
                 int64_t K, int64_t ld_out) {
 #pragma omp parallel for schedule(static) if (M * N * K > kParallelWork)
   for (int64_t n = 0; n < N; ++n) {
     const typename W::storage* w_row = w + n * K;
-    for (int64_t m = 0; m < M; ++m) out[m * ld_out + n] = dot<W>(x + m * K, w_row, K);
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) dot4<W>(x + m * K, w_row, K, out + m * ld_out + n, ld_out);
+    for (; m < M; ++m) out[m * ld_out + n] = dot<W>(x + m * K, w_row, K);
   }
 }
 
