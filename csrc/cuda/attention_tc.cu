@@ -148,12 +148,7 @@ bool launch_tc(const T* qkv, int64_t tokens, int64_t width, const AttentionShape
                const T* k_pool, const T* v_pool, const int32_t* page_table, int page_size, T* out, cudaStream_t stream) {
   const int group = shape.num_heads / shape.num_kv_heads;
   const size_t bytes = shared_bytes<T, D>(group);
-  int device = 0, limit = 0;
-  CUDA_CHECK(cudaGetDevice(&device));
-  CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  if (bytes > size_t(limit)) return false;
-  CUDA_CHECK(cudaFuncSetAttribute(attention_tc_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                  static_cast<int>(bytes)));
+  if (bytes > size_t(opt_in_shared_memory<attention_tc_kernel<T, D>>())) return false;
   const dim3 grid(static_cast<unsigned>((tokens + kRows - 1) / kRows), shape.num_kv_heads);
   attention_tc_kernel<T, D><<<grid, group * 32, bytes, stream>>>(
       qkv, width, tokens, shape.num_heads, shape.num_kv_heads, positions, k_pool, v_pool, page_table, page_size,

@@ -340,9 +340,7 @@ void CudaBackend::expert_gemm_grouped(const Tensor& x, const Tensor& w, const st
   std::vector<int> m, n, k, lda, ldb, ldc, group_size;
   std::vector<cublasOperation_t> trans_a, trans_b;
   std::vector<float> alpha, beta;
-  host_pointers_.clear();
-  std::vector<const void*> b_host;
-  std::vector<void*> c_host;
+  std::vector<const void*> a_host, b_host, c_host;  // uploaded one after another: a, then b, then c
   for (size_t e = 0; e + 1 < offsets.size(); ++e) {
     const int64_t begin = offsets[e], count = offsets[e + 1] - begin;
     if (count == 0) continue;
@@ -350,7 +348,7 @@ void CudaBackend::expert_gemm_grouped(const Tensor& x, const Tensor& w, const st
     m.push_back(static_cast<int>(N)), n.push_back(static_cast<int>(count)), k.push_back(static_cast<int>(K));
     lda.push_back(static_cast<int>(K)), ldb.push_back(static_cast<int>(K)), ldc.push_back(static_cast<int>(N));
     group_size.push_back(1), alpha.push_back(1.0f), beta.push_back(0.0f);
-    host_pointers_.push_back(static_cast<const char*>(w.data) + e * N * K * dtype_size(w.dtype));
+    a_host.push_back(static_cast<const char*>(w.data) + e * N * K * dtype_size(w.dtype));
     b_host.push_back(x.rows(begin, count).data);
     c_host.push_back(out.rows(begin, count).data);
   }
@@ -360,9 +358,9 @@ void CudaBackend::expert_gemm_grouped(const Tensor& x, const Tensor& w, const st
   const void** a = const_cast<const void**>(arrays);
   const void** b = a + groups;
   void** c = arrays + 2 * groups;
-  host_pointers_.insert(host_pointers_.end(), b_host.begin(), b_host.end());
-  host_pointers_.insert(host_pointers_.end(), c_host.begin(), c_host.end());
-  runtime_.upload(arrays, host_pointers_.data(), host_pointers_.size() * sizeof(void*));
+  a_host.insert(a_host.end(), b_host.begin(), b_host.end());
+  a_host.insert(a_host.end(), c_host.begin(), c_host.end());
+  runtime_.upload(arrays, a_host.data(), a_host.size() * sizeof(void*));
   CUBLAS_CHECK(cublasGemmGroupedBatchedEx(runtime_.cublas(), trans_a.data(), trans_b.data(), m.data(), n.data(),
                                           k.data(), alpha.data(), a, cuda_type(w.dtype), lda.data(), b,
                                           cuda_type(x.dtype), ldb.data(), beta.data(), c, cuda_type(out.dtype),

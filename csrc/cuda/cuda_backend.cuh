@@ -94,7 +94,6 @@ class CudaBackend final : public Backend {
   float* scratch_ = nullptr;
   int64_t scratch_capacity_ = 0;
   std::vector<void*> retired_;
-  std::vector<const void*> host_pointers_;  // the grouped path's arrays before their upload
   bool capturing_ = false;
   std::map<int, cudaGraphExec_t> graphs_;
   int next_graph_ = 0;

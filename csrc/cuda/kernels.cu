@@ -395,15 +395,19 @@ void launch_attention(const T* qkv, int64_t tokens, int64_t width, const Attenti
   float* partial_out = scratch.data;
   float* partial_lse = scratch.data + tokens * shape.num_heads * splits * d;
   const int64_t split_positions = splits > 1 ? kSplitPositions : 0;
-  auto launch = [&](auto kernel) {
-    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared_bytes)));
-    kernel<<<grid, group * 32, shared_bytes, stream>>>(qkv, width, shape.num_heads, shape.num_kv_heads, d, positions,
-                                                        k_pool, v_pool, page_table, page_size, scale, out,
-                                                        split_positions, partial_out, partial_lse);
+  auto launch = [&](auto chunks) {
+    constexpr int kChunks = decltype(chunks)::value;
+    const int limit = opt_in_shared_memory<attention_kernel<T, kChunks>>();
+    MX_CHECK(shared_bytes <= size_t(limit), ShapeError,
+             "cuda attention: " << group << " heads per KV head of " << d << " need " << shared_bytes
+                                << " bytes of shared memory, the device has " << limit);
+    attention_kernel<T, kChunks><<<grid, group * 32, shared_bytes, stream>>>(
+        qkv, width, shape.num_heads, shape.num_kv_heads, d, positions, k_pool, v_pool, page_table, page_size, scale,
+        out, split_positions, partial_out, partial_lse);
   };
-  if (d <= 64) launch(attention_kernel<T, 2>);
-  else if (d <= 128) launch(attention_kernel<T, 4>);
-  else launch(attention_kernel<T, 8>);
+  if (d <= 64) launch(std::integral_constant<int, 2>{});
+  else if (d <= 128) launch(std::integral_constant<int, 4>{});
+  else launch(std::integral_constant<int, 8>{});
   CUDA_CHECK_LAUNCH();
   if (splits > 1) {
     attention_merge_kernel<<<dim3(static_cast<unsigned>(tokens), shape.num_heads), 128, 0, stream>>>(

@@ -10,8 +10,23 @@
 #include <cstdint>
 
 #include "core/backend.h"
+#include "cuda/cuda_check.cuh"
 
 namespace mixtral::cuda {
+
+// Lets Kernel use the device's opt-in shared memory per block, and returns that many bytes.
+// The attribute is set once per kernel, not on every launch.
+template <auto Kernel>
+int opt_in_shared_memory() {
+  static const int bytes = [] {
+    int device = 0, limit = 0;
+    CUDA_CHECK(cudaGetDevice(&device));
+    CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, limit));
+    return limit;
+  }();
+  return bytes;
+}
 
 // Calls fn(T{}) with T the device type of a float dtype.
 template <typename Fn>

@@ -146,7 +146,7 @@ Engine::Engine(const ModelConfig& config, const EngineOptions& options,
                       &expert_act_, &expert_out_, &logits_, &sampled_token_, &sampled_logprob_, &top_ids_,
                       &top_logprobs_})
       ArenaPlan::place(*t, workspace_arena_, backend_->device());
-    step_in_ = static_cast<int32_t*>(backend_->allocate_host((2 + max_pages) * sizeof(int32_t)));
+    step_in_ = static_cast<int32_t*>(backend_->allocate_host((2 * T + max_pages) * sizeof(int32_t)));
     step_out_ = static_cast<int32_t*>(backend_->allocate_host((2 + 2 * kMaxLogprobs) * sizeof(int32_t)));
   } catch (...) {
     if (step_in_) backend_->release_host(step_in_);
@@ -272,7 +272,7 @@ void Engine::append(int sequence, const int32_t* tokens, int64_t n, bool all_log
   forward(sequence, tokens, n, all_logits, out);
 }
 
-void Engine::forward(int sequence, const int32_t* tokens, int64_t n, bool all_logits, float* host_out) {
+int64_t Engine::grow(int sequence, const int32_t* tokens, int64_t n) {
   MX_CHECK(n >= 1, ShapeError, "append: no tokens given");
   for (int64_t i = 0; i < n; ++i)
     MX_CHECK(tokens[i] >= 0 && tokens[i] < config_.vocab_size, TokenError,
@@ -283,6 +283,11 @@ void Engine::forward(int sequence, const int32_t* tokens, int64_t n, bool all_lo
            "context overflow: " << start << " cached + " << n << " new tokens exceed max_context "
                                 << options_.max_context);
   kv_.resize(sequence, start + n);
+  return start;
+}
+
+void Engine::forward(int sequence, const int32_t* tokens, int64_t n, bool all_logits, float* host_out) {
+  const int64_t start = grow(sequence, tokens, n);
   try {
     for (int64_t done = 0; done < n; done += options_.max_batch_tokens) {
       const int64_t count = std::min(options_.max_batch_tokens, n - done);
@@ -316,7 +321,7 @@ int Engine::create_sampler(const SamplingParams& params, uint64_t seed, const in
     backend_->release(device_state);
     throw;
   }
-  samplers_[next_sampler_] = SamplerState{params, seed, device_state, 0, -1};
+  samplers_[next_sampler_] = SamplerState{params, seed, device_state, false, -1};
   return next_sampler_++;
 }
 
@@ -334,6 +339,19 @@ void Engine::enqueue_sample(SamplerState& s) {
   Tensor state(s.state, DType::kInt32, logits_.device, {2 * V + 1});
   Tensor top_ids = top_ids_.rows(0, top_n), top_logprobs = top_logprobs_.rows(0, top_n);
   backend_->sample(logits, s.params, s.seed, state, sampled_token_, sampled_logprob_, top_ids, top_logprobs);
+  backend_->copy_to_host_async(step_out_, sampled_token_.data, sizeof(int32_t));
+  backend_->copy_to_host_async(step_out_ + 1, sampled_logprob_.data, sizeof(float));
+  backend_->copy_to_host_async(step_out_ + 2, top_ids_.data, kMaxLogprobs * sizeof(int32_t));
+  backend_->copy_to_host_async(step_out_ + 2 + kMaxLogprobs, top_logprobs_.data, kMaxLogprobs * sizeof(float));
+}
+
+SampledToken Engine::read_sample(const SamplerState& s) const {
+  const int64_t top_n = std::min<int64_t>(s.params.logprobs, config_.vocab_size);
+  SampledToken result{step_out_[0], 0.0f, std::vector<int32_t>(step_out_ + 2, step_out_ + 2 + top_n),
+                      std::vector<float>(top_n)};
+  std::memcpy(&result.logprob, step_out_ + 1, sizeof(float));
+  if (top_n > 0) std::memcpy(result.top_logprobs.data(), step_out_ + 2 + kMaxLogprobs, top_n * sizeof(float));
+  return result;
 }
 
 SampledToken Engine::append_sample(int sequence, const int32_t* tokens, int64_t n, int sampler) {
@@ -343,46 +361,22 @@ SampledToken Engine::append_sample(int sequence, const int32_t* tokens, int64_t 
   if (n == 1 && options_.graphs) return decode_step(sequence, tokens[0], s);
   forward(sequence, tokens, n, false, nullptr);
   enqueue_sample(s);
-  const int64_t top_n = std::min<int64_t>(s.params.logprobs, config_.vocab_size);
-  SampledToken result{0, 0.0f, std::vector<int32_t>(top_n), std::vector<float>(top_n)};
-  backend_->copy_to_host(&result.token, sampled_token_.data, sizeof(int32_t));
-  backend_->copy_to_host(&result.logprob, sampled_logprob_.data, sizeof(float));
-  if (top_n > 0) {
-    backend_->copy_to_host(result.top_tokens.data(), top_ids_.data, top_n * sizeof(int32_t));
-    backend_->copy_to_host(result.top_logprobs.data(), top_logprobs_.data, top_n * sizeof(float));
-  }
-  return result;
+  backend_->synchronize();
+  return read_sample(s);
 }
 
 SampledToken Engine::decode_step(int sequence, int32_t token, SamplerState& s) {
-  MX_CHECK(token >= 0 && token < config_.vocab_size, TokenError,
-           "token id " << token << " is outside the vocabulary [0, " << config_.vocab_size << ")");
-  const int64_t start = kv_.length(sequence);
-  MX_CHECK(start + 1 <= options_.max_context, ContextOverflowError,
-           "context overflow: " << start << " cached + 1 new token exceed max_context " << options_.max_context);
-  kv_.resize(sequence, start + 1);
-  const int64_t V = config_.vocab_size, top_n = std::min<int64_t>(s.params.logprobs, V);
-  const int64_t max_pages = page_table_.shape[0];
+  const int64_t start = grow(sequence, &token, 1);
   try {
-    const std::vector<int32_t>& pages = kv_.pages(sequence);
-    step_in_[0] = token;
-    step_in_[1] = static_cast<int32_t>(start);
-    std::copy(pages.begin(), pages.end(), step_in_ + 2);
-    std::fill(step_in_ + 2 + pages.size(), step_in_ + 2 + max_pages, 0);
+    stage_inputs(sequence, &token, 1, start);
     auto enqueue_step = [&] {
-      backend_->copy_from_host_async(ids_.data, step_in_, sizeof(int32_t));
-      backend_->copy_from_host_async(positions_.data, step_in_ + 1, sizeof(int32_t));
-      backend_->copy_from_host_async(page_table_.data, step_in_ + 2, max_pages * sizeof(int32_t));
+      enqueue_input_copies(1);
       enqueue_forward(1, 1);
       enqueue_sample(s);
-      backend_->copy_to_host_async(step_out_, sampled_token_.data, sizeof(int32_t));
-      backend_->copy_to_host_async(step_out_ + 1, sampled_logprob_.data, sizeof(float));
-      backend_->copy_to_host_async(step_out_ + 2, top_ids_.data, kMaxLogprobs * sizeof(int32_t));
-      backend_->copy_to_host_async(step_out_ + 2 + kMaxLogprobs, top_logprobs_.data, kMaxLogprobs * sizeof(float));
     };
     if (s.graph >= 0) {
       backend_->run_graph(s.graph);
-    } else if (s.decode_steps == 0 || !backend_->supports_graphs()) {
+    } else if (!s.stepped || !backend_->supports_graphs()) {
       enqueue_step();  // the first step runs directly, so buffers grow before any recording
     } else {
       backend_->begin_graph();
@@ -396,25 +390,34 @@ SampledToken Engine::decode_step(int sequence, int32_t token, SamplerState& s) {
       backend_->run_graph(s.graph);
     }
     backend_->synchronize();
-    ++s.decode_steps;
+    s.stepped = true;
   } catch (...) {
     kv_.resize(sequence, start);
     throw;
   }
-  SampledToken result{step_out_[0], 0.0f, std::vector<int32_t>(step_out_ + 2, step_out_ + 2 + top_n),
-                      std::vector<float>(top_n)};
-  std::memcpy(&result.logprob, step_out_ + 1, sizeof(float));
-  if (top_n > 0) std::memcpy(result.top_logprobs.data(), step_out_ + 2 + kMaxLogprobs, top_n * sizeof(float));
-  return result;
+  return read_sample(s);
+}
+
+void Engine::stage_inputs(int sequence, const int32_t* tokens, int64_t n, int64_t start) {
+  backend_->synchronize();  // earlier copies out of step_in_ are done
+  const int64_t T = options_.max_batch_tokens, max_pages = page_table_.shape[0];
+  const std::vector<int32_t>& pages = kv_.pages(sequence);
+  std::copy(tokens, tokens + n, step_in_);
+  for (int64_t i = 0; i < n; ++i) step_in_[T + i] = static_cast<int32_t>(start + i);
+  std::copy(pages.begin(), pages.end(), step_in_ + 2 * T);
+  std::fill(step_in_ + 2 * T + pages.size(), step_in_ + 2 * T + max_pages, 0);
+}
+
+void Engine::enqueue_input_copies(int64_t n) {
+  const int64_t T = options_.max_batch_tokens;
+  backend_->copy_from_host_async(ids_.data, step_in_, n * sizeof(int32_t));
+  backend_->copy_from_host_async(positions_.data, step_in_ + T, n * sizeof(int32_t));
+  backend_->copy_from_host_async(page_table_.data, step_in_ + 2 * T, page_table_.shape[0] * sizeof(int32_t));
 }
 
 void Engine::run_chunk(int sequence, const int32_t* tokens, int64_t n, int64_t start, int64_t logit_rows) {
-  std::vector<int32_t> positions(n);
-  for (int64_t i = 0; i < n; ++i) positions[i] = static_cast<int32_t>(start + i);
-  const std::vector<int32_t>& pages = kv_.pages(sequence);
-  backend_->copy_from_host(ids_.data, tokens, n * sizeof(int32_t));
-  backend_->copy_from_host(positions_.data, positions.data(), n * sizeof(int32_t));
-  backend_->copy_from_host(page_table_.data, pages.data(), pages.size() * sizeof(int32_t));
+  stage_inputs(sequence, tokens, n, start);
+  enqueue_input_copies(n);
   enqueue_forward(n, logit_rows);
 }
 
@@ -455,9 +458,11 @@ void Engine::enqueue_forward(int64_t n, int64_t logit_rows) {
     b.moe_unpermute(expert_out, expanded_to_permuted, expert_weights, delta);
   }
   if (logit_rows == 0) return;  // a prefill chunk whose logits nobody reads
-  b.add_rmsnorm(x, &delta, norm_weight(Slot::kFinalNorm, 0), c.rms_norm_eps, h);
-  Tensor logits = logits_.rows(0, logit_rows);
-  b.matmul(h.rows(n - logit_rows, logit_rows), weight(Slot::kLmHead, 0), logits);
+  // Only the rows whose logits are wanted go through the final norm and lm_head.
+  Tensor x_out = x.rows(n - logit_rows, logit_rows), delta_out = delta.rows(n - logit_rows, logit_rows);
+  Tensor h_out = h.rows(n - logit_rows, logit_rows), logits = logits_.rows(0, logit_rows);
+  b.add_rmsnorm(x_out, &delta_out, norm_weight(Slot::kFinalNorm, 0), c.rms_norm_eps, h_out);
+  b.matmul(h_out, weight(Slot::kLmHead, 0), logits);
 }
 
 }  // namespace mixtral

@@ -112,14 +112,22 @@ class Engine {
   // Runs the tokens in chunks. Logits: all_logits -> [n, V] to host_out; else the last
   // token's [V] to host_out, or left in logits_ row 0 when host_out is null.
   void forward(int sequence, const int32_t* tokens, int64_t n, bool all_logits, float* host_out);
-  // One chunk: uploads its inputs and enqueues the forward pass.
+  // Checks n tokens and the room for them, and grows the sequence by n; returns its old length.
+  int64_t grow(int sequence, const int32_t* tokens, int64_t n);
+  // One chunk: stages and copies its inputs, enqueues the forward pass.
   void run_chunk(int sequence, const int32_t* tokens, int64_t n, int64_t start, int64_t logit_rows);
+  // Writes the ids, positions (from start) and the sequence's page table into step_in_, once
+  // the device is done with its previous contents; enqueue_input_copies(n) sends them over.
+  void stage_inputs(int sequence, const int32_t* tokens, int64_t n, int64_t start);
+  void enqueue_input_copies(int64_t n);
   // The forward pass of n tokens whose ids, positions and page table are on the device already;
   // leaves float32 logits of the last logit_rows tokens in logits_ rows [0, logit_rows).
   void enqueue_forward(int64_t n, int64_t logit_rows);
   struct SamplerState;
-  // Samples from logits_ row 0 into the sampled_* tensors.
+  // Samples from logits_ row 0 and copies the result to step_out_; read_sample() reads it there
+  // after a synchronize().
   void enqueue_sample(SamplerState& s);
+  SampledToken read_sample(const SamplerState& s) const;
   // One token through the decode step (inputs and outputs in step_in_ / step_out_), recorded
   // and replayed as a graph where the backend has graphs.
   SampledToken decode_step(int sequence, int32_t token, SamplerState& s);
@@ -128,7 +136,7 @@ class Engine {
     SamplingParams params;
     uint64_t seed;
     void* state;        // on the device: seen [V], counts [V], the draw counter [1], int32
-    int decode_steps;   // decode steps run so far (graphs: the second one is recorded)
+    bool stepped;       // a decode step has run (with graphs the second one is recorded)
     int graph;          // the recorded decode step, -1 before
   };
   std::map<int, SamplerState> samplers_;
@@ -156,8 +164,8 @@ class Engine {
   Tensor expert_in_, gate_up_, expert_act_, expert_out_;  // [T*k, H], [T*k, 2F], [T*k, F], [T*k, H]
   Tensor logits_;  // [T, V] float32
   Tensor sampled_token_, sampled_logprob_, top_ids_, top_logprobs_;  // [1] i32, [1] f32, [20] i32, [20] f32
-  // Host memory of a decode step: step_in_ [token, position, page table (max pages)] int32;
-  // step_out_ [token, logprob, 20 top ids, 20 top logprobs] (4-byte words).
+  // Pinned host memory of every step: step_in_ [ids T, positions T, page table (max pages)]
+  // int32; step_out_ [token, logprob, 20 top ids, 20 top logprobs] (4-byte words).
   int32_t* step_in_ = nullptr;
   int32_t* step_out_ = nullptr;
 };
