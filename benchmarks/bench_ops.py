@@ -16,7 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
+
+from torch_timing import copy_bandwidth, matmul_rate, seconds_per_call
 
 from mixtral_ext import _C
 from mixtral_ext.cuda import backend_library
@@ -26,34 +27,6 @@ FULL = dict(hidden=6144, heads=48, kv_heads=8, head_dim=128, ffn=16384, experts=
             prefill=2048, context=2048, page=16)
 SMALL = dict(hidden=256, heads=8, kv_heads=2, head_dim=32, ffn=512, experts=8, k=2, vocab=1024,
              prefill=64, context=128, page=16)
-
-
-def torch_reference_rates(device: str, small: bool) -> tuple[float, float]:
-    """(copy GB/s counting read + write, bf16 matmul TFLOP/s) measured with torch on this device."""
-    import torch
-
-    dev = torch.device(device)
-    n = (1 << 24) if small else (1 << 29)  # 1 GiB of bf16 per buffer on the GPU
-    a = torch.empty(n, dtype=torch.bfloat16, device=dev)
-    b = torch.empty_like(a)
-    size = 256 if small else 8192
-    x = torch.randn(size, size, dtype=torch.bfloat16, device=dev)
-    y = torch.randn(size, size, dtype=torch.bfloat16, device=dev)
-
-    def timed(fn, iters):
-        fn()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        return (time.perf_counter() - start) / iters
-
-    copy_s = timed(lambda: b.copy_(a), 20)
-    matmul_s = timed(lambda: x @ y, 20)
-    return 2 * a.numel() * 2 / copy_s / 1e9, 2 * size**3 / matmul_s / 1e12
 
 
 def sdpa_seconds(device: str, tokens: int, context: int, heads: int, kv_heads: int, head_dim: int, iters: int) -> float:
@@ -68,18 +41,8 @@ def sdpa_seconds(device: str, tokens: int, context: int, heads: int, kv_heads: i
     # Query i sits at position context - tokens + i: with tokens == context that is plain causal.
     causal = tokens == context and tokens > 1
 
-    def run():
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
-
-    run()
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(iters):
-        run()
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / iters
+    return seconds_per_call(dev, lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True),
+                            iters)
 
 
 def main() -> None:
@@ -90,7 +53,10 @@ def main() -> None:
     args = parser.parse_args()
     s = SMALL if args.small else FULL
     ops = _C.Ops(args.device, backend_library() if args.device == "cuda" else "")
-    copy_gbs, matmul_tflops = torch_reference_rates(args.device, args.small)
+    import torch
+
+    copy_gbs = copy_bandwidth(torch.device(args.device), args.small)
+    matmul_tflops = matmul_rate(torch.device(args.device), args.small)
     iters = 3 if args.small else 20
     H, F, E, k, D = s["hidden"], s["ffn"], s["experts"], s["k"], s["head_dim"]
     qkv_width = (s["heads"] + 2 * s["kv_heads"]) * D

@@ -22,38 +22,14 @@ import json
 import math
 import os
 import tempfile
-import time
 
 import torch
 import torch.nn.functional as F
 import transformers
+from torch_timing import copy_bandwidth, seconds_per_call
 
 from mixtral_ext import Engine
 from mixtral_ext.synthetic import SHAPES
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(device: torch.device, fn, iters: int) -> float:
-    """Mean seconds per call after one warm-up call."""
-    fn()
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    synchronize(device)
-    return (time.perf_counter() - start) / iters
-
-
-def copy_bandwidth(device: torch.device) -> float:
-    """GB/s of a device copy, read + write counted."""
-    n = (1 << 29) if device.type == "cuda" else (1 << 24)
-    a = torch.empty(n, dtype=torch.bfloat16, device=device)
-    b = torch.empty_like(a)
-    return 2 * a.numel() * 2 / timed(device, lambda: b.copy_(a), 10) / 1e9
 
 
 def hf_model(config, device: torch.device) -> transformers.MixtralForCausalLM:
@@ -177,7 +153,7 @@ def main() -> None:
     config = dataclasses.replace(SHAPES[args.shape], num_layers=args.layers)
     max_len = args.context + args.steps + 8
     prompt = torch.randint(3, config.vocab_size, (args.context,), generator=torch.Generator().manual_seed(1))
-    bandwidth = copy_bandwidth(device)
+    bandwidth = copy_bandwidth(device, small=device.type != "cuda")
     floor_ms = active_bytes_per_layer(config) / (bandwidth * 1e9) * 1e3
     model = hf_model(config, device)
 
@@ -223,7 +199,7 @@ def main() -> None:
             rows.append(dict(engine=f"HF transformers ({implementation})", note=f"unavailable: {e}"))
             continue
         with torch.no_grad():
-            prefill_s = timed(device, lambda: model(ids, use_cache=True), 1)
+            prefill_s = seconds_per_call(device, lambda: model(ids, use_cache=True), 1)
             state = {}
 
             def start():
@@ -235,19 +211,19 @@ def main() -> None:
                 state.update(past=out.past_key_values, token=out.logits[:, -1:].argmax(-1))
 
             start()
-            decode_s = timed(device, step, args.steps)
+            decode_s = seconds_per_call(device, step, args.steps)
         add(f"HF transformers ({implementation})", prefill_s, decode_s)
 
     name = "gpt-fast-style" + ("" if args.no_compile else " (torch.compile reduce-overhead)")
     try:
         with torch.no_grad():
             positions = torch.arange(args.context, device=device)
-            prefill_s = timed(device, lambda: fast(ids[0], positions), 1)
+            prefill_s = seconds_per_call(device, lambda: fast(ids[0], positions), 1)
             decode = fast if args.no_compile else torch.compile(fast, mode="reduce-overhead", fullgraph=True)
             token, pos = ids[0, -1:].clone(), torch.tensor([args.context], device=device)
             for _ in range(3):  # compile and record
                 decode(token, pos)
-            decode_s = timed(device, lambda: decode(token, pos), args.steps)
+            decode_s = seconds_per_call(device, lambda: decode(token, pos), args.steps)
         add(name, prefill_s, decode_s)
     except Exception as e:  # a compiler failure is reported, not fatal to the other rows
         rows.append(dict(engine=name, note=f"failed: {type(e).__name__}: {str(e)[:120]}"))

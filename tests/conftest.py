@@ -64,6 +64,33 @@ def assert_close(actual: np.ndarray, expected: np.ndarray, rel: float) -> None:
     assert err <= rel * scale, f"max abs error {err:.3g} > {rel:g} * {scale:.3g}"
 
 
+SAMPLING_LOGITS = np.array([2.0, 1.5, 1.4, 0.3, -0.2, -1.0, 0.9, 0.0], dtype=np.float32)
+SAMPLING_SETTINGS = [dict(temperature=1.0), dict(temperature=0.5), dict(temperature=1.0, top_k=3),
+                     dict(temperature=0.8, top_p=0.7), dict(temperature=1.0, min_p=0.2),
+                     dict(temperature=2.0, top_k=5, top_p=0.9, min_p=0.05)]
+
+
+def truncated_softmax(logits: np.ndarray, settings: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(the distribution a sampler must draw from, which tokens it keeps), computed here
+    independently of the C++ code: softmax at the temperature, then top_k, min_p, top_p."""
+    p = np.exp(logits / settings["temperature"] - np.max(logits / settings["temperature"]))
+    p /= p.sum()
+    order = np.argsort(-p, kind="stable")
+    keep = np.zeros_like(p, dtype=bool)
+    mass = 0.0
+    for rank, i in enumerate(order):
+        if settings.get("top_k") and rank >= settings["top_k"]:
+            break
+        if p[i] < settings.get("min_p", 0.0) * p[order[0]]:
+            break
+        keep[i] = True
+        mass += p[i]
+        if mass >= settings.get("top_p", 1.0):
+            break
+    expected = np.where(keep, p, 0.0)
+    return expected / expected.sum(), keep
+
+
 def random_tokens(n: int, vocab: int, seed: int = 1) -> list[int]:
     return np.random.default_rng(seed).integers(0, vocab, size=n).tolist()
 

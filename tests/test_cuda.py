@@ -16,7 +16,8 @@ import os
 
 import numpy as np
 import pytest
-from conftest import assert_close, hf_logits, random_tokens
+from conftest import (SAMPLING_LOGITS, SAMPLING_SETTINGS, assert_close, hf_logits, random_tokens,
+                      truncated_softmax)
 
 import mixtral_ext
 from mixtral_ext import _C
@@ -213,28 +214,10 @@ def test_sample_greedy_penalties_logprobs_and_state_match(ops):
     assert dev[4][-1] == 42 and dev[4][32768 + dev[0]] == state[32768 + dev[0]] + 1
 
 
-@pytest.mark.parametrize(
-    "settings",
-    [dict(temperature=1.0), dict(temperature=0.5), dict(temperature=1.0, top_k=3), dict(temperature=0.8, top_p=0.7),
-     dict(temperature=1.0, min_p=0.2), dict(temperature=2.0, top_k=5, top_p=0.9, min_p=0.05)],
-)
+@pytest.mark.parametrize("settings", SAMPLING_SETTINGS)
 def test_sample_distribution_matches_truncated_softmax(ops, settings):
-    logits = np.array([2.0, 1.5, 1.4, 0.3, -0.2, -1.0, 0.9, 0.0], dtype=np.float32)
-    p = np.exp(logits / settings["temperature"] - np.max(logits / settings["temperature"]))
-    p /= p.sum()
-    order = np.argsort(-p, kind="stable")
-    keep = np.zeros_like(p, dtype=bool)
-    mass = 0.0
-    for rank, i in enumerate(order):
-        if settings.get("top_k") and rank >= settings["top_k"]:
-            break
-        if p[i] < settings.get("min_p", 0.0) * p[order[0]]:
-            break
-        keep[i] = True
-        mass += p[i]
-        if mass >= settings.get("top_p", 1.0):
-            break
-    expected = np.where(keep, p, 0.0) / np.where(keep, p, 0.0).sum()
+    logits = SAMPLING_LOGITS
+    expected, keep = truncated_softmax(logits, settings)
     zeros = np.zeros(len(logits), np.int32)
     n = 3000
     draws = [ops[1].sample(logits, sampling_params(**settings), 77, sampler_state(zeros, zeros, step))[0]

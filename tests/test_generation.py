@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from conftest import random_tokens, torch
+from conftest import SAMPLING_LOGITS, SAMPLING_SETTINGS, random_tokens, torch, truncated_softmax
 
 import mixtral_ext
 from mixtral_ext import _C
@@ -94,30 +94,10 @@ def test_seeded_sampling_is_reproducible():
     assert draw(7) != draw(8)
 
 
-@pytest.mark.parametrize(
-    "settings",
-    [dict(temperature=1.0), dict(temperature=0.5), dict(temperature=1.0, top_k=3), dict(temperature=0.8, top_p=0.7),
-     dict(temperature=1.0, min_p=0.2), dict(temperature=2.0, top_k=5, top_p=0.9, min_p=0.05)],
-)
+@pytest.mark.parametrize("settings", SAMPLING_SETTINGS)
 def test_sample_distribution_matches_truncated_softmax(settings):
-    logits = np.array([2.0, 1.5, 1.4, 0.3, -0.2, -1.0, 0.9, 0.0], dtype=np.float32)
-    # The expected distribution, computed independently of the C++ code.
-    p = np.exp(logits / settings["temperature"] - np.max(logits / settings["temperature"]))
-    p /= p.sum()
-    order = np.argsort(-p, kind="stable")
-    keep = np.zeros_like(p, dtype=bool)
-    mass = 0.0
-    for rank, i in enumerate(order):
-        if settings.get("top_k") and rank >= settings["top_k"]:
-            break
-        if p[i] < settings.get("min_p", 0.0) * p[order[0]]:
-            break
-        keep[i] = True
-        mass += p[i]
-        if mass >= settings.get("top_p", 1.0):
-            break
-    expected = np.where(keep, p, 0.0)
-    expected /= expected.sum()
+    logits = SAMPLING_LOGITS
+    expected, keep = truncated_softmax(logits, settings)
     s = sampler(len(logits), 1234, **settings)
     n = 20000
     counts = np.bincount([s.sample(logits)[0] for _ in range(n)], minlength=len(logits)) / n

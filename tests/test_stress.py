@@ -35,7 +35,7 @@ def resident_bytes() -> int:
 def all_pages_free(engine) -> bool:
     engine.clear_prefix_cache()
     info = engine.kv_cache_info()
-    return info["free_pages"] == info["num_pages"] and info["sequences"] == 0
+    return info["free_pages"] == info["num_pages"] and info["sequences"] == 0 and engine._core.num_samplers == 0
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads resident memory from /proc")

@@ -509,15 +509,11 @@ class Sequence:
         return self._run(ids, lambda handle: self._engine._core.append_sample(handle, ids, sampler))
 
     def _run(self, ids: np.ndarray, call):
-        """call(handle) under the engine lock once ids fit in the context; records ids after it succeeds."""
+        """call(handle) under the engine lock (the core raises ContextOverflowError when ids do not
+        fit, changing nothing); records ids after it succeeds."""
         engine = self._engine
         with engine._lock:
             handle = self._live_handle()
-            if len(self._tokens) + ids.size > engine.max_context:
-                raise ContextOverflowError(
-                    f"context overflow: {len(self._tokens)} cached + {ids.size} new tokens exceed "
-                    f"max_context {engine.max_context}"
-                )
             result = engine._retry_when_full(lambda: call(handle))
             self._tokens.extend(ids.tolist())
             return result
