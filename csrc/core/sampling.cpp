@@ -72,6 +72,8 @@ SampledToken sample_token(const float* raw, int64_t vocab_size, const SamplingPa
         }
       }
     }
+    // The draw walks the kept tokens in id order, as the device sampler does, so both draw the same.
+    if (cut < V) std::sort(order.begin(), order.begin() + cut);
     double kept = 0.0;
     for (int64_t j = 0; j < cut; ++j) kept += prob[order[j]];
     const double target = uniform01(seed, step) * kept;

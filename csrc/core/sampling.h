@@ -9,9 +9,9 @@
 //      softmax, keep the top_k, then the smallest most-likely set whose mass
 //      reaches top_p, then the tokens with prob >= min_p * max prob; the draw
 //      u = uniform01(seed, step) picks the token where the cumulative kept mass
-//      passes u * (kept mass). The host walks the kept tokens from the most
-//      likely, the GPU in id order: the same distribution, not the same token
-//      for a given seed.
+//      passes u * (kept mass), walking the kept tokens in id order on every
+//      backend, so a seed draws the same tokens on the CPU and the GPU (up to
+//      float rounding at the edge between two tokens).
 // State arrays, one per generation: seen [V] int32 (1 for tokens in the prompt
 // or the output), counts [V] int32 (times each token was output).
 #pragma once

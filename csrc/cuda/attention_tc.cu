@@ -21,8 +21,6 @@ using namespace nvcuda;
 
 constexpr int kRows = 16;  // query tokens per block, cached positions per tile
 
-__device__ __forceinline__ float widen(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float widen(__half v) { return __half2float(v); }
 template <typename T>
 __device__ __forceinline__ T narrow(float v);
 template <>
@@ -45,7 +43,7 @@ template <typename T, int D>
 __global__ void attention_tc_kernel(const T* qkv, int64_t width, int64_t tokens, int q_heads, int kv_heads,
                                     const int32_t* positions, const T* k_pool, const T* v_pool,
                                     const int32_t* page_table, int page_size, float scale, T* out) {
-  extern __shared__ __align__(128) unsigned char smem[];
+  unsigned char* smem = dynamic_shared_memory<unsigned char>();
   const int group = q_heads / kv_heads;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t first = int64_t(blockIdx.x) * kRows;
@@ -150,10 +148,8 @@ bool launch_tc(const T* qkv, int64_t tokens, int64_t width, const AttentionShape
   const size_t bytes = shared_bytes<T, D>(group);
   if (bytes > size_t(opt_in_shared_memory<attention_tc_kernel<T, D>>())) return false;
   const dim3 grid(static_cast<unsigned>((tokens + kRows - 1) / kRows), shape.num_kv_heads);
-  attention_tc_kernel<T, D><<<grid, group * 32, bytes, stream>>>(
-      qkv, width, tokens, shape.num_heads, shape.num_kv_heads, positions, k_pool, v_pool, page_table, page_size,
-      1.0f / sqrtf(static_cast<float>(D)), out);
-  CUDA_CHECK_LAUNCH();
+  launch(attention_tc_kernel<T, D>, grid, group * 32, bytes, stream, qkv, width, tokens, shape.num_heads,
+         shape.num_kv_heads, positions, k_pool, v_pool, page_table, page_size, 1.0f / sqrtf(static_cast<float>(D)), out);
   return true;
 }
 

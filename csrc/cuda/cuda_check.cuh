@@ -1,5 +1,5 @@
-// Error macros of the CUDA backend: CUDA_CHECK for runtime calls and kernel
-// launches, CUBLAS_CHECK for cuBLAS calls. Each throws a mixtral::DeviceError
+// Error checks of the CUDA backend: CUDA_CHECK for runtime calls, CUBLAS_CHECK
+// for cuBLAS calls, launch() for kernels. Each throws a mixtral::DeviceError
 // (DeviceOutOfMemoryError for allocation failures) naming file, line, the
 // failed expression and the library's message; pybind11 turns it into a
 // Python exception, so a device error never aborts the process.
@@ -9,6 +9,8 @@
 #include <cuda_runtime.h>
 
 #include <sstream>
+#include <tuple>
+#include <utility>
 
 #include "core/error.h"
 
@@ -39,12 +41,28 @@ namespace mixtral::cuda {
       ::mixtral::cuda::throw_cuda_error(mx_cuda_status_, #expr, __FILE__, __LINE__);        \
   } while (0)
 
-// After a kernel launch: catches bad launch configurations at once.
-#define CUDA_CHECK_LAUNCH() CUDA_CHECK(cudaGetLastError())
-
 #define CUBLAS_CHECK(expr)                                                                  \
   do {                                                                                      \
     cublasStatus_t mx_cublas_status_ = (expr);                                              \
     if (mx_cublas_status_ != CUBLAS_STATUS_SUCCESS)                                         \
       ::mixtral::cuda::throw_cublas_error(mx_cublas_status_, #expr, __FILE__, __LINE__);    \
   } while (0)
+
+namespace mixtral::cuda {
+
+// kernel<<<grid, block, shared_bytes, stream>>>(args...) through cudaLaunchKernel, the arguments
+// converted to the kernel's parameter types first; a bad launch configuration throws at once.
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t stream,
+            Args&&... args) {
+  static_assert(sizeof...(Params) == sizeof...(Args), "launch: one argument per kernel parameter");
+  std::tuple<Params...> values(std::forward<Args>(args)...);
+  std::apply(
+      [&](auto&... value) {
+        void* pointers[] = {static_cast<void*>(&value)...};
+        CUDA_CHECK(cudaLaunchKernel(kernel, grid, block, pointers, shared_bytes, stream));
+      },
+      values);
+}
+
+}  // namespace mixtral::cuda

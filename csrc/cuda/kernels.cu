@@ -130,7 +130,7 @@ __global__ void attention_kernel(const T* qkv, int64_t width, int q_heads, int k
                                  const int32_t* positions, const T* k_pool, const T* v_pool,
                                  const int32_t* page_table, int page_size, float scale, T* out,
                                  int64_t split_positions, float* partial_out, float* partial_lse) {
-  extern __shared__ float shared[];
+  float* shared = dynamic_shared_memory<float>();
   const int group = q_heads / kv_heads;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t t = blockIdx.x;
@@ -254,7 +254,7 @@ __global__ void router_topk_kernel(const float* logits, int64_t tokens, int num_
 // places its expert's rows with a ballot, so the order within an expert is the row order.
 __global__ void moe_permute_kernel(const int32_t* expert_ids, int64_t rows, int num_experts, int32_t* offsets,
                                    int32_t* permuted_to_expanded, int32_t* expanded_to_permuted) {
-  extern __shared__ int32_t counts[];  // [num_experts + 1]
+  int32_t* counts = dynamic_shared_memory<int32_t>();  // [num_experts + 1]
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
   for (int e = warp; e < num_experts; e += warps) {
     int32_t count = 0;
@@ -337,24 +337,21 @@ __global__ void expert_pointers_kernel(const int32_t* offsets, int num_experts, 
 template <typename T>
 void launch_fill_uniform(T* data, int64_t n, uint64_t seed, float low, float high, cudaStream_t stream) {
   if (n == 0) return;
-  fill_uniform_kernel<<<static_cast<unsigned>(std::min<int64_t>(blocks_for(n, 256), 65536)), 256, 0, stream>>>(
-      data, n, seed, low, high);
-  CUDA_CHECK_LAUNCH();
+  launch(fill_uniform_kernel<T>, static_cast<unsigned>(std::min<int64_t>(blocks_for(n, 256), 65536)), 256, 0, stream,
+         data, n, seed, low, high);
 }
 
 template <typename T>
 void launch_embedding(const T* table, const int32_t* ids, T* out, int64_t tokens, int64_t hidden, cudaStream_t stream) {
   if (tokens == 0) return;
-  embedding_kernel<<<static_cast<unsigned>(tokens), 256, 0, stream>>>(table, ids, out, hidden);
-  CUDA_CHECK_LAUNCH();
+  launch(embedding_kernel<T>, static_cast<unsigned>(tokens), 256, 0, stream, table, ids, out, hidden);
 }
 
 template <typename T>
 void launch_add_rmsnorm(T* residual, const T* delta, const T* weight, float eps, T* out, int64_t rows,
                         int64_t hidden, cudaStream_t stream) {
   if (rows == 0) return;
-  add_rmsnorm_kernel<<<static_cast<unsigned>(rows), 512, 0, stream>>>(residual, delta, weight, eps, out, hidden);
-  CUDA_CHECK_LAUNCH();
+  launch(add_rmsnorm_kernel<T>, static_cast<unsigned>(rows), 512, 0, stream, residual, delta, weight, eps, out, hidden);
 }
 
 template <typename T>
@@ -364,10 +361,8 @@ void launch_rope_kv_append(T* qkv, int64_t tokens, int64_t width, const Attentio
   if (tokens == 0) return;
   const dim3 grid(static_cast<unsigned>(tokens), shape.num_heads + 2 * shape.num_kv_heads);
   const int threads = std::min(256, (shape.head_dim + 31) / 32 * 32);
-  rope_kv_append_kernel<<<grid, threads, 0, stream>>>(qkv, width, shape.num_heads, shape.num_kv_heads,
-                                                      shape.head_dim, positions, rope_theta, k_pool, v_pool,
-                                                      page_table, page_size);
-  CUDA_CHECK_LAUNCH();
+  launch(rope_kv_append_kernel<T>, grid, threads, 0, stream, qkv, width, shape.num_heads, shape.num_kv_heads,
+         shape.head_dim, positions, rope_theta, k_pool, v_pool, page_table, page_size);
 }
 
 template <typename T>
@@ -395,25 +390,22 @@ void launch_attention(const T* qkv, int64_t tokens, int64_t width, const Attenti
   float* partial_out = scratch.data;
   float* partial_lse = scratch.data + tokens * shape.num_heads * splits * d;
   const int64_t split_positions = splits > 1 ? kSplitPositions : 0;
-  auto launch = [&](auto chunks) {
+  auto launch_kernel = [&](auto chunks) {
     constexpr int kChunks = decltype(chunks)::value;
     const int limit = opt_in_shared_memory<attention_kernel<T, kChunks>>();
     MX_CHECK(shared_bytes <= size_t(limit), ShapeError,
              "cuda attention: " << group << " heads per KV head of " << d << " need " << shared_bytes
                                 << " bytes of shared memory, the device has " << limit);
-    attention_kernel<T, kChunks><<<grid, group * 32, shared_bytes, stream>>>(
-        qkv, width, shape.num_heads, shape.num_kv_heads, d, positions, k_pool, v_pool, page_table, page_size, scale,
-        out, split_positions, partial_out, partial_lse);
+    launch(attention_kernel<T, kChunks>, grid, group * 32, shared_bytes, stream, qkv, width, shape.num_heads,
+           shape.num_kv_heads, d, positions, k_pool, v_pool, page_table, page_size, scale, out, split_positions,
+           partial_out, partial_lse);
   };
-  if (d <= 64) launch(std::integral_constant<int, 2>{});
-  else if (d <= 128) launch(std::integral_constant<int, 4>{});
-  else launch(std::integral_constant<int, 8>{});
-  CUDA_CHECK_LAUNCH();
-  if (splits > 1) {
-    attention_merge_kernel<<<dim3(static_cast<unsigned>(tokens), shape.num_heads), 128, 0, stream>>>(
-        partial_out, partial_lse, static_cast<int>(splits), shape.num_heads, d, out);
-    CUDA_CHECK_LAUNCH();
-  }
+  if (d <= 64) launch_kernel(std::integral_constant<int, 2>{});
+  else if (d <= 128) launch_kernel(std::integral_constant<int, 4>{});
+  else launch_kernel(std::integral_constant<int, 8>{});
+  if (splits > 1)
+    launch(attention_merge_kernel<T>, dim3(static_cast<unsigned>(tokens), shape.num_heads), 128, 0, stream,
+           partial_out, partial_lse, static_cast<int>(splits), shape.num_heads, d, out);
 }
 
 int64_t attention_splits(int64_t tokens, int64_t max_positions) {
@@ -424,50 +416,45 @@ int64_t attention_splits(int64_t tokens, int64_t max_positions) {
 void launch_router_topk(const float* logits, int64_t tokens, int num_experts, int k, int32_t* expert_ids,
                         float* weights, cudaStream_t stream) {
   if (tokens == 0) return;
-  router_topk_kernel<<<blocks_for(tokens, 128), 128, 0, stream>>>(logits, tokens, num_experts, k, expert_ids, weights);
-  CUDA_CHECK_LAUNCH();
+  launch(router_topk_kernel, blocks_for(tokens, 128), 128, 0, stream, logits, tokens, num_experts, k, expert_ids,
+         weights);
 }
 
 void launch_moe_permute(const int32_t* expert_ids, int64_t rows, int num_experts, int32_t* expert_offsets,
                         int32_t* permuted_to_expanded, int32_t* expanded_to_permuted, cudaStream_t stream) {
   const int threads = 32 * std::min(32, num_experts);
-  moe_permute_kernel<<<1, threads, sizeof(int32_t) * (num_experts + 1), stream>>>(
-      expert_ids, rows, num_experts, expert_offsets, permuted_to_expanded, expanded_to_permuted);
-  CUDA_CHECK_LAUNCH();
+  launch(moe_permute_kernel, 1, threads, sizeof(int32_t) * (num_experts + 1), stream, expert_ids, rows, num_experts,
+         expert_offsets, permuted_to_expanded, expanded_to_permuted);
 }
 
 template <typename T>
 void launch_moe_gather(const T* x, const int32_t* permuted_to_expanded, int k, T* out, int64_t rows,
                        int64_t hidden, cudaStream_t stream) {
   if (rows == 0) return;
-  moe_gather_kernel<<<static_cast<unsigned>(rows), 256, 0, stream>>>(x, permuted_to_expanded, k, out, hidden);
-  CUDA_CHECK_LAUNCH();
+  launch(moe_gather_kernel<T>, static_cast<unsigned>(rows), 256, 0, stream, x, permuted_to_expanded, k, out, hidden);
 }
 
 template <typename T>
 void launch_silu_mul(const T* gate_up, T* out, int64_t rows, int64_t width, cudaStream_t stream) {
   if (rows * width == 0) return;
-  silu_mul_kernel<<<blocks_for(rows * width, 256), 256, 0, stream>>>(gate_up, out, rows, width);
-  CUDA_CHECK_LAUNCH();
+  launch(silu_mul_kernel<T>, blocks_for(rows * width, 256), 256, 0, stream, gate_up, out, rows, width);
 }
 
 template <typename T>
 void launch_moe_unpermute(const T* y, const int32_t* expanded_to_permuted, const float* weights, T* out,
                           int64_t tokens, int k, int64_t hidden, cudaStream_t stream) {
   if (tokens == 0) return;
-  moe_unpermute_kernel<<<static_cast<unsigned>(tokens), 256, 0, stream>>>(y, expanded_to_permuted, weights, out, k,
-                                                                          hidden);
-  CUDA_CHECK_LAUNCH();
+  launch(moe_unpermute_kernel<T>, static_cast<unsigned>(tokens), 256, 0, stream, y, expanded_to_permuted, weights, out,
+         k, hidden);
 }
 
 void launch_expert_pointers(const int32_t* expert_offsets, int num_experts, int64_t rows, const void* x,
                             const void* w, void* out, int64_t n, int64_t k, size_t in_element,
                             size_t out_element, const void** a, const void** b, void** c, cudaStream_t stream) {
   if (rows == 0) return;
-  expert_pointers_kernel<<<blocks_for(rows, 128), 128, 0, stream>>>(
-      expert_offsets, num_experts, rows, static_cast<const char*>(x), static_cast<const char*>(w),
-      static_cast<char*>(out), n, k, in_element, out_element, a, b, c);
-  CUDA_CHECK_LAUNCH();
+  launch(expert_pointers_kernel, blocks_for(rows, 128), 128, 0, stream, expert_offsets, num_experts, rows,
+         static_cast<const char*>(x), static_cast<const char*>(w), static_cast<char*>(out), n, k, in_element,
+         out_element, a, b, c);
 }
 
 #define MX_INSTANTIATE(T)                                                                                      \

@@ -28,6 +28,18 @@ int opt_in_shared_memory() {
   return bytes;
 }
 
+// The block's dynamic shared memory (the launch's shared_bytes) as T[], 128-byte aligned. The
+// CUDA emulator that runs the kernels in the CPU-only tests (tests/cuda_emulator) has its own.
+template <typename T>
+__device__ __forceinline__ T* dynamic_shared_memory() {
+#ifdef MIXTRAL_EXT_CUDA_EMULATOR
+  return reinterpret_cast<T*>(emulated_dynamic_shared_memory());
+#else
+  extern __shared__ __align__(128) unsigned char block_shared_memory[];
+  return reinterpret_cast<T*>(block_shared_memory);
+#endif
+}
+
 // Calls fn(T{}) with T the device type of a float dtype.
 template <typename Fn>
 void dispatch_device_float(DType dtype, Fn&& fn) {

@@ -64,7 +64,7 @@ std::string describe_devices() {
   if (count == 0) return summary;
   cudaDeviceProp prop{};
   CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
-  char line[256];
+  char line[512];
   std::snprintf(line, sizeof(line), "; device 0: %s, sm_%d%d, %d SMs, %.1f GiB", prop.name,
                 prop.major, prop.minor, prop.multiProcessorCount,
                 static_cast<double>(prop.totalGlobalMem) / (1u << 30));

@@ -189,9 +189,8 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float* raw, int 
 
 void launch_sample(const float* logits, int64_t vocab, const SamplingParams& params, uint64_t seed, int32_t* state,
                    int32_t* token, float* logprob, int32_t* top_ids, float* top_logprobs, cudaStream_t stream) {
-  sample_kernel<<<1, kThreads, 0, stream>>>(logits, static_cast<int>(vocab), params, seed, state, token, logprob,
-                                            top_ids, top_logprobs);
-  CUDA_CHECK_LAUNCH();
+  launch(sample_kernel, 1, kThreads, 0, stream, logits, static_cast<int>(vocab), params, seed, state, token, logprob,
+         top_ids, top_logprobs);
 }
 
 }  // namespace mixtral::cuda

@@ -13,7 +13,10 @@ import os
 from . import _C
 from .errors import DeviceError
 
-_LIBRARY = os.path.join(os.path.dirname(__file__), "libmixtral_ext_cuda.so")
+# MIXTRAL_EXT_CUDA_LIBRARY names another build of the backend library to load instead (the tests
+# point it at the CUDA emulator's build, tests/cuda_emulator).
+_LIBRARY = os.environ.get("MIXTRAL_EXT_CUDA_LIBRARY") or os.path.join(os.path.dirname(__file__),
+                                                                       "libmixtral_ext_cuda.so")
 
 
 def _preload_cublas_wheel() -> None:

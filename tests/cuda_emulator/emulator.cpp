@@ -1,0 +1,701 @@
+// The CUDA emulator's runtime (declared in include/cuda_runtime.h and
+// include/cublas_v2.h here): fibers for the threads of a block, barriers
+// between them, device memory, streams, graph capture and replay, events, and
+// the cuBLAS GEMMs. One emulated device; one operation runs at a time.
+//
+// A block of N threads is N fibers on the host thread that launched it, each
+// with its own stack, switched by cuda_emulator_switch (x86-64). The scheduler
+// runs every ready fiber until it blocks at a barrier or returns, alternating
+// forward and backward order on each round (so a missing barrier between a
+// write and a read of another thread shows up whichever of the two comes
+// first), then releases a warp whose live lanes all wait at a warp barrier,
+// else the block when all its live threads wait at __syncthreads. Nothing to
+// release while threads still wait is a deadlock: the launch fails, naming it.
+#include <sanitizer/asan_interface.h>
+#include <sys/mman.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "cublas_v2.h"
+#include "cuda_bf16.h"
+#include "cuda_fp16.h"
+#include "cuda_runtime.h"
+
+
+extern "C" void cuda_emulator_switch(void** save_sp, void* load_sp);
+// Saves the callee-saved registers on the current stack and its pointer in *save_sp, then
+// continues on load_sp, whose registers and return address the same routine saved (or
+// initial_stack_pointer laid out).
+asm(R"(
+  .text
+  .p2align 4
+  .type cuda_emulator_switch, @function
+cuda_emulator_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size cuda_emulator_switch, .-cuda_emulator_switch
+)");
+
+struct CUstream_st {
+  bool capturing = false;
+  bool capture_invalidated = false;
+  std::vector<std::function<void()>> captured;
+};
+struct CUevent_st {};
+struct CUgraph_st {
+  std::vector<std::function<void()>> operations;
+};
+struct CUgraphExec_st {
+  std::vector<std::function<void()>> operations;
+};
+struct cublasContext {
+  cudaStream_t stream = nullptr;
+};
+
+namespace cuda_emulator {
+
+thread_local const ThreadContext* current_thread = nullptr;
+
+namespace {
+
+// The emulated device: an H100/H200-like card.
+constexpr int kMaxBlockThreads = 1024;
+constexpr int kDefaultDynamicShared = 48 << 10;
+constexpr int kOptInDynamicShared = 227 << 10;
+constexpr size_t kStackBytes = 256 << 10;
+constexpr size_t kPoisonedAllocationBytes = 64 << 20;  // new allocations up to this size are filled with 0xff
+
+enum class FiberState { kReady, kAtBlockBarrier, kAtWarpBarrier, kDone };
+
+struct Fiber {
+  void* stack_pointer = nullptr;
+  ThreadContext context;
+  FiberState state = FiberState::kReady;
+  int warp = 0, lane = 0;
+  int exchange_parity = 0;  // which of the warp's two exchange buffers this lane uses next
+};
+
+struct Warp {
+  int live = 0, waiting = 0, lanes = 0;
+  uint64_t slots[2][32] = {};
+};
+
+// The block being run and everything its fibers share.
+struct Executor {
+  char* stacks = nullptr;  // kMaxBlockThreads stacks of kStackBytes, each above a guard page
+  std::vector<Fiber> fibers;
+  std::vector<Warp> warps;
+  int live = 0, at_block_barrier = 0;
+  void* scheduler_stack_pointer = nullptr;
+  Fiber* running = nullptr;
+  const std::function<void()>* body = nullptr;
+  std::vector<unsigned char> dynamic_shared;
+  std::string failure;
+
+  Executor() {
+    const size_t bytes = kStackBytes * kMaxBlockThreads;
+    void* memory = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (memory == MAP_FAILED) {
+      std::fprintf(stderr, "cuda emulator: cannot map the fiber stacks\n");
+      std::abort();
+    }
+    stacks = static_cast<char*>(memory);
+    for (int i = 0; i < kMaxBlockThreads; ++i) mprotect(stacks + i * kStackBytes, 4096, PROT_NONE);
+    fibers.resize(kMaxBlockThreads);
+    warps.resize(kMaxBlockThreads / 32);
+  }
+};
+
+std::recursive_mutex& device_mutex() {
+  static std::recursive_mutex mutex;
+  return mutex;
+}
+
+Executor& executor() {
+  static Executor instance;
+  return instance;
+}
+
+[[noreturn]] void fiber_main() {
+  Executor& ex = executor();
+  Fiber& fiber = *ex.running;
+  (*ex.body)();
+  fiber.state = FiberState::kDone;
+  --ex.live;
+  --ex.warps[fiber.warp].live;
+  cuda_emulator_switch(&fiber.stack_pointer, ex.scheduler_stack_pointer);
+  __builtin_unreachable();
+}
+
+// A new fiber's stack: six zero registers, then fiber_main as the return address, then a zero
+// word so that fiber_main starts with the stack aligned as after a call.
+void* initial_stack_pointer(char* stack_top) {
+  void** sp = reinterpret_cast<void**>(reinterpret_cast<uintptr_t>(stack_top) & ~uintptr_t(15));
+  *--sp = nullptr;
+  *--sp = reinterpret_cast<void*>(&fiber_main);
+  for (int i = 0; i < 6; ++i) *--sp = nullptr;
+  return sp;
+}
+
+void wait_at(FiberState barrier) {
+  Executor& ex = executor();
+  Fiber& fiber = *ex.running;
+  fiber.state = barrier;
+  if (barrier == FiberState::kAtBlockBarrier) ++ex.at_block_barrier;
+  else ++ex.warps[fiber.warp].waiting;
+  cuda_emulator_switch(&fiber.stack_pointer, ex.scheduler_stack_pointer);
+}
+
+// Runs one block; false (with ex.failure set) on a deadlock.
+bool run_block(Executor& ex, dim3 grid, dim3 block, dim3 block_idx) {
+  const int n = static_cast<int>(block.x * block.y * block.z);
+  for (int i = 0; i < n; ++i) {
+    Fiber& f = ex.fibers[i];
+    const unsigned x = i % block.x, y = (i / block.x) % block.y, z = i / (block.x * block.y);
+    f.context = ThreadContext{dim3(x, y, z), block_idx, block, grid};
+    f.state = FiberState::kReady;
+    f.warp = i / 32, f.lane = i % 32, f.exchange_parity = 0;
+    f.stack_pointer = initial_stack_pointer(ex.stacks + (i + 1) * kStackBytes);
+  }
+  for (int w = 0; w * 32 < n; ++w) {
+    Warp& warp = ex.warps[w];
+    warp.lanes = warp.live = std::min(32, n - w * 32);
+    warp.waiting = 0;
+  }
+  std::fill(ex.dynamic_shared.begin(), ex.dynamic_shared.end(), 0xff);
+  ex.live = n;
+  ex.at_block_barrier = 0;
+  for (bool forward = true; ex.live > 0; forward = !forward) {
+    for (int j = 0; j < n; ++j) {
+      Fiber& f = ex.fibers[forward ? j : n - 1 - j];
+      if (f.state != FiberState::kReady) continue;
+      ex.running = &f;
+      current_thread = &f.context;
+      cuda_emulator_switch(&ex.scheduler_stack_pointer, f.stack_pointer);
+    }
+    if (ex.live == 0) break;
+    bool released = false;
+    for (int w = 0; w * 32 < n; ++w) {
+      Warp& warp = ex.warps[w];
+      if (warp.waiting == 0 || warp.waiting != warp.live) continue;
+      for (int i = w * 32; i < w * 32 + warp.lanes; ++i)
+        if (ex.fibers[i].state == FiberState::kAtWarpBarrier) ex.fibers[i].state = FiberState::kReady;
+      warp.waiting = 0;
+      released = true;
+    }
+    if (!released && ex.at_block_barrier == ex.live) {
+      for (int i = 0; i < n; ++i)
+        if (ex.fibers[i].state == FiberState::kAtBlockBarrier) ex.fibers[i].state = FiberState::kReady;
+      ex.at_block_barrier = 0;
+      released = true;
+    }
+    if (!released) {
+      // The waiting fibers are abandoned mid-call: their stacks' redzones must not outlive them.
+      ASAN_UNPOISON_MEMORY_REGION(ex.stacks, kStackBytes * kMaxBlockThreads);
+      ex.failure = "deadlock in block (" + std::to_string(block_idx.x) + ", " + std::to_string(block_idx.y) + ", " +
+                   std::to_string(block_idx.z) + "): " + std::to_string(ex.at_block_barrier) +
+                   " threads wait at __syncthreads, the other live threads at a warp barrier";
+      break;
+    }
+  }
+  current_thread = nullptr;
+  ex.running = nullptr;
+  return ex.failure.empty();
+}
+
+cudaError_t& last_error() {
+  static thread_local cudaError_t error = cudaSuccess;
+  return error;
+}
+
+cudaError_t fail(cudaError_t error) {
+  last_error() = error;
+  return error;
+}
+
+std::unordered_map<const void*, int>& dynamic_shared_limits() {
+  static std::unordered_map<const void*, int> limits;
+  return limits;
+}
+
+// Device memory: host memory counted against the emulated capacity (MIXTRAL_EXT_EMULATOR_MEMORY bytes,
+// default 16 GiB).
+struct DeviceMemory {
+  size_t capacity = 16ull << 30;
+  size_t used = 0;
+  std::unordered_map<void*, size_t> allocations;
+  DeviceMemory() {
+    if (const char* env = std::getenv("MIXTRAL_EXT_EMULATOR_MEMORY")) capacity = std::strtoull(env, nullptr, 10);
+  }
+};
+
+DeviceMemory& device_memory() {
+  static DeviceMemory memory;
+  return memory;
+}
+
+}  // namespace
+
+void sync_block() { wait_at(FiberState::kAtBlockBarrier); }
+void sync_warp() { wait_at(FiberState::kAtWarpBarrier); }
+
+uint64_t exchange_in_warp(uint64_t value, int lane) {
+  Executor& ex = executor();
+  Fiber& fiber = *ex.running;
+  Warp& warp = ex.warps[fiber.warp];
+  uint64_t* slots = warp.slots[fiber.exchange_parity];
+  fiber.exchange_parity ^= 1;
+  slots[fiber.lane] = value;
+  sync_warp();
+  return lane < warp.lanes ? slots[lane] : value;
+}
+
+unsigned ballot_in_warp(bool predicate) {
+  Executor& ex = executor();
+  Fiber& fiber = *ex.running;
+  Warp& warp = ex.warps[fiber.warp];
+  uint64_t* slots = warp.slots[fiber.exchange_parity];
+  fiber.exchange_parity ^= 1;
+  slots[fiber.lane] = predicate;
+  sync_warp();
+  unsigned mask = 0;
+  for (int lane = 0; lane < warp.lanes; ++lane) mask |= slots[lane] ? 1u << lane : 0u;
+  return mask;
+}
+
+unsigned char* dynamic_shared() { return executor().dynamic_shared.data(); }
+
+cudaError_t set_max_dynamic_shared(const void* kernel, int bytes) {
+  if (bytes < 0 || bytes > kOptInDynamicShared) return fail(cudaErrorInvalidValue);
+  std::lock_guard<std::recursive_mutex> lock(device_mutex());
+  dynamic_shared_limits()[kernel] = bytes;
+  return cudaSuccess;
+}
+
+cudaError_t enqueue(cudaStream_t stream, std::function<void()> fn) {
+  std::lock_guard<std::recursive_mutex> lock(device_mutex());
+  if (stream && stream->capturing) stream->captured.push_back(std::move(fn));
+  else fn();
+  return cudaSuccess;
+}
+
+cudaError_t launch(const void* kernel, dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t stream,
+                   std::function<void()> body) {
+  const uint64_t threads = uint64_t(block.x) * block.y * block.z;
+  if (threads == 0 || threads > kMaxBlockThreads || block.x > 1024 || block.y > 1024 || block.z > 64 ||
+      grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 0x7fffffffu || grid.y > 65535 || grid.z > 65535)
+    return fail(cudaErrorInvalidConfiguration);
+  {
+    std::lock_guard<std::recursive_mutex> lock(device_mutex());
+    auto limit = dynamic_shared_limits().find(kernel);
+    if (shared_bytes > size_t(limit == dynamic_shared_limits().end() ? kDefaultDynamicShared : limit->second))
+      return fail(cudaErrorInvalidValue);
+  }
+  return enqueue(stream, [grid, block, shared_bytes, body = std::move(body)] {
+    Executor& ex = executor();
+    ex.body = &body;
+    ex.dynamic_shared.assign(shared_bytes, 0xff);
+    ex.failure.clear();
+    for (unsigned z = 0; z < grid.z; ++z)
+      for (unsigned y = 0; y < grid.y; ++y)
+        for (unsigned x = 0; x < grid.x; ++x)
+          if (!run_block(ex, grid, block, dim3(x, y, z))) {
+            // A kernel that cannot finish has no CUDA error code of its own; as on the GPU, the
+            // failure shows as a launch failure at the next check, with the reason on stderr.
+            std::fprintf(stderr, "cuda emulator: %s\n", ex.failure.c_str());
+            last_error() = cudaErrorLaunchFailure;
+            return;
+          }
+  });
+}
+
+}  // namespace cuda_emulator
+
+using cuda_emulator::fail;
+using cuda_emulator::last_error;
+
+// ---- runtime API ------------------------------------------------------------------------------
+
+const char* cudaGetErrorName(cudaError_t error) {
+  switch (error) {
+    case cudaSuccess: return "cudaSuccess";
+    case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
+    case cudaErrorMemoryAllocation: return "cudaErrorMemoryAllocation";
+    case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
+    case cudaErrorInvalidDevice: return "cudaErrorInvalidDevice";
+    case cudaErrorInvalidResourceHandle: return "cudaErrorInvalidResourceHandle";
+    case cudaErrorLaunchFailure: return "cudaErrorLaunchFailure";
+    case cudaErrorStreamCaptureUnsupported: return "cudaErrorStreamCaptureUnsupported";
+    case cudaErrorStreamCaptureInvalidated: return "cudaErrorStreamCaptureInvalidated";
+  }
+  return "cudaErrorUnknown";
+}
+
+const char* cudaGetErrorString(cudaError_t error) {
+  switch (error) {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidValue: return "invalid argument";
+    case cudaErrorMemoryAllocation: return "out of memory";
+    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+    case cudaErrorInvalidDevice: return "invalid device ordinal";
+    case cudaErrorInvalidResourceHandle: return "invalid resource handle";
+    case cudaErrorLaunchFailure: return "unspecified launch failure";
+    case cudaErrorStreamCaptureUnsupported: return "operation not permitted when stream is capturing";
+    case cudaErrorStreamCaptureInvalidated: return "operation failed due to a previous error during capture";
+  }
+  return "unknown error";
+}
+
+cudaError_t cudaGetLastError() {
+  const cudaError_t error = last_error();
+  if (error != cudaErrorLaunchFailure) last_error() = cudaSuccess;  // a kernel failure stays, as on the GPU
+  return error;
+}
+
+cudaError_t cudaGetDeviceCount(int* count) {
+  *count = 1;
+  return cudaSuccess;
+}
+
+cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+
+cudaError_t cudaSetDevice(int device) { return device == 0 ? cudaSuccess : fail(cudaErrorInvalidDevice); }
+
+cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device) {
+  if (device != 0) return fail(cudaErrorInvalidDevice);
+  *prop = cudaDeviceProp{};
+  std::snprintf(prop->name, sizeof(prop->name), "CUDA emulator on the CPU");
+  prop->totalGlobalMem = cuda_emulator::device_memory().capacity;
+  prop->major = 9, prop->minor = 0, prop->multiProcessorCount = 132;
+  return cudaSuccess;
+}
+
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
+  if (device != 0 || attr != cudaDevAttrMaxSharedMemoryPerBlockOptin) return fail(cudaErrorInvalidValue);
+  *value = cuda_emulator::kOptInDynamicShared;
+  return cudaSuccess;
+}
+
+cudaError_t cudaMalloc(void** ptr, size_t bytes) {
+  std::lock_guard<std::recursive_mutex> lock(cuda_emulator::device_mutex());
+  auto& memory = cuda_emulator::device_memory();
+  *ptr = nullptr;
+  const size_t rounded = (std::max<size_t>(bytes, 1) + 255) / 256 * 256;
+  if (rounded < bytes || memory.used + rounded > memory.capacity) return fail(cudaErrorMemoryAllocation);
+  // The exact size (the rounding counts against the capacity only), so that AddressSanitizer, in the
+  // sanitized build, reports a kernel's access past the end of an allocation.
+  if (posix_memalign(ptr, 256, std::max<size_t>(bytes, 1)) != 0) {
+    *ptr = nullptr;
+    return fail(cudaErrorMemoryAllocation);
+  }
+  if (bytes <= cuda_emulator::kPoisonedAllocationBytes) std::memset(*ptr, 0xff, bytes);  // never zeros
+  memory.used += rounded;
+  memory.allocations[*ptr] = rounded;
+  return cudaSuccess;
+}
+
+cudaError_t cudaFree(void* ptr) {
+  if (!ptr) return cudaSuccess;
+  std::lock_guard<std::recursive_mutex> lock(cuda_emulator::device_mutex());
+  auto& memory = cuda_emulator::device_memory();
+  auto found = memory.allocations.find(ptr);
+  if (found == memory.allocations.end()) return fail(cudaErrorInvalidValue);
+  memory.used -= found->second;
+  memory.allocations.erase(found);
+  std::free(ptr);
+  return cudaSuccess;
+}
+
+cudaError_t cudaMallocHost(void** ptr, size_t bytes) {
+  *ptr = std::aligned_alloc(256, (std::max<size_t>(bytes, 1) + 255) / 256 * 256);
+  return *ptr ? cudaSuccess : fail(cudaErrorMemoryAllocation);
+}
+
+cudaError_t cudaFreeHost(void* ptr) {
+  std::free(ptr);
+  return cudaSuccess;
+}
+
+cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes) {
+  std::lock_guard<std::recursive_mutex> lock(cuda_emulator::device_mutex());
+  const auto& memory = cuda_emulator::device_memory();
+  *free_bytes = memory.capacity - memory.used;
+  *total_bytes = memory.capacity;
+  return cudaSuccess;
+}
+
+cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind, cudaStream_t stream) {
+  return cuda_emulator::enqueue(stream, [dst, src, bytes] {
+    if (bytes > 0) std::memmove(dst, src, bytes);  // an empty copy may name null pointers, as in CUDA
+  });
+}
+
+cudaError_t cudaStreamCreateWithFlags(cudaStream_t* stream, unsigned) {
+  *stream = new CUstream_st;
+  return cudaSuccess;
+}
+
+cudaError_t cudaStreamDestroy(cudaStream_t stream) {
+  delete stream;
+  return cudaSuccess;
+}
+
+cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
+  if (stream && stream->capturing) {  // as CUDA: illegal while capturing, and the capture is lost
+    stream->capture_invalidated = true;
+    return fail(cudaErrorStreamCaptureUnsupported);
+  }
+  return last_error() == cudaErrorLaunchFailure ? cudaErrorLaunchFailure : cudaSuccess;
+}
+
+cudaError_t cudaStreamBeginCapture(cudaStream_t stream, cudaStreamCaptureMode) {
+  if (!stream || stream->capturing) return fail(cudaErrorInvalidValue);
+  stream->capturing = true;
+  stream->capture_invalidated = false;
+  stream->captured.clear();
+  return cudaSuccess;
+}
+
+cudaError_t cudaStreamEndCapture(cudaStream_t stream, cudaGraph_t* graph) {
+  *graph = nullptr;
+  if (!stream || !stream->capturing) return fail(cudaErrorInvalidValue);
+  stream->capturing = false;
+  if (stream->capture_invalidated) {
+    stream->captured.clear();
+    return fail(cudaErrorStreamCaptureInvalidated);
+  }
+  *graph = new CUgraph_st{std::move(stream->captured)};
+  stream->captured.clear();
+  return cudaSuccess;
+}
+
+cudaError_t cudaGraphInstantiate(cudaGraphExec_t* exec, cudaGraph_t graph, unsigned long long) {
+  if (!graph) return fail(cudaErrorInvalidValue);
+  *exec = new CUgraphExec_st{graph->operations};
+  return cudaSuccess;
+}
+
+cudaError_t cudaGraphDestroy(cudaGraph_t graph) {
+  delete graph;
+  return cudaSuccess;
+}
+
+cudaError_t cudaGraphExecDestroy(cudaGraphExec_t exec) {
+  delete exec;
+  return cudaSuccess;
+}
+
+cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t stream) {
+  if (!exec) return fail(cudaErrorInvalidResourceHandle);
+  return cuda_emulator::enqueue(stream, [exec] {
+    for (const auto& operation : exec->operations) operation();
+  });
+}
+
+cudaError_t cudaEventCreateWithFlags(cudaEvent_t* event, unsigned) {
+  *event = new CUevent_st;
+  return cudaSuccess;
+}
+
+cudaError_t cudaEventDestroy(cudaEvent_t event) {
+  delete event;
+  return cudaSuccess;
+}
+
+cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t) { return event ? cudaSuccess : fail(cudaErrorInvalidResourceHandle); }
+
+cudaError_t cudaEventSynchronize(cudaEvent_t event) {
+  return event ? cudaSuccess : fail(cudaErrorInvalidResourceHandle);
+}
+
+// ---- cuBLAS ---------------------------------------------------------------------------------
+
+namespace {
+
+bool is_supported(cudaDataType_t type) { return type == CUDA_R_32F || type == CUDA_R_16F || type == CUDA_R_16BF; }
+
+float load(const void* base, cudaDataType_t type, size_t i) {
+  switch (type) {
+    case CUDA_R_16F: return __half2float(static_cast<const __half*>(base)[i]);
+    case CUDA_R_16BF: return __bfloat162float(static_cast<const __nv_bfloat16*>(base)[i]);
+    default: return static_cast<const float*>(base)[i];
+  }
+}
+
+void store(void* base, cudaDataType_t type, size_t i, float value) {
+  switch (type) {
+    case CUDA_R_16F: static_cast<__half*>(base)[i] = __float2half_rn(value); return;
+    case CUDA_R_16BF: static_cast<__nv_bfloat16*>(base)[i] = __float2bfloat16_rn(value); return;
+    default: static_cast<float*>(base)[i] = value;
+  }
+}
+
+struct GemmShape {
+  cublasOperation_t trans_a, trans_b;
+  int m, n, k, lda, ldb, ldc;
+  float alpha, beta;
+};
+
+// cuBLAS' own argument checks for one GEMM (column-major; op(A) is m x k, op(B) k x n, C m x n).
+cublasStatus_t check(const GemmShape& s, cudaDataType_t a, cudaDataType_t b, cudaDataType_t c,
+                     cublasComputeType_t compute) {
+  auto op_ok = [](cublasOperation_t op) { return op == CUBLAS_OP_N || op == CUBLAS_OP_T; };
+  if (!op_ok(s.trans_a) || !op_ok(s.trans_b) || s.m < 0 || s.n < 0 || s.k < 0) return CUBLAS_STATUS_INVALID_VALUE;
+  if (s.lda < std::max(1, s.trans_a == CUBLAS_OP_N ? s.m : s.k) ||
+      s.ldb < std::max(1, s.trans_b == CUBLAS_OP_N ? s.k : s.n) || s.ldc < std::max(1, s.m))
+    return CUBLAS_STATUS_INVALID_VALUE;
+  if (compute != CUBLAS_COMPUTE_32F || !is_supported(a) || a != b || !(c == a || c == CUDA_R_32F))
+    return CUBLAS_STATUS_NOT_SUPPORTED;
+  return CUBLAS_STATUS_SUCCESS;
+}
+
+// C = alpha op(A) op(B) + beta C, float32 sums; C is not read when beta is 0.
+void gemm(const GemmShape& s, const void* a, cudaDataType_t a_type, const void* b, cudaDataType_t b_type, void* c,
+          cudaDataType_t c_type) {
+  std::vector<float> op_a(size_t(s.m) * s.k), op_b(size_t(s.k) * s.n);  // op(A) row-major, op(B) column-major
+  for (int i = 0; i < s.m; ++i)
+    for (int p = 0; p < s.k; ++p)
+      op_a[size_t(i) * s.k + p] =
+          load(a, a_type, s.trans_a == CUBLAS_OP_N ? i + size_t(p) * s.lda : p + size_t(i) * s.lda);
+  for (int j = 0; j < s.n; ++j)
+    for (int p = 0; p < s.k; ++p)
+      op_b[size_t(j) * s.k + p] =
+          load(b, b_type, s.trans_b == CUBLAS_OP_N ? p + size_t(j) * s.ldb : j + size_t(p) * s.ldb);
+  for (int j = 0; j < s.n; ++j)
+    for (int i = 0; i < s.m; ++i) {
+      float sum = 0.0f;
+      for (int p = 0; p < s.k; ++p) sum += op_a[size_t(i) * s.k + p] * op_b[size_t(j) * s.k + p];
+      const size_t at = i + size_t(j) * s.ldc;
+      store(c, c_type, at, s.alpha * sum + (s.beta != 0.0f ? s.beta * load(c, c_type, at) : 0.0f));
+    }
+}
+
+}  // namespace
+
+cublasStatus_t cublasCreate(cublasHandle_t* handle) {
+  *handle = new cublasContext;
+  return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasDestroy(cublasHandle_t handle) {
+  delete handle;
+  return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasSetStream(cublasHandle_t handle, cudaStream_t stream) {
+  if (!handle) return CUBLAS_STATUS_NOT_INITIALIZED;
+  handle->stream = stream;
+  return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasSetWorkspace(cublasHandle_t handle, void*, size_t) {
+  return handle ? CUBLAS_STATUS_SUCCESS : CUBLAS_STATUS_NOT_INITIALIZED;
+}
+
+cublasStatus_t cublasGetVersion(cublasHandle_t handle, int* version) {
+  if (!handle) return CUBLAS_STATUS_NOT_INITIALIZED;
+  *version = 0;  // no cuBLAS: the emulator's own GEMMs
+  return CUBLAS_STATUS_SUCCESS;
+}
+
+const char* cublasGetStatusName(cublasStatus_t status) {
+  switch (status) {
+    case CUBLAS_STATUS_SUCCESS: return "CUBLAS_STATUS_SUCCESS";
+    case CUBLAS_STATUS_NOT_INITIALIZED: return "CUBLAS_STATUS_NOT_INITIALIZED";
+    case CUBLAS_STATUS_ALLOC_FAILED: return "CUBLAS_STATUS_ALLOC_FAILED";
+    case CUBLAS_STATUS_INVALID_VALUE: return "CUBLAS_STATUS_INVALID_VALUE";
+    case CUBLAS_STATUS_NOT_SUPPORTED: return "CUBLAS_STATUS_NOT_SUPPORTED";
+  }
+  return "CUBLAS_STATUS_UNKNOWN";
+}
+
+const char* cublasGetStatusString(cublasStatus_t status) {
+  switch (status) {
+    case CUBLAS_STATUS_SUCCESS: return "success";
+    case CUBLAS_STATUS_NOT_INITIALIZED: return "the library was not initialized";
+    case CUBLAS_STATUS_ALLOC_FAILED: return "the resource allocation failed";
+    case CUBLAS_STATUS_INVALID_VALUE: return "an invalid numeric value was used as an argument";
+    case CUBLAS_STATUS_NOT_SUPPORTED: return "the functionality requested is not supported";
+  }
+  return "unknown error";
+}
+
+cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t transa, cublasOperation_t transb, int m,
+                                   int n, int k, const void* alpha, const void* A, cudaDataType Atype, int lda,
+                                   const void* B, cudaDataType Btype, int ldb, const void* beta, void* C,
+                                   cudaDataType Ctype, int ldc, cublasComputeType_t computeType, cublasGemmAlgo_t) {
+  if (!handle) return CUBLAS_STATUS_NOT_INITIALIZED;
+  const GemmShape s{transa, transb, m, n, k, lda, ldb, ldc, *static_cast<const float*>(alpha),
+                    *static_cast<const float*>(beta)};
+  if (cublasStatus_t status = check(s, Atype, Btype, Ctype, computeType); status != CUBLAS_STATUS_SUCCESS)
+    return status;
+  cuda_emulator::enqueue(handle->stream, [=] { gemm(s, A, Atype, B, Btype, C, Ctype); });
+  return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasGemmBatchedEx(cublasHandle_t handle, cublasOperation_t transa, cublasOperation_t transb,
+                                          int m, int n, int k, const void* alpha, const void* const Aarray[],
+                                          cudaDataType Atype, int lda, const void* const Barray[], cudaDataType Btype,
+                                          int ldb, const void* beta, void* const Carray[], cudaDataType Ctype, int ldc,
+                                          int batchCount, cublasComputeType_t computeType, cublasGemmAlgo_t) {
+  if (!handle) return CUBLAS_STATUS_NOT_INITIALIZED;
+  const GemmShape s{transa, transb, m, n, k, lda, ldb, ldc, *static_cast<const float*>(alpha),
+                    *static_cast<const float*>(beta)};
+  if (cublasStatus_t status = check(s, Atype, Btype, Ctype, computeType); status != CUBLAS_STATUS_SUCCESS)
+    return status;
+  if (batchCount < 0) return CUBLAS_STATUS_INVALID_VALUE;
+  cuda_emulator::enqueue(handle->stream, [=] {  // the pointer arrays are device memory, read when it runs
+    for (int i = 0; i < batchCount; ++i) gemm(s, Aarray[i], Atype, Barray[i], Btype, Carray[i], Ctype);
+  });
+  return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasGemmGroupedBatchedEx(cublasHandle_t handle, const cublasOperation_t transa_array[],
+                                                 const cublasOperation_t transb_array[], const int m_array[],
+                                                 const int n_array[], const int k_array[], const void* alpha_array,
+                                                 const void* const Aarray[], cudaDataType_t Atype,
+                                                 const int lda_array[], const void* const Barray[],
+                                                 cudaDataType_t Btype, const int ldb_array[], const void* beta_array,
+                                                 void* const Carray[], cudaDataType_t Ctype, const int ldc_array[],
+                                                 int group_count, const int group_size[],
+                                                 cublasComputeType_t computeType) {
+  if (!handle) return CUBLAS_STATUS_NOT_INITIALIZED;
+  if (group_count < 0) return CUBLAS_STATUS_INVALID_VALUE;
+  std::vector<GemmShape> shapes;  // the host arrays are read now, as cuBLAS reads them
+  std::vector<int> sizes(group_size, group_size + group_count);
+  for (int g = 0; g < group_count; ++g) {
+    const GemmShape s{transa_array[g], transb_array[g], m_array[g], n_array[g], k_array[g], lda_array[g],
+                      ldb_array[g], ldc_array[g], static_cast<const float*>(alpha_array)[g],
+                      static_cast<const float*>(beta_array)[g]};
+    if (cublasStatus_t status = check(s, Atype, Btype, Ctype, computeType); status != CUBLAS_STATUS_SUCCESS)
+      return status;
+    if (sizes[g] < 0) return CUBLAS_STATUS_INVALID_VALUE;
+    shapes.push_back(s);
+  }
+  cuda_emulator::enqueue(handle->stream, [=] {
+    for (int g = 0, i = 0; g < group_count; ++g)
+      for (int j = 0; j < sizes[g]; ++j, ++i) gemm(shapes[g], Aarray[i], Atype, Barray[i], Btype, Carray[i], Ctype);
+  });
+  return CUBLAS_STATUS_SUCCESS;
+}
