@@ -141,8 +141,12 @@ def scripted(monkeypatch):
         self.append(token_ids)
         return next(script.remaining), 0.0, [], []
 
+    def decode_next(self, token, sampler, queue_ahead):
+        return append_sample(self, [token], sampler)
+
     monkeypatch.setattr(mixtral_ext.Engine, "_new_sampler", new_sampler)
     monkeypatch.setattr(mixtral_ext.Sequence, "_append_sample", append_sample)
+    monkeypatch.setattr(mixtral_ext.Sequence, "_decode_next", decode_next)
     return script
 
 

@@ -313,6 +313,36 @@ def test_recorded_decode_steps_equal_direct_ones(device_engines, tiny_dir):
     assert graphs.kv_cache_info()["free_pages"] >= 0
 
 
+def test_pipelined_decode_stops_anywhere_and_gives_every_page_back(device_engines, tiny_engine):
+    """On the device each decode step is queued before the host reads the previous token; a
+    generation that stops (stop token, max_tokens, a closed stream) gives back the step queued
+    ahead: the tokens equal the CPU engine's, a repeated prompt reuses exactly the cached prefix,
+    and every KV page comes back."""
+    engine, prompt = device_engines["float32"], random_tokens(9, 101, seed=38)
+    full = tiny_engine.generate(prompt, max_tokens=24, temperature=0).token_ids
+    for settings in (dict(max_tokens=24), dict(max_tokens=1), dict(max_tokens=24, stop_token_ids=[full[5]])):
+        expected = tiny_engine.generate(prompt, temperature=0, **settings)
+        got = engine.generate(prompt, temperature=0, **settings)
+        assert (got.token_ids, got.finish_reason) == (expected.token_ids, expected.finish_reason)
+        again = engine.generate(prompt, temperature=0, **settings)  # the cached prompt is reused
+        assert again.token_ids == expected.token_ids and again.usage.cached_tokens == len(prompt) - 1
+    stream = engine.stream(prompt, max_tokens=24, temperature=0)
+    assert [next(stream).token_id for _ in range(4)] == full[:4]
+    stream.close()
+    engine.clear_prefix_cache()
+    info = engine.kv_cache_info()
+    assert info["free_pages"] == info["num_pages"]
+
+
+def test_pipelined_streams_stepped_alternately_equal_their_serial_runs(device_engines):
+    engine = device_engines["bfloat16"]
+    jobs = [(random_tokens(7 + i, 101, seed=40 + i), dict(max_tokens=15, temperature=0.9, seed=i)) for i in range(2)]
+    serial = [engine.generate(p, **s).token_ids for p, s in jobs]
+    a, b = (engine.stream(p, **s) for p, s in jobs)
+    pairs = list(zip(a, b))
+    assert [x.token_id for x, _ in pairs] == serial[0] and [y.token_id for _, y in pairs] == serial[1]
+
+
 def test_synthetic_engine_matches_the_cpu_one(device_engines):
     from dataclasses import replace
 

@@ -154,15 +154,15 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("page_size", [](const Engine& e) { return e.kv_cache().page_size(); })
       .def_property_readonly("num_sequences", [](const Engine& e) { return e.kv_cache().num_sequences(); })
       .def("create_sequence", &Engine::create_sequence)
-      .def("release_sequence", &Engine::release_sequence)
-      .def("truncate_sequence", &Engine::truncate_sequence)
+      .def("release_sequence", &Engine::release_sequence, py::call_guard<py::gil_scoped_release>())
+      .def("truncate_sequence", &Engine::truncate_sequence, py::call_guard<py::gil_scoped_release>())
       .def("sequence_length", &Engine::sequence_length)
       .def("append", &append, py::arg("sequence"), py::arg("tokens"), py::arg("all_logits"))
       .def("create_sampler", [](Engine& e, const SamplingParams& params, uint64_t seed,
                                 const py::array_t<int32_t, py::array::c_style>& prompt) {
         return e.create_sampler(params, seed, prompt.data(), prompt.size());
       }, py::arg("params"), py::arg("seed"), py::arg("prompt"))
-      .def("release_sampler", &Engine::release_sampler)
+      .def("release_sampler", &Engine::release_sampler, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("num_samplers", &Engine::num_samplers)
       .def("append_sample", [](Engine& e, int sequence, const py::array_t<int32_t, py::array::c_style>& tokens,
                                int sampler) {
@@ -176,7 +176,20 @@ PYBIND11_MODULE(_C, m) {
         }
         return py::make_tuple(t.token, t.logprob, t.top_tokens, t.top_logprobs);
       }, py::arg("sequence"), py::arg("tokens"), py::arg("sampler"),
-         "Runs the tokens, then samples the next one on the device: (token, logprob, top_ids, top_logprobs).");
+         "Runs the tokens, then samples the next one on the device: (token, logprob, top_ids, top_logprobs).")
+      .def("decode_next", [](Engine& e, int sequence, int sampler, bool queue_ahead) {
+        SampledToken t;
+        {
+          py::gil_scoped_release release;
+          t = e.decode_next(sequence, sampler, queue_ahead);
+        }
+        return py::make_tuple(t.token, t.logprob, t.top_tokens, t.top_logprobs);
+      }, py::arg("sequence"), py::arg("sampler"), py::arg("queue_ahead"),
+         "The next decode step of the sampler's last token (pipelined; see engine.h): the tuple of append_sample.")
+      .def("stop_decode", [](Engine& e, int sampler) {
+        py::gil_scoped_release release;
+        e.stop_decode(sampler);
+      }, py::arg("sampler"), "Waits for the sampler's queued decode steps and gives back those nobody read.");
 
   py::class_<SamplingParams>(m, "SamplingParams")
       .def(py::init<>())

@@ -62,6 +62,14 @@ class MX_EXPORT Backend {
   virtual void release_host(void* ptr) = 0;
   virtual void copy_from_host_async(void* dst, const void* host_src, size_t bytes) = 0;
   virtual void copy_to_host_async(void* host_dst, const void* src, size_t bytes) = 0;
+  virtual void copy_async(void* dst, const void* src, size_t bytes) = 0;  // device to device
+  // Events: record_event() marks the point the queued work has reached, wait_event() returns when
+  // the device has passed it (work queued later may still run). A backend that runs each operation
+  // when it is enqueued has nothing to wait for.
+  virtual int create_event() { return 0; }
+  virtual void record_event(int) {}
+  virtual void wait_event(int) {}
+  virtual void release_event(int) {}
   // Graphs (CUDA graphs): the operations enqueued between begin_graph() and end_graph() are
   // recorded, not run, and run_graph() replays them, reading the host memory above afresh.
   // A backend without graphs says so, and the engine runs every step directly.

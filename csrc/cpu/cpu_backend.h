@@ -80,6 +80,7 @@ class CpuBackend final : public Backend {
     copy_from_host(dst, host_src, bytes);
   }
   void copy_to_host_async(void* host_dst, const void* src, size_t bytes) override { copy_to_host(host_dst, src, bytes); }
+  void copy_async(void* dst, const void* src, size_t bytes) override { copy_to_host(dst, src, bytes); }
 
   void embedding(const Tensor& table, const Tensor& ids, Tensor& out) override;
   void add_rmsnorm(Tensor& residual, const Tensor* delta, const Tensor& weight, float eps,

@@ -36,6 +36,7 @@ CudaBackend::CudaBackend(int device) : runtime_(device) {}
 
 CudaBackend::~CudaBackend() {
   for (auto& entry : graphs_) cudaGraphExecDestroy(entry.second);
+  for (auto& entry : events_) cudaEventDestroy(entry.second);
   if (pointers_) cudaFree(pointers_);
   if (scratch_) cudaFree(scratch_);
   for (void* buffer : retired_) cudaFree(buffer);
@@ -107,6 +108,36 @@ void CudaBackend::copy_from_host_async(void* dst, const void* host_src, size_t b
 
 void CudaBackend::copy_to_host_async(void* host_dst, const void* src, size_t bytes) {
   CUDA_CHECK(cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, runtime_.stream()));
+}
+
+void CudaBackend::copy_async(void* dst, const void* src, size_t bytes) {
+  CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, runtime_.stream()));
+}
+
+// ---- events -------------------------------------------------------------------------
+
+int CudaBackend::create_event() {
+  cudaEvent_t event = nullptr;
+  CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
+  events_[next_event_] = event;
+  return next_event_++;
+}
+
+cudaEvent_t CudaBackend::event(int id) const {
+  auto found = events_.find(id);
+  MX_CHECK(found != events_.end(), Error, "cuda: no event " << id);
+  return found->second;
+}
+
+void CudaBackend::record_event(int id) { CUDA_CHECK(cudaEventRecord(event(id), runtime_.stream())); }
+
+void CudaBackend::wait_event(int id) { CUDA_CHECK(cudaEventSynchronize(event(id))); }
+
+void CudaBackend::release_event(int id) {
+  auto found = events_.find(id);
+  if (found == events_.end()) return;
+  cudaEventDestroy(found->second);
+  events_.erase(found);
 }
 
 // ---- graphs -------------------------------------------------------------------------

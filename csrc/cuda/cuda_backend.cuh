@@ -44,6 +44,11 @@ class CudaBackend final : public Backend {
   void release_host(void* ptr) override;
   void copy_from_host_async(void* dst, const void* host_src, size_t bytes) override;
   void copy_to_host_async(void* host_dst, const void* src, size_t bytes) override;
+  void copy_async(void* dst, const void* src, size_t bytes) override;
+  int create_event() override;
+  void record_event(int event) override;
+  void wait_event(int event) override;
+  void release_event(int event) override;
   bool supports_graphs() const override { return true; }
   void begin_graph() override;
   int end_graph() override;
@@ -83,6 +88,7 @@ class CudaBackend final : public Backend {
   void** pointer_arrays(int64_t rows);
   // Device scratch of at least `floats` floats (split attention's partial results), grown rarely.
   float* scratch_floats(int64_t floats);
+  cudaEvent_t event(int id) const;  // throws for an unknown id
   // Frees a buffer that was outgrown, or keeps it until the backend goes while graphs may use it.
   void retire(void* buffer);
 
@@ -97,6 +103,8 @@ class CudaBackend final : public Backend {
   bool capturing_ = false;
   std::map<int, cudaGraphExec_t> graphs_;
   int next_graph_ = 0;
+  std::map<int, cudaEvent_t> events_;
+  int next_event_ = 0;
 };
 
 }  // namespace mixtral::cuda

@@ -7,8 +7,9 @@
 //              moe_out = weighted unpermute
 //   h = norm(x += moe_out); logits = h @ lm_head^T
 // Then either the logits go to the host (append), or the backend samples the
-// next token where they are (append_sample); a one-token decode step can be
-// recorded once as a graph and replayed (decode_step).
+// next token where they are (append_sample). Decode steps (decode_next) take
+// their input token from the sampler's state on the device, are queued one
+// ahead of the token the host reads, and can be recorded once as graphs.
 #include "engine/engine.h"
 
 #include <algorithm>
@@ -134,7 +135,6 @@ Engine::Engine(const ModelConfig& config, const EngineOptions& options,
     expert_act_ = plan.add(act, {T * k, F});
     expert_out_ = plan.add(act, {T * k, H});
     logits_ = plan.add(DType::kFloat32, {T, c.vocab_size});
-    sampled_token_ = plan.add(DType::kInt32, {1});
     sampled_logprob_ = plan.add(DType::kFloat32, {1});
     top_ids_ = plan.add(DType::kInt32, {kMaxLogprobs});
     top_logprobs_ = plan.add(DType::kFloat32, {kMaxLogprobs});
@@ -143,11 +143,9 @@ Engine::Engine(const ModelConfig& config, const EngineOptions& options,
     for (Tensor* t : {&ids_, &positions_, &page_table_, &residual_, &normed_, &qkv_, &attn_, &delta_,
                       &router_logits_, &expert_ids_, &expert_weights_, &expert_offsets_,
                       &permuted_to_expanded_, &expanded_to_permuted_, &expert_in_, &gate_up_,
-                      &expert_act_, &expert_out_, &logits_, &sampled_token_, &sampled_logprob_, &top_ids_,
-                      &top_logprobs_})
+                      &expert_act_, &expert_out_, &logits_, &sampled_logprob_, &top_ids_, &top_logprobs_})
       ArenaPlan::place(*t, workspace_arena_, backend_->device());
     step_in_ = static_cast<int32_t*>(backend_->allocate_host((2 * T + max_pages) * sizeof(int32_t)));
-    step_out_ = static_cast<int32_t*>(backend_->allocate_host((2 + 2 * kMaxLogprobs) * sizeof(int32_t)));
   } catch (...) {
     if (step_in_) backend_->release_host(step_in_);
     if (workspace_arena_) backend_->release(workspace_arena_);
@@ -158,11 +156,11 @@ Engine::Engine(const ModelConfig& config, const EngineOptions& options,
 }
 
 Engine::~Engine() {
-  for (auto& entry : samplers_) {
-    backend_->release_graph(entry.second.graph);
-    backend_->release(entry.second.state);
+  try {
+    backend_->synchronize();  // queued decode steps still use the buffers
+  } catch (...) {
   }
-  backend_->release_host(step_out_);
+  while (!samplers_.empty()) release_sampler(samplers_.begin()->first);
   backend_->release_host(step_in_);
   backend_->release(workspace_arena_);
   backend_->release(kv_arena_);
@@ -261,7 +259,13 @@ KvLayer Engine::kv_layer(int64_t layer) const {
 
 // ---- forward ------------------------------------------------------------------
 
+void Engine::release_sequence(int sequence) {
+  stop_decodes_on(sequence);
+  kv_.release(sequence);
+}
+
 void Engine::truncate_sequence(int sequence, int64_t length) {
+  stop_decodes_on(sequence);
   MX_CHECK(length >= 0 && length <= kv_.length(sequence), Error,
            "truncate: length " << length << " outside [0, " << kv_.length(sequence) << "]");
   kv_.resize(sequence, length);
@@ -287,6 +291,7 @@ int64_t Engine::grow(int sequence, const int32_t* tokens, int64_t n) {
 }
 
 void Engine::forward(int sequence, const int32_t* tokens, int64_t n, bool all_logits, float* host_out) {
+  stop_decodes_on(sequence);
   const int64_t start = grow(sequence, tokens, n);
   try {
     for (int64_t done = 0; done < n; done += options_.max_batch_tokens) {
@@ -308,94 +313,165 @@ void Engine::forward(int sequence, const int32_t* tokens, int64_t n, bool all_lo
 int Engine::create_sampler(const SamplingParams& params, uint64_t seed, const int32_t* prompt, int64_t n) {
   params.validate();
   const int64_t V = config_.vocab_size;
-  std::vector<int32_t> state(2 * V + 1, 0);  // seen, counts, the draw counter
+  std::vector<int32_t> state(2 * V + 2, 0);  // seen, counts, the draw counter, the last token
   for (int64_t i = 0; i < n; ++i) {
     MX_CHECK(prompt[i] >= 0 && prompt[i] < V, TokenError,
              "token id " << prompt[i] << " is outside the vocabulary [0, " << V << ")");
     state[prompt[i]] = 1;
   }
-  void* device_state = backend_->allocate(state.size() * sizeof(int32_t));
+  SamplerState s{params, seed, nullptr, nullptr, {-1, -1}, {-1, -1}, false, -1, 0, 0};
   try {
-    backend_->copy_from_host(device_state, state.data(), state.size() * sizeof(int32_t));
+    s.state = backend_->allocate(state.size() * sizeof(int32_t));
+    backend_->copy_from_host(s.state, state.data(), state.size() * sizeof(int32_t));
+    s.slots = static_cast<int32_t*>(backend_->allocate_host(2 * step_slot_words() * sizeof(int32_t)));
+    for (int& event : s.events) event = backend_->create_event();
   } catch (...) {
-    backend_->release(device_state);
+    for (int event : s.events)
+      if (event >= 0) backend_->release_event(event);
+    if (s.slots) backend_->release_host(s.slots);
+    if (s.state) backend_->release(s.state);
     throw;
   }
-  samplers_[next_sampler_] = SamplerState{params, seed, device_state, false, -1};
+  samplers_[next_sampler_] = s;
   return next_sampler_++;
 }
 
-void Engine::release_sampler(int sampler) {
+Engine::SamplerState& Engine::find_sampler(int sampler, const char* caller) {
   auto found = samplers_.find(sampler);
-  MX_CHECK(found != samplers_.end(), Error, "release_sampler: no sampler " << sampler);
-  backend_->release_graph(found->second.graph);
-  backend_->release(found->second.state);
-  samplers_.erase(found);
+  MX_CHECK(found != samplers_.end(), Error, caller << ": no sampler " << sampler);
+  return found->second;
 }
 
-void Engine::enqueue_sample(SamplerState& s) {
+void Engine::release_sampler(int sampler) {
+  SamplerState& s = find_sampler(sampler, "release_sampler");
+  try {
+    stop_decode(s);
+  } catch (...) {  // a device error: the sampler goes all the same
+  }
+  for (int slot = 0; slot < 2; ++slot) {
+    backend_->release_graph(s.graphs[slot]);
+    backend_->release_event(s.events[slot]);
+  }
+  backend_->release_host(s.slots);
+  backend_->release(s.state);
+  samplers_.erase(sampler);
+}
+
+void Engine::enqueue_sample(SamplerState& s, int32_t* out) {
   const int64_t V = config_.vocab_size, top_n = std::min<int64_t>(s.params.logprobs, V);
   Tensor logits(logits_.data, DType::kFloat32, logits_.device, {V});
   Tensor state(s.state, DType::kInt32, logits_.device, {2 * V + 1});
+  Tensor token(static_cast<int32_t*>(s.state) + 2 * V + 1, DType::kInt32, logits_.device, {1});
   Tensor top_ids = top_ids_.rows(0, top_n), top_logprobs = top_logprobs_.rows(0, top_n);
-  backend_->sample(logits, s.params, s.seed, state, sampled_token_, sampled_logprob_, top_ids, top_logprobs);
-  backend_->copy_to_host_async(step_out_, sampled_token_.data, sizeof(int32_t));
-  backend_->copy_to_host_async(step_out_ + 1, sampled_logprob_.data, sizeof(float));
-  backend_->copy_to_host_async(step_out_ + 2, top_ids_.data, kMaxLogprobs * sizeof(int32_t));
-  backend_->copy_to_host_async(step_out_ + 2 + kMaxLogprobs, top_logprobs_.data, kMaxLogprobs * sizeof(float));
+  backend_->sample(logits, s.params, s.seed, state, token, sampled_logprob_, top_ids, top_logprobs);
+  backend_->copy_to_host_async(out, token.data, sizeof(int32_t));
+  backend_->copy_to_host_async(out + 1, sampled_logprob_.data, sizeof(float));
+  backend_->copy_to_host_async(out + 2, top_ids_.data, kMaxLogprobs * sizeof(int32_t));
+  backend_->copy_to_host_async(out + 2 + kMaxLogprobs, top_logprobs_.data, kMaxLogprobs * sizeof(float));
 }
 
-SampledToken Engine::read_sample(const SamplerState& s) const {
+SampledToken Engine::read_sample(const SamplerState& s, const int32_t* out) const {
   const int64_t top_n = std::min<int64_t>(s.params.logprobs, config_.vocab_size);
-  SampledToken result{step_out_[0], 0.0f, std::vector<int32_t>(step_out_ + 2, step_out_ + 2 + top_n),
-                      std::vector<float>(top_n)};
-  std::memcpy(&result.logprob, step_out_ + 1, sizeof(float));
-  if (top_n > 0) std::memcpy(result.top_logprobs.data(), step_out_ + 2 + kMaxLogprobs, top_n * sizeof(float));
+  SampledToken result{out[0], 0.0f, std::vector<int32_t>(out + 2, out + 2 + top_n), std::vector<float>(top_n)};
+  std::memcpy(&result.logprob, out + 1, sizeof(float));
+  if (top_n > 0) std::memcpy(result.top_logprobs.data(), out + 2 + kMaxLogprobs, top_n * sizeof(float));
   return result;
 }
 
 SampledToken Engine::append_sample(int sequence, const int32_t* tokens, int64_t n, int sampler) {
-  auto found = samplers_.find(sampler);
-  MX_CHECK(found != samplers_.end(), Error, "append_sample: no sampler " << sampler);
-  SamplerState& s = found->second;
-  if (n == 1 && options_.graphs) return decode_step(sequence, tokens[0], s);
+  SamplerState& s = find_sampler(sampler, "append_sample");
+  stop_decode(s);
   forward(sequence, tokens, n, false, nullptr);
-  enqueue_sample(s);
+  int32_t* out = step_output(s, s.next_slot);
+  enqueue_sample(s, out);
   backend_->synchronize();
-  return read_sample(s);
+  s.sequence = sequence;
+  return read_sample(s, out);
 }
 
-SampledToken Engine::decode_step(int sequence, int32_t token, SamplerState& s) {
-  const int64_t start = grow(sequence, &token, 1);
+SampledToken Engine::decode_next(int sequence, int sampler, bool queue_ahead) {
+  SamplerState& s = find_sampler(sampler, "decode_next");
+  MX_CHECK(s.sequence == sequence, Error,
+           "decode_next: sampler " << sampler << " drew its last token on sequence " << s.sequence << ", not "
+                                   << sequence << " (append_sample draws the first)");
+  if (s.queued == 0) queue_decode_step(sequence, s);
+  if (queue_ahead && s.queued == 1) {
+    try {
+      queue_decode_step(sequence, s);
+    } catch (const ContextOverflowError&) {  // no room for it: the step after the next will say so
+    } catch (const KvCacheFullError&) {
+    }
+  }
+  const int oldest = s.next_slot ^ (s.queued & 1);
   try {
-    stage_inputs(sequence, &token, 1, start);
+    backend_->wait_event(s.events[oldest]);
+  } catch (...) {
+    stop_decode(s);
+    throw;
+  }
+  --s.queued;
+  return read_sample(s, step_output(s, oldest));
+}
+
+void Engine::queue_decode_step(int sequence, SamplerState& s) {
+  const int64_t start = kv_.length(sequence);
+  MX_CHECK(start + 1 <= options_.max_context, ContextOverflowError,
+           "context overflow: " << start << " cached + 1 new token exceed max_context " << options_.max_context);
+  kv_.resize(sequence, start + 1);
+  const int slot = s.next_slot;
+  try {
+    // The slot was last used two steps ago, whose outputs the host has read.
+    int32_t* inputs = step_slot(s, slot);
+    const std::vector<int32_t>& pages = kv_.pages(sequence);
+    const int64_t max_pages = page_table_.shape[0];
+    inputs[0] = static_cast<int32_t>(start);
+    std::copy(pages.begin(), pages.end(), inputs + 1);
+    std::fill(inputs + 1 + pages.size(), inputs + 1 + max_pages, 0);
     auto enqueue_step = [&] {
-      enqueue_input_copies(1);
+      backend_->copy_async(ids_.data, static_cast<int32_t*>(s.state) + 2 * config_.vocab_size + 1, sizeof(int32_t));
+      backend_->copy_from_host_async(positions_.data, inputs, sizeof(int32_t));
+      backend_->copy_from_host_async(page_table_.data, inputs + 1, max_pages * sizeof(int32_t));
       enqueue_forward(1, 1);
-      enqueue_sample(s);
+      enqueue_sample(s, step_output(s, slot));
     };
-    if (s.graph >= 0) {
-      backend_->run_graph(s.graph);
-    } else if (!s.stepped || !backend_->supports_graphs()) {
+    if (s.graphs[slot] >= 0) {
+      backend_->run_graph(s.graphs[slot]);
+    } else if (!s.stepped || !options_.graphs || !backend_->supports_graphs()) {
       enqueue_step();  // the first step runs directly, so buffers grow before any recording
     } else {
       backend_->begin_graph();
       try {
         enqueue_step();
-        s.graph = backend_->end_graph();
+        s.graphs[slot] = backend_->end_graph();
       } catch (...) {
         backend_->abort_graph();
         throw;
       }
-      backend_->run_graph(s.graph);
+      backend_->run_graph(s.graphs[slot]);
     }
-    backend_->synchronize();
-    s.stepped = true;
+    backend_->record_event(s.events[slot]);
   } catch (...) {
     kv_.resize(sequence, start);
     throw;
   }
-  return read_sample(s);
+  s.stepped = true;
+  s.next_slot ^= 1;
+  ++s.queued;
+}
+
+void Engine::stop_decode(int sampler) { stop_decode(find_sampler(sampler, "stop_decode")); }
+
+void Engine::stop_decode(SamplerState& s) {
+  if (s.queued == 0) return;
+  const int queued = s.queued;
+  s.queued = 0;
+  kv_.resize(s.sequence, kv_.length(s.sequence) - queued);
+  backend_->synchronize();
+}
+
+void Engine::stop_decodes_on(int sequence) {
+  for (auto& entry : samplers_)
+    if (entry.second.queued > 0 && entry.second.sequence == sequence) stop_decode(entry.second);
 }
 
 void Engine::stage_inputs(int sequence, const int32_t* tokens, int64_t n, int64_t start) {

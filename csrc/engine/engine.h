@@ -77,7 +77,7 @@ class Engine {
 
   // ---- sequences ----
   int create_sequence() { return kv_.create(); }
-  void release_sequence(int sequence) { kv_.release(sequence); }
+  void release_sequence(int sequence);
   void truncate_sequence(int sequence, int64_t length);
   int64_t sequence_length(int sequence) const { return kv_.length(sequence); }
   // Runs tokens after the sequence's current end and writes float32 logits to
@@ -85,15 +85,25 @@ class Engine {
   // sequence keeps its previous length.
   void append(int sequence, const int32_t* tokens, int64_t n, bool all_logits, float* out);
   // ---- sampling on the device (logits stay there; a few bytes come back) ----
-  // A sampler for one generation: settings, seed, and its state (seen, counts) on the device,
-  // with the prompt's tokens marked seen. Returns its handle.
+  // A sampler for one generation: settings, seed, and its state (seen, counts, the draw counter,
+  // the last token drawn) on the device, with the prompt's tokens marked seen. Returns its handle.
   int create_sampler(const SamplingParams& params, uint64_t seed, const int32_t* prompt, int64_t n);
-  void release_sampler(int sampler);
-  // append() of the tokens, then the next token drawn by the sampler. With options.graphs a
-  // one-token call is a decode step whose inputs and outputs go through pinned host memory (one
-  // host sync per token, for the token itself); on a backend with graphs the first step of a
-  // sampler runs directly, the second is recorded as a graph, and later ones replay it.
+  void release_sampler(int sampler);  // stop_decode() first
+  // append() of the tokens (a prompt), then the next token drawn by the sampler.
   SampledToken append_sample(int sequence, const int32_t* tokens, int64_t n, int sampler);
+  // The decode loop, pipelined: a decode step's input is the token its sampler drew last, read
+  // on the device, so the host need not wait between steps. decode_next() queues the step of the
+  // sampler's last token (drawn on `sequence`) unless it is queued already, then one more step
+  // after it when queue_ahead is set and it fits (context, KV pages), then waits for the older
+  // step only and returns its token: the step queued ahead runs while the caller handles that
+  // token. The sequence holds the tokens of the queued steps; stop_decode() waits for them and
+  // gives back those whose tokens nobody read (release_sampler, release_sequence,
+  // truncate_sequence and append do it too). The queued steps' tokens count as drawn in the
+  // sampler's state. Decode steps take their inputs from and leave their outputs in pinned host
+  // memory, two slots per sampler; with options.graphs (on a backend with graphs) a sampler's
+  // first step runs directly and each slot's next one is recorded as a graph, replayed after.
+  SampledToken decode_next(int sequence, int sampler, bool queue_ahead);
+  void stop_decode(int sampler);
   int num_samplers() const { return static_cast<int>(samplers_.size()); }
 
   const KvCacheManager& kv_cache() const { return kv_; }
@@ -123,22 +133,32 @@ class Engine {
   // The forward pass of n tokens whose ids, positions and page table are on the device already;
   // leaves float32 logits of the last logit_rows tokens in logits_ rows [0, logit_rows).
   void enqueue_forward(int64_t n, int64_t logit_rows);
-  struct SamplerState;
-  // Samples from logits_ row 0 and copies the result to step_out_; read_sample() reads it there
-  // after a synchronize().
-  void enqueue_sample(SamplerState& s);
-  SampledToken read_sample(const SamplerState& s) const;
-  // One token through the decode step (inputs and outputs in step_in_ / step_out_), recorded
-  // and replayed as a graph where the backend has graphs.
-  SampledToken decode_step(int sequence, int32_t token, SamplerState& s);
-
   struct SamplerState {
     SamplingParams params;
     uint64_t seed;
-    void* state;        // on the device: seen [V], counts [V], the draw counter [1], int32
-    bool stepped;       // a decode step has run (with graphs the second one is recorded)
-    int graph;          // the recorded decode step, -1 before
+    void* state;        // on the device, int32: seen [V], counts [V], the draw counter, the last token
+    int32_t* slots;     // pinned: two decode step slots of step_slot_words() (step_slot() has the layout)
+    int events[2];      // each slot's step is done
+    int graphs[2];      // each slot's recorded decode step, -1 before
+    bool stepped;       // a decode step has run directly (later ones may be recorded)
+    int sequence;       // where the sampler drew its last token, -1 before the first
+    int queued;         // decode steps queued and not yet read: 0, 1 or 2
+    int next_slot;      // the slot of the next decode step
   };
+  SamplerState& find_sampler(int sampler, const char* caller);
+  // Samples from logits_ row 0 into the sampler's state and copies the results to out (pinned,
+  // kOutputWords); read_sample() reads them there once the device is done.
+  void enqueue_sample(SamplerState& s, int32_t* out);
+  SampledToken read_sample(const SamplerState& s, const int32_t* out) const;
+  static constexpr int64_t kOutputWords = 2 + 2 * kMaxLogprobs;  // token, logprob, top ids, top logprobs
+  // A decode step slot: [0] the position, [1, 1 + max pages) the page table, then the outputs.
+  int64_t step_slot_words() const { return 1 + page_table_.shape[0] + kOutputWords; }
+  int32_t* step_slot(const SamplerState& s, int slot) const { return s.slots + slot * step_slot_words(); }
+  int32_t* step_output(const SamplerState& s, int slot) const { return step_slot(s, slot) + 1 + page_table_.shape[0]; }
+  // Grows the sequence by one position and queues the decode step of the sampler's last token.
+  void queue_decode_step(int sequence, SamplerState& s);
+  void stop_decode(SamplerState& s);
+  void stop_decodes_on(int sequence);  // of every sampler with steps queued on it
   std::map<int, SamplerState> samplers_;
   int next_sampler_ = 0;
 
@@ -163,11 +183,9 @@ class Engine {
   Tensor expert_offsets_, permuted_to_expanded_, expanded_to_permuted_;  // [E+1], [T*k], [T*k]
   Tensor expert_in_, gate_up_, expert_act_, expert_out_;  // [T*k, H], [T*k, 2F], [T*k, F], [T*k, H]
   Tensor logits_;  // [T, V] float32
-  Tensor sampled_token_, sampled_logprob_, top_ids_, top_logprobs_;  // [1] i32, [1] f32, [20] i32, [20] f32
-  // Pinned host memory of every step: step_in_ [ids T, positions T, page table (max pages)]
-  // int32; step_out_ [token, logprob, 20 top ids, 20 top logprobs] (4-byte words).
+  Tensor sampled_logprob_, top_ids_, top_logprobs_;  // [1] f32, [20] i32, [20] f32
+  // Pinned inputs of a chunk: [ids T, positions T, page table (max pages)] int32.
   int32_t* step_in_ = nullptr;
-  int32_t* step_out_ = nullptr;
 };
 
 }  // namespace mixtral

@@ -508,6 +508,13 @@ class Sequence:
         ids = np.asarray(token_ids, dtype=np.int32)
         return self._run(ids, lambda handle: self._engine._core.append_sample(handle, ids, sampler))
 
+    def _decode_next(self, token: int, sampler: int, queue_ahead: bool) -> tuple:
+        """The decode step of `token`, the sampler's last draw, which is already on the device
+        (core decode_next: with queue_ahead the step after it is queued before this returns).
+        Returns the tuple of _append_sample."""
+        return self._run(np.asarray([token], dtype=np.int32),
+                         lambda handle: self._engine._core.decode_next(handle, sampler, queue_ahead))
+
     def _run(self, ids: np.ndarray, call):
         """call(handle) under the engine lock (the core raises ContextOverflowError when ids do not
         fit, changing nothing); records ids after it succeeds."""

@@ -241,6 +241,7 @@ class GenerationSession:
         def held_back_text() -> str:
             return (matcher.feed(decoder.flush())[0] + matcher.flush()) if decoder else ""
 
+        pipelined = engine.device != "cpu"
         progress.prompt_tokens, progress.start = len(prompt_ids), time.perf_counter()
         sampler = engine._new_sampler(settings.core_params(), seed, prompt_ids)
         seq, finished = self._lease(), False
@@ -271,8 +272,11 @@ class GenerationSession:
                     finished = True
                     yield Delta(text + held_back_text(), token, logprob, top, "length")
                     return
+                # On the GPU the step after this one is queued ahead, to run while the caller
+                # handles the token; on the CPU it would only be wasted work at a stop.
+                queue_ahead = pipelined and len(progress.token_ids) + 1 < settings.max_tokens
                 yield Delta(text, token, logprob, top)
-                drawn = seq._append_sample([token], sampler)
+                drawn = seq._decode_next(token, sampler, queue_ahead)
         finally:
             progress.end = time.perf_counter()
             engine._release_sampler(sampler)
