@@ -61,6 +61,9 @@ def test_kv_cache_sized_from_free_memory_and_memory_report(tiny_dir):
     assert 0 < report["kv_cache_tokens"] <= 112 and report["max_context"] <= report["kv_cache_tokens"]
     assert report["free_kv_tokens"] == report["kv_cache_tokens"]
     assert report["weight_bytes"] >= engine.config.parameter_count() * 4
+    # The plan the cache was sized from is what the engine allocated (the default 256-token chunks).
+    plan = mixtral_ext._C.Engine.memory_plan(engine.config.to_core(), "float32", "float32", report["max_context"], 8, 256)
+    assert plan == (report["weight_bytes"], report["workspace_bytes"], per_token)
     with engine.new_sequence() as seq:
         seq.append(list(range(1, 20)))
         assert engine.memory_report()["free_kv_tokens"] == report["kv_cache_tokens"] - 24  # 3 pages of 8

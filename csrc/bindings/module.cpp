@@ -131,6 +131,20 @@ PYBIND11_MODULE(_C, m) {
            py::arg("config"), py::arg("device"), py::arg("weight_dtype"), py::arg("activation_dtype"),
            py::arg("max_context"), py::arg("kv_cache_tokens"), py::arg("page_size"),
            py::arg("max_batch_tokens"), py::arg("cuda_library") = "", py::arg("graphs") = false)
+      .def_static("memory_plan", [](const ModelConfig& config, const std::string& weight_dtype,
+                                    const std::string& activation_dtype, int64_t max_context, int page_size,
+                                    int64_t max_batch_tokens) {
+        EngineOptions options;
+        options.weight_dtype = parse_dtype(weight_dtype);
+        options.activation_dtype = parse_dtype(activation_dtype);
+        options.max_context = options.kv_cache_tokens = max_context;
+        options.page_size = page_size;
+        options.max_batch_tokens = max_batch_tokens;
+        const Engine::MemoryPlan plan = Engine::memory_plan(config, options);
+        return py::make_tuple(plan.weight_bytes, plan.workspace_bytes, plan.kv_bytes_per_token);
+      }, py::arg("config"), py::arg("weight_dtype"), py::arg("activation_dtype"), py::arg("max_context"),
+         py::arg("page_size"), py::arg("max_batch_tokens"),
+         "(weight bytes, workspace bytes, KV cache bytes per token) of an engine with these settings.")
       .def("set_backend_option", [](Engine& e, const std::string& name, const std::string& value) {
         e.backend().set_option(name, value);
       })

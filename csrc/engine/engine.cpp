@@ -72,6 +72,87 @@ void ModelConfig::validate() const {
            "config: rope_theta and rms_norm_eps must be positive");
 }
 
+namespace {
+
+void validate_options(const EngineOptions& options) {
+  MX_CHECK(options.max_context >= 1, Error, "max_context must be >= 1");
+  MX_CHECK(options.kv_cache_tokens >= 1 && options.kv_cache_tokens < (int64_t(1) << 31), Error,
+           "kv_cache_tokens must be in [1, 2^31), got " << options.kv_cache_tokens);
+  MX_CHECK(options.page_size >= 1, Error, "page_size must be >= 1");
+  MX_CHECK(options.max_batch_tokens >= 1, Error, "max_batch_tokens must be >= 1");
+  MX_CHECK(is_float(options.weight_dtype) && is_float(options.activation_dtype), Error,
+           "weights and activations need a float dtype");
+}
+
+size_t kv_bytes_per_token(const ModelConfig& c, DType activation_dtype) {
+  return size_t(c.num_layers) * 2 * c.num_kv_heads * c.head_dim * dtype_size(activation_dtype);
+}
+
+}  // namespace
+
+size_t Engine::plan_weights(const ModelConfig& c, DType dtype, SlotLayout* slots) {
+  const int64_t H = c.hidden_size, E = c.num_experts, L = c.num_layers, F = c.intermediate_size;
+  const int64_t shapes[][3] = {
+      {c.vocab_size, H, 1},          {c.vocab_size, H, 1}, {1, H, 1},     {1, H, L},
+      {c.qkv_width(), H, L},         {H, c.num_heads * c.head_dim, L},    {1, H, L},
+      {E, H, L},                     {2 * F, H, L * E},   {H, F, L * E}};
+  size_t total = 0;
+  for (int s = 0; s < static_cast<int>(Slot::kCount); ++s) {
+    slots[s] = SlotLayout{shapes[s][0], shapes[s][1], shapes[s][2], total};
+    total += align_up(size_t(shapes[s][0]) * shapes[s][1] * shapes[s][2] * dtype_size(dtype));
+  }
+  return total;
+}
+
+Engine::Workspace Engine::Workspace::plan(const ModelConfig& c, const EngineOptions& options) {
+  const int64_t T = options.max_batch_tokens, H = c.hidden_size, E = c.num_experts, F = c.intermediate_size;
+  const int64_t k = c.experts_per_token;
+  const int64_t max_pages = (options.max_context + options.page_size - 1) / options.page_size;
+  const DType act = options.activation_dtype;
+  ArenaPlan plan;
+  Workspace w;
+  w.ids = plan.add(DType::kInt32, {T});
+  w.positions = plan.add(DType::kInt32, {T});
+  w.page_table = plan.add(DType::kInt32, {max_pages});
+  w.residual = plan.add(act, {T, H});
+  w.normed = plan.add(act, {T, H});
+  w.qkv = plan.add(act, {T, c.qkv_width()});
+  w.attn = plan.add(act, {T, c.num_heads * c.head_dim});
+  w.delta = plan.add(act, {T, H});
+  w.router_logits = plan.add(DType::kFloat32, {T, E});
+  w.expert_ids = plan.add(DType::kInt32, {T, k});
+  w.expert_weights = plan.add(DType::kFloat32, {T, k});
+  w.expert_offsets = plan.add(DType::kInt32, {E + 1});
+  w.permuted_to_expanded = plan.add(DType::kInt32, {T * k});
+  w.expanded_to_permuted = plan.add(DType::kInt32, {T * k});
+  w.expert_in = plan.add(act, {T * k, H});
+  w.gate_up = plan.add(act, {T * k, 2 * F});
+  w.expert_act = plan.add(act, {T * k, F});
+  w.expert_out = plan.add(act, {T * k, H});
+  w.logits = plan.add(DType::kFloat32, {T, c.vocab_size});
+  w.sampled_logprob = plan.add(DType::kFloat32, {1});
+  w.top_ids = plan.add(DType::kInt32, {kMaxLogprobs});
+  w.top_logprobs = plan.add(DType::kFloat32, {kMaxLogprobs});
+  w.bytes = plan.bytes();
+  return w;
+}
+
+void Engine::Workspace::place(void* base, Device device) {
+  for (Tensor* t : {&ids, &positions, &page_table, &residual, &normed, &qkv, &attn, &delta, &router_logits,
+                    &expert_ids, &expert_weights, &expert_offsets, &permuted_to_expanded, &expanded_to_permuted,
+                    &expert_in, &gate_up, &expert_act, &expert_out, &logits, &sampled_logprob, &top_ids,
+                    &top_logprobs})
+    ArenaPlan::place(*t, base, device);
+}
+
+Engine::MemoryPlan Engine::memory_plan(const ModelConfig& config, const EngineOptions& options) {
+  config.validate();
+  validate_options(options);
+  SlotLayout slots[static_cast<int>(Slot::kCount)];
+  return MemoryPlan{plan_weights(config, options.weight_dtype, slots), Workspace::plan(config, options).bytes,
+                    kv_bytes_per_token(config, options.activation_dtype)};
+}
+
 Engine::Engine(const ModelConfig& config, const EngineOptions& options,
                std::unique_ptr<Backend> backend)
     : config_(config),
@@ -81,71 +162,22 @@ Engine::Engine(const ModelConfig& config, const EngineOptions& options,
                                                    std::max(options.page_size, 1))),
           options.page_size) {
   config_.validate();
-  const ModelConfig& c = config_;
-  MX_CHECK(options_.max_context >= 1, Error, "max_context must be >= 1");
-  MX_CHECK(options_.kv_cache_tokens >= 1 && options_.kv_cache_tokens < (int64_t(1) << 31), Error,
-           "kv_cache_tokens must be in [1, 2^31), got " << options_.kv_cache_tokens);
-  MX_CHECK(options_.max_batch_tokens >= 1, Error, "max_batch_tokens must be >= 1");
-  MX_CHECK(is_float(options_.weight_dtype) && is_float(options_.activation_dtype), Error,
-           "weights and activations need a float dtype");
+  validate_options(options_);
 
   // ---- weights: one arena, slot after slot ----
-  const int64_t H = c.hidden_size, E = c.num_experts, L = c.num_layers, F = c.intermediate_size;
-  const int64_t shapes[][3] = {
-      {c.vocab_size, H, 1},          {c.vocab_size, H, 1}, {1, H, 1},     {1, H, L},
-      {c.qkv_width(), H, L},         {H, c.num_heads * c.head_dim, L},    {1, H, L},
-      {E, H, L},                     {2 * F, H, L * E},   {H, F, L * E}};
-  const size_t wsize = dtype_size(options_.weight_dtype);
-  size_t total = 0;
-  for (int s = 0; s < static_cast<int>(Slot::kCount); ++s) {
-    slots_[s] = SlotLayout{shapes[s][0], shapes[s][1], shapes[s][2], total};
-    rows_loaded_[s].assign(shapes[s][2], 0);
-    total += align_up(size_t(shapes[s][0]) * shapes[s][1] * shapes[s][2] * wsize);
-  }
-  weight_bytes_ = total;
+  weight_bytes_ = plan_weights(config_, options_.weight_dtype, slots_);
+  for (int s = 0; s < static_cast<int>(Slot::kCount); ++s) rows_loaded_[s].assign(slots_[s].count, 0);
   weight_arena_ = backend_->allocate(weight_bytes_);
 
   // ---- KV pools: [L][k|v][num_pages, Hkv, page_size, D] ----
-  kv_bytes_ = size_t(L) * 2 * kv_.num_pages() * c.num_kv_heads * kv_.page_size() * c.head_dim *
-              dtype_size(options_.activation_dtype);
+  kv_bytes_ = kv_bytes_per_token(config_, options_.activation_dtype) * kv_.num_pages() * kv_.page_size();
   try {
     kv_arena_ = backend_->allocate(kv_bytes_);
-
-    // ---- workspace for one chunk ----
-    const int64_t T = options_.max_batch_tokens, k = c.experts_per_token;
-    const int64_t max_pages = (options_.max_context + kv_.page_size() - 1) / kv_.page_size();
-    const DType act = options_.activation_dtype;
-    ArenaPlan plan;
-    ids_ = plan.add(DType::kInt32, {T});
-    positions_ = plan.add(DType::kInt32, {T});
-    page_table_ = plan.add(DType::kInt32, {max_pages});
-    residual_ = plan.add(act, {T, H});
-    normed_ = plan.add(act, {T, H});
-    qkv_ = plan.add(act, {T, c.qkv_width()});
-    attn_ = plan.add(act, {T, c.num_heads * c.head_dim});
-    delta_ = plan.add(act, {T, H});
-    router_logits_ = plan.add(DType::kFloat32, {T, E});
-    expert_ids_ = plan.add(DType::kInt32, {T, k});
-    expert_weights_ = plan.add(DType::kFloat32, {T, k});
-    expert_offsets_ = plan.add(DType::kInt32, {E + 1});
-    permuted_to_expanded_ = plan.add(DType::kInt32, {T * k});
-    expanded_to_permuted_ = plan.add(DType::kInt32, {T * k});
-    expert_in_ = plan.add(act, {T * k, H});
-    gate_up_ = plan.add(act, {T * k, 2 * F});
-    expert_act_ = plan.add(act, {T * k, F});
-    expert_out_ = plan.add(act, {T * k, H});
-    logits_ = plan.add(DType::kFloat32, {T, c.vocab_size});
-    sampled_logprob_ = plan.add(DType::kFloat32, {1});
-    top_ids_ = plan.add(DType::kInt32, {kMaxLogprobs});
-    top_logprobs_ = plan.add(DType::kFloat32, {kMaxLogprobs});
-    workspace_bytes_ = plan.bytes();
-    workspace_arena_ = backend_->allocate(workspace_bytes_);
-    for (Tensor* t : {&ids_, &positions_, &page_table_, &residual_, &normed_, &qkv_, &attn_, &delta_,
-                      &router_logits_, &expert_ids_, &expert_weights_, &expert_offsets_,
-                      &permuted_to_expanded_, &expanded_to_permuted_, &expert_in_, &gate_up_,
-                      &expert_act_, &expert_out_, &logits_, &sampled_logprob_, &top_ids_, &top_logprobs_})
-      ArenaPlan::place(*t, workspace_arena_, backend_->device());
-    step_in_ = static_cast<int32_t*>(backend_->allocate_host((2 * T + max_pages) * sizeof(int32_t)));
+    work_ = Workspace::plan(config_, options_);
+    workspace_arena_ = backend_->allocate(work_.bytes);
+    work_.place(workspace_arena_, backend_->device());
+    step_in_ = static_cast<int32_t*>(backend_->allocate_host(
+        (2 * options_.max_batch_tokens + work_.page_table.shape[0]) * sizeof(int32_t)));
   } catch (...) {
     if (step_in_) backend_->release_host(step_in_);
     if (workspace_arena_) backend_->release(workspace_arena_);
@@ -299,7 +331,7 @@ void Engine::forward(int sequence, const int32_t* tokens, int64_t n, bool all_lo
       const int64_t rows = all_logits ? count : (done + count == n ? 1 : 0);
       run_chunk(sequence, tokens + done, count, start + done, rows);
       if (host_out && rows > 0)
-        backend_->copy_to_host(host_out + (all_logits ? done * config_.vocab_size : 0), logits_.data,
+        backend_->copy_to_host(host_out + (all_logits ? done * config_.vocab_size : 0), work_.logits.data,
                                size_t(rows) * config_.vocab_size * sizeof(float));
     }
   } catch (...) {
@@ -359,15 +391,15 @@ void Engine::release_sampler(int sampler) {
 
 void Engine::enqueue_sample(SamplerState& s, int32_t* out) {
   const int64_t V = config_.vocab_size, top_n = std::min<int64_t>(s.params.logprobs, V);
-  Tensor logits(logits_.data, DType::kFloat32, logits_.device, {V});
-  Tensor state(s.state, DType::kInt32, logits_.device, {2 * V + 1});
-  Tensor token(static_cast<int32_t*>(s.state) + 2 * V + 1, DType::kInt32, logits_.device, {1});
-  Tensor top_ids = top_ids_.rows(0, top_n), top_logprobs = top_logprobs_.rows(0, top_n);
-  backend_->sample(logits, s.params, s.seed, state, token, sampled_logprob_, top_ids, top_logprobs);
+  Tensor logits(work_.logits.data, DType::kFloat32, work_.logits.device, {V});
+  Tensor state(s.state, DType::kInt32, work_.logits.device, {2 * V + 1});
+  Tensor token(static_cast<int32_t*>(s.state) + 2 * V + 1, DType::kInt32, work_.logits.device, {1});
+  Tensor top_ids = work_.top_ids.rows(0, top_n), top_logprobs = work_.top_logprobs.rows(0, top_n);
+  backend_->sample(logits, s.params, s.seed, state, token, work_.sampled_logprob, top_ids, top_logprobs);
   backend_->copy_to_host_async(out, token.data, sizeof(int32_t));
-  backend_->copy_to_host_async(out + 1, sampled_logprob_.data, sizeof(float));
-  backend_->copy_to_host_async(out + 2, top_ids_.data, kMaxLogprobs * sizeof(int32_t));
-  backend_->copy_to_host_async(out + 2 + kMaxLogprobs, top_logprobs_.data, kMaxLogprobs * sizeof(float));
+  backend_->copy_to_host_async(out + 1, work_.sampled_logprob.data, sizeof(float));
+  backend_->copy_to_host_async(out + 2, work_.top_ids.data, kMaxLogprobs * sizeof(int32_t));
+  backend_->copy_to_host_async(out + 2 + kMaxLogprobs, work_.top_logprobs.data, kMaxLogprobs * sizeof(float));
 }
 
 SampledToken Engine::read_sample(const SamplerState& s, const int32_t* out) const {
@@ -423,14 +455,15 @@ void Engine::queue_decode_step(int sequence, SamplerState& s) {
     // The slot was last used two steps ago, whose outputs the host has read.
     int32_t* inputs = step_slot(s, slot);
     const std::vector<int32_t>& pages = kv_.pages(sequence);
-    const int64_t max_pages = page_table_.shape[0];
+    const int64_t max_pages = work_.page_table.shape[0];
     inputs[0] = static_cast<int32_t>(start);
     std::copy(pages.begin(), pages.end(), inputs + 1);
     std::fill(inputs + 1 + pages.size(), inputs + 1 + max_pages, 0);
     auto enqueue_step = [&] {
-      backend_->copy_async(ids_.data, static_cast<int32_t*>(s.state) + 2 * config_.vocab_size + 1, sizeof(int32_t));
-      backend_->copy_from_host_async(positions_.data, inputs, sizeof(int32_t));
-      backend_->copy_from_host_async(page_table_.data, inputs + 1, max_pages * sizeof(int32_t));
+      const int32_t* last_token = static_cast<int32_t*>(s.state) + 2 * config_.vocab_size + 1;
+      backend_->copy_async(work_.ids.data, last_token, sizeof(int32_t));
+      backend_->copy_from_host_async(work_.positions.data, inputs, sizeof(int32_t));
+      backend_->copy_from_host_async(work_.page_table.data, inputs + 1, max_pages * sizeof(int32_t));
       enqueue_forward(1, 1);
       enqueue_sample(s, step_output(s, slot));
     };
@@ -476,7 +509,7 @@ void Engine::stop_decodes_on(int sequence) {
 
 void Engine::stage_inputs(int sequence, const int32_t* tokens, int64_t n, int64_t start) {
   backend_->synchronize();  // earlier copies out of step_in_ are done
-  const int64_t T = options_.max_batch_tokens, max_pages = page_table_.shape[0];
+  const int64_t T = options_.max_batch_tokens, max_pages = work_.page_table.shape[0];
   const std::vector<int32_t>& pages = kv_.pages(sequence);
   std::copy(tokens, tokens + n, step_in_);
   for (int64_t i = 0; i < n; ++i) step_in_[T + i] = static_cast<int32_t>(start + i);
@@ -486,9 +519,9 @@ void Engine::stage_inputs(int sequence, const int32_t* tokens, int64_t n, int64_
 
 void Engine::enqueue_input_copies(int64_t n) {
   const int64_t T = options_.max_batch_tokens;
-  backend_->copy_from_host_async(ids_.data, step_in_, n * sizeof(int32_t));
-  backend_->copy_from_host_async(positions_.data, step_in_ + T, n * sizeof(int32_t));
-  backend_->copy_from_host_async(page_table_.data, step_in_ + 2 * T, page_table_.shape[0] * sizeof(int32_t));
+  backend_->copy_from_host_async(work_.ids.data, step_in_, n * sizeof(int32_t));
+  backend_->copy_from_host_async(work_.positions.data, step_in_ + T, n * sizeof(int32_t));
+  backend_->copy_from_host_async(work_.page_table.data, step_in_ + 2 * T, work_.page_table.shape[0] * sizeof(int32_t));
 }
 
 void Engine::run_chunk(int sequence, const int32_t* tokens, int64_t n, int64_t start, int64_t logit_rows) {
@@ -504,15 +537,15 @@ void Engine::enqueue_forward(int64_t n, int64_t logit_rows) {
   const int k = int(c.experts_per_token);
   // The whole table, as a recorded decode step sees it: entries past the sequence's pages are
   // never read (positions bound every read), and the attention's work split stays the same.
-  Tensor ids = ids_.rows(0, n), pos = positions_.rows(0, n), table = page_table_;
-  Tensor x = residual_.rows(0, n), h = normed_.rows(0, n), qkv = qkv_.rows(0, n);
-  Tensor attn = attn_.rows(0, n), delta = delta_.rows(0, n);
-  Tensor router_logits = router_logits_.rows(0, n), expert_ids = expert_ids_.rows(0, n);
-  Tensor expert_weights = expert_weights_.rows(0, n);
-  Tensor permuted_to_expanded = permuted_to_expanded_.rows(0, n * k);
-  Tensor expanded_to_permuted = expanded_to_permuted_.rows(0, n * k);
-  Tensor expert_in = expert_in_.rows(0, n * k), gate_up = gate_up_.rows(0, n * k);
-  Tensor expert_act = expert_act_.rows(0, n * k), expert_out = expert_out_.rows(0, n * k);
+  Tensor ids = work_.ids.rows(0, n), pos = work_.positions.rows(0, n), table = work_.page_table;
+  Tensor x = work_.residual.rows(0, n), h = work_.normed.rows(0, n), qkv = work_.qkv.rows(0, n);
+  Tensor attn = work_.attn.rows(0, n), delta = work_.delta.rows(0, n);
+  Tensor router_logits = work_.router_logits.rows(0, n), expert_ids = work_.expert_ids.rows(0, n);
+  Tensor expert_weights = work_.expert_weights.rows(0, n);
+  Tensor permuted_to_expanded = work_.permuted_to_expanded.rows(0, n * k);
+  Tensor expanded_to_permuted = work_.expanded_to_permuted.rows(0, n * k);
+  Tensor expert_in = work_.expert_in.rows(0, n * k), gate_up = work_.gate_up.rows(0, n * k);
+  Tensor expert_act = work_.expert_act.rows(0, n * k), expert_out = work_.expert_out.rows(0, n * k);
 
   b.embedding(weight(Slot::kEmbed, 0), ids, x);
   for (int64_t layer = 0; layer < c.num_layers; ++layer) {
@@ -526,17 +559,17 @@ void Engine::enqueue_forward(int64_t n, int64_t logit_rows) {
 
     b.matmul(h, weight(Slot::kRouter, layer), router_logits);
     b.router_topk(router_logits, expert_ids, expert_weights);
-    b.moe_permute(expert_ids, expert_offsets_, permuted_to_expanded, expanded_to_permuted);
+    b.moe_permute(expert_ids, work_.expert_offsets, permuted_to_expanded, expanded_to_permuted);
     b.moe_gather(h, permuted_to_expanded, k, expert_in);
-    b.expert_matmul(expert_in, weight(Slot::kW13, layer), expert_offsets_, gate_up);
+    b.expert_matmul(expert_in, weight(Slot::kW13, layer), work_.expert_offsets, gate_up);
     b.silu_mul(gate_up, expert_act);
-    b.expert_matmul(expert_act, weight(Slot::kW2, layer), expert_offsets_, expert_out);
+    b.expert_matmul(expert_act, weight(Slot::kW2, layer), work_.expert_offsets, expert_out);
     b.moe_unpermute(expert_out, expanded_to_permuted, expert_weights, delta);
   }
   if (logit_rows == 0) return;  // a prefill chunk whose logits nobody reads
   // Only the rows whose logits are wanted go through the final norm and lm_head.
   Tensor x_out = x.rows(n - logit_rows, logit_rows), delta_out = delta.rows(n - logit_rows, logit_rows);
-  Tensor h_out = h.rows(n - logit_rows, logit_rows), logits = logits_.rows(0, logit_rows);
+  Tensor h_out = h.rows(n - logit_rows, logit_rows), logits = work_.logits.rows(0, logit_rows);
   b.add_rmsnorm(x_out, &delta_out, norm_weight(Slot::kFinalNorm, 0), c.rms_norm_eps, h_out);
   b.matmul(h_out, weight(Slot::kLmHead, 0), logits);
 }

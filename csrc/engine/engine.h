@@ -59,6 +59,13 @@ class Engine {
   Engine(const Engine&) = delete;
   Engine& operator=(const Engine&) = delete;
 
+  // What an engine of this config and options allocates on its device besides the KV cache, and
+  // the KV cache's bytes per token (so a caller can size the cache to the memory left).
+  struct MemoryPlan {
+    size_t weight_bytes, workspace_bytes, kv_bytes_per_token;
+  };
+  static MemoryPlan memory_plan(const ModelConfig& config, const EngineOptions& options);
+
   const ModelConfig& config() const { return config_; }
   const EngineOptions& options() const { return options_; }
   Backend& backend() { return *backend_; }
@@ -108,7 +115,7 @@ class Engine {
 
   const KvCacheManager& kv_cache() const { return kv_; }
   size_t kv_cache_bytes() const { return kv_bytes_; }
-  size_t workspace_bytes() const { return workspace_bytes_; }
+  size_t workspace_bytes() const { return work_.bytes; }
 
  private:
   struct SlotLayout {
@@ -152,9 +159,11 @@ class Engine {
   SampledToken read_sample(const SamplerState& s, const int32_t* out) const;
   static constexpr int64_t kOutputWords = 2 + 2 * kMaxLogprobs;  // token, logprob, top ids, top logprobs
   // A decode step slot: [0] the position, [1, 1 + max pages) the page table, then the outputs.
-  int64_t step_slot_words() const { return 1 + page_table_.shape[0] + kOutputWords; }
+  int64_t step_slot_words() const { return 1 + work_.page_table.shape[0] + kOutputWords; }
   int32_t* step_slot(const SamplerState& s, int slot) const { return s.slots + slot * step_slot_words(); }
-  int32_t* step_output(const SamplerState& s, int slot) const { return step_slot(s, slot) + 1 + page_table_.shape[0]; }
+  int32_t* step_output(const SamplerState& s, int slot) const {
+    return step_slot(s, slot) + 1 + work_.page_table.shape[0];
+  }
   // Grows the sequence by one position and queues the decode step of the sampler's last token.
   void queue_decode_step(int sequence, SamplerState& s);
   void stop_decode(SamplerState& s);
@@ -174,16 +183,24 @@ class Engine {
   void* kv_arena_ = nullptr;
   size_t kv_bytes_ = 0;
 
-  // Workspace for one chunk of up to max_batch_tokens tokens (T rows).
+  // The device buffers of one chunk of up to T = max_batch_tokens tokens, in one allocation.
+  struct Workspace {
+    Tensor ids, positions, page_table;   // [T], [T], [max pages] int32
+    Tensor residual, normed, qkv, attn, delta;   // [T, H] / [T, qkv] / [T, Hq*D] / [T, H]
+    Tensor router_logits, expert_ids, expert_weights;  // [T, E] f32, [T, k] i32, [T, k] f32
+    Tensor expert_offsets, permuted_to_expanded, expanded_to_permuted;  // [E+1], [T*k], [T*k]
+    Tensor expert_in, gate_up, expert_act, expert_out;  // [T*k, H], [T*k, 2F], [T*k, F], [T*k, H]
+    Tensor logits;  // [T, V] float32
+    Tensor sampled_logprob, top_ids, top_logprobs;  // [1] f32, [20] i32, [20] f32
+    size_t bytes = 0;  // of the allocation
+    // The tensors as offsets into an allocation of `bytes`; place() turns them into pointers.
+    static Workspace plan(const ModelConfig& c, const EngineOptions& options);
+    void place(void* base, Device device);
+  };
+  // Lays the weight slots out in one arena; returns its bytes.
+  static size_t plan_weights(const ModelConfig& c, DType dtype, SlotLayout* slots);
+  Workspace work_;
   void* workspace_arena_ = nullptr;
-  size_t workspace_bytes_ = 0;
-  Tensor ids_, positions_, page_table_;   // [T], [T], [max pages] int32
-  Tensor residual_, normed_, qkv_, attn_, delta_;   // [T, H] / [T, qkv] / [T, Hq*D] / [T, H]
-  Tensor router_logits_, expert_ids_, expert_weights_;  // [T, E] f32, [T, k] i32, [T, k] f32
-  Tensor expert_offsets_, permuted_to_expanded_, expanded_to_permuted_;  // [E+1], [T*k], [T*k]
-  Tensor expert_in_, gate_up_, expert_act_, expert_out_;  // [T*k, H], [T*k, 2F], [T*k, F], [T*k, H]
-  Tensor logits_;  // [T, V] float32
-  Tensor sampled_logprob_, top_ids_, top_logprobs_;  // [1] f32, [20] i32, [20] f32
   // Pinned inputs of a chunk: [ids T, positions T, page table (max pages)] int32.
   int32_t* step_in_ = nullptr;
 };

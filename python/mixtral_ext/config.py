@@ -34,10 +34,6 @@ class MixtralConfig:
         per_layer = 2 * H + (self.num_heads + 2 * self.num_kv_heads) * D * H + H * self.num_heads * D + E * H + E * 3 * F * H
         return 2 * self.vocab_size * H + H + self.num_layers * per_layer
 
-    def kv_bytes_per_token(self, element_bytes: int) -> int:
-        """KV cache bytes one token takes over all layers."""
-        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * element_bytes
-
     def to_core(self):
         from . import _C
 

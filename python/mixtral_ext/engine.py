@@ -91,8 +91,8 @@ class _EngineOptions:
             kv_cache_tokens = self._tokens_that_fit(config, kv_cache_fraction)
             if max_context is not None and kv_cache_tokens < max_context:
                 raise DeviceOutOfMemoryError(
-                    f"max_context {max_context} needs {max_context * self._kv_token_bytes(config)} bytes of KV cache; "
-                    f"{kv_cache_fraction} of the {self.device} memory left after the weights holds {kv_cache_tokens} tokens")
+                    f"max_context {max_context} does not fit: {kv_cache_fraction} of the {self.device} memory left "
+                    f"after the weights holds a KV cache of {kv_cache_tokens} tokens")
             max_context = min(max_context or limit, kv_cache_tokens)
         if max_context is None:
             max_context = limit
@@ -102,20 +102,13 @@ class _EngineOptions:
             raise SettingError(f"kv_cache_tokens must be an integer in [1, 2^31), got {kv_cache_tokens!r}")
         return max_context, kv_cache_tokens
 
-    def _kv_token_bytes(self, config: MixtralConfig) -> int:
-        return config.kv_bytes_per_token(4 if self.activation_dtype == "float32" else 2)
-
     def _tokens_that_fit(self, config: MixtralConfig, fraction: float) -> int:
         free, _ = _C.device_memory(self.device, backend_library() if self.device == "cuda" else "")
-        weights = config.parameter_count() * (4 if self.dtype == "float32" else 2)
-        # The workspace: activations and expert buffers of one chunk, its logits; plus runtime slack.
-        act = 4 if self.activation_dtype == "float32" else 2
-        c, rows = config, self.max_batch_tokens
-        per_row = (act * (4 * c.hidden_size + (c.num_heads + 2 * c.num_kv_heads) * c.head_dim + c.num_heads * c.head_dim)
-                   + 4 * c.vocab_size
-                   + act * c.experts_per_token * (2 * c.hidden_size + 3 * c.intermediate_size))
-        reserve = rows * per_row + (256 << 20)
-        tokens = int(fraction * (free - weights - reserve)) // self._kv_token_bytes(config)
+        weights, workspace, token_bytes = _C.Engine.memory_plan(
+            config.to_core(), self.dtype, self.activation_dtype, config.max_position_embeddings, self.page_size,
+            self.max_batch_tokens)
+        reserve = workspace + (256 << 20)  # and the runtime's own buffers (cuBLAS workspace, staging, scratch)
+        tokens = int(fraction * (free - weights - reserve)) // token_bytes
         if tokens < 1:
             raise DeviceOutOfMemoryError(
                 f"{self.device}: {free} bytes free cannot hold the weights ({weights} bytes) and a KV cache")
