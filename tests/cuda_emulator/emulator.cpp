@@ -107,8 +107,10 @@ struct Executor {
   void* scheduler_stack_pointer = nullptr;
   Fiber* running = nullptr;
   const std::function<void()>* body = nullptr;
-  std::vector<unsigned char> dynamic_shared;
-  std::string failure;
+  unsigned char* dynamic_shared = nullptr;  // the running launch's, 128-byte aligned, exactly its size
+  size_t dynamic_shared_bytes = 0;
+  std::string failure;                      // why the running launch failed, if it did
+  cudaError_t failure_code = cudaSuccess;
 
   Executor() {
     const size_t bytes = kStackBytes * kMaxBlockThreads;
@@ -164,8 +166,8 @@ void wait_at(FiberState barrier) {
   cuda_emulator_switch(&fiber.stack_pointer, ex.scheduler_stack_pointer);
 }
 
-// Runs one block; false (with ex.failure set) on a deadlock.
-bool run_block(Executor& ex, dim3 grid, dim3 block, dim3 block_idx) {
+// Runs one block; a deadlock sets ex.failure.
+void run_block(Executor& ex, dim3 grid, dim3 block, dim3 block_idx) {
   const int n = static_cast<int>(block.x * block.y * block.z);
   for (int i = 0; i < n; ++i) {
     Fiber& f = ex.fibers[i];
@@ -180,7 +182,7 @@ bool run_block(Executor& ex, dim3 grid, dim3 block, dim3 block_idx) {
     warp.lanes = warp.live = std::min(32, n - w * 32);
     warp.waiting = 0;
   }
-  std::fill(ex.dynamic_shared.begin(), ex.dynamic_shared.end(), 0xff);
+  std::memset(ex.dynamic_shared, 0xff, ex.dynamic_shared_bytes);
   ex.live = n;
   ex.at_block_barrier = 0;
   for (bool forward = true; ex.live > 0; forward = !forward) {
@@ -210,6 +212,7 @@ bool run_block(Executor& ex, dim3 grid, dim3 block, dim3 block_idx) {
     if (!released) {
       // The waiting fibers are abandoned mid-call: their stacks' redzones must not outlive them.
       ASAN_UNPOISON_MEMORY_REGION(ex.stacks, kStackBytes * kMaxBlockThreads);
+      ex.failure_code = cudaErrorLaunchFailure;
       ex.failure = "deadlock in block (" + std::to_string(block_idx.x) + ", " + std::to_string(block_idx.y) + ", " +
                    std::to_string(block_idx.z) + "): " + std::to_string(ex.at_block_barrier) +
                    " threads wait at __syncthreads, the other live threads at a warp barrier";
@@ -218,11 +221,15 @@ bool run_block(Executor& ex, dim3 grid, dim3 block, dim3 block_idx) {
   }
   current_thread = nullptr;
   ex.running = nullptr;
-  return ex.failure.empty();
 }
 
 cudaError_t& last_error() {
   static thread_local cudaError_t error = cudaSuccess;
+  return error;
+}
+
+cudaError_t& sticky_error() {
+  static cudaError_t error = cudaSuccess;
   return error;
 }
 
@@ -281,7 +288,18 @@ unsigned ballot_in_warp(bool predicate) {
   return mask;
 }
 
-unsigned char* dynamic_shared() { return executor().dynamic_shared.data(); }
+unsigned char* dynamic_shared() { return executor().dynamic_shared; }
+
+void fault(cudaError_t error, const char* what) {
+  Executor& ex = executor();
+  if (!ex.failure.empty()) return;  // the first fault is the one reported
+  const ThreadContext& t = *current_thread;
+  ex.failure_code = error;
+  ex.failure = std::string(what) + " in thread (" + std::to_string(t.thread_idx.x) + ", " +
+               std::to_string(t.thread_idx.y) + ", " + std::to_string(t.thread_idx.z) + ") of block (" +
+               std::to_string(t.block_idx.x) + ", " + std::to_string(t.block_idx.y) + ", " +
+               std::to_string(t.block_idx.z) + ")";
+}
 
 cudaError_t set_max_dynamic_shared(const void* kernel, int bytes) {
   if (bytes < 0 || bytes > kOptInDynamicShared) return fail(cudaErrorInvalidValue);
@@ -312,18 +330,23 @@ cudaError_t launch(const void* kernel, dim3 grid, dim3 block, size_t shared_byte
   return enqueue(stream, [grid, block, shared_bytes, body = std::move(body)] {
     Executor& ex = executor();
     ex.body = &body;
-    ex.dynamic_shared.assign(shared_bytes, 0xff);
+    if (posix_memalign(reinterpret_cast<void**>(&ex.dynamic_shared), 128, std::max<size_t>(shared_bytes, 1)) != 0) {
+      std::fprintf(stderr, "cuda emulator: no memory for %zu bytes of shared memory\n", shared_bytes);
+      std::abort();
+    }
+    ex.dynamic_shared_bytes = shared_bytes;
     ex.failure.clear();
-    for (unsigned z = 0; z < grid.z; ++z)
-      for (unsigned y = 0; y < grid.y; ++y)
-        for (unsigned x = 0; x < grid.x; ++x)
-          if (!run_block(ex, grid, block, dim3(x, y, z))) {
-            // A kernel that cannot finish has no CUDA error code of its own; as on the GPU, the
-            // failure shows as a launch failure at the next check, with the reason on stderr.
-            std::fprintf(stderr, "cuda emulator: %s\n", ex.failure.c_str());
-            last_error() = cudaErrorLaunchFailure;
-            return;
-          }
+    for (unsigned z = 0; z < grid.z && ex.failure.empty(); ++z)
+      for (unsigned y = 0; y < grid.y && ex.failure.empty(); ++y)
+        for (unsigned x = 0; x < grid.x && ex.failure.empty(); ++x) run_block(ex, grid, block, dim3(x, y, z));
+    std::free(ex.dynamic_shared);
+    ex.dynamic_shared = nullptr;
+    if (!ex.failure.empty()) {
+      // As on the GPU, a kernel's fault shows at the next check and stays (the context is lost);
+      // the reason goes to stderr.
+      std::fprintf(stderr, "cuda emulator: %s\n", ex.failure.c_str());
+      sticky_error() = ex.failure_code;
+    }
   });
 }
 
@@ -331,6 +354,7 @@ cudaError_t launch(const void* kernel, dim3 grid, dim3 block, size_t shared_byte
 
 using cuda_emulator::fail;
 using cuda_emulator::last_error;
+using cuda_emulator::sticky_error;
 
 // ---- runtime API ------------------------------------------------------------------------------
 
@@ -343,6 +367,7 @@ const char* cudaGetErrorName(cudaError_t error) {
     case cudaErrorInvalidDevice: return "cudaErrorInvalidDevice";
     case cudaErrorInvalidResourceHandle: return "cudaErrorInvalidResourceHandle";
     case cudaErrorLaunchFailure: return "cudaErrorLaunchFailure";
+    case cudaErrorMisalignedAddress: return "cudaErrorMisalignedAddress";
     case cudaErrorStreamCaptureUnsupported: return "cudaErrorStreamCaptureUnsupported";
     case cudaErrorStreamCaptureInvalidated: return "cudaErrorStreamCaptureInvalidated";
   }
@@ -358,6 +383,7 @@ const char* cudaGetErrorString(cudaError_t error) {
     case cudaErrorInvalidDevice: return "invalid device ordinal";
     case cudaErrorInvalidResourceHandle: return "invalid resource handle";
     case cudaErrorLaunchFailure: return "unspecified launch failure";
+    case cudaErrorMisalignedAddress: return "misaligned address";
     case cudaErrorStreamCaptureUnsupported: return "operation not permitted when stream is capturing";
     case cudaErrorStreamCaptureInvalidated: return "operation failed due to a previous error during capture";
   }
@@ -365,8 +391,9 @@ const char* cudaGetErrorString(cudaError_t error) {
 }
 
 cudaError_t cudaGetLastError() {
+  if (sticky_error() != cudaSuccess) return sticky_error();
   const cudaError_t error = last_error();
-  if (error != cudaErrorLaunchFailure) last_error() = cudaSuccess;  // a kernel failure stays, as on the GPU
+  last_error() = cudaSuccess;
   return error;
 }
 
@@ -466,7 +493,7 @@ cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
     stream->capture_invalidated = true;
     return fail(cudaErrorStreamCaptureUnsupported);
   }
-  return last_error() == cudaErrorLaunchFailure ? cudaErrorLaunchFailure : cudaSuccess;
+  return sticky_error();
 }
 
 cudaError_t cudaStreamBeginCapture(cudaStream_t stream, cudaStreamCaptureMode) {

@@ -50,6 +50,7 @@ enum cudaError_t {
   cudaErrorInvalidConfiguration = 9,
   cudaErrorInvalidDevice = 101,
   cudaErrorInvalidResourceHandle = 400,
+  cudaErrorMisalignedAddress = 716,
   cudaErrorLaunchFailure = 719,
   cudaErrorStreamCaptureUnsupported = 900,
   cudaErrorStreamCaptureInvalidated = 901,
@@ -123,6 +124,9 @@ void sync_warp();                                    // __syncwarp: the live lan
 uint64_t exchange_in_warp(uint64_t value, int lane);  // every lane offers a value, gets lane's
 unsigned ballot_in_warp(bool predicate);
 unsigned char* dynamic_shared();
+// A fault of the running thread (a misaligned WMMA pointer, ...): the launch fails with error once
+// the grid is done, and the error stays, as a GPU's context does after a kernel fault.
+void fault(cudaError_t error, const char* what);
 
 // Runs body once per thread of the grid on `stream` (now, or when a captured graph is launched).
 cudaError_t launch(const void* kernel, dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t stream,

@@ -30,12 +30,20 @@ inline float widen(float v) { return v; }
 inline float widen(__nv_bfloat16 v) { return __bfloat162float(v); }
 inline float widen(__half v) { return __half2float(v); }
 inline int lane() { return emulated_lane(); }
+// The tensor cores' rules: a 256-bit aligned pointer, and ldm a multiple of 16 bytes.
+inline void check_access(const void* ptr, unsigned ldm, size_t element_bytes) {
+  if (reinterpret_cast<uintptr_t>(ptr) % 32 != 0)
+    cuda_emulator::fault(cudaErrorMisalignedAddress, "wmma: a pointer not 256-bit aligned");
+  if (ldm * element_bytes % 16 != 0)
+    cuda_emulator::fault(cudaErrorMisalignedAddress, "wmma: ldm not a multiple of 16 bytes");
+}
 }  // namespace detail
 
 template <typename Use, typename T, typename Layout, typename Element>
 void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const Element* ptr, unsigned ldm) {
   static_assert(std::is_same_v<Layout, row_major> || std::is_same_v<Layout, col_major>, "a layout is needed");
   cuda_emulator::sync_warp();
+  detail::check_access(ptr, ldm, sizeof(Element));
   for (int r = 0; r < 16; ++r)
     for (int c = 0; c < 16; ++c)
       f.values[r * 16 + c] = detail::widen(std::is_same_v<Layout, row_major> ? ptr[r * ldm + c] : ptr[c * ldm + r]);
@@ -44,6 +52,7 @@ void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const Element* pt
 template <typename T>
 void load_matrix_sync(fragment<accumulator, 16, 16, 16, T>& f, const float* ptr, unsigned ldm, layout_t layout) {
   cuda_emulator::sync_warp();
+  detail::check_access(ptr, ldm, sizeof(float));
   for (int r = 0; r < 16; ++r)
     for (int c = 0; c < 16; ++c) f.values[r * 16 + c] = layout == mem_row_major ? ptr[r * ldm + c] : ptr[c * ldm + r];
 }
@@ -51,6 +60,7 @@ void load_matrix_sync(fragment<accumulator, 16, 16, 16, T>& f, const float* ptr,
 template <typename T>
 void store_matrix_sync(float* ptr, const fragment<accumulator, 16, 16, 16, T>& f, unsigned ldm, layout_t layout) {
   cuda_emulator::sync_warp();
+  detail::check_access(ptr, ldm, sizeof(float));
   for (int e = detail::lane(); e < 256; e += 32) {
     const int r = e / 16, c = e % 16;
     (layout == mem_row_major ? ptr[r * ldm + c] : ptr[c * ldm + r]) = f.values[e];
