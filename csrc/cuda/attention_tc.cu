@@ -72,15 +72,19 @@ __global__ void attention_tc_kernel(const T* qkv, int64_t width, int64_t tokens,
 
   for (int32_t start = 0; start <= last; start += kRows) {
     __syncthreads();  // the previous tile is no longer read
-    for (int idx = threadIdx.x; idx < kRows * D; idx += blockDim.x) {
-      const int row = idx / D, d = idx % D;
+    using Vec = Pack<T, kPack16<T>>;  // 16-byte loads and stores
+    for (int idx = threadIdx.x; idx < kRows * D / kPack16<T>; idx += blockDim.x) {
+      const int row = idx / (D / kPack16<T>), d = idx % (D / kPack16<T>) * kPack16<T>;
       const int64_t pos = start + row;
-      T k = narrow<T>(0.0f), v = narrow<T>(0.0f);
+      Vec k, v;
       if (pos <= last) {
-        const int64_t offset = ((int64_t(page_table[pos / page_size]) * kv_heads + g) * page_size + pos % page_size) * D + d;
-        k = k_pool[offset], v = v_pool[offset];
+        const int64_t offset = cache_offset(page_table, page_size, kv_heads, g, pos, D) + d;
+        k = *reinterpret_cast<const Vec*>(k_pool + offset), v = *reinterpret_cast<const Vec*>(v_pool + offset);
+      } else {
+        for (int j = 0; j < kPack16<T>; ++j) k.values[j] = v.values[j] = narrow<T>(0.0f);
       }
-      k_tile[idx] = k, v_tile[idx] = v;
+      *reinterpret_cast<Vec*>(k_tile + row * D + d) = k;
+      *reinterpret_cast<Vec*>(v_tile + row * D + d) = v;
     }
     __syncthreads();
 

@@ -112,12 +112,32 @@ __global__ void rope_kv_append_kernel(T* qkv, int64_t width, int q_heads, int kv
   __syncthreads();  // the rotated k is read back by other threads below
   const bool is_k = rotated;
   const int g = is_k ? head - q_heads : head - q_heads - kv_heads;
-  const int64_t page = page_table[pos / page_size];
-  T* dst = (is_k ? k_pool : v_pool) + ((page * kv_heads + g) * page_size + pos % page_size) * head_dim;
+  T* dst = (is_k ? k_pool : v_pool) + cache_offset(page_table, page_size, kv_heads, g, pos, head_dim);
   for (int i = threadIdx.x; i < head_dim; i += blockDim.x) dst[i] = x[i];
 }
 
 constexpr int kTile = 32;  // cache positions per shared-memory tile: one per lane
+
+// Cache positions [start, min(start + kTile, end)) of KV head g, widened to float, into k_tile
+// [kTile][k_stride] and v_tile [kTile][head_dim]; kWidth (dividing head_dim) elements per load.
+template <int kWidth, typename T>
+__device__ void load_kv_tile(const T* k_pool, const T* v_pool, const int32_t* page_table, int page_size, int kv_heads,
+                             int g, int head_dim, int64_t start, int64_t end, float* k_tile, int k_stride,
+                             float* v_tile) {
+  const int packs_per_row = head_dim / kWidth;
+  for (int idx = threadIdx.x; idx < kTile * packs_per_row; idx += blockDim.x) {
+    const int p = idx / packs_per_row, i = idx % packs_per_row * kWidth;
+    const int64_t pos = start + p;
+    if (pos >= end) continue;
+    const int64_t offset = cache_offset(page_table, page_size, kv_heads, g, pos, head_dim) + i;
+    const Pack<T, kWidth> k = *reinterpret_cast<const Pack<T, kWidth>*>(k_pool + offset);
+    const Pack<T, kWidth> v = *reinterpret_cast<const Pack<T, kWidth>*>(v_pool + offset);
+    for (int j = 0; j < kWidth; ++j) {
+      k_tile[p * k_stride + i + j] = to_f32(k.values[j]);
+      v_tile[p * head_dim + i + j] = to_f32(v.values[j]);
+    }
+  }
+}
 
 // grid (tokens, Hkv, splits), block (group * 32): warp w computes query head g * group + w with
 // an online softmax over tiles of 32 cache positions; K and V tiles are shared by the group.
@@ -154,16 +174,12 @@ __global__ void attention_kernel(const T* qkv, int64_t width, int q_heads, int k
   for (int c = 0; c < kChunks; ++c) acc[c] = 0.0f;
   for (int64_t start = begin; start < end; start += kTile) {
     __syncthreads();  // the previous tile is no longer read (and q_shared is written)
-    for (int idx = threadIdx.x; idx < kTile * head_dim; idx += blockDim.x) {
-      const int p = idx / head_dim, i = idx % head_dim;
-      const int64_t pos = start + p;
-      if (pos < end) {
-        const int64_t page = page_table[pos / page_size];
-        const int64_t offset = ((page * kv_heads + g) * page_size + pos % page_size) * head_dim + i;
-        k_tile[p * k_stride + i] = to_f32(k_pool[offset]);
-        v_tile[p * head_dim + i] = to_f32(v_pool[offset]);
-      }
-    }
+    if (head_dim % kPack16<T> == 0)  // 16-byte loads (every head_dim of Mixtral)
+      load_kv_tile<kPack16<T>>(k_pool, v_pool, page_table, page_size, kv_heads, g, head_dim, start, end, k_tile,
+                               k_stride, v_tile);
+    else
+      load_kv_tile<1>(k_pool, v_pool, page_table, page_size, kv_heads, g, head_dim, start, end, k_tile, k_stride,
+                      v_tile);
     __syncthreads();
     const bool valid = start + lane < end;
     float score = -FLT_MAX;

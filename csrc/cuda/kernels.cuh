@@ -40,6 +40,21 @@ __device__ __forceinline__ T* dynamic_shared_memory() {
 #endif
 }
 
+// kWidth elements of T read or written as one access (16 bytes: one vector load or store); the
+// address must be aligned to the pack's size.
+template <typename T, int kWidth>
+struct alignas(sizeof(T) * kWidth) Pack {
+  T values[kWidth];
+};
+template <typename T>
+constexpr int kPack16 = 16 / sizeof(T);  // elements of T in 16 bytes
+
+// Element offset of cache row `pos` of KV head g in a [num_pages, Hkv, page_size, D] pool.
+__device__ __forceinline__ int64_t cache_offset(const int32_t* page_table, int page_size, int kv_heads, int g,
+                                                int64_t pos, int head_dim) {
+  return ((int64_t(page_table[pos / page_size]) * kv_heads + g) * page_size + pos % page_size) * head_dim;
+}
+
 // Calls fn(T{}) with T the device type of a float dtype.
 template <typename Fn>
 void dispatch_device_float(DType dtype, Fn&& fn) {
