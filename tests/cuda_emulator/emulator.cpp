@@ -1,7 +1,8 @@
 // The CUDA emulator's runtime (declared in include/cuda_runtime.h and
 // include/cublas_v2.h here): fibers for the threads of a block, barriers
-// between them, device memory, streams, graph capture and replay, events, and
-// the cuBLAS GEMMs. One emulated device; one operation runs at a time.
+// between them, device memory, streams (work queued until the host waits for
+// it), graph capture and replay, events, and the cuBLAS GEMMs. One emulated
+// device; one operation runs at a time.
 //
 // A block of N threads is N fibers on the host thread that launched it, each
 // with its own stack, switched by cuda_emulator_switch (x86-64). The scheduler
@@ -16,6 +17,9 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <deque>
+#include <map>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <unordered_map>
@@ -55,16 +59,22 @@ cuda_emulator_switch:
 )");
 
 struct CUstream_st {
+  std::deque<std::function<void()>> pending;  // enqueued, not run yet
+  uint64_t enqueued = 0, completed = 0;        // operations so far
   bool capturing = false;
   bool capture_invalidated = false;
   std::vector<std::function<void()>> captured;
 };
-struct CUevent_st {};
+struct CUevent_st {
+  CUstream_st* stream = nullptr;  // where it was last recorded, after `position` operations
+  uint64_t position = 0;
+};
 struct CUgraph_st {
   std::vector<std::function<void()>> operations;
 };
 struct CUgraphExec_st {
-  std::vector<std::function<void()>> operations;
+  // Shared with the launches still queued: as in CUDA, destroying an instance does not cancel them.
+  std::shared_ptr<const std::vector<std::function<void()>>> operations;
 };
 struct cublasContext {
   cudaStream_t stream = nullptr;
@@ -238,6 +248,16 @@ cudaError_t fail(cudaError_t error) {
   return error;
 }
 
+std::vector<CUstream_st*>& streams() {
+  static std::vector<CUstream_st*> all;
+  return all;
+}
+
+std::map<const void*, size_t>& pinned_allocations() {
+  static std::map<const void*, size_t> all;
+  return all;
+}
+
 std::unordered_map<const void*, int>& dynamic_shared_limits() {
   static std::unordered_map<const void*, int> limits;
   return limits;
@@ -310,9 +330,39 @@ cudaError_t set_max_dynamic_shared(const void* kernel, int bytes) {
 
 cudaError_t enqueue(cudaStream_t stream, std::function<void()> fn) {
   std::lock_guard<std::recursive_mutex> lock(device_mutex());
-  if (stream && stream->capturing) stream->captured.push_back(std::move(fn));
-  else fn();
+  if (!stream) {
+    fn();  // the default stream: at once
+  } else if (stream->capturing) {
+    stream->captured.push_back(std::move(fn));
+  } else {
+    stream->pending.push_back(std::move(fn));
+    ++stream->enqueued;
+  }
   return cudaSuccess;
+}
+
+void run_until(CUstream_st* stream, uint64_t position) {
+  std::lock_guard<std::recursive_mutex> lock(device_mutex());
+  while (stream->completed < position && !stream->pending.empty()) {
+    std::function<void()> fn = std::move(stream->pending.front());
+    stream->pending.pop_front();
+    ++stream->completed;
+    fn();
+  }
+}
+
+void run_pending() {
+  std::lock_guard<std::recursive_mutex> lock(device_mutex());
+  for (CUstream_st* stream : streams()) run_until(stream, stream->enqueued);
+}
+
+bool is_pinned(const void* ptr) {
+  std::lock_guard<std::recursive_mutex> lock(device_mutex());
+  const auto& pinned = pinned_allocations();
+  auto next = pinned.upper_bound(ptr);
+  if (next == pinned.begin()) return false;
+  --next;
+  return static_cast<const char*>(ptr) < static_cast<const char*>(next->first) + next->second;
 }
 
 cudaError_t launch(const void* kernel, dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t stream,
@@ -445,6 +495,7 @@ cudaError_t cudaMalloc(void** ptr, size_t bytes) {
 cudaError_t cudaFree(void* ptr) {
   if (!ptr) return cudaSuccess;
   std::lock_guard<std::recursive_mutex> lock(cuda_emulator::device_mutex());
+  cuda_emulator::run_pending();  // cudaFree waits for the device
   auto& memory = cuda_emulator::device_memory();
   auto found = memory.allocations.find(ptr);
   if (found == memory.allocations.end()) return fail(cudaErrorInvalidValue);
@@ -455,11 +506,19 @@ cudaError_t cudaFree(void* ptr) {
 }
 
 cudaError_t cudaMallocHost(void** ptr, size_t bytes) {
-  *ptr = std::aligned_alloc(256, (std::max<size_t>(bytes, 1) + 255) / 256 * 256);
-  return *ptr ? cudaSuccess : fail(cudaErrorMemoryAllocation);
+  const size_t rounded = (std::max<size_t>(bytes, 1) + 255) / 256 * 256;
+  *ptr = std::aligned_alloc(256, rounded);
+  if (!*ptr) return fail(cudaErrorMemoryAllocation);
+  std::lock_guard<std::recursive_mutex> lock(cuda_emulator::device_mutex());
+  cuda_emulator::pinned_allocations()[*ptr] = rounded;
+  return cudaSuccess;
 }
 
 cudaError_t cudaFreeHost(void* ptr) {
+  if (!ptr) return cudaSuccess;
+  std::lock_guard<std::recursive_mutex> lock(cuda_emulator::device_mutex());
+  cuda_emulator::run_pending();  // cudaFreeHost waits for the device
+  cuda_emulator::pinned_allocations().erase(ptr);
   std::free(ptr);
   return cudaSuccess;
 }
@@ -472,18 +531,34 @@ cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes) {
   return cudaSuccess;
 }
 
-cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind, cudaStream_t stream) {
-  return cuda_emulator::enqueue(stream, [dst, src, bytes] {
-    if (bytes > 0) std::memmove(dst, src, bytes);  // an empty copy may name null pointers, as in CUDA
-  });
+cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind, cudaStream_t stream) {
+  if (bytes == 0) return cudaSuccess;  // an empty copy may name null pointers, as in CUDA
+  // As CUDA: a copy from pageable host memory takes its bytes at the call; a copy into pageable
+  // host memory returns when it is done; pinned memory is read and written when the copy runs.
+  if (kind == cudaMemcpyHostToDevice && !cuda_emulator::is_pinned(src)) {
+    std::vector<char> bytes_now(static_cast<const char*>(src), static_cast<const char*>(src) + bytes);
+    return cuda_emulator::enqueue(stream, [dst, bytes_now = std::move(bytes_now)] {
+      std::memcpy(dst, bytes_now.data(), bytes_now.size());
+    });
+  }
+  const cudaError_t status = cuda_emulator::enqueue(stream, [dst, src, bytes] { std::memmove(dst, src, bytes); });
+  if (kind == cudaMemcpyDeviceToHost && !cuda_emulator::is_pinned(dst) && !(stream && stream->capturing))
+    cuda_emulator::run_pending();
+  return status;
 }
 
 cudaError_t cudaStreamCreateWithFlags(cudaStream_t* stream, unsigned) {
+  std::lock_guard<std::recursive_mutex> lock(cuda_emulator::device_mutex());
   *stream = new CUstream_st;
+  cuda_emulator::streams().push_back(*stream);
   return cudaSuccess;
 }
 
 cudaError_t cudaStreamDestroy(cudaStream_t stream) {
+  std::lock_guard<std::recursive_mutex> lock(cuda_emulator::device_mutex());
+  cuda_emulator::run_pending();
+  auto& all = cuda_emulator::streams();
+  all.erase(std::remove(all.begin(), all.end(), stream), all.end());
   delete stream;
   return cudaSuccess;
 }
@@ -493,6 +568,7 @@ cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
     stream->capture_invalidated = true;
     return fail(cudaErrorStreamCaptureUnsupported);
   }
+  cuda_emulator::run_pending();
   return sticky_error();
 }
 
@@ -519,7 +595,7 @@ cudaError_t cudaStreamEndCapture(cudaStream_t stream, cudaGraph_t* graph) {
 
 cudaError_t cudaGraphInstantiate(cudaGraphExec_t* exec, cudaGraph_t graph, unsigned long long) {
   if (!graph) return fail(cudaErrorInvalidValue);
-  *exec = new CUgraphExec_st{graph->operations};
+  *exec = new CUgraphExec_st{std::make_shared<const std::vector<std::function<void()>>>(graph->operations)};
   return cudaSuccess;
 }
 
@@ -535,8 +611,8 @@ cudaError_t cudaGraphExecDestroy(cudaGraphExec_t exec) {
 
 cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t stream) {
   if (!exec) return fail(cudaErrorInvalidResourceHandle);
-  return cuda_emulator::enqueue(stream, [exec] {
-    for (const auto& operation : exec->operations) operation();
+  return cuda_emulator::enqueue(stream, [operations = exec->operations] {
+    for (const auto& operation : *operations) operation();
   });
 }
 
@@ -550,10 +626,17 @@ cudaError_t cudaEventDestroy(cudaEvent_t event) {
   return cudaSuccess;
 }
 
-cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t) { return event ? cudaSuccess : fail(cudaErrorInvalidResourceHandle); }
+cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
+  if (!event) return fail(cudaErrorInvalidResourceHandle);
+  std::lock_guard<std::recursive_mutex> lock(cuda_emulator::device_mutex());
+  if (stream && !stream->capturing) event->stream = stream, event->position = stream->enqueued;
+  return cudaSuccess;
+}
 
 cudaError_t cudaEventSynchronize(cudaEvent_t event) {
-  return event ? cudaSuccess : fail(cudaErrorInvalidResourceHandle);
+  if (!event) return fail(cudaErrorInvalidResourceHandle);
+  if (event->stream) cuda_emulator::run_until(event->stream, event->position);  // what came before it only
+  return sticky_error();
 }
 
 // ---- cuBLAS ---------------------------------------------------------------------------------

@@ -10,8 +10,11 @@
 // Static __shared__ arrays are static locals (one block runs at a time); the
 // dynamic shared memory is a buffer filled with NaN bytes at the start of
 // every block. Device memory is host memory counted against an emulated
-// capacity. A stream runs each operation when it is enqueued, except while it
-// is captured into a graph: then the operations run when the graph is launched.
+// capacity. A stream's operations run in order, as late as a GPU may run them:
+// when the host waits for them (stream or event synchronize, a copy into
+// pageable memory, cudaFree), so a host that touches pinned memory before the
+// device is done with it sees the difference. While a stream is captured into a
+// graph its operations are recorded, and they run when the graph does.
 #pragma once
 
 #define MIXTRAL_EXT_CUDA_EMULATOR 1
