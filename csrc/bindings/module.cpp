@@ -199,11 +199,7 @@ PYBIND11_MODULE(_C, m) {
         }
         return py::make_tuple(t.token, t.logprob, t.top_tokens, t.top_logprobs);
       }, py::arg("sequence"), py::arg("sampler"), py::arg("queue_ahead"),
-         "The next decode step of the sampler's last token (pipelined; see engine.h): the tuple of append_sample.")
-      .def("stop_decode", [](Engine& e, int sampler) {
-        py::gil_scoped_release release;
-        e.stop_decode(sampler);
-      }, py::arg("sampler"), "Waits for the sampler's queued decode steps and gives back those nobody read.");
+         "The next decode step of the sampler's last token (pipelined; see engine.h): the tuple of append_sample.");
 
   py::class_<SamplingParams>(m, "SamplingParams")
       .def(py::init<>())

@@ -63,6 +63,9 @@ class MX_EXPORT Backend {
   virtual void copy_from_host_async(void* dst, const void* host_src, size_t bytes) = 0;
   virtual void copy_to_host_async(void* host_dst, const void* src, size_t bytes) = 0;
   virtual void copy_async(void* dst, const void* src, size_t bytes) = 0;  // device to device
+  // Whether enqueued work runs later, on a device of its own (the GPU), rather than as it is
+  // enqueued: only then does queueing work ahead of the host gain time.
+  virtual bool asynchronous() const { return false; }
   // Events: record_event() marks the point the queued work has reached, wait_event() returns when
   // the device has passed it (work queued later may still run). A backend that runs each operation
   // when it is enqueued has nothing to wait for.

@@ -49,6 +49,7 @@ class CudaBackend final : public Backend {
   void record_event(int event) override;
   void wait_event(int event) override;
   void release_event(int event) override;
+  bool asynchronous() const override { return true; }
   bool supports_graphs() const override { return true; }
   void begin_graph() override;
   int end_graph() override;

@@ -427,7 +427,7 @@ SampledToken Engine::decode_next(int sequence, int sampler, bool queue_ahead) {
            "decode_next: sampler " << sampler << " drew its last token on sequence " << s.sequence << ", not "
                                    << sequence << " (append_sample draws the first)");
   if (s.queued == 0) queue_decode_step(sequence, s);
-  if (queue_ahead && s.queued == 1) {
+  if (queue_ahead && s.queued == 1 && backend_->asynchronous()) {
     try {
       queue_decode_step(sequence, s);
     } catch (const ContextOverflowError&) {  // no room for it: the step after the next will say so
@@ -491,8 +491,6 @@ void Engine::queue_decode_step(int sequence, SamplerState& s) {
   s.next_slot ^= 1;
   ++s.queued;
 }
-
-void Engine::stop_decode(int sampler) { stop_decode(find_sampler(sampler, "stop_decode")); }
 
 void Engine::stop_decode(SamplerState& s) {
   if (s.queued == 0) return;

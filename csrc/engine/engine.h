@@ -95,22 +95,21 @@ class Engine {
   // A sampler for one generation: settings, seed, and its state (seen, counts, the draw counter,
   // the last token drawn) on the device, with the prompt's tokens marked seen. Returns its handle.
   int create_sampler(const SamplingParams& params, uint64_t seed, const int32_t* prompt, int64_t n);
-  void release_sampler(int sampler);  // stop_decode() first
+  void release_sampler(int sampler);  // gives back its queued decode steps first
   // append() of the tokens (a prompt), then the next token drawn by the sampler.
   SampledToken append_sample(int sequence, const int32_t* tokens, int64_t n, int sampler);
   // The decode loop, pipelined: a decode step's input is the token its sampler drew last, read
   // on the device, so the host need not wait between steps. decode_next() queues the step of the
-  // sampler's last token (drawn on `sequence`) unless it is queued already, then one more step
-  // after it when queue_ahead is set and it fits (context, KV pages), then waits for the older
-  // step only and returns its token: the step queued ahead runs while the caller handles that
-  // token. The sequence holds the tokens of the queued steps; stop_decode() waits for them and
-  // gives back those whose tokens nobody read (release_sampler, release_sequence,
-  // truncate_sequence and append do it too). The queued steps' tokens count as drawn in the
-  // sampler's state. Decode steps take their inputs from and leave their outputs in pinned host
-  // memory, two slots per sampler; with options.graphs (on a backend with graphs) a sampler's
-  // first step runs directly and each slot's next one is recorded as a graph, replayed after.
+  // sampler's last token (drawn on `sequence`) unless it is queued already, then, when
+  // queue_ahead is set, the backend runs ahead of the host (the GPU) and it fits (context, KV
+  // pages), one more step after it, then waits for the older step only and returns its token:
+  // the step queued ahead runs while the caller handles that token. The sequence holds the
+  // tokens of the queued steps; release_sampler, release_sequence, truncate_sequence and append
+  // wait for them and give back those whose tokens nobody read. The queued steps' tokens count
+  // as drawn in the sampler's state. Decode steps take their inputs from and leave their outputs
+  // in pinned host memory, two slots per sampler; with options.graphs (on a backend with graphs)
+  // a sampler's first step runs directly and each slot's next one is recorded as a graph.
   SampledToken decode_next(int sequence, int sampler, bool queue_ahead);
-  void stop_decode(int sampler);
   int num_samplers() const { return static_cast<int>(samplers_.size()); }
 
   const KvCacheManager& kv_cache() const { return kv_; }

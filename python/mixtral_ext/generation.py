@@ -241,7 +241,6 @@ class GenerationSession:
         def held_back_text() -> str:
             return (matcher.feed(decoder.flush())[0] + matcher.flush()) if decoder else ""
 
-        pipelined = engine.device != "cpu"
         progress.prompt_tokens, progress.start = len(prompt_ids), time.perf_counter()
         sampler = engine._new_sampler(settings.core_params(), seed, prompt_ids)
         seq, finished = self._lease(), False
@@ -272,9 +271,9 @@ class GenerationSession:
                     finished = True
                     yield Delta(text + held_back_text(), token, logprob, top, "length")
                     return
-                # On the GPU the step after this one is queued ahead, to run while the caller
-                # handles the token; on the CPU it would only be wasted work at a stop.
-                queue_ahead = pipelined and len(progress.token_ids) + 1 < settings.max_tokens
+                # The step after this one is queued ahead (on the GPU) to run while the caller
+                # handles the token, unless this token is the last one max_tokens allows.
+                queue_ahead = len(progress.token_ids) + 1 < settings.max_tokens
                 yield Delta(text, token, logprob, top)
                 drawn = seq._decode_next(token, sampler, queue_ahead)
         finally:
