@@ -1,159 +1,193 @@
-// Prefill attention on the tensor cores (WMMA 16x16x16, bfloat16 or float16
-// inputs, float32 accumulation), flash-attention style: a block takes 16
-// query tokens of one KV group, one warp per query head of the group; tiles of
-// 16 cached positions are loaded once per block (shared by the group), and
-// each warp computes S = Q K^T, an online softmax with the causal mask, and
-// O += P V. Layouts as in core/backend.h; head_dim 64 or 128 (template).
-// Shared memory per block: K and V tiles [16][D] T, then per warp Q [16][D] T,
-// S [16][16] float, P [16][16] T, O [16][D] float, row max and sum [16] float.
-#include <mma.h>
-
+// Prefill attention on the tensor cores, flash-attention style: mma.sync
+// m16n8k16 (bfloat16 or float16 inputs, float32 accumulation; cuda/ptx.cuh),
+// head_dim 64 or 128 (template). The (token, query head) pairs of one KV group
+// are rows r = token * group + h; a block takes kBlockRows consecutive rows of
+// KV head g, so the group's query heads share every K/V tile, and its warps
+// take 16 rows each. Tiles of kTilePositions cached positions stream through
+// shared memory with cp.async, two stages deep (the next tile loads while this
+// one is used). Per tile each warp computes S = Q K^T in registers, an online
+// softmax with the causal mask (column position > the row's position), and
+// O += P V, with P reused from S's registers as the A operand; Q, O and the
+// softmax state stay in registers. Layouts as in core/backend.h.
+// Shared memory: [2 stages][K, V][kTilePositions][D + 8] T (rows padded by 16
+// bytes so that the 8 rows of an ldmatrix fall on distinct banks).
 #include <cfloat>
+#include <cmath>
 
 #include "cuda/cuda_check.cuh"
 #include "cuda/kernels.cuh"
+#include "cuda/ptx.cuh"
 
 namespace mixtral::cuda {
 
 namespace {
 
-using namespace nvcuda;
+constexpr int kWarps = 4;
+constexpr int kBlockRows = 16 * kWarps;  // (token, query head) rows per block
+constexpr int kTilePositions = 64;       // cached positions per K/V tile
 
-constexpr int kRows = 16;  // query tokens per block, cached positions per tile
-
-template <typename T>
-__device__ __forceinline__ T narrow(float v);
-template <>
-__device__ __forceinline__ __nv_bfloat16 narrow<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <>
-__device__ __forceinline__ __half narrow<__half>(float v) { return __float2half_rn(v); }
+template <int D>
+constexpr int kPaddedRow = D + 8;  // shared-memory row stride of the K/V tiles, in elements
 
 template <typename T, int D>
-constexpr size_t warp_bytes() {
-  return kRows * D * sizeof(T) + kRows * kRows * sizeof(float) + kRows * kRows * sizeof(T) +
-         kRows * D * sizeof(float) + 2 * kRows * sizeof(float);
+constexpr size_t shared_bytes() {
+  return 2 * 2 * kTilePositions * kPaddedRow<D> * sizeof(T);
 }
 
 template <typename T, int D>
-constexpr size_t shared_bytes(int group) {
-  return 2 * kRows * D * sizeof(T) + group * warp_bytes<T, D>();
-}
-
-template <typename T, int D>
-__global__ void attention_tc_kernel(const T* qkv, int64_t width, int64_t tokens, int q_heads, int kv_heads,
-                                    const int32_t* positions, const T* k_pool, const T* v_pool,
-                                    const int32_t* page_table, int page_size, float scale, T* out) {
-  unsigned char* smem = dynamic_shared_memory<unsigned char>();
-  const int group = q_heads / kv_heads;
+__global__ void __launch_bounds__(kWarps * 32)
+    attention_tc_kernel(const T* qkv, int64_t width, int64_t tokens, int q_heads, int kv_heads,
+                        const int32_t* positions, const T* k_pool, const T* v_pool, const int32_t* page_table,
+                        int page_size, float scale_log2, T* out) {
+  constexpr int kStride = kPaddedRow<D>;
+  constexpr int kScoreTiles = kTilePositions / 8;  // 8-position column tiles of S
+  constexpr int kOutTiles = D / 8;                 // 8-wide column tiles of O
+  T* stages = dynamic_shared_memory<T>();
+  __shared__ int32_t warp_last[kWarps];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int64_t first = int64_t(blockIdx.x) * kRows;
-  const int g = blockIdx.y, head = g * group + warp;
-  T* k_tile = reinterpret_cast<T*>(smem);
-  T* v_tile = k_tile + kRows * D;
-  unsigned char* mine = smem + 2 * kRows * D * sizeof(T) + warp * warp_bytes<T, D>();
-  T* q = reinterpret_cast<T*>(mine);
-  float* s = reinterpret_cast<float*>(q + kRows * D);
-  T* p = reinterpret_cast<T*>(s + kRows * kRows);
-  float* o = reinterpret_cast<float*>(p + kRows * kRows);
-  float* row_max = o + kRows * D;
-  float* row_sum = row_max + kRows;
+  const int quad_row = lane / 4, quad_col = lane % 4;  // g and c of the fragment layouts
+  const int group = q_heads / kv_heads, g = blockIdx.y;
+  const int64_t rows = tokens * group;
 
-  // This warp's queries and state; rows past the last token stay zero and fully masked.
-  for (int idx = lane; idx < kRows * D; idx += 32) {
-    const int r = idx / D, d = idx % D;
-    q[idx] = first + r < tokens ? qkv[(first + r) * width + int64_t(head) * D + d] : narrow<T>(0.0f);
-    o[idx] = 0.0f;
+  // This lane's two rows of the warp's 16: quad_row and quad_row + 8. Rows past the end have
+  // position -1: fully masked, never stored.
+  int64_t row_token[2];
+  int row_head[2];
+  int32_t row_position[2];
+  for (int i = 0; i < 2; ++i) {
+    const int64_t row = int64_t(blockIdx.x) * kBlockRows + warp * 16 + quad_row + 8 * i;
+    const bool valid = row < rows;
+    row_token[i] = valid ? row / group : 0;
+    row_head[i] = g * group + (valid ? static_cast<int>(row % group) : 0);
+    row_position[i] = valid ? positions[row_token[i]] : -1;
   }
-  if (lane < kRows) row_max[lane] = -FLT_MAX, row_sum[lane] = 0.0f;
-  int32_t last = 0;  // the largest position in the block's tile of queries
-  for (int r = 0; r < kRows && first + r < tokens; ++r) last = max(last, positions[first + r]);
-  const int r = lane / 2, half = lane % 2;  // softmax: two lanes per row, 8 columns each
-  const int32_t row_position = first + r < tokens ? positions[first + r] : -1;
+  // Q as A fragments, one per 16 columns of head_dim.
+  uint32_t q[D / 16][4];
+  for (int s = 0; s < D / 16; ++s)
+    for (int j = 0; j < 4; ++j) {
+      const int i = j % 2, column = s * 16 + 2 * quad_col + 8 * (j / 2);
+      q[s][j] = row_position[i] >= 0 ? *reinterpret_cast<const uint32_t*>(qkv + row_token[i] * width +
+                                                                          int64_t(row_head[i]) * D + column)
+                                     : 0u;
+    }
+  // The last position any row of the warp (of the block) attends to.
+  int32_t last = max(row_position[0], row_position[1]);
+  for (int offset = 16; offset > 0; offset /= 2) last = max(last, __shfl_xor_sync(0xffffffffu, last, offset));
+  if (lane == 0) warp_last[warp] = last;
+  __syncthreads();
+  const int32_t warp_max_position = last;
+  for (int w = 0; w < kWarps; ++w) last = max(last, warp_last[w]);
+  const int tiles = last / kTilePositions + 1;
 
-  for (int32_t start = 0; start <= last; start += kRows) {
-    __syncthreads();  // the previous tile is no longer read
-    using Vec = Pack<T, kPack16<T>>;  // 16-byte loads and stores
-    for (int idx = threadIdx.x; idx < kRows * D / kPack16<T>; idx += blockDim.x) {
-      const int row = idx / (D / kPack16<T>), d = idx % (D / kPack16<T>) * kPack16<T>;
-      const int64_t pos = start + row;
-      Vec k, v;
-      if (pos <= last) {
-        const int64_t offset = cache_offset(page_table, page_size, kv_heads, g, pos, D) + d;
-        k = *reinterpret_cast<const Vec*>(k_pool + offset), v = *reinterpret_cast<const Vec*>(v_pool + offset);
-      } else {
-        for (int j = 0; j < kPack16<T>; ++j) k.values[j] = v.values[j] = narrow<T>(0.0f);
+  // Cached positions of tile `tile` into stage `stage`; positions past `last` are zero.
+  auto load_tile = [&](int tile, int stage) {
+    T* k_tile = stages + stage * 2 * kTilePositions * kStride;
+    T* v_tile = k_tile + kTilePositions * kStride;
+    constexpr int kChunks = D / kPack16<T>;  // 16-byte chunks per row
+    for (int idx = threadIdx.x; idx < kTilePositions * kChunks; idx += blockDim.x) {
+      const int p = idx / kChunks, d = idx % kChunks * kPack16<T>;
+      const int64_t pos = int64_t(tile) * kTilePositions + p;
+      const bool present = pos <= last;
+      const int64_t offset = present ? cache_offset(page_table, page_size, kv_heads, g, pos, D) + d : 0;
+      cp_async_16(k_tile + p * kStride + d, k_pool + offset, present);
+      cp_async_16(v_tile + p * kStride + d, v_pool + offset, present);
+    }
+    cp_async_commit();
+  };
+
+  float o[kOutTiles][4] = {};
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};  // row_sum: this lane's columns
+  load_tile(0, 0);
+  for (int tile = 0; tile < tiles; ++tile) {
+    if (tile + 1 < tiles) {
+      load_tile(tile + 1, (tile + 1) % 2);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();  // every thread's copies of this tile have landed
+    const int64_t start = int64_t(tile) * kTilePositions;
+    if (start <= warp_max_position) {
+      const T* k_tile = stages + (tile % 2) * 2 * kTilePositions * kStride;
+      const T* v_tile = k_tile + kTilePositions * kStride;
+
+      // S = Q K^T: K rows are positions (n), so ldmatrix without .trans gives B fragments;
+      // matrices 0, 1 are columns 0-7, 8-15 of k-step s for positions n..n+7, 2, 3 for n+8..n+15.
+      float scores[kScoreTiles][4] = {};
+      for (int s = 0; s < D / 16; ++s)
+        for (int n = 0; n < kScoreTiles; n += 2) {
+          uint32_t b[4];
+          ldmatrix_x4<false>(b, k_tile + (n * 8 + lane / 16 * 8 + lane % 8) * kStride + s * 16 + lane / 8 % 2 * 8);
+          mma_16x8x16<T>(scores[n], q[s], b[0], b[1]);
+          mma_16x8x16<T>(scores[n + 1], q[s], b[2], b[3]);
+        }
+
+      // Online softmax in base 2; the four lanes of a quad hold a row's columns.
+      float tile_max[2] = {-INFINITY, -INFINITY};
+      for (int n = 0; n < kScoreTiles; ++n)
+        for (int j = 0; j < 4; ++j) {
+          const int i = j / 2;
+          const int64_t column = start + n * 8 + 2 * quad_col + j % 2;
+          scores[n][j] = column <= row_position[i] ? scores[n][j] * scale_log2 : -INFINITY;
+          tile_max[i] = fmaxf(tile_max[i], scores[n][j]);
+        }
+      float correction[2], reference[2];
+      for (int i = 0; i < 2; ++i) {
+        for (int offset = 1; offset < 4; offset *= 2)
+          tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(0xffffffffu, tile_max[i], offset));
+        const float new_max = fmaxf(row_max[i], tile_max[i]);
+        reference[i] = new_max == -INFINITY ? 0.0f : new_max;  // a row with nothing visible yet
+        correction[i] = exp2f(row_max[i] - reference[i]);
+        row_max[i] = new_max;
+        row_sum[i] *= correction[i];
       }
-      *reinterpret_cast<Vec*>(k_tile + row * D + d) = k;
-      *reinterpret_cast<Vec*>(v_tile + row * D + d) = v;
-    }
-    __syncthreads();
+      for (int n = 0; n < kScoreTiles; ++n)
+        for (int j = 0; j < 4; ++j) {
+          scores[n][j] = exp2f(scores[n][j] - reference[j / 2]);
+          row_sum[j / 2] += scores[n][j];
+        }
+      for (int n = 0; n < kOutTiles; ++n)
+        for (int j = 0; j < 4; ++j) o[n][j] *= correction[j / 2];
 
-    // S = Q K^T: K [16][D] row-major is K^T [D][16] column-major.
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> scores;
-    wmma::fill_fragment(scores, 0.0f);
-    for (int kk = 0; kk < D; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
-      wmma::load_matrix_sync(a, q + kk, D);
-      wmma::load_matrix_sync(b, k_tile + kk, D);
-      wmma::mma_sync(scores, a, b, scores);
+      // O += P V: P's accumulator tiles 2t and 2t + 1 are the A fragment of positions 16t..16t+15;
+      // V rows are positions (k), so ldmatrix .trans gives B fragments; matrices 0, 1 are positions
+      // 16t..+7, 16t+8..+15 of columns n..n+7, 2, 3 the same positions of columns n+8..n+15.
+      for (int t = 0; t < kTilePositions / 16; ++t) {
+        const uint32_t p[4] = {pack_pair<T>(scores[2 * t][0], scores[2 * t][1]),
+                               pack_pair<T>(scores[2 * t][2], scores[2 * t][3]),
+                               pack_pair<T>(scores[2 * t + 1][0], scores[2 * t + 1][1]),
+                               pack_pair<T>(scores[2 * t + 1][2], scores[2 * t + 1][3])};
+        for (int n = 0; n < kOutTiles; n += 2) {
+          uint32_t b[4];
+          ldmatrix_x4<true>(b, v_tile + (t * 16 + lane / 8 % 2 * 8 + lane % 8) * kStride + (n + lane / 16) * 8);
+          mma_16x8x16<T>(o[n], p, b[0], b[1]);
+          mma_16x8x16<T>(o[n + 1], p, b[2], b[3]);
+        }
+      }
     }
-    wmma::store_matrix_sync(s, scores, kRows, wmma::mem_row_major);
-    __syncwarp();
-
-    // Online softmax over the tile, causal: column c is position start + c.
-    float values[8], local_max = -FLT_MAX;
-    for (int c = 0; c < 8; ++c) {
-      const int col = half * 8 + c;
-      const bool visible = start + col <= row_position;
-      values[c] = visible ? s[r * kRows + col] * scale : -FLT_MAX;
-      local_max = fmaxf(local_max, values[c]);
-    }
-    const float tile_max = fmaxf(local_max, __shfl_xor_sync(0xffffffffu, local_max, 1));
-    const float old_max = row_max[r];
-    const float new_max = fmaxf(old_max, tile_max);
-    float local_sum = 0.0f;
-    for (int c = 0; c < 8; ++c) {
-      const float e = values[c] == -FLT_MAX ? 0.0f : expf(values[c] - new_max);
-      p[r * kRows + half * 8 + c] = narrow<T>(e);
-      local_sum += e;
-    }
-    const float tile_sum = local_sum + __shfl_xor_sync(0xffffffffu, local_sum, 1);
-    const float correction = old_max == -FLT_MAX ? 0.0f : expf(old_max - new_max);
-    for (int d = half * (D / 2); d < (half + 1) * (D / 2); ++d) o[r * D + d] *= correction;
-    __syncwarp();  // every lane has read row_max before it changes
-    if (half == 0) row_max[r] = new_max, row_sum[r] = row_sum[r] * correction + tile_sum;
-    __syncwarp();
-
-    // O += P V: P [16][16] row-major, V [16][D] row-major.
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> weights;
-    wmma::load_matrix_sync(weights, p, kRows);
-    for (int n = 0; n < D; n += 16) {
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> values_tile;
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      wmma::load_matrix_sync(values_tile, v_tile + n, D);
-      wmma::load_matrix_sync(acc, o + n, D, wmma::mem_row_major);
-      wmma::mma_sync(acc, weights, values_tile, acc);
-      wmma::store_matrix_sync(o + n, acc, D, wmma::mem_row_major);
-    }
-    __syncwarp();
+    __syncthreads();  // this stage is no longer read before the next load into it
   }
-  for (int idx = lane; idx < kRows * D; idx += 32) {
-    const int row = idx / D, d = idx % D;
-    if (first + row < tokens)
-      out[(first + row) * int64_t(q_heads) * D + int64_t(head) * D + d] = narrow<T>(o[idx] / row_sum[row]);
+
+  for (int i = 0; i < 2; ++i) {
+    for (int offset = 1; offset < 4; offset *= 2) row_sum[i] += __shfl_xor_sync(0xffffffffu, row_sum[i], offset);
+    if (row_position[i] < 0) continue;
+    T* destination = out + row_token[i] * int64_t(q_heads) * D + int64_t(row_head[i]) * D + 2 * quad_col;
+    for (int n = 0; n < kOutTiles; ++n)
+      *reinterpret_cast<uint32_t*>(destination + n * 8) =
+          pack_pair<T>(o[n][2 * i] / row_sum[i], o[n][2 * i + 1] / row_sum[i]);
   }
 }
 
 template <typename T, int D>
 bool launch_tc(const T* qkv, int64_t tokens, int64_t width, const AttentionShape& shape, const int32_t* positions,
                const T* k_pool, const T* v_pool, const int32_t* page_table, int page_size, T* out, cudaStream_t stream) {
-  const int group = shape.num_heads / shape.num_kv_heads;
-  const size_t bytes = shared_bytes<T, D>(group);
+  constexpr size_t bytes = shared_bytes<T, D>();
   if (bytes > size_t(opt_in_shared_memory<attention_tc_kernel<T, D>>())) return false;
-  const dim3 grid(static_cast<unsigned>((tokens + kRows - 1) / kRows), shape.num_kv_heads);
-  launch(attention_tc_kernel<T, D>, grid, group * 32, bytes, stream, qkv, width, tokens, shape.num_heads,
-         shape.num_kv_heads, positions, k_pool, v_pool, page_table, page_size, 1.0f / sqrtf(static_cast<float>(D)), out);
+  const int64_t rows = tokens * (shape.num_heads / shape.num_kv_heads);
+  const dim3 grid(static_cast<unsigned>((rows + kBlockRows - 1) / kBlockRows), shape.num_kv_heads);
+  const float scale_log2 = static_cast<float>(1.4426950408889634 / std::sqrt(double(D)));  // log2(e) / sqrt(D)
+  launch(attention_tc_kernel<T, D>, grid, kWarps * 32, bytes, stream, qkv, width, tokens, shape.num_heads,
+         shape.num_kv_heads, positions, k_pool, v_pool, page_table, page_size, scale_log2, out);
   return true;
 }
 

@@ -95,17 +95,29 @@ constexpr size_t kPoisonedAllocationBytes = 64 << 20;  // new allocations up to 
 
 enum class FiberState { kReady, kAtBlockBarrier, kAtWarpBarrier, kDone };
 
+// A cp.async of 16 bytes, started and not yet landed.
+struct AsyncCopy {
+  unsigned char* shared;
+  const unsigned char* global;
+  bool present;  // false: 16 zero bytes
+};
+
 struct Fiber {
   void* stack_pointer = nullptr;
   ThreadContext context;
   FiberState state = FiberState::kReady;
   int warp = 0, lane = 0;
-  int exchange_parity = 0;  // which of the warp's two exchange buffers this lane uses next
+  int exchange_parity = 0;                // which of the warp's two exchange buffers this lane uses next
+  std::vector<AsyncCopy> async_copies;    // oldest first
+  std::vector<size_t> async_group_ends;   // committed groups, oldest first: ends in async_copies
 };
+
+constexpr int kMaxGatherWords = 8;
 
 struct Warp {
   int live = 0, waiting = 0, lanes = 0;
   uint64_t slots[2][32] = {};
+  uint32_t words[2][32][kMaxGatherWords] = {};
 };
 
 // The block being run and everything its fibers share.
@@ -185,6 +197,8 @@ void run_block(Executor& ex, dim3 grid, dim3 block, dim3 block_idx) {
     f.context = ThreadContext{dim3(x, y, z), block_idx, block, grid};
     f.state = FiberState::kReady;
     f.warp = i / 32, f.lane = i % 32, f.exchange_parity = 0;
+    f.async_copies.clear();
+    f.async_group_ends.clear();
     f.stack_pointer = initial_stack_pointer(ex.stacks + (i + 1) * kStackBytes);
   }
   for (int w = 0; w * 32 < n; ++w) {
@@ -310,6 +324,46 @@ unsigned ballot_in_warp(bool predicate) {
 
 unsigned char* dynamic_shared() { return executor().dynamic_shared; }
 
+// Every lane of the (whole) warp offers `count` words; all[l * count + i] is lane l's word i.
+void gather_in_warp(const uint32_t* mine, int count, uint32_t* all) {
+  Executor& ex = executor();
+  Fiber& fiber = *ex.running;
+  Warp& warp = ex.warps[fiber.warp];
+  auto& slots = warp.words[fiber.exchange_parity];
+  fiber.exchange_parity ^= 1;
+  std::memcpy(slots[fiber.lane], mine, sizeof(uint32_t) * count);
+  sync_warp();
+  if (warp.lanes != 32) fault(cudaErrorLaunchFailure, "a warp-wide instruction in a warp of fewer than 32 threads");
+  for (int lane = 0; lane < warp.lanes; ++lane) std::memcpy(all + lane * count, slots[lane], sizeof(uint32_t) * count);
+}
+
+// Whether [address, address + 16) is 16-byte aligned and inside the dynamic shared memory; a fault if not.
+bool check_shared_16(const void* address, const char* instruction) {
+  const Executor& ex = executor();
+  const auto at = reinterpret_cast<uintptr_t>(address), base = reinterpret_cast<uintptr_t>(ex.dynamic_shared);
+  if (at % 16 != 0) {
+    fault(cudaErrorMisalignedAddress, (std::string(instruction) + ": a shared address not 16-byte aligned").c_str());
+    return false;
+  }
+  if (at < base || at + 16 > base + ex.dynamic_shared_bytes) {
+    fault(cudaErrorIllegalAddress, (std::string(instruction) + ": outside the dynamic shared memory").c_str());
+    return false;
+  }
+  return true;
+}
+
+float widen_16_bits(uint32_t word, int half, bool float16) {
+  const uint16_t bits = static_cast<uint16_t>(half ? word >> 16 : word & 0xffffu);
+  if (float16) {
+    __half value;
+    std::memcpy(&value, &bits, sizeof(bits));
+    return __half2float(value);
+  }
+  __nv_bfloat16 value;
+  value.bits = bits;
+  return __bfloat162float(value);
+}
+
 void fault(cudaError_t error, const char* what) {
   Executor& ex = executor();
   if (!ex.failure.empty()) return;  // the first fault is the one reported
@@ -402,6 +456,81 @@ cudaError_t launch(const void* kernel, dim3 grid, dim3 block, size_t shared_byte
 
 }  // namespace cuda_emulator
 
+// ---- PTX instructions (csrc/cuda/ptx.cuh) ----------------------------------------------------
+
+void emulated_mma_16x8x16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, bool float16) {
+  const uint32_t mine[6] = {a[0], a[1], a[2], a[3], b0, b1};
+  uint32_t all[32 * 6];
+  cuda_emulator::gather_in_warp(mine, 6, all);
+  const int lane = emulated_lane(), g = lane / 4, c = lane % 4;
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + 8 * (i / 2), column = 2 * c + i % 2;
+    float sum = d[i];
+    for (int k = 0; k < 16; ++k) {
+      // A (row, k): lane (row % 8) * 4 + (k % 8) / 2, register row / 8 + 2 (k / 8); B (k, column): lane
+      // column * 4 + (k % 8) / 2, register k / 8; the element's half is k % 2.
+      const uint32_t a_word = all[((row % 8) * 4 + (k % 8) / 2) * 6 + row / 8 + 2 * (k / 8)];
+      const uint32_t b_word = all[(column * 4 + (k % 8) / 2) * 6 + 4 + k / 8];
+      sum += cuda_emulator::widen_16_bits(a_word, k % 2, float16) * cuda_emulator::widen_16_bits(b_word, k % 2, float16);
+    }
+    d[i] = sum;
+  }
+}
+
+void emulated_ldmatrix_x4(uint32_t (&r)[4], const void* row, bool transpose) {
+  uint32_t mine[2], all[32 * 2];
+  std::memcpy(mine, &row, sizeof(row));
+  cuda_emulator::gather_in_warp(mine, 2, all);
+  const unsigned char* rows[32];
+  r[0] = r[1] = r[2] = r[3] = 0;
+  for (int l = 0; l < 32; ++l) {
+    std::memcpy(&rows[l], all + 2 * l, sizeof(rows[l]));
+    if (!cuda_emulator::check_shared_16(rows[l], "ldmatrix")) return;
+  }
+  const int lane = emulated_lane();
+  for (int m = 0; m < 4; ++m) {
+    uint16_t elements[2];
+    for (int i = 0; i < 2; ++i) {
+      // Row lane / 4, element 2 (lane % 4) + i of matrix m; with .trans the transpose's.
+      const unsigned char* source = transpose ? rows[8 * m + 2 * (lane % 4) + i] + 2 * (lane / 4)
+                                              : rows[8 * m + lane / 4] + 2 * (2 * (lane % 4) + i);
+      std::memcpy(&elements[i], source, sizeof(uint16_t));
+    }
+    r[m] = uint32_t(elements[0]) | uint32_t(elements[1]) << 16;
+  }
+}
+
+void emulated_cp_async_16(void* shared, const void* global, bool present) {
+  if (!cuda_emulator::check_shared_16(shared, "cp.async")) return;
+  if (present && reinterpret_cast<uintptr_t>(global) % 16 != 0) {
+    cuda_emulator::fault(cudaErrorMisalignedAddress, "cp.async: a global address not 16-byte aligned");
+    return;
+  }
+  std::memset(shared, 0xff, 16);  // undefined until the copy lands
+  cuda_emulator::executor().running->async_copies.push_back(
+      {static_cast<unsigned char*>(shared), static_cast<const unsigned char*>(global), present});
+}
+
+void emulated_cp_async_commit() {
+  cuda_emulator::Fiber& fiber = *cuda_emulator::executor().running;
+  fiber.async_group_ends.push_back(fiber.async_copies.size());
+}
+
+void emulated_cp_async_wait(int pending) {
+  cuda_emulator::Fiber& fiber = *cuda_emulator::executor().running;
+  while (fiber.async_group_ends.size() > static_cast<size_t>(pending)) {
+    const size_t end = fiber.async_group_ends.front();
+    for (size_t i = 0; i < end; ++i) {
+      const cuda_emulator::AsyncCopy& copy = fiber.async_copies[i];
+      if (copy.present) std::memcpy(copy.shared, copy.global, 16);
+      else std::memset(copy.shared, 0, 16);
+    }
+    fiber.async_copies.erase(fiber.async_copies.begin(), fiber.async_copies.begin() + end);
+    fiber.async_group_ends.erase(fiber.async_group_ends.begin());
+    for (size_t& group_end : fiber.async_group_ends) group_end -= end;
+  }
+}
+
 using cuda_emulator::fail;
 using cuda_emulator::last_error;
 using cuda_emulator::sticky_error;
@@ -425,6 +554,7 @@ const Described<cudaError_t> kCudaErrors[] = {
     {cudaErrorInvalidConfiguration, "cudaErrorInvalidConfiguration", "invalid configuration argument"},
     {cudaErrorInvalidDevice, "cudaErrorInvalidDevice", "invalid device ordinal"},
     {cudaErrorInvalidResourceHandle, "cudaErrorInvalidResourceHandle", "invalid resource handle"},
+    {cudaErrorIllegalAddress, "cudaErrorIllegalAddress", "an illegal memory access was encountered"},
     {cudaErrorLaunchFailure, "cudaErrorLaunchFailure", "unspecified launch failure"},
     {cudaErrorMisalignedAddress, "cudaErrorMisalignedAddress", "misaligned address"},
     {cudaErrorStreamCaptureUnsupported, "cudaErrorStreamCaptureUnsupported",

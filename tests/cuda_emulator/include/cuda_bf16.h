@@ -27,3 +27,5 @@ inline __nv_bfloat16 __float2bfloat16_rn(float value) {
   }
   return result;
 }
+
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 value) { return value.bits; }

@@ -6,7 +6,9 @@
 //
 // The model: blocks of a grid run one after another; the threads of a block
 // run as fibers of one host thread, each until it reaches a barrier
-// (__syncthreads, __syncwarp, a warp shuffle or ballot, a WMMA operation).
+// (__syncthreads, __syncwarp, a warp shuffle or ballot, a warp-wide PTX
+// instruction: mma.sync or ldmatrix). cp.async copies land when their thread
+// waits for them, and their destination holds NaN bytes until then.
 // Static __shared__ arrays are static locals (one block runs at a time); the
 // dynamic shared memory is a buffer filled with NaN bytes at the start of
 // every block. Device memory is host memory counted against an emulated
@@ -53,6 +55,7 @@ enum cudaError_t {
   cudaErrorInvalidConfiguration = 9,
   cudaErrorInvalidDevice = 101,
   cudaErrorInvalidResourceHandle = 400,
+  cudaErrorIllegalAddress = 700,
   cudaErrorMisalignedAddress = 716,
   cudaErrorLaunchFailure = 719,
   cudaErrorStreamCaptureUnsupported = 900,
@@ -127,7 +130,7 @@ void sync_warp();                                    // __syncwarp: the live lan
 uint64_t exchange_in_warp(uint64_t value, int lane);  // every lane offers a value, gets lane's
 unsigned ballot_in_warp(bool predicate);
 unsigned char* dynamic_shared();
-// A fault of the running thread (a misaligned WMMA pointer, ...): the launch fails with error once
+// A fault of the running thread (a misaligned ldmatrix row, ...): the launch fails with error once
 // the grid is done, and the error stays, as a GPU's context does after a kernel fault.
 void fault(cudaError_t error, const char* what);
 
@@ -201,6 +204,15 @@ inline unsigned __float_as_uint(float value) {
   return bits;
 }
 inline unsigned char* emulated_dynamic_shared_memory() { return cuda_emulator::dynamic_shared(); }
+
+// The PTX instructions of csrc/cuda/ptx.cuh, with the fragment layouts described there: warp-wide
+// (the lanes meet), on 16-bit elements (float16 when `float16`, else bfloat16).
+void emulated_mma_16x8x16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, bool float16);
+void emulated_ldmatrix_x4(uint32_t (&r)[4], const void* row, bool transpose);
+// Per thread: a copy's destination holds NaN bytes until a wait lands its group.
+void emulated_cp_async_16(void* shared, const void* global, bool present);
+void emulated_cp_async_commit();
+void emulated_cp_async_wait(int pending);
 
 // CUDA's min and max overloads for device code.
 template <typename T>
