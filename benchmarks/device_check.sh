@@ -5,6 +5,7 @@
 # temporary folder).
 #   MEMCHECK=1  also runs the GPU tests under compute-sanitizer memcheck (slow)
 #   PEERS=0     skips the side-by-side benchmark against transformers and torch.compile (the longest step)
+#   PROFILE=1   also profiles the kernels of a decode step with Nsight Compute (benchmarks/profile_decode.py)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(mktemp -d)}
@@ -43,6 +44,12 @@ for graphs in "" --cuda-graphs; do
      --new-tokens 64 $graphs --json "$OUT/bench_engine${graphs:+_graphs}.json") > "$OUT/bench_engine${graphs:+_graphs}.log" 2>&1 || status=1
   tail -1 "$OUT/bench_engine${graphs:+_graphs}.log"
 done
+if [ "${PROFILE:-0}" = 1 ]; then
+  step "Nsight Compute: the kernels of a decode step (8x22B widths, 1 layer, 2048-token context)"
+  (cd "$OUT" && timeout 300 python "$OLDPWD/benchmarks/profile_decode.py" --out "$OUT") \
+    > "$OUT/profile_decode.log" 2>&1 || status=1
+  grep -E "^\||decode kernels" "$OUT/profile_decode.log" || tail -20 "$OUT/profile_decode.log"
+fi
 if [ "${PEERS:-1}" = 1 ]; then
   step "peers: this engine, HF eager and grouped_mm, gpt-fast-style torch.compile (8x22B widths, 2 layers)"
   (cd "$OUT" && timeout 420 python "$OLDPWD/benchmarks/bench_peers.py" --layers 2 --context 2048 --out "$OUT") \

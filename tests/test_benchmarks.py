@@ -1,0 +1,46 @@
+"""The benchmarks' own arithmetic, without a GPU: benchmarks/profile_decode.py reading Nsight
+Compute's CSV (a units row, thousands separators, ncu's messages before it) and its per-step
+summary (steps counted by the sampler's launches)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+import profile_decode  # noqa: E402
+
+NCU_CSV = '''==PROF== Connected to process 4242
+==PROF== Disconnected from process 4242
+"ID","Process ID","Process Name","Kernel Name","dram__bytes_read.sum","dram__bytes_write.sum","gpu__time_duration.sum"
+"","","","","byte","byte","nsecond"
+"0","4242","python3","add_rmsnorm_kernel","24,576","12,288","3,000"
+"1","4242","python3","gemv","1,000,000","0","5,000"
+"2","4242","python3","sample_kernel","131,072","64","9,000"
+"3","4242","python3","add_rmsnorm_kernel","24,576","12,288","5,000"
+"4","4242","python3","gemv","1,000,000","0","7,000"
+"5","4242","python3","sample_kernel","131,072","64","11,000"
+'''
+
+
+def test_ncu_csv_rows_skip_messages_and_units():
+    rows = profile_decode.read_ncu_csv(NCU_CSV)
+    assert [r["kernel"] for r in rows] == ["add_rmsnorm_kernel", "gemv", "sample_kernel"] * 2
+    assert rows[1][profile_decode.DRAM_READ] == 1e6 and rows[5][profile_decode.TIME] == 11000
+    assert profile_decode.read_ncu_csv("==ERROR== no kernels were profiled\n") == []
+
+
+def test_summary_is_per_decode_step_and_sorted_by_time():
+    summary = profile_decode.summarize(profile_decode.read_ncu_csv(NCU_CSV), layers=2, copy_gbs=100.0)
+    assert summary["steps"] == 2
+    assert summary["kernel_us_per_step"] == pytest.approx(20.0)
+    assert summary["kernel_us_per_layer"] == pytest.approx(10.0)
+    first = summary["kernels"][0]
+    assert first["kernel"] == "sample_kernel" and first["us_per_step"] == pytest.approx(10.0)
+    assert first["share"] == pytest.approx(0.5)
+    gemv = next(k for k in summary["kernels"] if k["kernel"] == "gemv")
+    assert gemv["launches_per_step"] == 1 and gemv["mbytes_per_step"] == pytest.approx(1.0)
+    assert gemv["gbs"] == pytest.approx(2e6 / 12e3) and gemv["of_copy"] == pytest.approx(2e6 / 12e3 / 100.0)
+    assert "| sum of kernel times |" in profile_decode.table(summary)
