@@ -2,7 +2,7 @@
 # The one command to run on a GPU machine (no network there): builds the extension for sm_90a
 # with every core, runs the GPU tests, the op benchmarks and an engine benchmark (synthetic
 # 8x22B widths), prints a short table last and writes full logs under $OUT (default: a new
-# temporary folder).
+# temporary folder). Every step has a time limit, so a hung kernel cannot take the machine's whole lease.
 #   MEMCHECK=1  also runs the GPU tests under compute-sanitizer memcheck (slow)
 #   PEERS=0     skips the side-by-side benchmark against transformers and torch.compile (the longest step)
 #   PROFILE=1   also profiles the kernels of a decode step with Nsight Compute (benchmarks/profile_decode.py)
@@ -23,24 +23,24 @@ python -c "import mixtral_ext; print(mixtral_ext.cuda_info()['summary'])" | tee 
 
 step "GPU tests"
 # Run from outside the source tree so the installed package (with its CUDA library) is the one imported.
-(cd "$OUT" && python -m pytest -q -p no:cacheprovider -m cuda "$OLDPWD/tests/test_cuda.py" \
+(cd "$OUT" && timeout 300 python -m pytest -q -p no:cacheprovider -m cuda "$OLDPWD/tests/test_cuda.py" \
    --rootdir "$OLDPWD" -c "$OLDPWD/pyproject.toml") > "$OUT/gpu_tests.log" 2>&1 || status=1
 tail -3 "$OUT/gpu_tests.log"
 
 if [ "${MEMCHECK:-0}" = 1 ]; then
   step "GPU tests under compute-sanitizer memcheck"
-  (cd "$OUT" && compute-sanitizer --tool memcheck --error-exitcode 1 python -m pytest -q -p no:cacheprovider \
+  (cd "$OUT" && timeout 600 compute-sanitizer --tool memcheck --error-exitcode 1 python -m pytest -q -p no:cacheprovider \
      -m cuda "$OLDPWD/tests/test_cuda.py" --rootdir "$OLDPWD" -c "$OLDPWD/pyproject.toml" -k "not out_of_memory") \
      > "$OUT/memcheck.log" 2>&1 || status=1
   tail -3 "$OUT/memcheck.log"
 fi
 
 step "op benchmarks"
-(cd "$OUT" && python "$OLDPWD/benchmarks/bench_ops.py" --out "$OUT") > "$OUT/bench_ops.log" 2>&1 || status=1
+(cd "$OUT" && timeout 240 python "$OLDPWD/benchmarks/bench_ops.py" --out "$OUT") > "$OUT/bench_ops.log" 2>&1 || status=1
 grep -E "^\|| copy " "$OUT/bench_ops.log" || tail -20 "$OUT/bench_ops.log"
 step "engine: synthetic 8x22B widths, 4 layers, 2048-token prompt, without and with CUDA graphs"
 for graphs in "" --cuda-graphs; do
-  (cd "$OUT" && python -m mixtral_ext bench --device cuda --shape 8x22b --layers 4 --prompt-tokens 2048 \
+  (cd "$OUT" && timeout 180 python -m mixtral_ext bench --device cuda --shape 8x22b --layers 4 --prompt-tokens 2048 \
      --new-tokens 64 $graphs --json "$OUT/bench_engine${graphs:+_graphs}.json") > "$OUT/bench_engine${graphs:+_graphs}.log" 2>&1 || status=1
   tail -1 "$OUT/bench_engine${graphs:+_graphs}.log"
 done

@@ -127,7 +127,7 @@ def test_rope_kv_append(ops, dtype, heads, kv_heads, head_dim):
                                                  (700, 1, 0), (520, 70, 0), (1999, 3, 40), (8190, 2, 0)]
                          + ([] if EMULATED else [(5000, 300, 0)]))
 def test_attention(ops, dtype, heads, kv_heads, head_dim, page_size, before, tokens, spare):
-    """Short caches take one block per (token, KV head); past 512 positions few tokens split the
+    """Short caches take one block per (token, KV head); past 256 positions few tokens split the
     cache (flash-decoding), including splits past the end of the context (spare pages); more
     tokens in bfloat16/float16 with head_dim 64 or 128 run on the tensor cores (blocks of 64
     (token, head) rows, tiles of 64 positions: these lengths cross both, and pages)."""

@@ -8,6 +8,7 @@
 
 #include "cuda/cuda_check.cuh"
 #include "cuda/kernels.cuh"
+#include "cuda/ptx.cuh"
 
 namespace mixtral::cuda {
 
@@ -118,74 +119,97 @@ __global__ void rope_kv_append_kernel(T* qkv, int64_t width, int q_heads, int kv
 
 constexpr int kTile = 32;  // cache positions per shared-memory tile: one per lane
 
-// Cache positions [start, min(start + kTile, end)) of KV head g, widened to float, into k_tile
-// [kTile][k_stride] and v_tile [kTile][head_dim]; kWidth (dividing head_dim) elements per load.
+// Starts loading cache positions [start, start + kTile) of KV head g into the K and V tiles
+// [kTile][row_stride] T of a stage (positions from `end` on are zero): with kWidth = kPack16<T>
+// by cp.async, 16 bytes per copy, else by plain loads of one element. Commits the copies as one group.
 template <int kWidth, typename T>
 __device__ void load_kv_tile(const T* k_pool, const T* v_pool, const int32_t* page_table, int page_size, int kv_heads,
-                             int g, int head_dim, int64_t start, int64_t end, float* k_tile, int k_stride,
-                             float* v_tile) {
+                             int g, int head_dim, int64_t start, int64_t end, T* k_tile, T* v_tile, int row_stride) {
   const int packs_per_row = head_dim / kWidth;
   for (int idx = threadIdx.x; idx < kTile * packs_per_row; idx += blockDim.x) {
     const int p = idx / packs_per_row, i = idx % packs_per_row * kWidth;
     const int64_t pos = start + p;
-    if (pos >= end) continue;
-    const int64_t offset = cache_offset(page_table, page_size, kv_heads, g, pos, head_dim) + i;
-    const Pack<T, kWidth> k = *reinterpret_cast<const Pack<T, kWidth>*>(k_pool + offset);
-    const Pack<T, kWidth> v = *reinterpret_cast<const Pack<T, kWidth>*>(v_pool + offset);
-    for (int j = 0; j < kWidth; ++j) {
-      k_tile[p * k_stride + i + j] = to_f32(k.values[j]);
-      v_tile[p * head_dim + i + j] = to_f32(v.values[j]);
+    const bool present = pos < end;
+    const int64_t offset = present ? cache_offset(page_table, page_size, kv_heads, g, pos, head_dim) + i : 0;
+    if constexpr (kWidth == kPack16<T>) {
+      cp_async_16(k_tile + p * row_stride + i, k_pool + offset, present);
+      cp_async_16(v_tile + p * row_stride + i, v_pool + offset, present);
+    } else {
+      k_tile[p * row_stride + i] = present ? k_pool[offset] : from_f32<T>(0.0f);
+      v_tile[p * row_stride + i] = present ? v_pool[offset] : from_f32<T>(0.0f);
     }
   }
+  cp_async_commit();
 }
 
 // grid (tokens, Hkv, splits), block (group * 32): warp w computes query head g * group + w with
-// an online softmax over tiles of 32 cache positions; K and V tiles are shared by the group.
-// Without splits (split_positions 0) a block covers positions [0, pos + 1) and writes out. With
-// splits (flash-decoding, for few tokens over a long cache) block z covers positions
-// [z * split_positions, (z + 1) * split_positions) and writes its normalised partial output and
-// log-sum-exp for attention_merge_kernel. kChunks = ceil(head_dim / 32) output elements per lane.
-template <typename T, int kChunks>
+// an online softmax over tiles of 32 cache positions (lane j scores position j of a tile); K and
+// V tiles are shared by the group and stream through shared memory two stages deep (the next
+// tile loads while this one is used). Without splits (gridDim.z 1) a block covers positions
+// [0, pos + 1) and writes out. With splits (flash-decoding, for few tokens over a long cache)
+// block z covers positions [z * per_split, (z + 1) * per_split), per_split = pos + 1 over the
+// splits, rounded up to whole tiles and at least kMinSplitPositions, and writes its normalised
+// partial output and log-sum-exp for attention_merge_kernel. kChunks =
+// ceil(head_dim / 32) output elements per lane; kWidth elements per load (kPack16<T>, 16 bytes,
+// when head_dim allows, else 1). Shared memory: q [group][head_dim] float (scaled), then
+// [2 stages][K, V][kTile][head_dim + kWidth] T (rows padded so that lanes reading 16 bytes of
+// different rows hit different banks).
+template <typename T, int kChunks, int kWidth>
 __global__ void attention_kernel(const T* qkv, int64_t width, int q_heads, int kv_heads, int head_dim,
                                  const int32_t* positions, const T* k_pool, const T* v_pool,
                                  const int32_t* page_table, int page_size, float scale, T* out,
-                                 int64_t split_positions, float* partial_out, float* partial_lse) {
-  float* shared = dynamic_shared_memory<float>();
+                                 float* partial_out, float* partial_lse) {
+  float* q_shared = dynamic_shared_memory<float>();
   const int group = q_heads / kv_heads;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t t = blockIdx.x;
   const int g = blockIdx.y, head = g * group + warp;
   const int64_t length = int64_t(positions[t]) + 1;  // read on the device: one launch serves any position
-  const int64_t begin = split_positions ? blockIdx.z * split_positions : 0;
-  const int64_t end = split_positions ? min(length, begin + split_positions) : length;
+  const bool split = gridDim.z > 1;
+  const int64_t per_split =
+      max(kMinSplitPositions, (length + gridDim.z * kTile - 1) / (gridDim.z * kTile) * kTile);
+  const int64_t begin = split ? blockIdx.z * per_split : 0;
+  const int64_t end = split ? min(length, begin + per_split) : length;
   const int64_t partial = (t * q_heads + head) * int64_t(gridDim.z) + blockIdx.z;
   if (begin >= end) {  // a split past the end of this token's context
     if (lane == 0) partial_lse[partial] = -INFINITY;
     return;
   }
-  const int k_stride = head_dim + 1;  // padding: lanes read different rows without bank conflicts
-  float* q_shared = shared;                                    // [group][head_dim]
-  float* k_tile = q_shared + group * head_dim;                 // [kTile][head_dim + 1]
-  float* v_tile = k_tile + kTile * k_stride;                   // [kTile][head_dim]
+  const int row_stride = head_dim + kWidth;
+  T* stages = reinterpret_cast<T*>(q_shared + group * head_dim);  // 16-byte aligned: head_dim % kWidth == 0
+  auto k_stage = [&](int64_t tile) { return stages + (tile % 2) * 2 * kTile * row_stride; };
+  auto load = [&](int64_t tile) {
+    T* k_tile = k_stage(tile);
+    load_kv_tile<kWidth>(k_pool, v_pool, page_table, page_size, kv_heads, g, head_dim, begin + tile * kTile, end,
+                         k_tile, k_tile + kTile * row_stride, row_stride);
+  };
   const T* q = qkv + t * width + int64_t(head) * head_dim;
   for (int i = lane; i < head_dim; i += 32) q_shared[warp * head_dim + i] = to_f32(q[i]) * scale;
+  const float* q_row = q_shared + warp * head_dim;
 
   float running_max = -FLT_MAX, denom = 0.0f, acc[kChunks];
   for (int c = 0; c < kChunks; ++c) acc[c] = 0.0f;
-  for (int64_t start = begin; start < end; start += kTile) {
-    __syncthreads();  // the previous tile is no longer read (and q_shared is written)
-    if (head_dim % kPack16<T> == 0)  // 16-byte loads (every head_dim of Mixtral)
-      load_kv_tile<kPack16<T>>(k_pool, v_pool, page_table, page_size, kv_heads, g, head_dim, start, end, k_tile,
-                               k_stride, v_tile);
-    else
-      load_kv_tile<1>(k_pool, v_pool, page_table, page_size, kv_heads, g, head_dim, start, end, k_tile, k_stride,
-                      v_tile);
-    __syncthreads();
+  const int64_t tiles = (end - begin + kTile - 1) / kTile;
+  load(0);
+  for (int64_t tile = 0; tile < tiles; ++tile) {
+    if (tile + 1 < tiles) {
+      load(tile + 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();  // this tile (and q_shared) is written
+    const T* k_tile = k_stage(tile);
+    const T* v_tile = k_tile + kTile * row_stride;
+    const int64_t start = begin + tile * kTile;
     const bool valid = start + lane < end;
     float score = -FLT_MAX;
     if (valid) {
       score = 0.0f;
-      for (int i = 0; i < head_dim; ++i) score += q_shared[warp * head_dim + i] * k_tile[lane * k_stride + i];
+      for (int i = 0; i < head_dim; i += kWidth) {
+        const Pack<T, kWidth> k = *reinterpret_cast<const Pack<T, kWidth>*>(k_tile + lane * row_stride + i);
+        for (int j = 0; j < kWidth; ++j) score += q_row[i + j] * to_f32(k.values[j]);
+      }
     }
     const float new_max = fmaxf(running_max, warp_max(score));
     const float p = valid ? expf(score - new_max) : 0.0f;
@@ -197,12 +221,13 @@ __global__ void attention_kernel(const T* qkv, int64_t width, int q_heads, int k
       const float pj = __shfl_sync(0xffffffffu, p, j);
       for (int c = 0; c < kChunks; ++c) {
         const int i = lane + 32 * c;
-        if (i < head_dim) acc[c] += pj * v_tile[j * head_dim + i];
+        if (i < head_dim) acc[c] += pj * to_f32(v_tile[j * row_stride + i]);
       }
     }
     running_max = new_max;
+    __syncthreads();  // this stage is no longer read before the next load into it
   }
-  if (split_positions) {
+  if (split) {
     for (int c = 0; c < kChunks; ++c) {
       const int i = lane + 32 * c;
       if (i < head_dim) partial_out[partial * head_dim + i] = acc[c] / denom;
@@ -400,33 +425,36 @@ void launch_attention(const T* qkv, int64_t tokens, int64_t width, const Attenti
   if (splits > 1)
     MX_CHECK(scratch.floats >= tokens * shape.num_heads * splits * (d + 1), ShapeError,
              "cuda attention: scratch too small for " << splits << " splits");
-  const size_t shared_bytes = sizeof(float) * (size_t(group) * d + size_t(kTile) * (d + 1) + size_t(kTile) * d);
   const dim3 grid(static_cast<unsigned>(tokens), shape.num_kv_heads, static_cast<unsigned>(splits));
   const float scale = 1.0f / sqrtf(static_cast<float>(d));
   float* partial_out = scratch.data;
   float* partial_lse = scratch.data + tokens * shape.num_heads * splits * d;
-  const int64_t split_positions = splits > 1 ? kSplitPositions : 0;
-  auto launch_kernel = [&](auto chunks) {
-    constexpr int kChunks = decltype(chunks)::value;
-    const int limit = opt_in_shared_memory<attention_kernel<T, kChunks>>();
+  auto launch_kernel = [&](auto chunks, auto pack) {
+    constexpr int kChunks = decltype(chunks)::value, kWidth = decltype(pack)::value;
+    const size_t shared_bytes = sizeof(float) * size_t(group) * d + sizeof(T) * 2 * 2 * kTile * size_t(d + kWidth);
+    const int limit = opt_in_shared_memory<attention_kernel<T, kChunks, kWidth>>();
     MX_CHECK(shared_bytes <= size_t(limit), ShapeError,
              "cuda attention: " << group << " heads per KV head of " << d << " need " << shared_bytes
                                 << " bytes of shared memory, the device has " << limit);
-    launch(attention_kernel<T, kChunks>, grid, group * 32, shared_bytes, stream, qkv, width, shape.num_heads,
-           shape.num_kv_heads, d, positions, k_pool, v_pool, page_table, page_size, scale, out, split_positions,
-           partial_out, partial_lse);
+    launch(attention_kernel<T, kChunks, kWidth>, grid, group * 32, shared_bytes, stream, qkv, width, shape.num_heads,
+           shape.num_kv_heads, d, positions, k_pool, v_pool, page_table, page_size, scale, out, partial_out,
+           partial_lse);
   };
-  if (d <= 64) launch_kernel(std::integral_constant<int, 2>{});
-  else if (d <= 128) launch_kernel(std::integral_constant<int, 4>{});
-  else launch_kernel(std::integral_constant<int, 8>{});
+  auto launch_width = [&](auto chunks) {
+    if (d % kPack16<T> == 0) launch_kernel(chunks, std::integral_constant<int, kPack16<T>>{});  // every Mixtral
+    else launch_kernel(chunks, std::integral_constant<int, 1>{});
+  };
+  if (d <= 64) launch_width(std::integral_constant<int, 2>{});
+  else if (d <= 128) launch_width(std::integral_constant<int, 4>{});
+  else launch_width(std::integral_constant<int, 8>{});
   if (splits > 1)
     launch(attention_merge_kernel<T>, dim3(static_cast<unsigned>(tokens), shape.num_heads), 128, 0, stream,
            partial_out, partial_lse, static_cast<int>(splits), shape.num_heads, d, out);
 }
 
 int64_t attention_splits(int64_t tokens, int64_t max_positions) {
-  if (tokens > kSplitMaxTokens || max_positions <= 2 * kSplitPositions) return 1;
-  return (max_positions + kSplitPositions - 1) / kSplitPositions;
+  if (tokens > kSplitMaxTokens || max_positions <= 2 * kMinSplitPositions) return 1;
+  return std::min(kMaxSplits, (max_positions + kMinSplitPositions - 1) / kMinSplitPositions);
 }
 
 void launch_router_topk(const float* logits, int64_t tokens, int num_experts, int k, int32_t* expert_ids,

@@ -86,12 +86,16 @@ void launch_rope_kv_append(T* qkv, int64_t tokens, int64_t width, const Attentio
                            const int32_t* page_table, int page_size, cudaStream_t stream);
 
 // Causal GQA attention over the paged cache; one block per (token, KV head), one warp per
-// query head of the group, the group's K/V tiles loaded once into shared memory. For at most
-// kSplitMaxTokens tokens over a cache of more than 2 * kSplitPositions positions (page table
-// capacity, table_pages * page_size) the positions are split over blocks of kSplitPositions
-// (flash-decoding) and merged by their log-sum-exp, using scratch floats
-// [tokens * Hq * splits * (head_dim + 1)] (attention_splits() tells the count).
-constexpr int64_t kSplitPositions = 256;
+// query head of the group, the group's K/V tiles loaded once into shared memory (by cp.async,
+// two stages deep, when head_dim is a multiple of 16 bytes). For at most kSplitMaxTokens tokens
+// over a cache of more than 2 * kMinSplitPositions positions (page table capacity, table_pages *
+// page_size) the positions are split over attention_splits() blocks per (token, KV head)
+// (flash-decoding), at most kMaxSplits; each token's split length is set on the device from its
+// position (at least kMinSplitPositions, so a short context leaves the later blocks idle), and
+// the splits are merged by their log-sum-exp, using scratch floats [tokens * Hq * splits *
+// (head_dim + 1)].
+constexpr int64_t kMaxSplits = 64;  // with Mixtral's 8 KV heads, 512 blocks: every SM busy at 64k
+constexpr int64_t kMinSplitPositions = 128;
 constexpr int64_t kSplitMaxTokens = 8;
 struct AttentionScratch {
   float* data;
