@@ -262,6 +262,20 @@ void bind_ops(py::module_& m) {
           return py::make_tuple(b.to_int(offsets), b.to_int(p2e), b.to_int(e2p));
         });
       })
+      .def("route", [](Ops& ops, const FloatArray& x, const FloatArray& router, int k, const std::string& dtype) {
+        return ops.run([&](Buffers& b) {
+          const int64_t tokens = x.shape(0), experts = router.shape(0);
+          Tensor xt = b.input(x, parse_dtype(dtype)), rt = b.input(router, parse_dtype(dtype));
+          Tensor logits = b.output(DType::kFloat32, {tokens, experts});
+          Tensor ids = b.output(DType::kInt32, {tokens, k}), w = b.output(DType::kFloat32, {tokens, k});
+          Tensor offsets = b.output(DType::kInt32, {experts + 1});
+          Tensor p2e = b.output(DType::kInt32, {tokens * k}), e2p = b.output(DType::kInt32, {tokens * k});
+          Tensor gathered = b.output(parse_dtype(dtype), {tokens * k, x.shape(1)});
+          ops.backend().route(xt, rt, logits, ids, w, offsets, p2e, e2p, gathered);
+          return py::make_tuple(b.to_float(logits), b.to_int(ids), b.to_float(w), b.to_int(offsets), b.to_int(p2e),
+                                b.to_int(e2p), b.to_float(gathered));
+        });
+      })
       .def("moe_gather", [](Ops& ops, const FloatArray& x, const IntArray& permuted_to_expanded, int k,
                             const std::string& dtype) {
         check_range(permuted_to_expanded, 0, x.shape(0) * int64_t(k), "expanded row");

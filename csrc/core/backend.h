@@ -119,6 +119,19 @@ class MX_EXPORT Backend {
   virtual void moe_permute(const Tensor& expert_ids, Tensor& expert_offsets,
                            Tensor& permuted_to_expanded, Tensor& expanded_to_permuted) = 0;
 
+  // A layer's routing in one operation: logits = x @ router^T (float32), then router_topk,
+  // moe_permute and moe_gather (into gathered [R, H]), with the layouts above; router [E, H]. This
+  // default runs the four operations; a backend may fuse them (the CUDA backend does for few
+  // tokens: decode).
+  virtual void route(const Tensor& x, const Tensor& router, Tensor& logits, Tensor& expert_ids, Tensor& weights,
+                     Tensor& expert_offsets, Tensor& permuted_to_expanded, Tensor& expanded_to_permuted,
+                     Tensor& gathered) {
+    matmul(x, router, logits);
+    router_topk(logits, expert_ids, weights);
+    moe_permute(expert_ids, expert_offsets, permuted_to_expanded, expanded_to_permuted);
+    moe_gather(x, permuted_to_expanded, static_cast<int>(expert_ids.shape[1]), gathered);
+  }
+
   // out[r] = x[permuted_to_expanded[r] / k]; x [T, H], out [R, H].
   virtual void moe_gather(const Tensor& x, const Tensor& permuted_to_expanded, int k,
                           Tensor& out) = 0;

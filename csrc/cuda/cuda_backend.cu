@@ -280,6 +280,30 @@ void CudaBackend::router_topk(const Tensor& logits, Tensor& expert_ids, Tensor& 
                      runtime_.stream());
 }
 
+void CudaBackend::route(const Tensor& x, const Tensor& router, Tensor& logits, Tensor& expert_ids, Tensor& weights,
+                        Tensor& expert_offsets, Tensor& permuted_to_expanded, Tensor& expanded_to_permuted,
+                        Tensor& gathered) {
+  const bool fused = x.ndim == 2 && x.shape[0] >= 1 && x.shape[0] <= kFusedRouteMaxTokens && router.ndim == 2 &&
+                     router.shape[0] <= kFusedRouteMaxExperts && x.dtype == router.dtype;
+  if (!fused) {
+    Backend::route(x, router, logits, expert_ids, weights, expert_offsets, permuted_to_expanded, expanded_to_permuted,
+                   gathered);
+    return;
+  }
+  check_matmul(x, router, logits);
+  check_router_topk(logits, expert_ids, weights);
+  check_moe_permute(expert_ids, expert_offsets, permuted_to_expanded, expanded_to_permuted);
+  check_moe_gather(x, permuted_to_expanded, static_cast<int>(expert_ids.shape[1]), gathered);
+  check_same_dtype("route", x, gathered);
+  dispatch_device_float(x.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    launch_route(x.ptr<const T>(), router.ptr<const T>(), x.shape[0], x.shape[1], static_cast<int>(router.shape[0]),
+                 static_cast<int>(expert_ids.shape[1]), logits.ptr<float>(), expert_ids.ptr<int32_t>(),
+                 weights.ptr<float>(), expert_offsets.ptr<int32_t>(), permuted_to_expanded.ptr<int32_t>(),
+                 expanded_to_permuted.ptr<int32_t>(), gathered.ptr<T>(), runtime_.stream());
+  });
+}
+
 void CudaBackend::moe_permute(const Tensor& expert_ids, Tensor& expert_offsets, Tensor& permuted_to_expanded,
                               Tensor& expanded_to_permuted) {
   check_moe_permute(expert_ids, expert_offsets, permuted_to_expanded, expanded_to_permuted);

@@ -65,6 +65,9 @@ class CudaBackend final : public Backend {
   void attention(const Tensor& qkv, const AttentionShape& shape, const Tensor& positions, const KvLayer& kv,
                  const Tensor& page_table, Tensor& out) override;
   void router_topk(const Tensor& logits, Tensor& expert_ids, Tensor& weights) override;
+  void route(const Tensor& x, const Tensor& router, Tensor& logits, Tensor& expert_ids, Tensor& weights,
+             Tensor& expert_offsets, Tensor& permuted_to_expanded, Tensor& expanded_to_permuted,
+             Tensor& gathered) override;
   void moe_permute(const Tensor& expert_ids, Tensor& expert_offsets, Tensor& permuted_to_expanded,
                    Tensor& expanded_to_permuted) override;
   void moe_gather(const Tensor& x, const Tensor& permuted_to_expanded, int k, Tensor& out) override;

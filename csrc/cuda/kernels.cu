@@ -264,17 +264,12 @@ __global__ void attention_merge_kernel(const float* partial_out, const float* pa
 
 // ---- mixture of experts ---------------------------------------------------------------
 
-__global__ void router_topk_kernel(const float* logits, int64_t tokens, int num_experts, int k,
-                                   int32_t* expert_ids, float* weights) {
-  const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (t >= tokens) return;
-  const float* row = logits + t * num_experts;
+// Softmax over the E logits of one token, top-k (ties to the lower id), renormalised.
+__device__ void route_token(const float* row, int num_experts, int k, int32_t* ids, float* w) {
   float max_logit = row[0];
   for (int e = 1; e < num_experts; ++e) max_logit = fmaxf(max_logit, row[e]);
   float denom = 0.0f;
   for (int e = 0; e < num_experts; ++e) denom += expf(row[e] - max_logit);
-  int32_t* ids = expert_ids + t * k;
-  float* w = weights + t * k;
   float chosen_sum = 0.0f;
   for (int j = 0; j < k; ++j) {
     int best = -1;
@@ -291,11 +286,17 @@ __global__ void router_topk_kernel(const float* logits, int64_t tokens, int num_
   for (int j = 0; j < k; ++j) w[j] /= chosen_sum;
 }
 
-// One block; warp e (looping over experts) scans the rows in order, 32 at a time, and
-// places its expert's rows with a ballot, so the order within an expert is the row order.
-__global__ void moe_permute_kernel(const int32_t* expert_ids, int64_t rows, int num_experts, int32_t* offsets,
-                                   int32_t* permuted_to_expanded, int32_t* expanded_to_permuted) {
-  int32_t* counts = dynamic_shared_memory<int32_t>();  // [num_experts + 1]
+__global__ void router_topk_kernel(const float* logits, int64_t tokens, int num_experts, int k,
+                                   int32_t* expert_ids, float* weights) {
+  const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (t < tokens) route_token(logits + t * num_experts, num_experts, k, expert_ids + t * k, weights + t * k);
+}
+
+// The whole block (a multiple of 32 threads); warp e (looping over experts) scans the rows in
+// order, 32 at a time, and places its expert's rows with a ballot, so the order within an expert
+// is the row order. counts: shared int32 [num_experts + 1].
+__device__ void permute_rows(const int32_t* expert_ids, int64_t rows, int num_experts, int32_t* counts,
+                             int32_t* offsets, int32_t* permuted_to_expanded, int32_t* expanded_to_permuted) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
   for (int e = warp; e < num_experts; e += warps) {
     int32_t count = 0;
@@ -324,6 +325,67 @@ __global__ void moe_permute_kernel(const int32_t* expert_ids, int64_t rows, int 
       }
       next += __popc(ballot);
     }
+  }
+}
+
+// One block.
+__global__ void moe_permute_kernel(const int32_t* expert_ids, int64_t rows, int num_experts, int32_t* offsets,
+                                   int32_t* permuted_to_expanded, int32_t* expanded_to_permuted) {
+  permute_rows(expert_ids, rows, num_experts, dynamic_shared_memory<int32_t>(), offsets, permuted_to_expanded,
+               expanded_to_permuted);
+}
+
+constexpr int kRouteThreads = 1024;
+constexpr int kRouteMaxPairs = int(kFusedRouteMaxTokens) * kFusedRouteMaxExperts;
+
+// One block of kRouteThreads: the T * E dot products (pairs) are split into slices of the hidden
+// size so that every warp has one (a pair per warp when there are more pairs than warps); kWidth
+// elements per load (kPack16<T> when H allows). Then thread t routes token t, and the block
+// permutes the expanded rows and gathers them.
+template <typename T, int kWidth>
+__global__ void __launch_bounds__(kRouteThreads)
+    route_kernel(const T* x, const T* router, int tokens, int64_t hidden, int num_experts, int k, float* logits,
+                 int32_t* expert_ids, float* weights, int32_t* offsets, int32_t* permuted_to_expanded,
+                 int32_t* expanded_to_permuted, T* gathered) {
+  __shared__ float partial[kRouteMaxPairs];
+  __shared__ float logits_shared[kRouteMaxPairs];
+  __shared__ int32_t counts[kFusedRouteMaxExperts + 1];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  const int pairs = tokens * num_experts;
+  const int slices = max(1, warps / pairs);  // per pair
+  const int64_t packs = hidden / kWidth;
+  for (int item = warp; item < pairs * slices; item += warps) {
+    const int pair = item / slices, slice = item % slices;
+    const T* x_row = x + (pair / num_experts) * hidden;
+    const T* w_row = router + (pair % num_experts) * hidden;
+    float sum = 0.0f;
+#pragma unroll 4
+    for (int64_t p = packs * slice / slices + lane; p < packs * (slice + 1) / slices; p += 32) {
+      const Pack<T, kWidth> a = reinterpret_cast<const Pack<T, kWidth>*>(x_row)[p];
+      const Pack<T, kWidth> b = reinterpret_cast<const Pack<T, kWidth>*>(w_row)[p];
+      for (int j = 0; j < kWidth; ++j) sum += to_f32(a.values[j]) * to_f32(b.values[j]);
+    }
+    sum = warp_sum(sum);
+    if (lane == 0) partial[item] = sum;
+  }
+  __syncthreads();
+  for (int pair = threadIdx.x; pair < pairs; pair += blockDim.x) {
+    float sum = 0.0f;
+    for (int slice = 0; slice < slices; ++slice) sum += partial[pair * slices + slice];
+    logits_shared[pair] = logits[pair] = sum;
+  }
+  __syncthreads();
+  const int t = threadIdx.x;
+  if (t < tokens) route_token(logits_shared + t * num_experts, num_experts, k, expert_ids + t * k, weights + t * k);
+  __syncthreads();  // the expert ids are written
+  permute_rows(expert_ids, int64_t(tokens) * k, num_experts, counts, offsets, permuted_to_expanded,
+               expanded_to_permuted);
+  __syncthreads();  // the row map is written
+  using Vec = Pack<T, kWidth>;
+  for (int64_t idx = threadIdx.x; idx < tokens * k * packs; idx += blockDim.x) {
+    const int64_t r = idx / packs, p = idx % packs;
+    reinterpret_cast<Vec*>(gathered + r * hidden)[p] =
+        reinterpret_cast<const Vec*>(x + (permuted_to_expanded[r] / k) * hidden)[p];
   }
 }
 
@@ -464,6 +526,24 @@ void launch_router_topk(const float* logits, int64_t tokens, int num_experts, in
          weights);
 }
 
+template <typename T>
+void launch_route(const T* x, const T* router, int64_t tokens, int64_t hidden, int num_experts, int k, float* logits,
+                  int32_t* expert_ids, float* weights, int32_t* expert_offsets, int32_t* permuted_to_expanded,
+                  int32_t* expanded_to_permuted, T* gathered, cudaStream_t stream) {
+  MX_CHECK(tokens >= 1 && tokens <= kFusedRouteMaxTokens && num_experts <= kFusedRouteMaxExperts, ShapeError,
+           "cuda route: " << tokens << " tokens over " << num_experts << " experts is not for the fused kernel");
+  auto launch_kernel = [&](auto pack) {
+    constexpr int kWidth = decltype(pack)::value;
+    launch(route_kernel<T, kWidth>, 1, kRouteThreads, 0, stream, x, router, static_cast<int>(tokens), hidden,
+           num_experts, k, logits, expert_ids, weights, expert_offsets, permuted_to_expanded, expanded_to_permuted,
+           gathered);
+  };
+  const bool aligned = reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(router) % 16 == 0 &&
+                       reinterpret_cast<uintptr_t>(gathered) % 16 == 0;
+  if (aligned && hidden % kPack16<T> == 0) launch_kernel(std::integral_constant<int, kPack16<T>>{});
+  else launch_kernel(std::integral_constant<int, 1>{});
+}
+
 void launch_moe_permute(const int32_t* expert_ids, int64_t rows, int num_experts, int32_t* expert_offsets,
                         int32_t* permuted_to_expanded, int32_t* expanded_to_permuted, cudaStream_t stream) {
   const int threads = 32 * std::min(32, num_experts);
@@ -510,6 +590,8 @@ void launch_expert_pointers(const int32_t* expert_offsets, int num_experts, int6
   template void launch_attention<T>(const T*, int64_t, int64_t, const AttentionShape&, const int32_t*,        \
                                     const T*, const T*, const int32_t*, int64_t, int, T*, AttentionScratch,   \
                                     bool, cudaStream_t);                                                      \
+  template void launch_route<T>(const T*, const T*, int64_t, int64_t, int, int, float*, int32_t*, float*,      \
+                                int32_t*, int32_t*, int32_t*, T*, cudaStream_t);                               \
   template void launch_moe_gather<T>(const T*, const int32_t*, int, T*, int64_t, int64_t, cudaStream_t);      \
   template void launch_silu_mul<T>(const T*, T*, int64_t, int64_t, cudaStream_t);                             \
   template void launch_moe_unpermute<T>(const T*, const int32_t*, const float*, T*, int64_t, int, int64_t,    \

@@ -121,6 +121,17 @@ bool launch_attention_tensor_cores(const T* qkv, int64_t tokens, int64_t width, 
 void launch_router_topk(const float* logits, int64_t tokens, int num_experts, int k, int32_t* expert_ids,
                         float* weights, cudaStream_t stream);
 
+// router_topk, moe_permute and moe_gather of logits = x @ router^T in one kernel of one block,
+// for at most kFusedRouteMaxTokens tokens and kFusedRouteMaxExperts experts (decode): x [T, H]
+// and router [E, H] of T, logits [T, E] float32 written too, gathered [R, H] of T. The dot
+// products are split over the block's warps and summed in a fixed order.
+constexpr int64_t kFusedRouteMaxTokens = 8;
+constexpr int kFusedRouteMaxExperts = 32;
+template <typename T>
+void launch_route(const T* x, const T* router, int64_t tokens, int64_t hidden, int num_experts, int k, float* logits,
+                  int32_t* expert_ids, float* weights, int32_t* expert_offsets, int32_t* permuted_to_expanded,
+                  int32_t* expanded_to_permuted, T* gathered, cudaStream_t stream);
+
 // Groups expanded rows by expert, stable in the row index: offsets [E + 1], both row maps [R].
 void launch_moe_permute(const int32_t* expert_ids, int64_t rows, int num_experts, int32_t* expert_offsets,
                         int32_t* permuted_to_expanded, int32_t* expanded_to_permuted, cudaStream_t stream);

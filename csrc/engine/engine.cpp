@@ -555,10 +555,8 @@ void Engine::enqueue_forward(int64_t n, int64_t logit_rows) {
     b.matmul(attn, weight(Slot::kWo, layer), delta);
     b.add_rmsnorm(x, &delta, norm_weight(Slot::kFfnNorm, layer), c.rms_norm_eps, h);
 
-    b.matmul(h, weight(Slot::kRouter, layer), router_logits);
-    b.router_topk(router_logits, expert_ids, expert_weights);
-    b.moe_permute(expert_ids, work_.expert_offsets, permuted_to_expanded, expanded_to_permuted);
-    b.moe_gather(h, permuted_to_expanded, k, expert_in);
+    b.route(h, weight(Slot::kRouter, layer), router_logits, expert_ids, expert_weights, work_.expert_offsets,
+            permuted_to_expanded, expanded_to_permuted, expert_in);
     b.expert_matmul(expert_in, weight(Slot::kW13, layer), work_.expert_offsets, gate_up);
     b.silu_mul(gate_up, expert_act);
     b.expert_matmul(expert_act, weight(Slot::kW2, layer), work_.expert_offsets, expert_out);
