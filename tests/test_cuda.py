@@ -192,6 +192,14 @@ def test_gather_silu_unpermute(ops, dtype):
     y, weights = normal(r, tokens * k, hidden), r.dirichlet(np.ones(k), size=tokens).astype(np.float32)
     cpu, dev = (o.moe_unpermute(y, e2p, weights, dtype) for o in ops)
     close(dev, cpu, dtype)
+    # Combined straight into the residual stream and its norm, for all tokens or the last 3 only
+    # (y keeps every token's rows).
+    residual, norm_weight = normal(r, tokens, hidden), r.uniform(0.5, 1.5, hidden).astype(np.float32)
+    for first in (0, tokens - 3):
+        cpu, dev = (o.moe_unpermute_add_rmsnorm(y, e2p[first * k:], weights[first:], residual[first:], norm_weight,
+                                                1e-5, dtype) for o in ops)
+        for c, d in zip(cpu, dev):
+            close(d, c, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

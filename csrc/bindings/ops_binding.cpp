@@ -360,6 +360,19 @@ void bind_ops(py::module_& m) {
           ops.backend().moe_unpermute(yt, e2p, w, out);
           return b.to_float(out);
         });
+      })
+      .def("moe_unpermute_add_rmsnorm", [](Ops& ops, const FloatArray& y, const IntArray& expanded_to_permuted,
+                                           const FloatArray& weights, const FloatArray& residual,
+                                           const FloatArray& norm_weight, float eps, const std::string& dtype) {
+        check_range(expanded_to_permuted, 0, y.shape(0), "permuted row");
+        return ops.run([&](Buffers& b) {
+          const DType d = parse_dtype(dtype);
+          Tensor yt = b.input(y, d), e2p = b.input(expanded_to_permuted), w = b.input(weights, DType::kFloat32);
+          Tensor r = b.input(residual, d), nw = b.input(norm_weight, d);
+          Tensor delta = b.output(d, shape_of(residual)), out = b.output(d, shape_of(residual));
+          ops.backend().moe_unpermute_add_rmsnorm(yt, e2p, w, delta, r, nw, eps, out);
+          return py::make_tuple(b.to_float(r), b.to_float(out));
+        });
       });
 }
 

@@ -145,9 +145,20 @@ class MX_EXPORT Backend {
   virtual void silu_mul(const Tensor& gate_up, Tensor& out) = 0;
 
   // out[t] = sum_j weights[t, j] * y[expanded_to_permuted[t*k + j]], j ascending.
-  // y [R, H], weights [T, k] float32, out [T, H].
+  // y [R', H] with R' >= R (the rows of some tokens only may be combined), weights [T, k]
+  // float32, out [T, H].
   virtual void moe_unpermute(const Tensor& y, const Tensor& expanded_to_permuted,
                              const Tensor& weights, Tensor& out) = 0;
+
+  // The experts' outputs combined into the residual stream and its next norm: moe_unpermute into
+  // delta [T, H], then add_rmsnorm(residual, &delta, weight, eps, out). The default runs the
+  // two; a backend may fuse them (the CUDA backend does, and leaves delta unwritten).
+  virtual void moe_unpermute_add_rmsnorm(const Tensor& y, const Tensor& expanded_to_permuted, const Tensor& weights,
+                                         Tensor& delta, Tensor& residual, const Tensor& norm_weight, float eps,
+                                         Tensor& out) {
+    moe_unpermute(y, expanded_to_permuted, weights, delta);
+    add_rmsnorm(residual, &delta, norm_weight, eps, out);
+  }
 
   // ---- sampling ----
   // One token from logits [V] float32 by the steps of core/sampling.h with the draw

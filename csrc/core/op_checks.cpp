@@ -100,7 +100,9 @@ void check_moe_unpermute(const Tensor& y, const Tensor& expanded_to_permuted,
                          const Tensor& weights, const Tensor& out) {
   expect(weights, "moe_unpermute.weights", DType::kFloat32, {-1, -1});
   const int64_t rows = weights.numel();
-  expect_float(y, "moe_unpermute.y", {rows, -1});
+  expect_float(y, "moe_unpermute.y", {-1, -1});
+  MX_CHECK(y.shape[0] >= rows, ShapeError,
+           "moe_unpermute.y: " << y.shape[0] << " rows, fewer than the " << rows << " expanded rows");
   expect(expanded_to_permuted, "moe_unpermute.expanded_to_permuted", DType::kInt32, {rows});
   expect_float(out, "moe_unpermute.out", {weights.shape[0], y.shape[1]});
 }

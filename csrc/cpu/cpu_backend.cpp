@@ -402,8 +402,8 @@ void CpuBackend::moe_unpermute(const Tensor& y, const Tensor& expanded_to_permut
     std::fill(o_row, o_row + H, 0.0f);
     for (int64_t j = 0; j < k; ++j) {
       const int32_t r = expanded_to_permuted.ptr<int32_t>()[t * k + j];
-      MX_CHECK(r >= 0 && r < T * k, ShapeError,
-               "moe_unpermute: permuted row " << r << " outside [0, " << T * k << ")");
+      MX_CHECK(r >= 0 && r < y.shape[0], ShapeError,
+               "moe_unpermute: permuted row " << r << " outside [0, " << y.shape[0] << ")");
       const float w = weights.ptr<float>()[t * k + j];
       for (int64_t i = 0; i < H; ++i) o_row[i] += w * yf.data()[r * H + i];
     }

@@ -459,6 +459,23 @@ void CudaBackend::moe_unpermute(const Tensor& y, const Tensor& expanded_to_permu
   });
 }
 
+void CudaBackend::moe_unpermute_add_rmsnorm(const Tensor& y, const Tensor& expanded_to_permuted, const Tensor& weights,
+                                            Tensor& delta, Tensor& residual, const Tensor& norm_weight, float eps,
+                                            Tensor& out) {
+  check_moe_unpermute(y, expanded_to_permuted, weights, delta);
+  check_add_rmsnorm(residual, &delta, norm_weight, out);
+  check_same_dtype("moe_unpermute_add_rmsnorm", y, residual);
+  check_same_dtype("moe_unpermute_add_rmsnorm", y, norm_weight);
+  check_same_dtype("moe_unpermute_add_rmsnorm", y, out);
+  dispatch_device_float(y.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    launch_moe_unpermute_add_rmsnorm(y.ptr<const T>(), expanded_to_permuted.ptr<const int32_t>(),
+                                     weights.ptr<const float>(), static_cast<int>(weights.shape[1]), residual.ptr<T>(),
+                                     norm_weight.ptr<const T>(), eps, out.ptr<T>(), residual.shape[0],
+                                     residual.shape[1], runtime_.stream());
+  });
+}
+
 void CudaBackend::sample(const Tensor& logits, const SamplingParams& params, uint64_t seed, Tensor& state,
                          Tensor& token, Tensor& logprob, Tensor& top_ids, Tensor& top_logprobs) {
   check_sample(logits, params, state, token, logprob, top_ids, top_logprobs);

@@ -65,6 +65,9 @@ class CudaBackend final : public Backend {
   void attention(const Tensor& qkv, const AttentionShape& shape, const Tensor& positions, const KvLayer& kv,
                  const Tensor& page_table, Tensor& out) override;
   void router_topk(const Tensor& logits, Tensor& expert_ids, Tensor& weights) override;
+  void moe_unpermute_add_rmsnorm(const Tensor& y, const Tensor& expanded_to_permuted, const Tensor& weights,
+                                 Tensor& delta, Tensor& residual, const Tensor& norm_weight, float eps,
+                                 Tensor& out) override;
   void route(const Tensor& x, const Tensor& router, Tensor& logits, Tensor& expert_ids, Tensor& weights,
              Tensor& expert_offsets, Tensor& permuted_to_expanded, Tensor& expanded_to_permuted,
              Tensor& gathered) override;

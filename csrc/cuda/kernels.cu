@@ -66,24 +66,47 @@ __global__ void embedding_kernel(const T* table, const int32_t* ids, T* out, int
   for (int64_t i = threadIdx.x; i < hidden; i += blockDim.x) dst[i] = src[i];
 }
 
-template <typename T>
-__global__ void add_rmsnorm_kernel(T* residual, const T* delta, const T* weight, float eps, T* out,
-                                   int64_t hidden) {
-  T* row = residual + int64_t(blockIdx.x) * hidden;
+// Row t of the residual stream: row += delta(i) (rounded to T, the norm reads it as stored) unless
+// delta is null, then out_row = rmsnorm(row) * weight. Delta: a functor i -> float.
+template <typename T, typename Delta>
+__device__ void add_rmsnorm_row(T* row, const Delta& delta, bool add, const T* weight, float eps, T* out_row,
+                                int64_t hidden) {
   float sum_sq = 0.0f;
   for (int64_t i = threadIdx.x; i < hidden; i += blockDim.x) {
     float v = to_f32(row[i]);
-    if (delta) {
-      const T stored = from_f32<T>(v + to_f32(delta[int64_t(blockIdx.x) * hidden + i]));
+    if (add) {
+      const T stored = from_f32<T>(v + delta(i));
       row[i] = stored;
-      v = to_f32(stored);  // the norm reads the residual as stored
+      v = to_f32(stored);
     }
     sum_sq += v * v;
   }
   const float inv_rms = 1.0f / sqrtf(block_sum(sum_sq) / static_cast<float>(hidden) + eps);
-  T* out_row = out + int64_t(blockIdx.x) * hidden;
   for (int64_t i = threadIdx.x; i < hidden; i += blockDim.x)
     out_row[i] = from_f32<T>(to_f32(row[i]) * inv_rms * to_f32(weight[i]));
+}
+
+template <typename T>
+__global__ void add_rmsnorm_kernel(T* residual, const T* delta, const T* weight, float eps, T* out,
+                                   int64_t hidden) {
+  const int64_t offset = int64_t(blockIdx.x) * hidden;
+  add_rmsnorm_row(residual + offset, [&](int64_t i) { return to_f32(delta[offset + i]); }, delta != nullptr, weight,
+                  eps, out + offset, hidden);
+}
+
+// delta(i) = moe_unpermute's sum for token blockIdx.x, rounded to T.
+template <typename T>
+__global__ void moe_unpermute_add_rmsnorm_kernel(const T* y, const int32_t* expanded_to_permuted,
+                                                 const float* weights, int k, T* residual, const T* norm_weight,
+                                                 float eps, T* out, int64_t hidden) {
+  const int64_t t = blockIdx.x;
+  auto delta = [&](int64_t i) {
+    float sum = 0.0f;
+    for (int j = 0; j < k; ++j)
+      sum += weights[t * k + j] * to_f32(y[int64_t(expanded_to_permuted[t * k + j]) * hidden + i]);
+    return to_f32(from_f32<T>(sum));
+  };
+  add_rmsnorm_row(residual + t * hidden, delta, true, norm_weight, eps, out + t * hidden, hidden);
 }
 
 // ---- attention ------------------------------------------------------------------
@@ -458,6 +481,15 @@ void launch_add_rmsnorm(T* residual, const T* delta, const T* weight, float eps,
 }
 
 template <typename T>
+void launch_moe_unpermute_add_rmsnorm(const T* y, const int32_t* expanded_to_permuted, const float* weights, int k,
+                                      T* residual, const T* norm_weight, float eps, T* out, int64_t tokens,
+                                      int64_t hidden, cudaStream_t stream) {
+  if (tokens == 0) return;
+  launch(moe_unpermute_add_rmsnorm_kernel<T>, static_cast<unsigned>(tokens), 512, 0, stream, y, expanded_to_permuted,
+         weights, k, residual, norm_weight, eps, out, hidden);
+}
+
+template <typename T>
 void launch_rope_kv_append(T* qkv, int64_t tokens, int64_t width, const AttentionShape& shape,
                            const int32_t* positions, float rope_theta, T* k_pool, T* v_pool,
                            const int32_t* page_table, int page_size, cudaStream_t stream) {
@@ -585,6 +617,8 @@ void launch_expert_pointers(const int32_t* expert_offsets, int num_experts, int6
   template void launch_fill_uniform<T>(T*, int64_t, uint64_t, float, float, cudaStream_t);                     \
   template void launch_embedding<T>(const T*, const int32_t*, T*, int64_t, int64_t, cudaStream_t);            \
   template void launch_add_rmsnorm<T>(T*, const T*, const T*, float, T*, int64_t, int64_t, cudaStream_t);     \
+  template void launch_moe_unpermute_add_rmsnorm<T>(const T*, const int32_t*, const float*, int, T*, const T*,  \
+                                                    float, T*, int64_t, int64_t, cudaStream_t);               \
   template void launch_rope_kv_append<T>(T*, int64_t, int64_t, const AttentionShape&, const int32_t*, float,  \
                                          T*, T*, const int32_t*, int, cudaStream_t);                          \
   template void launch_attention<T>(const T*, int64_t, int64_t, const AttentionShape&, const int32_t*,        \

@@ -145,6 +145,13 @@ void launch_moe_gather(const T* x, const int32_t* permuted_to_expanded, int k, T
 template <typename T>
 void launch_silu_mul(const T* gate_up, T* out, int64_t rows, int64_t width, cudaStream_t stream);
 
+// moe_unpermute's sum for token t (rounded to T, as moe_unpermute stores it) added to residual
+// row t, then add_rmsnorm's out; one block per token.
+template <typename T>
+void launch_moe_unpermute_add_rmsnorm(const T* y, const int32_t* expanded_to_permuted, const float* weights, int k,
+                                      T* residual, const T* norm_weight, float eps, T* out, int64_t tokens,
+                                      int64_t hidden, cudaStream_t stream);
+
 // out[t] = sum_j weights[t, j] * y[expanded_to_permuted[t*k + j]], j ascending (deterministic).
 template <typename T>
 void launch_moe_unpermute(const T* y, const int32_t* expanded_to_permuted, const float* weights, T* out,

@@ -548,7 +548,11 @@ void Engine::enqueue_forward(int64_t n, int64_t logit_rows) {
   b.embedding(weight(Slot::kEmbed, 0), ids, x);
   for (int64_t layer = 0; layer < c.num_layers; ++layer) {
     const KvLayer kv = kv_layer(layer);
-    b.add_rmsnorm(x, layer == 0 ? nullptr : &delta, norm_weight(Slot::kAttnNorm, layer), c.rms_norm_eps, h);
+    if (layer == 0)
+      b.add_rmsnorm(x, nullptr, norm_weight(Slot::kAttnNorm, 0), c.rms_norm_eps, h);
+    else  // the previous layer's experts into the residual stream
+      b.moe_unpermute_add_rmsnorm(expert_out, expanded_to_permuted, expert_weights, delta, x,
+                                  norm_weight(Slot::kAttnNorm, layer), c.rms_norm_eps, h);
     b.matmul(h, weight(Slot::kWqkv, layer), qkv);
     b.rope_kv_append(qkv, shape, pos, c.rope_theta, kv, table);
     b.attention(qkv, shape, pos, kv, table, attn);
@@ -560,13 +564,16 @@ void Engine::enqueue_forward(int64_t n, int64_t logit_rows) {
     b.expert_matmul(expert_in, weight(Slot::kW13, layer), work_.expert_offsets, gate_up);
     b.silu_mul(gate_up, expert_act);
     b.expert_matmul(expert_act, weight(Slot::kW2, layer), work_.expert_offsets, expert_out);
-    b.moe_unpermute(expert_out, expanded_to_permuted, expert_weights, delta);
   }
   if (logit_rows == 0) return;  // a prefill chunk whose logits nobody reads
-  // Only the rows whose logits are wanted go through the final norm and lm_head.
-  Tensor x_out = x.rows(n - logit_rows, logit_rows), delta_out = delta.rows(n - logit_rows, logit_rows);
-  Tensor h_out = h.rows(n - logit_rows, logit_rows), logits = work_.logits.rows(0, logit_rows);
-  b.add_rmsnorm(x_out, &delta_out, norm_weight(Slot::kFinalNorm, 0), c.rms_norm_eps, h_out);
+  // Only the rows whose logits are wanted take the last layer's experts, the final norm and lm_head.
+  const int64_t first = n - logit_rows;
+  Tensor x_out = x.rows(first, logit_rows), delta_out = delta.rows(first, logit_rows);
+  Tensor e2p_out = expanded_to_permuted.rows(first * k, logit_rows * k);
+  Tensor weights_out = expert_weights.rows(first, logit_rows);
+  Tensor h_out = h.rows(first, logit_rows), logits = work_.logits.rows(0, logit_rows);
+  b.moe_unpermute_add_rmsnorm(expert_out, e2p_out, weights_out, delta_out, x_out, norm_weight(Slot::kFinalNorm, 0),
+                              c.rms_norm_eps, h_out);
   b.matmul(h_out, weight(Slot::kLmHead, 0), logits);
 }
 
