@@ -1,11 +1,12 @@
 // The Mixtral forward pass over the operation interface (see engine/engine.h
 // for the weight slots and core/backend.h for the layouts). One chunk:
 //   x = embed(ids)
-//   per layer: h = norm(x += moe_out); qkv = h @ wqkv^T; rope + KV append;
+//   per layer: h = norm(x += moe_out of the layer before: its experts' rows, weighted
+//              and unpermuted); qkv = h @ wqkv^T; rope + KV append;
 //              attn = attention(q, cache); h = norm(x += attn @ wo^T);
-//              route h; gather rows by expert; silu(h w1) * (h w3) @ w2 per expert;
-//              moe_out = weighted unpermute
-//   h = norm(x += moe_out); logits = h @ lm_head^T
+//              route h (router, top-k, group and gather rows by expert);
+//              silu(h w1) * (h w3) @ w2 per expert
+//   h = norm(x += moe_out of the last layer), logit rows only; logits = h @ lm_head^T
 // Then either the logits go to the host (append), or the backend samples the
 // next token where they are (append_sample). Decode steps (decode_next) take
 // their input token from the sampler's state on the device, are queued one
