@@ -124,13 +124,15 @@ def test_rope_kv_append(ops, dtype, heads, kv_heads, head_dim):
 @pytest.mark.parametrize("heads,kv_heads,head_dim,page_size", [(6, 2, 10, 5), (8, 8, 16, 16), (12, 1, 64, 7),
                                                                (6, 3, 128, 16), (12, 2, 128, 16), (4, 2, 256, 3)])
 @pytest.mark.parametrize("before,tokens,spare", [(0, 1, 0), (0, 19, 0), (45, 1, 0), (100, 33, 0), (37, 150, 0),
-                                                 (700, 1, 0), (520, 70, 0), (1999, 3, 40), (8190, 2, 0)]
+                                                 (700, 1, 0), (520, 70, 0), (1999, 3, 40), (8190, 2, 0),
+                                                 (9000, 1, 0)]
                          + ([] if EMULATED else [(5000, 300, 0)]))
 def test_attention(ops, dtype, heads, kv_heads, head_dim, page_size, before, tokens, spare):
     """Short caches take one block per (token, KV head); past 256 positions few tokens split the
-    cache (flash-decoding), including splits past the end of the context (spare pages); more
-    tokens in bfloat16/float16 with head_dim 64 or 128 run on the tensor cores (blocks of 64
-    (token, head) rows, tiles of 64 positions: these lengths cross both, and pages)."""
+    cache (flash-decoding) into at most 64 splits of at least 128 positions (longer past 8192),
+    including splits past the end of the context (spare pages); more tokens in bfloat16/float16
+    with head_dim 64 or 128 run on the tensor cores (blocks of 64 (token, head) rows, tiles of 64
+    positions: these lengths cross both, and pages)."""
     r = rng(5)
     qkv, positions, k_pool, v_pool, table = paged_setup(r, before, tokens, heads, kv_heads, head_dim, page_size,
                                                         dtype_pages=(before + tokens) // page_size + spare + 9,
