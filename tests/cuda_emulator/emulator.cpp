@@ -324,6 +324,9 @@ unsigned ballot_in_warp(bool predicate) {
 
 unsigned char* dynamic_shared() { return executor().dynamic_shared; }
 
+// Helpers of the PTX instructions below.
+namespace {
+
 // Every lane of the (whole) warp offers `count` words; all[l * count + i] is lane l's word i.
 void gather_in_warp(const uint32_t* mine, int count, uint32_t* all) {
   Executor& ex = executor();
@@ -363,6 +366,8 @@ float widen_16_bits(uint32_t word, int half, bool float16) {
   value.bits = bits;
   return __bfloat162float(value);
 }
+
+}  // namespace
 
 void fault(cudaError_t error, const char* what) {
   Executor& ex = executor();
