@@ -223,6 +223,35 @@ def test_expert_matmul_three_paths(ops, dtype, rows_per_expert):
         dev_ops.set_option("expert_gemm", "auto")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,hidden,ffn,experts,k", [(1, 96, 40, 8, 2), (5, 37, 23, 5, 1), (8, 64, 30, 13, 4),
+                                                         (9, 40, 17, 8, 2), (23, 48, 29, 6, 2)])
+def test_moe_equals_route_then_expert_ffn(ops, dtype, tokens, hidden, ffn, experts, k):
+    """A layer's experts as one operation on every expert GEMM path: on the batched path the routing
+    kernel writes both GEMMs' pointer arrays (up to 8 tokens), or one launch does after the unfused
+    routing; the other paths read the offsets once on the host. Routing exactly the CPU's."""
+    cpu_ops, dev_ops = ops
+    r = rng(17)
+    x, router = normal(r, tokens, hidden), normal(r, experts, hidden, scale=0.5)
+    w13, w2 = normal(r, experts, 2 * ffn, hidden, scale=0.15), normal(r, experts, hidden, ffn, scale=0.15)
+    expected_routing, *expected_ffn = cpu_ops.moe(x, router, w13, w2, k, dtype)
+    paths = ["auto", "per_expert", "batched", "grouped"] if DEVICE == "cuda" else ["auto"]
+    try:
+        for path in paths:
+            if DEVICE == "cuda":
+                dev_ops.set_option("expert_gemm", path)
+            routing, *ffn_out = dev_ops.moe(x, router, w13, w2, k, dtype)
+            close(routing[0], expected_routing[0], "float32", rel_scale=10.0)  # logits
+            assert_close(routing[2], expected_routing[2], 1e-4)  # routing weights
+            for index in (1, 3, 4, 5, 6):  # ids, offsets, both row maps, the gathered rows
+                np.testing.assert_array_equal(routing[index], expected_routing[index])
+            for actual, expected in zip(ffn_out, expected_ffn):  # gate_up, act, out
+                close(actual, expected, dtype, rel_scale=4.0)
+    finally:
+        if DEVICE == "cuda":
+            dev_ops.set_option("expert_gemm", "auto")
+
+
 def sampling_params(**settings):
     params = _C.SamplingParams()
     for name, value in settings.items():

@@ -115,6 +115,21 @@ class Buffers {
   std::vector<size_t> sizes_;
 };
 
+// Output buffers of a routing of `tokens` rows of width `hidden` over `experts`, k each.
+Routing routing_outputs(Buffers& b, int64_t tokens, int64_t hidden, int64_t experts, int k, DType dtype) {
+  return Routing{b.output(DType::kFloat32, {tokens, experts}), b.output(DType::kInt32, {tokens, k}),
+                 b.output(DType::kFloat32, {tokens, k}),      b.output(DType::kInt32, {experts + 1}),
+                 b.output(DType::kInt32, {tokens * k}),       b.output(DType::kInt32, {tokens * k}),
+                 b.output(dtype, {tokens * k, hidden})};
+}
+
+// (logits, expert_ids, weights, expert_offsets, permuted_to_expanded, expanded_to_permuted, gathered)
+py::tuple routing_to_tuple(Buffers& b, const Routing& r) {
+  return py::make_tuple(b.to_float(r.logits), b.to_int(r.expert_ids), b.to_float(r.weights),
+                        b.to_int(r.expert_offsets), b.to_int(r.permuted_to_expanded),
+                        b.to_int(r.expanded_to_permuted), b.to_float(r.gathered));
+}
+
 KvLayer kv_layer(const Tensor& k_pool, const Tensor& v_pool) {
   MX_CHECK(k_pool.ndim == 4 && v_pool.ndim == 4 && k_pool.shape == v_pool.shape, ShapeError,
            "Ops: k and v pools must both be [num_pages, Hkv, page_size, D]");
@@ -264,16 +279,24 @@ void bind_ops(py::module_& m) {
       })
       .def("route", [](Ops& ops, const FloatArray& x, const FloatArray& router, int k, const std::string& dtype) {
         return ops.run([&](Buffers& b) {
-          const int64_t tokens = x.shape(0), experts = router.shape(0);
           Tensor xt = b.input(x, parse_dtype(dtype)), rt = b.input(router, parse_dtype(dtype));
-          Tensor logits = b.output(DType::kFloat32, {tokens, experts});
-          Tensor ids = b.output(DType::kInt32, {tokens, k}), w = b.output(DType::kFloat32, {tokens, k});
-          Tensor offsets = b.output(DType::kInt32, {experts + 1});
-          Tensor p2e = b.output(DType::kInt32, {tokens * k}), e2p = b.output(DType::kInt32, {tokens * k});
-          Tensor gathered = b.output(parse_dtype(dtype), {tokens * k, x.shape(1)});
-          ops.backend().route(xt, rt, logits, ids, w, offsets, p2e, e2p, gathered);
-          return py::make_tuple(b.to_float(logits), b.to_int(ids), b.to_float(w), b.to_int(offsets), b.to_int(p2e),
-                                b.to_int(e2p), b.to_float(gathered));
+          Routing routing = routing_outputs(b, x.shape(0), x.shape(1), router.shape(0), k, parse_dtype(dtype));
+          ops.backend().route(xt, rt, routing);
+          return routing_to_tuple(b, routing);
+        });
+      })
+      .def("moe", [](Ops& ops, const FloatArray& x, const FloatArray& router, const FloatArray& w13,
+                     const FloatArray& w2, int k, const std::string& dtype) {
+        return ops.run([&](Buffers& b) {
+          const DType dt = parse_dtype(dtype);
+          const int64_t rows = x.shape(0) * int64_t(k), ffn = w2.shape(2);
+          Tensor xt = b.input(x, dt), rt = b.input(router, dt), w13t = b.input(w13, dt), w2t = b.input(w2, dt);
+          Routing routing = routing_outputs(b, x.shape(0), x.shape(1), router.shape(0), k, dt);
+          ExpertBuffers experts{b.output(dt, {rows, 2 * ffn}), b.output(dt, {rows, ffn}),
+                                b.output(dt, {rows, w2.shape(1)})};
+          ops.backend().moe(xt, rt, w13t, w2t, routing, experts);
+          return py::make_tuple(routing_to_tuple(b, routing), b.to_float(experts.gate_up), b.to_float(experts.act),
+                                b.to_float(experts.out));
         });
       })
       .def("moe_gather", [](Ops& ops, const FloatArray& x, const IntArray& permuted_to_expanded, int k,

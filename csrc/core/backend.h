@@ -32,6 +32,24 @@ struct KvLayer {
   int page_size = 0;
 };
 
+// What a layer's routing writes (T tokens, k experts each, R = T*k expanded rows, E experts).
+struct Routing {
+  Tensor logits;                // [T, E] float32
+  Tensor expert_ids;            // [T, k] int32
+  Tensor weights;               // [T, k] float32, renormalised over the k
+  Tensor expert_offsets;        // [E + 1] int32: the permuted rows of expert e are [offsets[e], offsets[e+1])
+  Tensor permuted_to_expanded;  // [R] int32
+  Tensor expanded_to_permuted;  // [R] int32
+  Tensor gathered;              // [R, H]: permuted row r is x[permuted_to_expanded[r] / k]
+};
+
+// The experts' work on the gathered rows.
+struct ExpertBuffers {
+  Tensor gate_up;  // [R, 2F]
+  Tensor act;      // [R, F]
+  Tensor out;      // [R, H]
+};
+
 struct MemoryInfo {
   size_t free_bytes;   // what the device could still allocate
   size_t total_bytes;
@@ -120,16 +138,27 @@ class MX_EXPORT Backend {
                            Tensor& permuted_to_expanded, Tensor& expanded_to_permuted) = 0;
 
   // A layer's routing in one operation: logits = x @ router^T (float32), then router_topk,
-  // moe_permute and moe_gather (into gathered [R, H]), with the layouts above; router [E, H]. This
-  // default runs the four operations; a backend may fuse them (the CUDA backend does for few
-  // tokens: decode).
-  virtual void route(const Tensor& x, const Tensor& router, Tensor& logits, Tensor& expert_ids, Tensor& weights,
-                     Tensor& expert_offsets, Tensor& permuted_to_expanded, Tensor& expanded_to_permuted,
-                     Tensor& gathered) {
-    matmul(x, router, logits);
-    router_topk(logits, expert_ids, weights);
-    moe_permute(expert_ids, expert_offsets, permuted_to_expanded, expanded_to_permuted);
-    moe_gather(x, permuted_to_expanded, static_cast<int>(expert_ids.shape[1]), gathered);
+  // moe_permute and moe_gather of x, into `routing` (layouts there); router [E, H]. This default
+  // runs the four operations; a backend may fuse them (the CUDA backend does for few tokens: decode).
+  virtual void route(const Tensor& x, const Tensor& router, Routing& routing) {
+    matmul(x, router, routing.logits);
+    router_topk(routing.logits, routing.expert_ids, routing.weights);
+    moe_permute(routing.expert_ids, routing.expert_offsets, routing.permuted_to_expanded,
+                routing.expanded_to_permuted);
+    moe_gather(x, routing.permuted_to_expanded, static_cast<int>(routing.expert_ids.shape[1]), routing.gathered);
+  }
+
+  // A layer's mixture of experts up to the combine: route(x, router, routing), then on the
+  // gathered rows expert_matmul by w13 [E, 2F, H] into experts.gate_up, silu_mul into
+  // experts.act and expert_matmul by w2 [E, H, F] into experts.out (moe_unpermute combines them).
+  // This default runs those operations; the CUDA backend reads the expert offsets once for both
+  // expert GEMMs, and for decode writes the batched GEMMs' pointer arrays in the routing kernel.
+  virtual void moe(const Tensor& x, const Tensor& router, const Tensor& w13, const Tensor& w2, Routing& routing,
+                   ExpertBuffers& experts) {
+    route(x, router, routing);
+    expert_matmul(routing.gathered, w13, routing.expert_offsets, experts.gate_up);
+    silu_mul(experts.gate_up, experts.act);
+    expert_matmul(experts.act, w2, routing.expert_offsets, experts.out);
   }
 
   // out[r] = x[permuted_to_expanded[r] / k]; x [T, H], out [R, H].

@@ -280,28 +280,32 @@ void CudaBackend::router_topk(const Tensor& logits, Tensor& expert_ids, Tensor& 
                      runtime_.stream());
 }
 
-void CudaBackend::route(const Tensor& x, const Tensor& router, Tensor& logits, Tensor& expert_ids, Tensor& weights,
-                        Tensor& expert_offsets, Tensor& permuted_to_expanded, Tensor& expanded_to_permuted,
-                        Tensor& gathered) {
-  const bool fused = x.ndim == 2 && x.shape[0] >= 1 && x.shape[0] <= kFusedRouteMaxTokens && router.ndim == 2 &&
-                     router.shape[0] <= kFusedRouteMaxExperts && x.dtype == router.dtype;
-  if (!fused) {
-    Backend::route(x, router, logits, expert_ids, weights, expert_offsets, permuted_to_expanded, expanded_to_permuted,
-                   gathered);
-    return;
-  }
-  check_matmul(x, router, logits);
-  check_router_topk(logits, expert_ids, weights);
-  check_moe_permute(expert_ids, expert_offsets, permuted_to_expanded, expanded_to_permuted);
-  check_moe_gather(x, permuted_to_expanded, static_cast<int>(expert_ids.shape[1]), gathered);
-  check_same_dtype("route", x, gathered);
+bool CudaBackend::fused_route_fits(const Tensor& x, const Tensor& router) const {
+  return x.ndim == 2 && x.shape[0] >= 1 && x.shape[0] <= kFusedRouteMaxTokens && router.ndim == 2 &&
+         router.shape[0] <= kFusedRouteMaxExperts && x.dtype == router.dtype;
+}
+
+void CudaBackend::launch_fused_route(const Tensor& x, const Tensor& router, Routing& routing,
+                                     const ExpertPointerJobs& jobs) {
+  check_matmul(x, router, routing.logits);
+  check_router_topk(routing.logits, routing.expert_ids, routing.weights);
+  check_moe_permute(routing.expert_ids, routing.expert_offsets, routing.permuted_to_expanded,
+                    routing.expanded_to_permuted);
+  check_moe_gather(x, routing.permuted_to_expanded, static_cast<int>(routing.expert_ids.shape[1]), routing.gathered);
+  check_same_dtype("route", x, routing.gathered);
   dispatch_device_float(x.dtype, [&](auto tag) {
     using T = decltype(tag);
     launch_route(x.ptr<const T>(), router.ptr<const T>(), x.shape[0], x.shape[1], static_cast<int>(router.shape[0]),
-                 static_cast<int>(expert_ids.shape[1]), logits.ptr<float>(), expert_ids.ptr<int32_t>(),
-                 weights.ptr<float>(), expert_offsets.ptr<int32_t>(), permuted_to_expanded.ptr<int32_t>(),
-                 expanded_to_permuted.ptr<int32_t>(), gathered.ptr<T>(), runtime_.stream());
+                 static_cast<int>(routing.expert_ids.shape[1]), routing.logits.ptr<float>(),
+                 routing.expert_ids.ptr<int32_t>(), routing.weights.ptr<float>(), routing.expert_offsets.ptr<int32_t>(),
+                 routing.permuted_to_expanded.ptr<int32_t>(), routing.expanded_to_permuted.ptr<int32_t>(),
+                 routing.gathered.ptr<T>(), jobs, runtime_.stream());
   });
+}
+
+void CudaBackend::route(const Tensor& x, const Tensor& router, Routing& routing) {
+  if (fused_route_fits(x, router)) launch_fused_route(x, router, routing, ExpertPointerJobs{{}, 0});
+  else Backend::route(x, router, routing);
 }
 
 void CudaBackend::moe_permute(const Tensor& expert_ids, Tensor& expert_offsets, Tensor& permuted_to_expanded,
@@ -322,20 +326,30 @@ void CudaBackend::moe_gather(const Tensor& x, const Tensor& permuted_to_expanded
   });
 }
 
-std::vector<int32_t> CudaBackend::offsets_on_host(const Tensor& expert_offsets) {
+ExpertGemmPath CudaBackend::expert_path(int64_t rows) const {
+  if (expert_path_ != ExpertGemmPath::kAuto) return expert_path_;
+  return rows <= kBatchedMaxRows ? ExpertGemmPath::kBatched : ExpertGemmPath::kPerExpert;
+}
+
+std::vector<int32_t> CudaBackend::offsets_on_host(const Tensor& expert_offsets, int64_t rows) {
   MX_CHECK(!capturing_, Error,
            "cuda: a recorded decode step needs the batched expert path (the others read offsets on the host)");
   std::vector<int32_t> offsets(expert_offsets.shape[0]);
   runtime_.download(offsets.data(), expert_offsets.data, offsets.size() * sizeof(int32_t));
+  MX_CHECK(offsets.front() == 0 && offsets.back() == rows, ShapeError,
+           "expert_matmul: offsets must span [0, " << rows << "], got [" << offsets.front() << ", " << offsets.back()
+                                                   << "]");
+  for (size_t e = 0; e + 1 < offsets.size(); ++e)
+    MX_CHECK(offsets[e] <= offsets[e + 1], ShapeError, "expert_matmul: offsets must not decrease");
   return offsets;
 }
 
-void** CudaBackend::pointer_arrays(int64_t rows) {
-  if (rows > pointer_capacity_) {
+void** CudaBackend::pointer_arrays(int64_t count) {
+  if (count > pointer_capacity_) {
     retire(pointers_);
     pointers_ = nullptr;
-    pointer_capacity_ = std::max<int64_t>(rows, 4096);
-    pointers_ = static_cast<void**>(allocate(3 * pointer_capacity_ * sizeof(void*)));
+    pointer_capacity_ = std::max<int64_t>(count, 4096);
+    pointers_ = static_cast<void**>(allocate(pointer_capacity_ * sizeof(void*)));
   }
   return pointers_;
 }
@@ -371,19 +385,21 @@ void CudaBackend::expert_gemm_per_expert(const Tensor& x, const Tensor& w, const
   }
 }
 
-void CudaBackend::expert_gemm_batched(const Tensor& x, const Tensor& w, const Tensor& expert_offsets, Tensor& out) {
+ExpertGemmPointers CudaBackend::batched_pointers(const Tensor& x, const Tensor& w, Tensor& out, void** arrays) const {
+  MX_CHECK(x.dtype == w.dtype, ShapeError, "expert_matmul: cuBLAS needs x and w of one dtype");
+  const int64_t R = x.shape[0];
+  return ExpertGemmPointers{static_cast<const char*>(w.data), static_cast<const char*>(x.data),
+                            static_cast<char*>(out.data), w.shape[1], w.shape[2], dtype_size(x.dtype),
+                            dtype_size(out.dtype), const_cast<const void**>(arrays),
+                            const_cast<const void**>(arrays + R), arrays + 2 * R};
+}
+
+void CudaBackend::expert_gemm_batched(const Tensor& x, const Tensor& w, Tensor& out, const ExpertGemmPointers& p) {
   const int64_t R = x.shape[0], N = w.shape[1], K = w.shape[2];
   if (R == 0) return;
-  MX_CHECK(x.dtype == w.dtype, ShapeError, "expert_matmul: cuBLAS needs x and w of one dtype");
-  void** arrays = pointer_arrays(R);
-  const void** a = const_cast<const void**>(arrays);
-  const void** b = a + R;
-  void** c = arrays + 2 * R;
-  launch_expert_pointers(expert_offsets.ptr<const int32_t>(), static_cast<int>(w.shape[0]), R, x.data, w.data,
-                         out.data, N, K, dtype_size(x.dtype), dtype_size(out.dtype), a, b, c, runtime_.stream());
   CUBLAS_CHECK(cublasGemmBatchedEx(runtime_.cublas(), CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(N), 1,
-                                   static_cast<int>(K), &kOne, a, cuda_type(w.dtype), static_cast<int>(K), b,
-                                   cuda_type(x.dtype), static_cast<int>(K), &kZero, c, cuda_type(out.dtype),
+                                   static_cast<int>(K), &kOne, p.a, cuda_type(w.dtype), static_cast<int>(K), p.b,
+                                   cuda_type(x.dtype), static_cast<int>(K), &kZero, p.c, cuda_type(out.dtype),
                                    static_cast<int>(N), static_cast<int>(R), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
@@ -409,7 +425,7 @@ void CudaBackend::expert_gemm_grouped(const Tensor& x, const Tensor& w, const st
   }
   const int groups = static_cast<int>(m.size());
   if (groups == 0) return;
-  void** arrays = pointer_arrays(groups);
+  void** arrays = pointer_arrays(3 * groups);
   const void** a = const_cast<const void**>(arrays);
   const void** b = a + groups;
   void** c = arrays + 2 * groups;
@@ -422,20 +438,56 @@ void CudaBackend::expert_gemm_grouped(const Tensor& x, const Tensor& w, const st
                                           ldc.data(), groups, group_size.data(), CUBLAS_COMPUTE_32F));
 }
 
+void CudaBackend::expert_gemm_on_host_offsets(ExpertGemmPath path, const Tensor& x, const Tensor& w,
+                                              const std::vector<int32_t>& offsets, Tensor& out) {
+  if (path == ExpertGemmPath::kGrouped) expert_gemm_grouped(x, w, offsets, out);
+  else expert_gemm_per_expert(x, w, offsets, out);
+}
+
 void CudaBackend::expert_matmul(const Tensor& x, const Tensor& w, const Tensor& expert_offsets, Tensor& out) {
   check_expert_matmul(x, w, expert_offsets, out);
-  ExpertGemmPath path = expert_path_;
-  if (path == ExpertGemmPath::kAuto)
-    path = x.shape[0] <= kBatchedMaxRows ? ExpertGemmPath::kBatched : ExpertGemmPath::kPerExpert;
-  if (path == ExpertGemmPath::kBatched) return expert_gemm_batched(x, w, expert_offsets, out);
-  const std::vector<int32_t> offsets = offsets_on_host(expert_offsets);
-  MX_CHECK(offsets.front() == 0 && offsets.back() == x.shape[0], ShapeError,
-           "expert_matmul: offsets must span [0, " << x.shape[0] << "], got [" << offsets.front() << ", "
-                                                   << offsets.back() << "]");
-  for (size_t e = 0; e + 1 < offsets.size(); ++e)
-    MX_CHECK(offsets[e] <= offsets[e + 1], ShapeError, "expert_matmul: offsets must not decrease");
-  if (path == ExpertGemmPath::kGrouped) return expert_gemm_grouped(x, w, offsets, out);
-  expert_gemm_per_expert(x, w, offsets, out);
+  const int64_t R = x.shape[0];
+  const ExpertGemmPath path = expert_path(R);
+  if (path != ExpertGemmPath::kBatched)
+    return expert_gemm_on_host_offsets(path, x, w, offsets_on_host(expert_offsets, R), out);
+  if (R == 0) return;
+  const ExpertPointerJobs jobs{{batched_pointers(x, w, out, pointer_arrays(3 * R))}, 1};
+  launch_expert_pointers(expert_offsets.ptr<const int32_t>(), static_cast<int>(w.shape[0]), R, jobs,
+                         runtime_.stream());
+  expert_gemm_batched(x, w, out, jobs.gemm[0]);
+}
+
+void CudaBackend::moe(const Tensor& x, const Tensor& router, const Tensor& w13, const Tensor& w2, Routing& routing,
+                      ExpertBuffers& experts) {
+  check_expert_matmul(routing.gathered, w13, routing.expert_offsets, experts.gate_up);
+  check_silu_mul(experts.gate_up, experts.act);
+  check_expert_matmul(experts.act, w2, routing.expert_offsets, experts.out);
+  const int64_t R = routing.gathered.shape[0];
+  const ExpertGemmPath path = expert_path(R);
+  if (path != ExpertGemmPath::kBatched) {  // the offsets read once for both GEMMs
+    route(x, router, routing);
+    const std::vector<int32_t> offsets = offsets_on_host(routing.expert_offsets, R);
+    expert_gemm_on_host_offsets(path, routing.gathered, w13, offsets, experts.gate_up);
+    silu_mul(experts.gate_up, experts.act);
+    expert_gemm_on_host_offsets(path, experts.act, w2, offsets, experts.out);
+    return;
+  }
+  // Both GEMMs' pointer arrays by one launch: the routing kernel's, or one after the routing.
+  void** arrays = pointer_arrays(6 * R);
+  const ExpertPointerJobs jobs{{batched_pointers(routing.gathered, w13, experts.gate_up, arrays),
+                                batched_pointers(experts.act, w2, experts.out, arrays + 3 * R)},
+                               2};
+  if (fused_route_fits(x, router)) {
+    launch_fused_route(x, router, routing, jobs);
+  } else {
+    Backend::route(x, router, routing);
+    if (R > 0)
+      launch_expert_pointers(routing.expert_offsets.ptr<const int32_t>(), static_cast<int>(w13.shape[0]), R, jobs,
+                             runtime_.stream());
+  }
+  expert_gemm_batched(routing.gathered, w13, experts.gate_up, jobs.gemm[0]);
+  silu_mul(experts.gate_up, experts.act);
+  expert_gemm_batched(experts.act, w2, experts.out, jobs.gemm[1]);
 }
 
 void CudaBackend::silu_mul(const Tensor& gate_up, Tensor& out) {

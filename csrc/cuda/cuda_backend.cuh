@@ -4,7 +4,8 @@
 // accumulation) and for the expert GEMMs, by one of three paths:
 //   per_expert  one cublasGemmEx per expert with rows (expert offsets read on the host)
 //   batched     cublasGemmBatchedEx, one 1-row GEMM per permuted row, with device pointer
-//               arrays written by a kernel from the offsets (no host sync, graph-capturable)
+//               arrays written by a kernel from the offsets (no host sync, graph-capturable);
+//               in moe(), one launch writes both GEMMs' arrays, the routing kernel for decode
 //   grouped     cublasGemmGroupedBatchedEx, one group per expert with rows (offsets on the host)
 // "auto" picks batched up to kBatchedMaxRows rows (decode) and per_expert above
 // (prefill), the fastest paths the H200 measurements in DESIGN.md found.
@@ -18,6 +19,7 @@
 #include <vector>
 
 #include "core/backend.h"
+#include "cuda/kernels.cuh"
 #include "cuda/runtime.cuh"
 
 namespace mixtral::cuda {
@@ -68,9 +70,9 @@ class CudaBackend final : public Backend {
   void moe_unpermute_add_rmsnorm(const Tensor& y, const Tensor& expanded_to_permuted, const Tensor& weights,
                                  Tensor& delta, Tensor& residual, const Tensor& norm_weight, float eps,
                                  Tensor& out) override;
-  void route(const Tensor& x, const Tensor& router, Tensor& logits, Tensor& expert_ids, Tensor& weights,
-             Tensor& expert_offsets, Tensor& permuted_to_expanded, Tensor& expanded_to_permuted,
-             Tensor& gathered) override;
+  void route(const Tensor& x, const Tensor& router, Routing& routing) override;
+  void moe(const Tensor& x, const Tensor& router, const Tensor& w13, const Tensor& w2, Routing& routing,
+           ExpertBuffers& experts) override;
   void moe_permute(const Tensor& expert_ids, Tensor& expert_offsets, Tensor& permuted_to_expanded,
                    Tensor& expanded_to_permuted) override;
   void moe_gather(const Tensor& x, const Tensor& permuted_to_expanded, int k, Tensor& out) override;
@@ -87,12 +89,22 @@ class CudaBackend final : public Backend {
   // out[M, N] = x[M, K] @ w^T for row-major w with leading dimension K (one cublasGemmEx).
   void gemm(const void* x, DType x_dtype, const void* w, DType w_dtype, void* out, DType out_dtype, int64_t m,
             int64_t n, int64_t k);
+  ExpertGemmPath expert_path(int64_t rows) const;  // the option, with auto resolved for `rows`
+  // The per-expert or grouped path, with the expert offsets read on the host (checked there).
+  std::vector<int32_t> offsets_on_host(const Tensor& expert_offsets, int64_t rows);
+  void expert_gemm_on_host_offsets(ExpertGemmPath path, const Tensor& x, const Tensor& w,
+                                   const std::vector<int32_t>& offsets, Tensor& out);
   void expert_gemm_per_expert(const Tensor& x, const Tensor& w, const std::vector<int32_t>& offsets, Tensor& out);
-  void expert_gemm_batched(const Tensor& x, const Tensor& w, const Tensor& expert_offsets, Tensor& out);
   void expert_gemm_grouped(const Tensor& x, const Tensor& w, const std::vector<int32_t>& offsets, Tensor& out);
-  std::vector<int32_t> offsets_on_host(const Tensor& expert_offsets);
-  // Device arrays of 3 * rows pointers for the batched and grouped paths, grown rarely.
-  void** pointer_arrays(int64_t rows);
+  // The batched path: where its pointer arrays (3 * R pointers from `arrays`) point for
+  // out = x @ w[e]^T, and the cuBLAS call that reads them once a kernel has written them.
+  ExpertGemmPointers batched_pointers(const Tensor& x, const Tensor& w, Tensor& out, void** arrays) const;
+  void expert_gemm_batched(const Tensor& x, const Tensor& w, Tensor& out, const ExpertGemmPointers& pointers);
+  bool fused_route_fits(const Tensor& x, const Tensor& router) const;
+  // The fused routing kernel, also writing the pointer arrays of `jobs`.
+  void launch_fused_route(const Tensor& x, const Tensor& router, Routing& routing, const ExpertPointerJobs& jobs);
+  // Device memory for `count` pointers (the batched and grouped paths), grown rarely.
+  void** pointer_arrays(int64_t count);
   // Device scratch of at least `floats` floats (split attention's partial results), grown rarely.
   float* scratch_floats(int64_t floats);
   cudaEvent_t event(int id) const;  // throws for an unknown id

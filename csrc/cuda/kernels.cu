@@ -358,18 +358,28 @@ __global__ void moe_permute_kernel(const int32_t* expert_ids, int64_t rows, int 
                expanded_to_permuted);
 }
 
+// Permuted row r of expert e in each job's pointer arrays (ExpertGemmPointers).
+__device__ __forceinline__ void write_expert_pointers(const ExpertPointerJobs& jobs, int64_t r, int expert) {
+  for (int g = 0; g < jobs.count; ++g) {
+    const ExpertGemmPointers& p = jobs.gemm[g];
+    p.a[r] = p.w + size_t(expert) * p.n * p.k * p.in_element;
+    p.b[r] = p.x + size_t(r) * p.k * p.in_element;
+    p.c[r] = p.out + size_t(r) * p.n * p.out_element;
+  }
+}
+
 constexpr int kRouteThreads = 1024;
 constexpr int kRouteMaxPairs = int(kFusedRouteMaxTokens) * kFusedRouteMaxExperts;
 
 // One block of kRouteThreads: the T * E dot products (pairs) are split into slices of the hidden
 // size so that every warp has one (a pair per warp when there are more pairs than warps); kWidth
 // elements per load (kPack16<T> when H allows). Then thread t routes token t, and the block
-// permutes the expanded rows and gathers them.
+// permutes the expanded rows, gathers them and writes the jobs' pointer arrays.
 template <typename T, int kWidth>
 __global__ void __launch_bounds__(kRouteThreads)
     route_kernel(const T* x, const T* router, int tokens, int64_t hidden, int num_experts, int k, float* logits,
                  int32_t* expert_ids, float* weights, int32_t* offsets, int32_t* permuted_to_expanded,
-                 int32_t* expanded_to_permuted, T* gathered) {
+                 int32_t* expanded_to_permuted, T* gathered, ExpertPointerJobs jobs) {
   __shared__ float partial[kRouteMaxPairs];
   __shared__ float logits_shared[kRouteMaxPairs];
   __shared__ int32_t counts[kFusedRouteMaxExperts + 1];
@@ -410,6 +420,8 @@ __global__ void __launch_bounds__(kRouteThreads)
     reinterpret_cast<Vec*>(gathered + r * hidden)[p] =
         reinterpret_cast<const Vec*>(x + (permuted_to_expanded[r] / k) * hidden)[p];
   }
+  for (int r = threadIdx.x; r < tokens * k; r += blockDim.x)
+    write_expert_pointers(jobs, r, expert_ids[permuted_to_expanded[r]]);
 }
 
 template <typename T>
@@ -440,9 +452,8 @@ __global__ void moe_unpermute_kernel(const T* y, const int32_t* expanded_to_perm
   }
 }
 
-__global__ void expert_pointers_kernel(const int32_t* offsets, int num_experts, int64_t rows, const char* x,
-                                       const char* w, char* out, int64_t n, int64_t k, size_t in_element,
-                                       size_t out_element, const void** a, const void** b, void** c) {
+__global__ void expert_pointers_kernel(const int32_t* offsets, int num_experts, int64_t rows,
+                                       ExpertPointerJobs jobs) {
   const int64_t r = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (r >= rows) return;
   int low = 0, high = num_experts - 1;  // the last e with offsets[e] <= r (empty experts skipped)
@@ -451,9 +462,7 @@ __global__ void expert_pointers_kernel(const int32_t* offsets, int num_experts, 
     if (offsets[mid] <= r) low = mid;
     else high = mid - 1;
   }
-  a[r] = w + size_t(low) * n * k * in_element;
-  b[r] = x + size_t(r) * k * in_element;
-  c[r] = out + size_t(r) * n * out_element;
+  write_expert_pointers(jobs, r, low);
 }
 
 }  // namespace
@@ -561,14 +570,15 @@ void launch_router_topk(const float* logits, int64_t tokens, int num_experts, in
 template <typename T>
 void launch_route(const T* x, const T* router, int64_t tokens, int64_t hidden, int num_experts, int k, float* logits,
                   int32_t* expert_ids, float* weights, int32_t* expert_offsets, int32_t* permuted_to_expanded,
-                  int32_t* expanded_to_permuted, T* gathered, cudaStream_t stream) {
+                  int32_t* expanded_to_permuted, T* gathered, const ExpertPointerJobs& jobs,
+                  cudaStream_t stream) {
   MX_CHECK(tokens >= 1 && tokens <= kFusedRouteMaxTokens && num_experts <= kFusedRouteMaxExperts, ShapeError,
            "cuda route: " << tokens << " tokens over " << num_experts << " experts is not for the fused kernel");
   auto launch_kernel = [&](auto pack) {
     constexpr int kWidth = decltype(pack)::value;
     launch(route_kernel<T, kWidth>, 1, kRouteThreads, 0, stream, x, router, static_cast<int>(tokens), hidden,
            num_experts, k, logits, expert_ids, weights, expert_offsets, permuted_to_expanded, expanded_to_permuted,
-           gathered);
+           gathered, jobs);
   };
   const bool aligned = reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(router) % 16 == 0 &&
                        reinterpret_cast<uintptr_t>(gathered) % 16 == 0;
@@ -604,13 +614,10 @@ void launch_moe_unpermute(const T* y, const int32_t* expanded_to_permuted, const
          k, hidden);
 }
 
-void launch_expert_pointers(const int32_t* expert_offsets, int num_experts, int64_t rows, const void* x,
-                            const void* w, void* out, int64_t n, int64_t k, size_t in_element,
-                            size_t out_element, const void** a, const void** b, void** c, cudaStream_t stream) {
+void launch_expert_pointers(const int32_t* expert_offsets, int num_experts, int64_t rows,
+                            const ExpertPointerJobs& jobs, cudaStream_t stream) {
   if (rows == 0) return;
-  launch(expert_pointers_kernel, blocks_for(rows, 128), 128, 0, stream, expert_offsets, num_experts, rows,
-         static_cast<const char*>(x), static_cast<const char*>(w), static_cast<char*>(out), n, k, in_element,
-         out_element, a, b, c);
+  launch(expert_pointers_kernel, blocks_for(rows, 128), 128, 0, stream, expert_offsets, num_experts, rows, jobs);
 }
 
 #define MX_INSTANTIATE(T)                                                                                      \
@@ -625,7 +632,7 @@ void launch_expert_pointers(const int32_t* expert_offsets, int num_experts, int6
                                     const T*, const T*, const int32_t*, int64_t, int, T*, AttentionScratch,   \
                                     bool, cudaStream_t);                                                      \
   template void launch_route<T>(const T*, const T*, int64_t, int64_t, int, int, float*, int32_t*, float*,      \
-                                int32_t*, int32_t*, int32_t*, T*, cudaStream_t);                               \
+                                int32_t*, int32_t*, int32_t*, T*, const ExpertPointerJobs&, cudaStream_t);     \
   template void launch_moe_gather<T>(const T*, const int32_t*, int, T*, int64_t, int64_t, cudaStream_t);      \
   template void launch_silu_mul<T>(const T*, T*, int64_t, int64_t, cudaStream_t);                             \
   template void launch_moe_unpermute<T>(const T*, const int32_t*, const float*, T*, int64_t, int, int64_t,    \

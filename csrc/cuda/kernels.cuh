@@ -121,16 +121,41 @@ bool launch_attention_tensor_cores(const T* qkv, int64_t tokens, int64_t width, 
 void launch_router_topk(const float* logits, int64_t tokens, int num_experts, int k, int32_t* expert_ids,
                         float* weights, cudaStream_t stream);
 
+// The device pointer arrays of one batched expert GEMM (cublasGemmBatchedEx, one 1-row GEMM per
+// permuted row r of expert e): a[r] = w + e*n*k (w [E, n, k]), b[r] = x + r*k (x [R, k]),
+// c[r] = out + r*n (out [R, n]); element sizes in bytes.
+struct ExpertGemmPointers {
+  const char* w;
+  const char* x;
+  char* out;
+  int64_t n, k;
+  size_t in_element, out_element;
+  const void** a;  // [R]
+  const void** b;  // [R]
+  void** c;        // [R]
+};
+// The pointer arrays of up to two batched expert GEMMs (a layer's w13 and w2), written by one
+// launch; count 0 writes none.
+struct ExpertPointerJobs {
+  ExpertGemmPointers gemm[2];
+  int count;
+};
+
+// Writes the jobs' pointer arrays for R rows, expert(r) the e with offsets[e] <= r < offsets[e + 1].
+void launch_expert_pointers(const int32_t* expert_offsets, int num_experts, int64_t rows,
+                            const ExpertPointerJobs& jobs, cudaStream_t stream);
+
 // router_topk, moe_permute and moe_gather of logits = x @ router^T in one kernel of one block,
 // for at most kFusedRouteMaxTokens tokens and kFusedRouteMaxExperts experts (decode): x [T, H]
-// and router [E, H] of T, logits [T, E] float32 written too, gathered [R, H] of T. The dot
+// and router [E, H] of T, logits [T, E] float32 written too, gathered [R, H] of T; then the
+// pointer arrays of `jobs` (launch_expert_pointers) from the routing just made. The dot
 // products are split over the block's warps and summed in a fixed order.
 constexpr int64_t kFusedRouteMaxTokens = 8;
 constexpr int kFusedRouteMaxExperts = 32;
 template <typename T>
 void launch_route(const T* x, const T* router, int64_t tokens, int64_t hidden, int num_experts, int k, float* logits,
                   int32_t* expert_ids, float* weights, int32_t* expert_offsets, int32_t* permuted_to_expanded,
-                  int32_t* expanded_to_permuted, T* gathered, cudaStream_t stream);
+                  int32_t* expanded_to_permuted, T* gathered, const ExpertPointerJobs& jobs, cudaStream_t stream);
 
 // Groups expanded rows by expert, stable in the row index: offsets [E + 1], both row maps [R].
 void launch_moe_permute(const int32_t* expert_ids, int64_t rows, int num_experts, int32_t* expert_offsets,
@@ -156,13 +181,6 @@ void launch_moe_unpermute_add_rmsnorm(const T* y, const int32_t* expanded_to_per
 template <typename T>
 void launch_moe_unpermute(const T* y, const int32_t* expanded_to_permuted, const float* weights, T* out,
                           int64_t tokens, int k, int64_t hidden, cudaStream_t stream);
-
-// The device pointer arrays of the batched expert GEMM, one GEMM per permuted row r:
-// a[r] = w + expert(r) * N * K, b[r] = x + r * K, c[r] = out + r * N, where expert(r) is
-// the e with offsets[e] <= r < offsets[e + 1]. Sizes in bytes per element.
-void launch_expert_pointers(const int32_t* expert_offsets, int num_experts, int64_t rows, const void* x,
-                            const void* w, void* out, int64_t n, int64_t k, size_t in_element,
-                            size_t out_element, const void** a, const void** b, void** c, cudaStream_t stream);
 
 // One token from logits [V] float32 (core/sampling.h; the Backend::sample contract), one block.
 void launch_sample(const float* logits, int64_t vocab, const SamplingParams& params, uint64_t seed, int32_t* state,

@@ -4,7 +4,7 @@
 //   per layer: h = norm(x += moe_out of the layer before: its experts' rows, weighted
 //              and unpermuted); qkv = h @ wqkv^T; rope + KV append;
 //              attn = attention(q, cache); h = norm(x += attn @ wo^T);
-//              route h (router, top-k, group and gather rows by expert);
+//              moe: route h (router, top-k, group and gather rows by expert),
 //              silu(h w1) * (h w3) @ w2 per expert
 //   h = norm(x += moe_out of the last layer), logit rows only; logits = h @ lm_head^T
 // Then either the logits go to the host (append), or the backend samples the
@@ -120,16 +120,16 @@ Engine::Workspace Engine::Workspace::plan(const ModelConfig& c, const EngineOpti
   w.qkv = plan.add(act, {T, c.qkv_width()});
   w.attn = plan.add(act, {T, c.num_heads * c.head_dim});
   w.delta = plan.add(act, {T, H});
-  w.router_logits = plan.add(DType::kFloat32, {T, E});
-  w.expert_ids = plan.add(DType::kInt32, {T, k});
-  w.expert_weights = plan.add(DType::kFloat32, {T, k});
-  w.expert_offsets = plan.add(DType::kInt32, {E + 1});
-  w.permuted_to_expanded = plan.add(DType::kInt32, {T * k});
-  w.expanded_to_permuted = plan.add(DType::kInt32, {T * k});
-  w.expert_in = plan.add(act, {T * k, H});
-  w.gate_up = plan.add(act, {T * k, 2 * F});
-  w.expert_act = plan.add(act, {T * k, F});
-  w.expert_out = plan.add(act, {T * k, H});
+  w.routing.logits = plan.add(DType::kFloat32, {T, E});
+  w.routing.expert_ids = plan.add(DType::kInt32, {T, k});
+  w.routing.weights = plan.add(DType::kFloat32, {T, k});
+  w.routing.expert_offsets = plan.add(DType::kInt32, {E + 1});
+  w.routing.permuted_to_expanded = plan.add(DType::kInt32, {T * k});
+  w.routing.expanded_to_permuted = plan.add(DType::kInt32, {T * k});
+  w.routing.gathered = plan.add(act, {T * k, H});
+  w.experts.gate_up = plan.add(act, {T * k, 2 * F});
+  w.experts.act = plan.add(act, {T * k, F});
+  w.experts.out = plan.add(act, {T * k, H});
   w.logits = plan.add(DType::kFloat32, {T, c.vocab_size});
   w.sampled_logprob = plan.add(DType::kFloat32, {1});
   w.top_ids = plan.add(DType::kInt32, {kMaxLogprobs});
@@ -139,10 +139,10 @@ Engine::Workspace Engine::Workspace::plan(const ModelConfig& c, const EngineOpti
 }
 
 void Engine::Workspace::place(void* base, Device device) {
-  for (Tensor* t : {&ids, &positions, &page_table, &residual, &normed, &qkv, &attn, &delta, &router_logits,
-                    &expert_ids, &expert_weights, &expert_offsets, &permuted_to_expanded, &expanded_to_permuted,
-                    &expert_in, &gate_up, &expert_act, &expert_out, &logits, &sampled_logprob, &top_ids,
-                    &top_logprobs})
+  for (Tensor* t : {&ids, &positions, &page_table, &residual, &normed, &qkv, &attn, &delta, &routing.logits,
+                    &routing.expert_ids, &routing.weights, &routing.expert_offsets, &routing.permuted_to_expanded,
+                    &routing.expanded_to_permuted, &routing.gathered, &experts.gate_up, &experts.act, &experts.out,
+                    &logits, &sampled_logprob, &top_ids, &top_logprobs})
     ArenaPlan::place(*t, base, device);
 }
 
@@ -539,12 +539,16 @@ void Engine::enqueue_forward(int64_t n, int64_t logit_rows) {
   Tensor ids = work_.ids.rows(0, n), pos = work_.positions.rows(0, n), table = work_.page_table;
   Tensor x = work_.residual.rows(0, n), h = work_.normed.rows(0, n), qkv = work_.qkv.rows(0, n);
   Tensor attn = work_.attn.rows(0, n), delta = work_.delta.rows(0, n);
-  Tensor router_logits = work_.router_logits.rows(0, n), expert_ids = work_.expert_ids.rows(0, n);
-  Tensor expert_weights = work_.expert_weights.rows(0, n);
-  Tensor permuted_to_expanded = work_.permuted_to_expanded.rows(0, n * k);
-  Tensor expanded_to_permuted = work_.expanded_to_permuted.rows(0, n * k);
-  Tensor expert_in = work_.expert_in.rows(0, n * k), gate_up = work_.gate_up.rows(0, n * k);
-  Tensor expert_act = work_.expert_act.rows(0, n * k), expert_out = work_.expert_out.rows(0, n * k);
+  const Routing& all_routing = work_.routing;
+  Routing routing{all_routing.logits.rows(0, n),
+                  all_routing.expert_ids.rows(0, n),
+                  all_routing.weights.rows(0, n),
+                  all_routing.expert_offsets,
+                  all_routing.permuted_to_expanded.rows(0, n * k),
+                  all_routing.expanded_to_permuted.rows(0, n * k),
+                  all_routing.gathered.rows(0, n * k)};
+  ExpertBuffers experts{work_.experts.gate_up.rows(0, n * k), work_.experts.act.rows(0, n * k),
+                        work_.experts.out.rows(0, n * k)};
 
   b.embedding(weight(Slot::kEmbed, 0), ids, x);
   for (int64_t layer = 0; layer < c.num_layers; ++layer) {
@@ -552,28 +556,23 @@ void Engine::enqueue_forward(int64_t n, int64_t logit_rows) {
     if (layer == 0)
       b.add_rmsnorm(x, nullptr, norm_weight(Slot::kAttnNorm, 0), c.rms_norm_eps, h);
     else  // the previous layer's experts into the residual stream
-      b.moe_unpermute_add_rmsnorm(expert_out, expanded_to_permuted, expert_weights, delta, x,
+      b.moe_unpermute_add_rmsnorm(experts.out, routing.expanded_to_permuted, routing.weights, delta, x,
                                   norm_weight(Slot::kAttnNorm, layer), c.rms_norm_eps, h);
     b.matmul(h, weight(Slot::kWqkv, layer), qkv);
     b.rope_kv_append(qkv, shape, pos, c.rope_theta, kv, table);
     b.attention(qkv, shape, pos, kv, table, attn);
     b.matmul(attn, weight(Slot::kWo, layer), delta);
     b.add_rmsnorm(x, &delta, norm_weight(Slot::kFfnNorm, layer), c.rms_norm_eps, h);
-
-    b.route(h, weight(Slot::kRouter, layer), router_logits, expert_ids, expert_weights, work_.expert_offsets,
-            permuted_to_expanded, expanded_to_permuted, expert_in);
-    b.expert_matmul(expert_in, weight(Slot::kW13, layer), work_.expert_offsets, gate_up);
-    b.silu_mul(gate_up, expert_act);
-    b.expert_matmul(expert_act, weight(Slot::kW2, layer), work_.expert_offsets, expert_out);
+    b.moe(h, weight(Slot::kRouter, layer), weight(Slot::kW13, layer), weight(Slot::kW2, layer), routing, experts);
   }
   if (logit_rows == 0) return;  // a prefill chunk whose logits nobody reads
   // Only the rows whose logits are wanted take the last layer's experts, the final norm and lm_head.
   const int64_t first = n - logit_rows;
   Tensor x_out = x.rows(first, logit_rows), delta_out = delta.rows(first, logit_rows);
-  Tensor e2p_out = expanded_to_permuted.rows(first * k, logit_rows * k);
-  Tensor weights_out = expert_weights.rows(first, logit_rows);
+  Tensor e2p_out = routing.expanded_to_permuted.rows(first * k, logit_rows * k);
+  Tensor weights_out = routing.weights.rows(first, logit_rows);
   Tensor h_out = h.rows(first, logit_rows), logits = work_.logits.rows(0, logit_rows);
-  b.moe_unpermute_add_rmsnorm(expert_out, e2p_out, weights_out, delta_out, x_out, norm_weight(Slot::kFinalNorm, 0),
+  b.moe_unpermute_add_rmsnorm(experts.out, e2p_out, weights_out, delta_out, x_out, norm_weight(Slot::kFinalNorm, 0),
                               c.rms_norm_eps, h_out);
   b.matmul(h_out, weight(Slot::kLmHead, 0), logits);
 }

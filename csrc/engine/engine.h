@@ -186,9 +186,8 @@ class Engine {
   struct Workspace {
     Tensor ids, positions, page_table;   // [T], [T], [max pages] int32
     Tensor residual, normed, qkv, attn, delta;   // [T, H] / [T, qkv] / [T, Hq*D] / [T, H]
-    Tensor router_logits, expert_ids, expert_weights;  // [T, E] f32, [T, k] i32, [T, k] f32
-    Tensor expert_offsets, permuted_to_expanded, expanded_to_permuted;  // [E+1], [T*k], [T*k]
-    Tensor expert_in, gate_up, expert_act, expert_out;  // [T*k, H], [T*k, 2F], [T*k, F], [T*k, H]
+    Routing routing;        // for T tokens (layouts in core/backend.h)
+    ExpertBuffers experts;  // for T*k rows
     Tensor logits;  // [T, V] float32
     Tensor sampled_logprob, top_ids, top_logprobs;  // [1] f32, [20] i32, [20] f32
     size_t bytes = 0;  // of the allocation

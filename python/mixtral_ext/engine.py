@@ -39,6 +39,14 @@ from .weights import check_plan, load_into, open_checkpoint, tensor_plan
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
+# Tokens per forward chunk by default. On the GPU a prompt chunk must give each expert enough rows
+# that its GEMMs are bound by compute, not by reading the weights again for every chunk: 2048 tokens
+# at 2 of 8 experts give each about 512 rows, past the bf16 ridge of an H100/H200 (~180 FLOP per
+# weight byte), where 256 tokens (64 rows) would reread 1.2 GB of 8x22B expert weights per layer
+# eight times over a 2048-token prompt. The workspace grows with it (0.9 GB at 8x22B widths).
+_DEFAULT_BATCH_TOKENS = {"cpu": 256, "cuda": 2048}
+
+
 @dataclass(frozen=True)
 class _EngineOptions:
     """The checked construction settings shared by from_pretrained() and synthetic()."""
@@ -57,6 +65,8 @@ class _EngineOptions:
             dtype = "float32" if device == "cpu" else "bfloat16"
         if dtype not in _DTYPES:
             raise SettingError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+        if max_batch_tokens is None:
+            max_batch_tokens = _DEFAULT_BATCH_TOKENS[device]
         for name, value in (("page_size", page_size), ("max_batch_tokens", max_batch_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 2**31:
                 raise SettingError(f"{name} must be an integer in [1, 2^31), got {value!r}")
@@ -145,7 +155,7 @@ class Engine:
         kv_cache_tokens: int | None = None,
         kv_cache_fraction: float | None = None,
         page_size: int = 16,
-        max_batch_tokens: int = 256,
+        max_batch_tokens: int | None = None,
         cuda_graphs: bool = False,
         progress: bool | None = None,
     ) -> "Engine":
@@ -158,7 +168,8 @@ class Engine:
         kv_cache_tokens: KV cache capacity over all open sequences (default: max_context on the CPU).
         kv_cache_fraction: instead, the fraction of the device memory left after the weights that
             the KV cache takes, up to max_position_embeddings tokens (default on the GPU: 0.9).
-        page_size: tokens per KV page; max_batch_tokens: tokens per forward chunk.
+        page_size: tokens per KV page.
+        max_batch_tokens: tokens per forward chunk (default 256 on the CPU, 2048 on the GPU).
         cuda_graphs: on the GPU, record each generation's decode step as a CUDA graph and replay it
             for every token (off by default until the device check has proven it on a GPU).
         progress: show a loading bar (default: for checkpoints of 256 MiB or more).
@@ -193,7 +204,7 @@ class Engine:
         kv_cache_tokens: int | None = None,
         kv_cache_fraction: float | None = None,
         page_size: int = 16,
-        max_batch_tokens: int = 256,
+        max_batch_tokens: int | None = None,
         cuda_graphs: bool = False,
         seed: int = 0,
     ) -> "Engine":
