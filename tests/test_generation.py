@@ -121,7 +121,8 @@ def test_penalties_and_logprobs():
     "bad", [dict(temperature=-1), dict(top_p=0.0), dict(top_p=1.5), dict(min_p=2.0), dict(top_k=-1),
             dict(repetition_penalty=0.0), dict(max_tokens=0), dict(logprobs=50), dict(presence_penalty=5.0),
             dict(seed=-1), dict(temperature=float("nan")), dict(stop=[""]), dict(max_tokens=2.5),
-            dict(stop_token_ids="ab"), dict(stop_token_ids=[-1]), dict(stop_token_ids=5)])
+            dict(stop=0.1), dict(stop=b"ab"), dict(stop_token_ids="ab"), dict(stop_token_ids=[-1]),
+            dict(stop_token_ids=5), dict(stop_token_ids=0)])
 def test_impossible_settings_raise_value_error_naming_them(text_engine, bad):
     name = next(iter(bad))
     with pytest.raises(mixtral_ext.SettingError, match=name):  # a ValueError

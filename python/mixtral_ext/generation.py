@@ -43,11 +43,13 @@ class SamplingSettings:
             stop = ()
         elif isinstance(stop, str):
             stop = (stop,)
-        else:
+        elif hasattr(stop, "__iter__") and not isinstance(stop, (bytes, dict)):
             stop = tuple(stop)
-        if not all(isinstance(s, str) and s for s in stop):
+        if not isinstance(stop, tuple) or not all(isinstance(s, str) and s for s in stop):
             raise SettingError(f"stop must be a non-empty string or a list of them, got {stop!r}")
-        stop_token_ids = kwargs.pop("stop_token_ids", None) or ()
+        stop_token_ids = kwargs.pop("stop_token_ids", None)
+        if stop_token_ids is None:
+            stop_token_ids = ()
         if isinstance(stop_token_ids, (str, bytes)) or not hasattr(stop_token_ids, "__iter__"):
             raise SettingError(f"stop_token_ids must be a list of token ids, got {stop_token_ids!r}")
         stop_token_ids = tuple(stop_token_ids)
