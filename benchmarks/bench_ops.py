@@ -17,6 +17,8 @@ import argparse
 import json
 import os
 
+import numpy as np
+
 from torch_timing import copy_bandwidth, matmul_rate, seconds_per_call
 
 from mixtral_ext import _C
@@ -90,6 +92,20 @@ def main() -> None:
             sec = ops.time_expert_matmul(split, 2 * F, H, "bfloat16", iters)
             add(f"experts w13 {path}", f"{label}: {r} rows, {used} experts", sec,
                 2 * (used * 2 * F * H + r * H + r * 2 * F), 2 * r * 2 * F * H)
+    # Where the dispatcher should switch paths: w13 for 1 to 32 tokens routed at random (top-k of E,
+    # seeded), every path; the fastest per row count goes into the JSON and a line after the table.
+    sweep = []
+    rng = np.random.default_rng(0)
+    for tokens in (1, 2, 4, 8, 16, 32):
+        chosen = np.concatenate([rng.choice(E, size=k, replace=False) for _ in range(tokens)])
+        split = np.bincount(chosen, minlength=E).astype(int).tolist()
+        times = {}
+        for path in paths:
+            if args.device == "cuda":
+                ops.set_option("expert_gemm", path)
+            times[path] = ops.time_expert_matmul(split, 2 * F, H, "bfloat16", iters) * 1e3
+        sweep.append(dict(tokens=tokens, rows=tokens * k, experts=sum(1 for c in split if c), ms=times,
+                          fastest=min(times, key=times.get)))
     if args.device == "cuda":
         ops.set_option("expert_gemm", "auto")
 
@@ -111,8 +127,8 @@ def main() -> None:
 
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_ops.json"), "w") as f:
-        json.dump(dict(device=args.device, copy_gb_per_s=copy_gbs, matmul_tflop_per_s=matmul_tflops, ops=rows), f,
-                  indent=2)
+        json.dump(dict(device=args.device, copy_gb_per_s=copy_gbs, matmul_tflop_per_s=matmul_tflops, ops=rows,
+                       expert_path_sweep=sweep), f, indent=2)
     print(f"\n{args.device}: copy {copy_gbs:.0f} GB/s (read + write), bf16 matmul {matmul_tflops:.0f} TFLOP/s "
           f"(torch, this run)\n")
     print("| op | shape | ms | GB/s | TFLOP/s | bound | of floor |")
@@ -120,6 +136,9 @@ def main() -> None:
     for row in rows:
         print(f"| {row['op']} | {row['shape']} | {row['ms']:.4f} | {row['gb_per_s']:.0f} | {row['tflop_per_s']:.1f} | "
               f"{row['bound']} | {row['fraction_of_floor']:.0%} |")
+    print("\nfastest expert w13 path by rows (auto switches at kBatchedMaxRows, cuda/cuda_backend.cuh): " + "; ".join(
+            f"{e['rows']} rows/{e['experts']} experts: {e['fastest']} "
+            f"({', '.join(f'{p} {ms:.3f}' for p, ms in e['ms'].items())} ms)" for e in sweep))
 
 
 if __name__ == "__main__":

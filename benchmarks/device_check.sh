@@ -37,7 +37,7 @@ fi
 
 step "op benchmarks"
 (cd "$OUT" && timeout 240 python "$OLDPWD/benchmarks/bench_ops.py" --out "$OUT") > "$OUT/bench_ops.log" 2>&1 || status=1
-grep -E "^\|| copy " "$OUT/bench_ops.log" || tail -20 "$OUT/bench_ops.log"
+grep -E "^\|| copy |^fastest expert" "$OUT/bench_ops.log" || tail -20 "$OUT/bench_ops.log"
 step "engine: synthetic 8x22B widths, 4 layers, 2048-token prompt, without and with CUDA graphs"
 for graphs in "" --cuda-graphs; do
   (cd "$OUT" && timeout 180 python -m mixtral_ext bench --device cuda --shape 8x22b --layers 4 --prompt-tokens 2048 \

@@ -1,10 +1,13 @@
 """The benchmarks' own arithmetic, without a GPU: benchmarks/profile_decode.py reading Nsight
 Compute's CSV (a units row, thousands separators, ncu's messages before it) and its per-step
-summary (steps counted by the sampler's launches)."""
+summary (steps counted by the sampler's launches); benchmarks/bench_ops.py at small shapes on the
+CPU (its table, JSON and expert-path sweep)."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -44,3 +47,16 @@ def test_summary_is_per_decode_step_and_sorted_by_time():
     assert gemv["launches_per_step"] == 1 and gemv["mbytes_per_step"] == pytest.approx(1.0)
     assert gemv["gbs"] == pytest.approx(2e6 / 12e3) and gemv["of_copy"] == pytest.approx(2e6 / 12e3 / 100.0)
     assert "| sum of kernel times |" in profile_decode.table(summary)
+
+
+def test_bench_ops_runs_at_small_shapes_on_the_cpu(tmp_path):
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_ops.py")
+    run = subprocess.run([sys.executable, script, "--device", "cpu", "--small", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "| op | shape | ms |" in run.stdout and "fastest expert w13 path by rows" in run.stdout
+    with open(tmp_path / "bench_ops.json") as f:
+        report = json.load(f)
+    assert {row["op"] for row in report["ops"]} >= {"matmul qkv", "experts w13 auto", "attention decode"}
+    assert [entry["rows"] for entry in report["expert_path_sweep"]] == [2, 4, 8, 16, 32, 64]
+    assert all(entry["fastest"] == "auto" and entry["ms"]["auto"] > 0 for entry in report["expert_path_sweep"])
