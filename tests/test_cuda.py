@@ -148,6 +148,24 @@ def test_attention(ops, dtype, heads, kv_heads, head_dim, page_size, before, tok
         ops[1].set_option("attention", "auto")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,head_dim,page_size", [(6, 2, 10, 5), (12, 1, 64, 7), (12, 2, 128, 16)])
+@pytest.mark.parametrize("before,tokens,spare", [(0, 1, 0), (45, 1, 0), (700, 1, 40), (9000, 1, 0), (100, 3, 0)])
+def test_rope_attention_equals_rope_kv_append_then_attention(ops, dtype, heads, kv_heads, head_dim, page_size, before,
+                                                             tokens, spare):
+    """For one token (decode) the GPU rotates q as it reads it and the block holding the token's
+    position writes its k and v into the cache and uses them in place of that row (with and
+    without splits); more tokens run the two operations."""
+    r = rng(19)
+    qkv, positions, k_pool, v_pool, table = paged_setup(r, before, tokens, heads, kv_heads, head_dim, page_size,
+                                                        dtype_pages=(before + tokens) // page_size + spare + 9,
+                                                        spare_pages=spare)
+    cpu, dev = (o.rope_attention(qkv, heads, kv_heads, head_dim, positions, 1e6, k_pool, v_pool, table, dtype)
+                for o in ops)
+    for c, d in zip(cpu, dev):  # the output, then both pools with the token's rows written
+        close(d, c, dtype, rel_scale=2.0)
+
+
 @pytest.mark.parametrize("experts,k", [(8, 2), (5, 1), (13, 4)])
 def test_router_and_permutation_are_exact(ops, experts, k):
     r = rng(6)
@@ -246,6 +264,37 @@ def test_moe_equals_route_then_expert_ffn(ops, dtype, tokens, hidden, ffn, exper
             for index in (1, 3, 4, 5, 6):  # ids, offsets, both row maps, the gathered rows
                 np.testing.assert_array_equal(routing[index], expected_routing[index])
             for actual, expected in zip(ffn_out, expected_ffn):  # gate_up, act, out
+                close(actual, expected, dtype, rel_scale=4.0)
+    finally:
+        if DEVICE == "cuda":
+            dev_ops.set_option("expert_gemm", "auto")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,hidden,experts,k", [(1, 96, 8, 2), (8, 40, 13, 3), (9, 56, 8, 2)])
+def test_add_rmsnorm_moe_equals_add_rmsnorm_then_moe(ops, dtype, tokens, hidden, experts, k):
+    """The FFN half of a layer as one operation: for up to 8 tokens on the batched path the routing
+    kernel does the norm first (one launch for norm, routing and both GEMMs' pointers)."""
+    cpu_ops, dev_ops = ops
+    r = rng(18)
+    residual, delta = normal(r, tokens, hidden), normal(r, tokens, hidden)
+    norm_weight = r.uniform(0.5, 1.5, hidden).astype(np.float32)
+    router = normal(r, experts, hidden, scale=0.5)
+    w13, w2 = normal(r, experts, 34, hidden, scale=0.15), normal(r, experts, hidden, 17, scale=0.15)
+    args = (residual, delta, norm_weight, 1e-5, router, w13, w2, k, dtype)
+    cpu = cpu_ops.add_rmsnorm_moe(*args)
+    paths = ["auto", "per_expert"] if DEVICE == "cuda" else ["auto"]
+    try:
+        for path in paths:
+            if DEVICE == "cuda":
+                dev_ops.set_option("expert_gemm", path)
+            dev = dev_ops.add_rmsnorm_moe(*args)
+            close(dev[0], cpu[0], dtype)  # the residual stream after the add
+            close(dev[1], cpu[1], dtype)  # its norm: the routing's input
+            for index in (1, 3, 4, 5):  # ids, offsets, both row maps
+                np.testing.assert_array_equal(dev[2][index], cpu[2][index])
+            close(dev[2][6], cpu[2][6], dtype)  # the gathered rows of the norm
+            for actual, expected in zip(dev[3:], cpu[3:]):  # gate_up, act, out
                 close(actual, expected, dtype, rel_scale=4.0)
     finally:
         if DEVICE == "cuda":

@@ -145,6 +145,26 @@ void check_pages(const IntArray& positions, const IntArray& page_table, int64_t 
   check_range(positions, 0, page_table.size() * page_size, "position");
 }
 
+// The buffers of an attention operation: qkv [T, (Hq + 2 Hkv) * D], positions [T], the page
+// table and the k/v pools [num_pages, Hkv, page_size, D] (positions and table checked against the
+// pools first), and an output [T, Hq * D].
+struct AttentionInputs {
+  AttentionInputs(Buffers& b, const FloatArray& qkv_array, int heads, int kv_heads, int head_dim,
+                  const IntArray& position_array, const FloatArray& k_pool, const FloatArray& v_pool,
+                  const IntArray& page_table, const std::string& dtype)
+      : shape{heads, kv_heads, head_dim} {
+    check_pages(position_array, page_table, k_pool.shape(0), k_pool.shape(2));
+    const DType d = parse_dtype(dtype);
+    qkv = b.input(qkv_array, d), positions = b.input(position_array), table = b.input(page_table);
+    k = b.input(k_pool, d), v = b.input(v_pool, d);
+    out = b.output(d, {qkv_array.shape(0), int64_t(heads) * head_dim});
+  }
+  KvLayer kv() const { return kv_layer(k, v); }
+
+  AttentionShape shape;
+  Tensor qkv, positions, table, k, v, out;
+};
+
 class Ops {
  public:
   Ops(const std::string& device, const std::string& cuda_library) : backend_(make_backend(device, cuda_library)) {}
@@ -238,26 +258,28 @@ void bind_ops(py::module_& m) {
       .def("rope_kv_append", [](Ops& ops, const FloatArray& qkv, int heads, int kv_heads, int head_dim,
                                 const IntArray& positions, float theta, const FloatArray& k_pool,
                                 const FloatArray& v_pool, const IntArray& page_table, const std::string& dtype) {
-        check_pages(positions, page_table, k_pool.shape(0), k_pool.shape(2));
         return ops.run([&](Buffers& b) {
-          const DType d = parse_dtype(dtype);
-          Tensor q = b.input(qkv, d), pos = b.input(positions), table = b.input(page_table);
-          Tensor k = b.input(k_pool, d), v = b.input(v_pool, d);
-          ops.backend().rope_kv_append(q, AttentionShape{heads, kv_heads, head_dim}, pos, theta, kv_layer(k, v), table);
-          return py::make_tuple(b.to_float(q), b.to_float(k), b.to_float(v));
+          AttentionInputs in(b, qkv, heads, kv_heads, head_dim, positions, k_pool, v_pool, page_table, dtype);
+          ops.backend().rope_kv_append(in.qkv, in.shape, in.positions, theta, in.kv(), in.table);
+          return py::make_tuple(b.to_float(in.qkv), b.to_float(in.k), b.to_float(in.v));
+        });
+      })
+      .def("rope_attention", [](Ops& ops, const FloatArray& qkv, int heads, int kv_heads, int head_dim,
+                                const IntArray& positions, float theta, const FloatArray& k_pool,
+                                const FloatArray& v_pool, const IntArray& page_table, const std::string& dtype) {
+        return ops.run([&](Buffers& b) {
+          AttentionInputs in(b, qkv, heads, kv_heads, head_dim, positions, k_pool, v_pool, page_table, dtype);
+          ops.backend().rope_attention(in.qkv, in.shape, in.positions, theta, in.kv(), in.table, in.out);
+          return py::make_tuple(b.to_float(in.out), b.to_float(in.k), b.to_float(in.v));
         });
       })
       .def("attention", [](Ops& ops, const FloatArray& qkv, int heads, int kv_heads, int head_dim,
                            const IntArray& positions, const FloatArray& k_pool, const FloatArray& v_pool,
                            const IntArray& page_table, const std::string& dtype) {
-        check_pages(positions, page_table, k_pool.shape(0), k_pool.shape(2));
         return ops.run([&](Buffers& b) {
-          const DType d = parse_dtype(dtype);
-          Tensor q = b.input(qkv, d), pos = b.input(positions), table = b.input(page_table);
-          Tensor k = b.input(k_pool, d), v = b.input(v_pool, d);
-          Tensor out = b.output(d, {qkv.shape(0), int64_t(heads) * head_dim});
-          ops.backend().attention(q, AttentionShape{heads, kv_heads, head_dim}, pos, kv_layer(k, v), table, out);
-          return b.to_float(out);
+          AttentionInputs in(b, qkv, heads, kv_heads, head_dim, positions, k_pool, v_pool, page_table, dtype);
+          ops.backend().attention(in.qkv, in.shape, in.positions, in.kv(), in.table, in.out);
+          return b.to_float(in.out);
         });
       })
       .def("router_topk", [](Ops& ops, const FloatArray& logits, int k) {
@@ -297,6 +319,22 @@ void bind_ops(py::module_& m) {
           ops.backend().moe(xt, rt, w13t, w2t, routing, experts);
           return py::make_tuple(routing_to_tuple(b, routing), b.to_float(experts.gate_up), b.to_float(experts.act),
                                 b.to_float(experts.out));
+        });
+      })
+      .def("add_rmsnorm_moe", [](Ops& ops, const FloatArray& residual, const FloatArray& delta,
+                                 const FloatArray& norm_weight, float eps, const FloatArray& router,
+                                 const FloatArray& w13, const FloatArray& w2, int k, const std::string& dtype) {
+        return ops.run([&](Buffers& b) {
+          const DType dt = parse_dtype(dtype);
+          const int64_t tokens = residual.shape(0), hidden = residual.shape(1), rows = tokens * k, ffn = w2.shape(2);
+          Tensor res = b.input(residual, dt), dl = b.input(delta, dt), nw = b.input(norm_weight, dt);
+          Tensor rt = b.input(router, dt), w13t = b.input(w13, dt), w2t = b.input(w2, dt);
+          Tensor h = b.output(dt, {tokens, hidden});
+          Routing routing = routing_outputs(b, tokens, hidden, router.shape(0), k, dt);
+          ExpertBuffers experts{b.output(dt, {rows, 2 * ffn}), b.output(dt, {rows, ffn}), b.output(dt, {rows, hidden})};
+          ops.backend().add_rmsnorm_moe(res, dl, nw, eps, h, rt, w13t, w2t, routing, experts);
+          return py::make_tuple(b.to_float(res), b.to_float(h), routing_to_tuple(b, routing),
+                                b.to_float(experts.gate_up), b.to_float(experts.act), b.to_float(experts.out));
         });
       })
       .def("moe_gather", [](Ops& ops, const FloatArray& x, const IntArray& permuted_to_expanded, int k,

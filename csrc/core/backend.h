@@ -127,6 +127,14 @@ class MX_EXPORT Backend {
   virtual void attention(const Tensor& qkv, const AttentionShape& shape, const Tensor& positions,
                          const KvLayer& kv, const Tensor& page_table, Tensor& out) = 0;
 
+  // rope_kv_append, then attention (qkv is scratch afterwards: its q and k heads may be left
+  // rotated or not). The default runs the two; the CUDA backend fuses them for one token (decode).
+  virtual void rope_attention(Tensor& qkv, const AttentionShape& shape, const Tensor& positions, float rope_theta,
+                              const KvLayer& kv, const Tensor& page_table, Tensor& out) {
+    rope_kv_append(qkv, shape, positions, rope_theta, kv, page_table);
+    attention(qkv, shape, positions, kv, page_table, out);
+  }
+
   // Router: softmax over all experts, top-k (ties to the lower id), renormalise.
   // logits [T, E] float32 -> expert_ids [T, k] int32, weights [T, k] float32.
   virtual void router_topk(const Tensor& logits, Tensor& expert_ids, Tensor& weights) = 0;
@@ -159,6 +167,16 @@ class MX_EXPORT Backend {
     expert_matmul(routing.gathered, w13, routing.expert_offsets, experts.gate_up);
     silu_mul(experts.gate_up, experts.act);
     expert_matmul(experts.act, w2, routing.expert_offsets, experts.out);
+  }
+
+  // The FFN half of a layer up to the combine: add_rmsnorm(residual, &delta, norm_weight, eps, h),
+  // then moe(h, ...). The default runs the two; the CUDA backend does the norm in its fused
+  // routing kernel (decode).
+  virtual void add_rmsnorm_moe(Tensor& residual, const Tensor& delta, const Tensor& norm_weight, float eps, Tensor& h,
+                               const Tensor& router, const Tensor& w13, const Tensor& w2, Routing& routing,
+                               ExpertBuffers& experts) {
+    add_rmsnorm(residual, &delta, norm_weight, eps, h);
+    moe(h, router, w13, w2, routing, experts);
   }
 
   // out[r] = x[permuted_to_expanded[r] / k]; x [T, H], out [R, H].

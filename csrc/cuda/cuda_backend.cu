@@ -39,6 +39,7 @@ CudaBackend::~CudaBackend() {
   for (auto& entry : events_) cudaEventDestroy(entry.second);
   if (pointers_) cudaFree(pointers_);
   if (scratch_) cudaFree(scratch_);
+  if (split_counters_) cudaFree(split_counters_);
   for (void* buffer : retired_) cudaFree(buffer);
 }
 
@@ -252,20 +253,34 @@ void CudaBackend::rope_kv_append(Tensor& qkv, const AttentionShape& shape, const
 
 void CudaBackend::attention(const Tensor& qkv, const AttentionShape& shape, const Tensor& positions, const KvLayer& kv,
                             const Tensor& page_table, Tensor& out) {
+  run_attention(qkv, shape, positions, 0.0f, kv, page_table, out);
+}
+
+void CudaBackend::rope_attention(Tensor& qkv, const AttentionShape& shape, const Tensor& positions, float rope_theta,
+                                 const KvLayer& kv, const Tensor& page_table, Tensor& out) {
+  if (qkv.ndim != 2 || qkv.shape[0] != 1)
+    return Backend::rope_attention(qkv, shape, positions, rope_theta, kv, page_table, out);
+  run_attention(qkv, shape, positions, rope_theta, kv, page_table, out);
+}
+
+void CudaBackend::run_attention(const Tensor& qkv, const AttentionShape& shape, const Tensor& positions,
+                                float rope_theta, const KvLayer& kv, const Tensor& page_table, Tensor& out) {
   check_attention(qkv, shape, positions, kv, page_table, &out);
   MX_CHECK(qkv.dtype == kv.dtype && qkv.dtype == out.dtype, ShapeError,
            "attention: the CUDA backend needs qkv, cache and out of one dtype");
   const int64_t tokens = qkv.shape[0];
   const int64_t splits = attention_splits(tokens, page_table.shape[0] * kv.page_size);
-  AttentionScratch scratch{nullptr, 0};
+  AttentionScratch scratch{nullptr, 0, nullptr, 0};
   if (splits > 1) {  // sized for the most tokens that split, so one buffer serves every such call
     scratch.floats = kSplitMaxTokens * shape.num_heads * splits * (shape.head_dim + 1);
     scratch.data = scratch_floats(scratch.floats);
+    scratch.counters = kSplitMaxTokens * shape.num_kv_heads;
+    scratch.split_counters = split_counters(scratch.counters);
   }
   dispatch_device_float(qkv.dtype, [&](auto tag) {
     using T = decltype(tag);
-    launch_attention(qkv.ptr<const T>(), tokens, qkv.shape[1], shape, positions.ptr<const int32_t>(),
-                     static_cast<const T*>(kv.k), static_cast<const T*>(kv.v), page_table.ptr<const int32_t>(),
+    launch_attention(qkv.ptr<const T>(), tokens, qkv.shape[1], shape, positions.ptr<const int32_t>(), rope_theta,
+                     static_cast<T*>(kv.k), static_cast<T*>(kv.v), page_table.ptr<const int32_t>(),
                      page_table.shape[0], kv.page_size, out.ptr<T>(), scratch, tensor_core_attention_,
                      runtime_.stream());
   });
@@ -286,7 +301,13 @@ bool CudaBackend::fused_route_fits(const Tensor& x, const Tensor& router) const 
 }
 
 void CudaBackend::launch_fused_route(const Tensor& x, const Tensor& router, Routing& routing,
-                                     const ExpertPointerJobs& jobs) {
+                                     const ExpertPointerJobs& jobs, const FusedNorm* norm) {
+  if (norm) {
+    check_add_rmsnorm(norm->residual, &norm->delta, norm->weight, x);
+    check_same_dtype("add_rmsnorm_moe", norm->residual, x);
+    check_same_dtype("add_rmsnorm_moe", norm->delta, x);
+    check_same_dtype("add_rmsnorm_moe", norm->weight, x);
+  }
   check_matmul(x, router, routing.logits);
   check_router_topk(routing.logits, routing.expert_ids, routing.weights);
   check_moe_permute(routing.expert_ids, routing.expert_offsets, routing.permuted_to_expanded,
@@ -295,11 +316,15 @@ void CudaBackend::launch_fused_route(const Tensor& x, const Tensor& router, Rout
   check_same_dtype("route", x, routing.gathered);
   dispatch_device_float(x.dtype, [&](auto tag) {
     using T = decltype(tag);
+    const RouteNorm<T> route_norm =
+        norm ? RouteNorm<T>{norm->residual.ptr<T>(), norm->delta.ptr<const T>(), norm->weight.ptr<const T>(),
+                            norm->eps, static_cast<T*>(x.data)}
+             : RouteNorm<T>{nullptr, nullptr, nullptr, 0.0f, nullptr};
     launch_route(x.ptr<const T>(), router.ptr<const T>(), x.shape[0], x.shape[1], static_cast<int>(router.shape[0]),
                  static_cast<int>(routing.expert_ids.shape[1]), routing.logits.ptr<float>(),
                  routing.expert_ids.ptr<int32_t>(), routing.weights.ptr<float>(), routing.expert_offsets.ptr<int32_t>(),
                  routing.permuted_to_expanded.ptr<int32_t>(), routing.expanded_to_permuted.ptr<int32_t>(),
-                 routing.gathered.ptr<T>(), jobs, runtime_.stream());
+                 routing.gathered.ptr<T>(), jobs, route_norm, runtime_.stream());
   });
 }
 
@@ -372,6 +397,19 @@ float* CudaBackend::scratch_floats(int64_t floats) {
     scratch_ = static_cast<float*>(allocate(scratch_capacity_ * sizeof(float)));
   }
   return scratch_;
+}
+
+int32_t* CudaBackend::split_counters(int64_t count) {
+  if (count > split_counter_capacity_) {
+    MX_CHECK(!capturing_, Error, "cuda: split attention's counters are set up by a step run before any recording");
+    retire(split_counters_);
+    split_counters_ = nullptr;
+    split_counter_capacity_ = std::max<int64_t>(count, 1024);
+    split_counters_ = static_cast<int32_t*>(allocate(split_counter_capacity_ * sizeof(int32_t)));
+    const std::vector<int32_t> zeros(split_counter_capacity_, 0);
+    runtime_.upload(split_counters_, zeros.data(), zeros.size() * sizeof(int32_t));
+  }
+  return split_counters_;
 }
 
 void CudaBackend::expert_gemm_per_expert(const Tensor& x, const Tensor& w, const std::vector<int32_t>& offsets,
@@ -457,28 +495,39 @@ void CudaBackend::expert_matmul(const Tensor& x, const Tensor& w, const Tensor& 
   expert_gemm_batched(x, w, out, jobs.gemm[0]);
 }
 
-void CudaBackend::moe(const Tensor& x, const Tensor& router, const Tensor& w13, const Tensor& w2, Routing& routing,
-                      ExpertBuffers& experts) {
+namespace {
+
+// The checks of moe()'s expert half: both expert GEMMs and the silu-mul between them.
+void check_experts(const Routing& routing, const Tensor& w13, const Tensor& w2, const ExpertBuffers& experts) {
   check_expert_matmul(routing.gathered, w13, routing.expert_offsets, experts.gate_up);
   check_silu_mul(experts.gate_up, experts.act);
   check_expert_matmul(experts.act, w2, routing.expert_offsets, experts.out);
+}
+
+}  // namespace
+
+void CudaBackend::moe(const Tensor& x, const Tensor& router, const Tensor& w13, const Tensor& w2, Routing& routing,
+                      ExpertBuffers& experts) {
+  check_experts(routing, w13, w2, experts);
   const int64_t R = routing.gathered.shape[0];
   const ExpertGemmPath path = expert_path(R);
-  if (path != ExpertGemmPath::kBatched) {  // the offsets read once for both GEMMs
-    route(x, router, routing);
-    const std::vector<int32_t> offsets = offsets_on_host(routing.expert_offsets, R);
-    expert_gemm_on_host_offsets(path, routing.gathered, w13, offsets, experts.gate_up);
-    silu_mul(experts.gate_up, experts.act);
-    expert_gemm_on_host_offsets(path, experts.act, w2, offsets, experts.out);
-    return;
-  }
-  // Both GEMMs' pointer arrays by one launch: the routing kernel's, or one after the routing.
+  if (path == ExpertGemmPath::kBatched) return moe_batched(x, router, w13, w2, routing, experts, nullptr);
+  route(x, router, routing);
+  const std::vector<int32_t> offsets = offsets_on_host(routing.expert_offsets, R);  // once for both GEMMs
+  expert_gemm_on_host_offsets(path, routing.gathered, w13, offsets, experts.gate_up);
+  silu_mul(experts.gate_up, experts.act);
+  expert_gemm_on_host_offsets(path, experts.act, w2, offsets, experts.out);
+}
+
+void CudaBackend::moe_batched(const Tensor& x, const Tensor& router, const Tensor& w13, const Tensor& w2,
+                              Routing& routing, ExpertBuffers& experts, const FusedNorm* norm) {
+  const int64_t R = routing.gathered.shape[0];
   void** arrays = pointer_arrays(6 * R);
   const ExpertPointerJobs jobs{{batched_pointers(routing.gathered, w13, experts.gate_up, arrays),
                                 batched_pointers(experts.act, w2, experts.out, arrays + 3 * R)},
                                2};
   if (fused_route_fits(x, router)) {
-    launch_fused_route(x, router, routing, jobs);
+    launch_fused_route(x, router, routing, jobs, norm);
   } else {
     Backend::route(x, router, routing);
     if (R > 0)
@@ -488,6 +537,17 @@ void CudaBackend::moe(const Tensor& x, const Tensor& router, const Tensor& w13, 
   expert_gemm_batched(routing.gathered, w13, experts.gate_up, jobs.gemm[0]);
   silu_mul(experts.gate_up, experts.act);
   expert_gemm_batched(experts.act, w2, experts.out, jobs.gemm[1]);
+}
+
+void CudaBackend::add_rmsnorm_moe(Tensor& residual, const Tensor& delta, const Tensor& norm_weight, float eps,
+                                  Tensor& h, const Tensor& router, const Tensor& w13, const Tensor& w2,
+                                  Routing& routing, ExpertBuffers& experts) {
+  const int64_t R = routing.gathered.shape[0];
+  if (expert_path(R) != ExpertGemmPath::kBatched || !fused_route_fits(h, router))
+    return Backend::add_rmsnorm_moe(residual, delta, norm_weight, eps, h, router, w13, w2, routing, experts);
+  check_experts(routing, w13, w2, experts);
+  const FusedNorm norm{residual, delta, norm_weight, eps};
+  moe_batched(h, router, w13, w2, routing, experts, &norm);
 }
 
 void CudaBackend::silu_mul(const Tensor& gate_up, Tensor& out) {

@@ -66,6 +66,8 @@ class CudaBackend final : public Backend {
                       const KvLayer& kv, const Tensor& page_table) override;
   void attention(const Tensor& qkv, const AttentionShape& shape, const Tensor& positions, const KvLayer& kv,
                  const Tensor& page_table, Tensor& out) override;
+  void rope_attention(Tensor& qkv, const AttentionShape& shape, const Tensor& positions, float rope_theta,
+                      const KvLayer& kv, const Tensor& page_table, Tensor& out) override;
   void router_topk(const Tensor& logits, Tensor& expert_ids, Tensor& weights) override;
   void moe_unpermute_add_rmsnorm(const Tensor& y, const Tensor& expanded_to_permuted, const Tensor& weights,
                                  Tensor& delta, Tensor& residual, const Tensor& norm_weight, float eps,
@@ -73,6 +75,9 @@ class CudaBackend final : public Backend {
   void route(const Tensor& x, const Tensor& router, Routing& routing) override;
   void moe(const Tensor& x, const Tensor& router, const Tensor& w13, const Tensor& w2, Routing& routing,
            ExpertBuffers& experts) override;
+  void add_rmsnorm_moe(Tensor& residual, const Tensor& delta, const Tensor& norm_weight, float eps, Tensor& h,
+                       const Tensor& router, const Tensor& w13, const Tensor& w2, Routing& routing,
+                       ExpertBuffers& experts) override;
   void moe_permute(const Tensor& expert_ids, Tensor& expert_offsets, Tensor& permuted_to_expanded,
                    Tensor& expanded_to_permuted) override;
   void moe_gather(const Tensor& x, const Tensor& permuted_to_expanded, int k, Tensor& out) override;
@@ -89,6 +94,9 @@ class CudaBackend final : public Backend {
   // out[M, N] = x[M, K] @ w^T for row-major w with leading dimension K (one cublasGemmEx).
   void gemm(const void* x, DType x_dtype, const void* w, DType w_dtype, void* out, DType out_dtype, int64_t m,
             int64_t n, int64_t k);
+  // attention(), first doing rope_kv_append's work for its one token when rope_theta > 0.
+  void run_attention(const Tensor& qkv, const AttentionShape& shape, const Tensor& positions, float rope_theta,
+                     const KvLayer& kv, const Tensor& page_table, Tensor& out);
   ExpertGemmPath expert_path(int64_t rows) const;  // the option, with auto resolved for `rows`
   // The per-expert or grouped path, with the expert offsets read on the host (checked there).
   std::vector<int32_t> offsets_on_host(const Tensor& expert_offsets, int64_t rows);
@@ -101,12 +109,26 @@ class CudaBackend final : public Backend {
   ExpertGemmPointers batched_pointers(const Tensor& x, const Tensor& w, Tensor& out, void** arrays) const;
   void expert_gemm_batched(const Tensor& x, const Tensor& w, Tensor& out, const ExpertGemmPointers& pointers);
   bool fused_route_fits(const Tensor& x, const Tensor& router) const;
-  // The fused routing kernel, also writing the pointer arrays of `jobs`.
-  void launch_fused_route(const Tensor& x, const Tensor& router, Routing& routing, const ExpertPointerJobs& jobs);
+  // The fused routing kernel, also writing the pointer arrays of `jobs`; with `norm`, x is first
+  // made as add_rmsnorm(norm->residual, &norm->delta, norm->weight, eps, x).
+  struct FusedNorm {
+    Tensor& residual;
+    const Tensor& delta;
+    const Tensor& weight;
+    float eps;
+  };
+  void launch_fused_route(const Tensor& x, const Tensor& router, Routing& routing, const ExpertPointerJobs& jobs,
+                          const FusedNorm* norm = nullptr);
+  // moe() on the batched path: both GEMMs' pointer arrays written by one launch, the fused routing
+  // kernel's when it fits (then with `norm`, if given), else a pointer kernel's after the routing.
+  void moe_batched(const Tensor& x, const Tensor& router, const Tensor& w13, const Tensor& w2, Routing& routing,
+                   ExpertBuffers& experts, const FusedNorm* norm);
   // Device memory for `count` pointers (the batched and grouped paths), grown rarely.
   void** pointer_arrays(int64_t count);
   // Device scratch of at least `floats` floats (split attention's partial results), grown rarely.
   float* scratch_floats(int64_t floats);
+  // Split attention's counters of finished blocks, `count` of them, zero when handed out (grown rarely).
+  int32_t* split_counters(int64_t count);
   cudaEvent_t event(int id) const;  // throws for an unknown id
   // Frees a buffer that was outgrown, or keeps it until the backend goes while graphs may use it.
   void retire(void* buffer);
@@ -118,6 +140,8 @@ class CudaBackend final : public Backend {
   int64_t pointer_capacity_ = 0;
   float* scratch_ = nullptr;
   int64_t scratch_capacity_ = 0;
+  int32_t* split_counters_ = nullptr;
+  int64_t split_counter_capacity_ = 0;
   std::vector<void*> retired_;
   bool capturing_ = false;
   std::map<int, cudaGraphExec_t> graphs_;

@@ -111,6 +111,16 @@ __global__ void moe_unpermute_add_rmsnorm_kernel(const T* y, const int32_t* expa
 
 // ---- attention ------------------------------------------------------------------
 
+// Rotate-half RoPE of the pair (x1, x2) = (x[i], x[i + head_dim / 2]) at position pos.
+__device__ __forceinline__ void rope_pair(float x1, float x2, int i, int head_dim, int32_t pos, float rope_theta,
+                                          float& y1, float& y2) {
+  const float inv_freq = static_cast<float>(1.0 / pow(static_cast<double>(rope_theta), (2.0 * i) / head_dim));
+  const float angle = static_cast<float>(pos) * inv_freq;
+  const float c = cosf(angle), s = sinf(angle);
+  y1 = x1 * c - x2 * s;
+  y2 = x2 * c + x1 * s;
+}
+
 // grid (tokens, Hq + 2 Hkv): the q and k heads are rotated in place, the k and v heads
 // are written to cache row pos % page_size of page page_table[pos / page_size].
 template <typename T>
@@ -124,12 +134,10 @@ __global__ void rope_kv_append_kernel(T* qkv, int64_t width, int q_heads, int kv
   const bool rotated = head < q_heads + kv_heads;
   if (rotated) {
     for (int i = threadIdx.x; i < half; i += blockDim.x) {
-      const float inv_freq = static_cast<float>(1.0 / pow(static_cast<double>(rope_theta), (2.0 * i) / head_dim));
-      const float angle = static_cast<float>(pos) * inv_freq;
-      const float c = cosf(angle), s = sinf(angle);
-      const float x1 = to_f32(x[i]), x2 = to_f32(x[i + half]);
-      x[i] = from_f32<T>(x1 * c - x2 * s);
-      x[i + half] = from_f32<T>(x2 * c + x1 * s);
+      float y1, y2;
+      rope_pair(to_f32(x[i]), to_f32(x[i + half]), i, head_dim, pos, rope_theta, y1, y2);
+      x[i] = from_f32<T>(y1);
+      x[i + half] = from_f32<T>(y2);
     }
   }
   if (head < q_heads) return;
@@ -165,6 +173,29 @@ __device__ void load_kv_tile(const T* k_pool, const T* v_pool, const int32_t* pa
   cp_async_commit();
 }
 
+// Warp-wide: the row's output from its splits' partial outputs, out = sum_z w_z partial_z / sum_z w_z
+// with w_z = exp(lse_z - max lse) (splits past the context have lse -inf). Read past L1 (__ldcg):
+// other blocks wrote them.
+template <typename T>
+__device__ void merge_split_partials(const float* partial_out, const float* partial_lse, int splits, int64_t row,
+                                     int head_dim, T* out_row) {
+  const int lane = threadIdx.x % 32;
+  const float* lse = partial_lse + row * splits;
+  float max_lse = -INFINITY;
+  for (int z = 0; z < splits; ++z) max_lse = fmaxf(max_lse, __ldcg(lse + z));
+  for (int i = lane; i < head_dim; i += 32) {
+    float sum = 0.0f, weight_sum = 0.0f;
+    for (int z = 0; z < splits; ++z) {
+      const float split_lse = __ldcg(lse + z);
+      if (split_lse == -INFINITY) continue;
+      const float w = expf(split_lse - max_lse);
+      sum += w * __ldcg(partial_out + (row * splits + z) * head_dim + i);
+      weight_sum += w;
+    }
+    out_row[i] = from_f32<T>(sum / weight_sum);
+  }
+}
+
 // grid (tokens, Hkv, splits), block (group * 32): warp w computes query head g * group + w with
 // an online softmax over tiles of 32 cache positions (lane j scores position j of a tile); K and
 // V tiles are shared by the group and stream through shared memory two stages deep (the next
@@ -172,16 +203,21 @@ __device__ void load_kv_tile(const T* k_pool, const T* v_pool, const int32_t* pa
 // [0, pos + 1) and writes out. With splits (flash-decoding, for few tokens over a long cache)
 // block z covers positions [z * per_split, (z + 1) * per_split), per_split = pos + 1 over the
 // splits, rounded up to whole tiles and at least kMinSplitPositions, and writes its normalised
-// partial output and log-sum-exp for attention_merge_kernel. kChunks =
+// partial output and log-sum-exp; the last block of a (token, KV head) to finish (counted in
+// split_counters, which it sets back to 0) merges them into out. With rope_theta > 0 (one token:
+// decode) the kernel also does rope_kv_append's work: q is rotated as it is loaded, and the block
+// whose positions end at the token's writes the token's rotated k and its v into the cache and
+// uses them in place of that cache row (no other block reads it). kChunks =
 // ceil(head_dim / 32) output elements per lane; kWidth elements per load (kPack16<T>, 16 bytes,
 // when head_dim allows, else 1). Shared memory: q [group][head_dim] float (scaled), then
 // [2 stages][K, V][kTile][head_dim + kWidth] T (rows padded so that lanes reading 16 bytes of
-// different rows hit different banks).
+// different rows hit different banks), then the token's own [K, V][head_dim] T.
 template <typename T, int kChunks, int kWidth>
 __global__ void attention_kernel(const T* qkv, int64_t width, int q_heads, int kv_heads, int head_dim,
-                                 const int32_t* positions, const T* k_pool, const T* v_pool,
+                                 const int32_t* positions, float rope_theta, T* k_pool, T* v_pool,
                                  const int32_t* page_table, int page_size, float scale, T* out,
-                                 float* partial_out, float* partial_lse) {
+                                 float* partial_out, float* partial_lse, int32_t* split_counters) {
+  __shared__ bool last_split;
   float* q_shared = dynamic_shared_memory<float>();
   const int group = q_heads / kv_heads;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -193,96 +229,122 @@ __global__ void attention_kernel(const T* qkv, int64_t width, int q_heads, int k
       max(kMinSplitPositions, (length + gridDim.z * kTile - 1) / (gridDim.z * kTile) * kTile);
   const int64_t begin = split ? blockIdx.z * per_split : 0;
   const int64_t end = split ? min(length, begin + per_split) : length;
-  const int64_t partial = (t * q_heads + head) * int64_t(gridDim.z) + blockIdx.z;
-  if (begin >= end) {  // a split past the end of this token's context
-    if (lane == 0) partial_lse[partial] = -INFINITY;
-    return;
-  }
-  const int row_stride = head_dim + kWidth;
-  T* stages = reinterpret_cast<T*>(q_shared + group * head_dim);  // 16-byte aligned: head_dim % kWidth == 0
-  auto k_stage = [&](int64_t tile) { return stages + (tile % 2) * 2 * kTile * row_stride; };
-  auto load = [&](int64_t tile) {
-    T* k_tile = k_stage(tile);
-    load_kv_tile<kWidth>(k_pool, v_pool, page_table, page_size, kv_heads, g, head_dim, begin + tile * kTile, end,
-                         k_tile, k_tile + kTile * row_stride, row_stride);
-  };
-  const T* q = qkv + t * width + int64_t(head) * head_dim;
-  for (int i = lane; i < head_dim; i += 32) q_shared[warp * head_dim + i] = to_f32(q[i]) * scale;
-  const float* q_row = q_shared + warp * head_dim;
-
   float running_max = -FLT_MAX, denom = 0.0f, acc[kChunks];
   for (int c = 0; c < kChunks; ++c) acc[c] = 0.0f;
-  const int64_t tiles = (end - begin + kTile - 1) / kTile;
-  load(0);
-  for (int64_t tile = 0; tile < tiles; ++tile) {
-    if (tile + 1 < tiles) {
-      load(tile + 1);
-      cp_async_wait<1>();
+  if (begin < end) {  // the same for the whole block; a split past the end of the context reads nothing
+    const int row_stride = head_dim + kWidth;
+    T* stages = reinterpret_cast<T*>(q_shared + group * head_dim);  // 16-byte aligned: head_dim % kWidth == 0
+    auto k_stage = [&](int64_t tile) { return stages + (tile % 2) * 2 * kTile * row_stride; };
+    auto load = [&](int64_t tile) {
+      T* k_tile = k_stage(tile);
+      load_kv_tile<kWidth>(k_pool, v_pool, page_table, page_size, kv_heads, g, head_dim, begin + tile * kTile, end,
+                           k_tile, k_tile + kTile * row_stride, row_stride);
+    };
+    const T* q = qkv + t * width + int64_t(head) * head_dim;
+    const int half = head_dim / 2;
+    const int32_t pos = static_cast<int32_t>(length - 1);
+    if (rope_theta > 0.0f) {  // rotated and rounded to T, as rope_kv_append stores q
+      for (int i = lane; i < half; i += 32) {
+        float y1, y2;
+        rope_pair(to_f32(q[i]), to_f32(q[i + half]), i, head_dim, pos, rope_theta, y1, y2);
+        q_shared[warp * head_dim + i] = to_f32(from_f32<T>(y1)) * scale;
+        q_shared[warp * head_dim + i + half] = to_f32(from_f32<T>(y2)) * scale;
+      }
     } else {
-      cp_async_wait<0>();
+      for (int i = lane; i < head_dim; i += 32) q_shared[warp * head_dim + i] = to_f32(q[i]) * scale;
     }
-    __syncthreads();  // this tile (and q_shared) is written
-    const T* k_tile = k_stage(tile);
-    const T* v_tile = k_tile + kTile * row_stride;
-    const int64_t start = begin + tile * kTile;
-    const bool valid = start + lane < end;
-    float score = -FLT_MAX;
-    if (valid) {
-      score = 0.0f;
-      for (int i = 0; i < head_dim; i += kWidth) {
-        const Pack<T, kWidth> k = *reinterpret_cast<const Pack<T, kWidth>*>(k_tile + lane * row_stride + i);
-        for (int j = 0; j < kWidth; ++j) score += q_row[i + j] * to_f32(k.values[j]);
+    const float* q_row = q_shared + warp * head_dim;
+    // The token's own k (rotated) and v, when this block's positions end at the token's.
+    const bool own_row = rope_theta > 0.0f && end == length;
+    T* own_k = stages + 2 * 2 * kTile * row_stride;
+    T* own_v = own_k + head_dim;
+    if (own_row) {
+      const T* k_new = qkv + t * width + int64_t(q_heads + g) * head_dim;
+      const T* v_new = k_new + int64_t(kv_heads) * head_dim;
+      const int64_t row = cache_offset(page_table, page_size, kv_heads, g, pos, head_dim);
+      for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        float y1, y2;
+        rope_pair(to_f32(k_new[i]), to_f32(k_new[i + half]), i, head_dim, pos, rope_theta, y1, y2);
+        own_k[i] = k_pool[row + i] = from_f32<T>(y1);
+        own_k[i + half] = k_pool[row + i + half] = from_f32<T>(y2);
       }
+      for (int i = threadIdx.x; i < head_dim; i += blockDim.x) own_v[i] = v_pool[row + i] = v_new[i];
     }
-    const float new_max = fmaxf(running_max, warp_max(score));
-    const float p = valid ? expf(score - new_max) : 0.0f;
-    const float correction = expf(running_max - new_max);
-    denom = denom * correction + warp_sum(p);
-    for (int c = 0; c < kChunks; ++c) acc[c] *= correction;
-    const int tile_rows = static_cast<int>(end - start < kTile ? end - start : kTile);
-    for (int j = 0; j < tile_rows; ++j) {
-      const float pj = __shfl_sync(0xffffffffu, p, j);
-      for (int c = 0; c < kChunks; ++c) {
-        const int i = lane + 32 * c;
-        if (i < head_dim) acc[c] += pj * to_f32(v_tile[j * row_stride + i]);
+
+    const int64_t tiles = (end - begin + kTile - 1) / kTile;
+    load(0);
+    for (int64_t tile = 0; tile < tiles; ++tile) {
+      if (tile + 1 < tiles) {
+        load(tile + 1);
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<0>();
       }
+      __syncthreads();  // this tile (and q_shared, own_k, own_v) is written
+      T* k_tile = k_stage(tile);
+      T* v_tile = k_tile + kTile * row_stride;
+      const int64_t start = begin + tile * kTile;
+      if (own_row && tile + 1 == tiles) {  // the token's row is the last of the last tile
+        const int64_t own = (pos - start) * row_stride;
+        for (int i = threadIdx.x; i < head_dim; i += blockDim.x) {
+          k_tile[own + i] = own_k[i];
+          v_tile[own + i] = own_v[i];
+        }
+        __syncthreads();
+      }
+      const bool valid = start + lane < end;
+      float score = -FLT_MAX;
+      if (valid) {
+        score = 0.0f;
+        for (int i = 0; i < head_dim; i += kWidth) {
+          const Pack<T, kWidth> k = *reinterpret_cast<const Pack<T, kWidth>*>(k_tile + lane * row_stride + i);
+          for (int j = 0; j < kWidth; ++j) score += q_row[i + j] * to_f32(k.values[j]);
+        }
+      }
+      const float new_max = fmaxf(running_max, warp_max(score));
+      const float p = valid ? expf(score - new_max) : 0.0f;
+      const float correction = expf(running_max - new_max);
+      denom = denom * correction + warp_sum(p);
+      for (int c = 0; c < kChunks; ++c) acc[c] *= correction;
+      const int tile_rows = static_cast<int>(end - start < kTile ? end - start : kTile);
+      for (int j = 0; j < tile_rows; ++j) {
+        const float pj = __shfl_sync(0xffffffffu, p, j);
+        for (int c = 0; c < kChunks; ++c) {
+          const int i = lane + 32 * c;
+          if (i < head_dim) acc[c] += pj * to_f32(v_tile[j * row_stride + i]);
+        }
+      }
+      running_max = new_max;
+      __syncthreads();  // this stage is no longer read before the next load into it
     }
-    running_max = new_max;
-    __syncthreads();  // this stage is no longer read before the next load into it
   }
-  if (split) {
+  T* o = out + t * int64_t(q_heads) * head_dim + int64_t(head) * head_dim;
+  if (!split) {
+    for (int c = 0; c < kChunks; ++c) {
+      const int i = lane + 32 * c;
+      if (i < head_dim) o[i] = from_f32<T>(acc[c] / denom);
+    }
+    return;
+  }
+  const int64_t row = t * q_heads + head, partial = row * int64_t(gridDim.z) + blockIdx.z;
+  if (begin < end) {
     for (int c = 0; c < kChunks; ++c) {
       const int i = lane + 32 * c;
       if (i < head_dim) partial_out[partial * head_dim + i] = acc[c] / denom;
     }
-    if (lane == 0) partial_lse[partial] = running_max + logf(denom);
-    return;
   }
-  T* o = out + t * int64_t(q_heads) * head_dim + int64_t(head) * head_dim;
-  for (int c = 0; c < kChunks; ++c) {
-    const int i = lane + 32 * c;
-    if (i < head_dim) o[i] = from_f32<T>(acc[c] / denom);
+  if (lane == 0) partial_lse[partial] = begin < end ? running_max + logf(denom) : -INFINITY;
+  __threadfence();  // this block's partials are visible on the device before it is counted
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int32_t* counter = split_counters + t * kv_heads + g;
+    last_split = atomicAdd(counter, 1) == int(gridDim.z) - 1;
+    if (last_split) *counter = 0;  // ready for the next launch
   }
-}
-
-// grid (tokens, Hq), block >= head_dim: out = sum_z w_z partial_z / sum_z w_z, w_z = exp(lse_z - max lse).
-template <typename T>
-__global__ void attention_merge_kernel(const float* partial_out, const float* partial_lse, int splits, int q_heads,
-                                       int head_dim, T* out) {
-  const int64_t row = int64_t(blockIdx.x) * q_heads + blockIdx.y;  // (token, head)
-  const float* lse = partial_lse + row * splits;
-  float max_lse = -INFINITY;
-  for (int z = 0; z < splits; ++z) max_lse = fmaxf(max_lse, lse[z]);
-  for (int i = threadIdx.x; i < head_dim; i += blockDim.x) {
-    float sum = 0.0f, weight_sum = 0.0f;
-    for (int z = 0; z < splits; ++z) {
-      if (lse[z] == -INFINITY) continue;
-      const float w = expf(lse[z] - max_lse);
-      sum += w * partial_out[(row * splits + z) * head_dim + i];
-      weight_sum += w;
-    }
-    out[row * head_dim + i] = from_f32<T>(sum / weight_sum);
-  }
+  __syncthreads();
+  if (!last_split) return;
+  __threadfence();  // the other blocks' partials are read after their counts
+  merge_split_partials(partial_out, partial_lse, static_cast<int>(gridDim.z), row, head_dim, o);
 }
 
 // ---- mixture of experts ---------------------------------------------------------------
@@ -374,12 +436,21 @@ constexpr int kRouteMaxPairs = int(kFusedRouteMaxTokens) * kFusedRouteMaxExperts
 // One block of kRouteThreads: the T * E dot products (pairs) are split into slices of the hidden
 // size so that every warp has one (a pair per warp when there are more pairs than warps); kWidth
 // elements per load (kPack16<T> when H allows). Then thread t routes token t, and the block
-// permutes the expanded rows, gathers them and writes the jobs' pointer arrays.
+// permutes the expanded rows, gathers them and writes the jobs' pointer arrays. With a norm (its
+// residual not null) the block first makes x itself: add_rmsnorm of each token's residual row.
 template <typename T, int kWidth>
 __global__ void __launch_bounds__(kRouteThreads)
     route_kernel(const T* x, const T* router, int tokens, int64_t hidden, int num_experts, int k, float* logits,
                  int32_t* expert_ids, float* weights, int32_t* offsets, int32_t* permuted_to_expanded,
-                 int32_t* expanded_to_permuted, T* gathered, ExpertPointerJobs jobs) {
+                 int32_t* expanded_to_permuted, T* gathered, ExpertPointerJobs jobs, RouteNorm<T> norm) {
+  if (norm.residual) {
+    for (int t = 0; t < tokens; ++t) {
+      const T* delta = norm.delta + t * hidden;
+      add_rmsnorm_row(norm.residual + t * hidden, [&](int64_t i) { return to_f32(delta[i]); }, true, norm.weight,
+                      norm.eps, norm.out + t * hidden, hidden);
+    }
+    __syncthreads();  // x (norm.out) is written
+  }
   __shared__ float partial[kRouteMaxPairs];
   __shared__ float logits_shared[kRouteMaxPairs];
   __shared__ int32_t counts[kFusedRouteMaxExperts + 1];
@@ -511,12 +582,14 @@ void launch_rope_kv_append(T* qkv, int64_t tokens, int64_t width, const Attentio
 
 template <typename T>
 void launch_attention(const T* qkv, int64_t tokens, int64_t width, const AttentionShape& shape,
-                      const int32_t* positions, const T* k_pool, const T* v_pool, const int32_t* page_table,
+                      const int32_t* positions, float rope_theta, T* k_pool, T* v_pool, const int32_t* page_table,
                       int64_t table_pages, int page_size, T* out, AttentionScratch scratch, bool tensor_cores,
                       cudaStream_t stream) {
   const int group = shape.num_heads / shape.num_kv_heads, d = shape.head_dim;
   MX_CHECK(group <= 32, ShapeError, "cuda attention: at most 32 query heads per KV head, got " << group);
   MX_CHECK(d <= 256, ShapeError, "cuda attention: head_dim at most 256, got " << d);
+  MX_CHECK(rope_theta == 0.0f || tokens == 1, ShapeError,
+           "cuda attention: RoPE and the KV append fused for one token only, got " << tokens);
   if (tokens == 0) return;
   if constexpr (!std::is_same_v<T, float>) {
     if (tensor_cores && tokens > kSplitMaxTokens &&
@@ -526,22 +599,24 @@ void launch_attention(const T* qkv, int64_t tokens, int64_t width, const Attenti
   }
   const int64_t splits = attention_splits(tokens, table_pages * page_size);
   if (splits > 1)
-    MX_CHECK(scratch.floats >= tokens * shape.num_heads * splits * (d + 1), ShapeError,
-             "cuda attention: scratch too small for " << splits << " splits");
+    MX_CHECK(scratch.floats >= tokens * shape.num_heads * splits * (d + 1) &&
+                 scratch.counters >= tokens * shape.num_kv_heads,
+             ShapeError, "cuda attention: scratch too small for " << splits << " splits");
   const dim3 grid(static_cast<unsigned>(tokens), shape.num_kv_heads, static_cast<unsigned>(splits));
   const float scale = 1.0f / sqrtf(static_cast<float>(d));
   float* partial_out = scratch.data;
   float* partial_lse = scratch.data + tokens * shape.num_heads * splits * d;
   auto launch_kernel = [&](auto chunks, auto pack) {
     constexpr int kChunks = decltype(chunks)::value, kWidth = decltype(pack)::value;
-    const size_t shared_bytes = sizeof(float) * size_t(group) * d + sizeof(T) * 2 * 2 * kTile * size_t(d + kWidth);
+    const size_t shared_bytes =
+        sizeof(float) * size_t(group) * d + sizeof(T) * (2 * 2 * kTile * size_t(d + kWidth) + 2 * size_t(d));
     const int limit = opt_in_shared_memory<attention_kernel<T, kChunks, kWidth>>();
     MX_CHECK(shared_bytes <= size_t(limit), ShapeError,
              "cuda attention: " << group << " heads per KV head of " << d << " need " << shared_bytes
                                 << " bytes of shared memory, the device has " << limit);
     launch(attention_kernel<T, kChunks, kWidth>, grid, group * 32, shared_bytes, stream, qkv, width, shape.num_heads,
-           shape.num_kv_heads, d, positions, k_pool, v_pool, page_table, page_size, scale, out, partial_out,
-           partial_lse);
+           shape.num_kv_heads, d, positions, rope_theta, k_pool, v_pool, page_table, page_size, scale, out, partial_out,
+           partial_lse, scratch.split_counters);
   };
   auto launch_width = [&](auto chunks) {
     if (d % kPack16<T> == 0) launch_kernel(chunks, std::integral_constant<int, kPack16<T>>{});  // every Mixtral
@@ -550,9 +625,6 @@ void launch_attention(const T* qkv, int64_t tokens, int64_t width, const Attenti
   if (d <= 64) launch_width(std::integral_constant<int, 2>{});
   else if (d <= 128) launch_width(std::integral_constant<int, 4>{});
   else launch_width(std::integral_constant<int, 8>{});
-  if (splits > 1)
-    launch(attention_merge_kernel<T>, dim3(static_cast<unsigned>(tokens), shape.num_heads), 128, 0, stream,
-           partial_out, partial_lse, static_cast<int>(splits), shape.num_heads, d, out);
 }
 
 int64_t attention_splits(int64_t tokens, int64_t max_positions) {
@@ -570,7 +642,7 @@ void launch_router_topk(const float* logits, int64_t tokens, int num_experts, in
 template <typename T>
 void launch_route(const T* x, const T* router, int64_t tokens, int64_t hidden, int num_experts, int k, float* logits,
                   int32_t* expert_ids, float* weights, int32_t* expert_offsets, int32_t* permuted_to_expanded,
-                  int32_t* expanded_to_permuted, T* gathered, const ExpertPointerJobs& jobs,
+                  int32_t* expanded_to_permuted, T* gathered, const ExpertPointerJobs& jobs, const RouteNorm<T>& norm,
                   cudaStream_t stream) {
   MX_CHECK(tokens >= 1 && tokens <= kFusedRouteMaxTokens && num_experts <= kFusedRouteMaxExperts, ShapeError,
            "cuda route: " << tokens << " tokens over " << num_experts << " experts is not for the fused kernel");
@@ -578,7 +650,7 @@ void launch_route(const T* x, const T* router, int64_t tokens, int64_t hidden, i
     constexpr int kWidth = decltype(pack)::value;
     launch(route_kernel<T, kWidth>, 1, kRouteThreads, 0, stream, x, router, static_cast<int>(tokens), hidden,
            num_experts, k, logits, expert_ids, weights, expert_offsets, permuted_to_expanded, expanded_to_permuted,
-           gathered, jobs);
+           gathered, jobs, norm);
   };
   const bool aligned = reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(router) % 16 == 0 &&
                        reinterpret_cast<uintptr_t>(gathered) % 16 == 0;
@@ -628,11 +700,12 @@ void launch_expert_pointers(const int32_t* expert_offsets, int num_experts, int6
                                                     float, T*, int64_t, int64_t, cudaStream_t);               \
   template void launch_rope_kv_append<T>(T*, int64_t, int64_t, const AttentionShape&, const int32_t*, float,  \
                                          T*, T*, const int32_t*, int, cudaStream_t);                          \
-  template void launch_attention<T>(const T*, int64_t, int64_t, const AttentionShape&, const int32_t*,        \
-                                    const T*, const T*, const int32_t*, int64_t, int, T*, AttentionScratch,   \
-                                    bool, cudaStream_t);                                                      \
+  template void launch_attention<T>(const T*, int64_t, int64_t, const AttentionShape&, const int32_t*, float, \
+                                    T*, T*, const int32_t*, int64_t, int, T*, AttentionScratch, bool,         \
+                                    cudaStream_t);                                                      \
   template void launch_route<T>(const T*, const T*, int64_t, int64_t, int, int, float*, int32_t*, float*,      \
-                                int32_t*, int32_t*, int32_t*, T*, const ExpertPointerJobs&, cudaStream_t);     \
+                                int32_t*, int32_t*, int32_t*, T*, const ExpertPointerJobs&,                   \
+                                const RouteNorm<T>&, cudaStream_t);                                            \
   template void launch_moe_gather<T>(const T*, const int32_t*, int, T*, int64_t, int64_t, cudaStream_t);      \
   template void launch_silu_mul<T>(const T*, T*, int64_t, int64_t, cudaStream_t);                             \
   template void launch_moe_unpermute<T>(const T*, const int32_t*, const float*, T*, int64_t, int, int64_t,    \

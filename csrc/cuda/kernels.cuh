@@ -92,21 +92,25 @@ void launch_rope_kv_append(T* qkv, int64_t tokens, int64_t width, const Attentio
 // page_size) the positions are split over attention_splits() blocks per (token, KV head)
 // (flash-decoding), at most kMaxSplits; each token's split length is set on the device from its
 // position (at least kMinSplitPositions, so a short context leaves the later blocks idle), and
-// the splits are merged by their log-sum-exp, using scratch floats [tokens * Hq * splits *
-// (head_dim + 1)].
+// the last split block of each (token, KV head) to finish merges the splits by their
+// log-sum-exp (one launch, no merge kernel).
 constexpr int64_t kMaxSplits = 64;  // with Mixtral's 8 KV heads, 512 blocks: every SM busy at 64k
 constexpr int64_t kMinSplitPositions = 128;
 constexpr int64_t kSplitMaxTokens = 8;
 struct AttentionScratch {
-  float* data;
+  float* data;              // [tokens * Hq * splits * (head_dim + 1)] partial outputs and log-sum-exps
   int64_t floats;
+  int32_t* split_counters;  // [tokens * Hkv], zero between launches (the merging block resets its own)
+  int64_t counters;
 };
 // More tokens (prefill) in bfloat16 or float16 with head_dim 64 or 128 go to the tensor-core
-// kernel (cuda/attention_tc.cu) when tensor_cores is set.
+// kernel (cuda/attention_tc.cu) when tensor_cores is set. With rope_theta > 0 (one token only)
+// the kernel first does rope_kv_append's work for the token (q rotated as it is read, its k and v
+// into the cache), leaving qkv as it was; with 0 q and the cache are used as they are.
 int64_t attention_splits(int64_t tokens, int64_t max_positions);
 template <typename T>
 void launch_attention(const T* qkv, int64_t tokens, int64_t width, const AttentionShape& shape,
-                      const int32_t* positions, const T* k_pool, const T* v_pool, const int32_t* page_table,
+                      const int32_t* positions, float rope_theta, T* k_pool, T* v_pool, const int32_t* page_table,
                       int64_t table_pages, int page_size, T* out, AttentionScratch scratch, bool tensor_cores,
                       cudaStream_t stream);
 
@@ -145,17 +149,30 @@ struct ExpertPointerJobs {
 void launch_expert_pointers(const int32_t* expert_offsets, int num_experts, int64_t rows,
                             const ExpertPointerJobs& jobs, cudaStream_t stream);
 
+// The add_rmsnorm a fused routing kernel does first (residual += delta, out = rmsnorm(residual) *
+// weight; out is the routing's x), or none (residual null). residual, delta, out [T, H]; weight [H].
+template <typename T>
+struct RouteNorm {
+  T* residual;
+  const T* delta;
+  const T* weight;
+  float eps;
+  T* out;
+};
+
 // router_topk, moe_permute and moe_gather of logits = x @ router^T in one kernel of one block,
 // for at most kFusedRouteMaxTokens tokens and kFusedRouteMaxExperts experts (decode): x [T, H]
 // and router [E, H] of T, logits [T, E] float32 written too, gathered [R, H] of T; then the
-// pointer arrays of `jobs` (launch_expert_pointers) from the routing just made. The dot
-// products are split over the block's warps and summed in a fixed order.
+// pointer arrays of `jobs` (launch_expert_pointers) from the routing just made. With `norm`,
+// x is first made by its add_rmsnorm. The dot products are split over the block's warps and
+// summed in a fixed order.
 constexpr int64_t kFusedRouteMaxTokens = 8;
 constexpr int kFusedRouteMaxExperts = 32;
 template <typename T>
 void launch_route(const T* x, const T* router, int64_t tokens, int64_t hidden, int num_experts, int k, float* logits,
                   int32_t* expert_ids, float* weights, int32_t* expert_offsets, int32_t* permuted_to_expanded,
-                  int32_t* expanded_to_permuted, T* gathered, const ExpertPointerJobs& jobs, cudaStream_t stream);
+                  int32_t* expanded_to_permuted, T* gathered, const ExpertPointerJobs& jobs, const RouteNorm<T>& norm,
+                  cudaStream_t stream);
 
 // Groups expanded rows by expert, stable in the row index: offsets [E + 1], both row maps [R].
 void launch_moe_permute(const int32_t* expert_ids, int64_t rows, int num_experts, int32_t* expert_offsets,

@@ -2,9 +2,9 @@
 // for the weight slots and core/backend.h for the layouts). One chunk:
 //   x = embed(ids)
 //   per layer: h = norm(x += moe_out of the layer before: its experts' rows, weighted
-//              and unpermuted); qkv = h @ wqkv^T; rope + KV append;
-//              attn = attention(q, cache); h = norm(x += attn @ wo^T);
-//              moe: route h (router, top-k, group and gather rows by expert),
+//              and unpermuted); qkv = h @ wqkv^T; in one operation rope + KV append
+//              and attn = attention(q, cache); in one operation h = norm(x += attn @ wo^T)
+//              and moe: route h (router, top-k, group and gather rows by expert),
 //              silu(h w1) * (h w3) @ w2 per expert
 //   h = norm(x += moe_out of the last layer), logit rows only; logits = h @ lm_head^T
 // Then either the logits go to the host (append), or the backend samples the
@@ -559,11 +559,10 @@ void Engine::enqueue_forward(int64_t n, int64_t logit_rows) {
       b.moe_unpermute_add_rmsnorm(experts.out, routing.expanded_to_permuted, routing.weights, delta, x,
                                   norm_weight(Slot::kAttnNorm, layer), c.rms_norm_eps, h);
     b.matmul(h, weight(Slot::kWqkv, layer), qkv);
-    b.rope_kv_append(qkv, shape, pos, c.rope_theta, kv, table);
-    b.attention(qkv, shape, pos, kv, table, attn);
+    b.rope_attention(qkv, shape, pos, c.rope_theta, kv, table, attn);
     b.matmul(attn, weight(Slot::kWo, layer), delta);
-    b.add_rmsnorm(x, &delta, norm_weight(Slot::kFfnNorm, layer), c.rms_norm_eps, h);
-    b.moe(h, weight(Slot::kRouter, layer), weight(Slot::kW13, layer), weight(Slot::kW2, layer), routing, experts);
+    b.add_rmsnorm_moe(x, delta, norm_weight(Slot::kFfnNorm, layer), c.rms_norm_eps, h, weight(Slot::kRouter, layer),
+                      weight(Slot::kW13, layer), weight(Slot::kW2, layer), routing, experts);
   }
   if (logit_rows == 0) return;  // a prefill chunk whose logits nobody reads
   // Only the rows whose logits are wanted take the last layer's experts, the final norm and lm_head.

@@ -21,6 +21,8 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <numeric>
+#include <random>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -445,9 +447,15 @@ cudaError_t launch(const void* kernel, dim3 grid, dim3 block, size_t shared_byte
     }
     ex.dynamic_shared_bytes = shared_bytes;
     ex.failure.clear();
-    for (unsigned z = 0; z < grid.z && ex.failure.empty(); ++z)
-      for (unsigned y = 0; y < grid.y && ex.failure.empty(); ++y)
-        for (unsigned x = 0; x < grid.x && ex.failure.empty(); ++x) run_block(ex, grid, block, dim3(x, y, z));
+    // The blocks run in a shuffled order (a GPU promises none), the same in every run of the tests.
+    static std::mt19937_64 block_order_random(2024);
+    std::vector<uint64_t> order(uint64_t(grid.x) * grid.y * grid.z);
+    std::iota(order.begin(), order.end(), uint64_t(0));
+    std::shuffle(order.begin(), order.end(), block_order_random);
+    for (size_t i = 0; i < order.size() && ex.failure.empty(); ++i) {
+      const uint64_t b = order[i];
+      run_block(ex, grid, block, dim3(unsigned(b % grid.x), unsigned(b / grid.x % grid.y), unsigned(b / grid.x / grid.y)));
+    }
     std::free(ex.dynamic_shared);
     ex.dynamic_shared = nullptr;
     if (!ex.failure.empty()) {

@@ -4,7 +4,7 @@
 // the kernels and the cuBLAS calls on machines without a GPU
 // (tests/cuda_emulator/CMakeLists.txt, tests/run_cuda_emulator.sh).
 //
-// The model: blocks of a grid run one after another; the threads of a block
+// The model: blocks of a grid run one after another, in a shuffled order; the threads of a block
 // run as fibers of one host thread, each until it reaches a barrier
 // (__syncthreads, __syncwarp, a warp shuffle or ballot, a warp-wide PTX
 // instruction: mma.sync or ldmatrix). cp.async copies land when their thread
@@ -202,6 +202,17 @@ inline unsigned __float_as_uint(float value) {
   unsigned bits;
   std::memcpy(&bits, &value, sizeof(bits));
   return bits;
+}
+// One block runs at a time, so device memory needs no fences and atomics need no locks.
+inline void __threadfence() {}
+inline int atomicAdd(int* address, int value) {
+  const int old = *address;
+  *address = old + value;
+  return old;
+}
+template <typename T>
+T __ldcg(const T* address) {
+  return *address;
 }
 inline unsigned char* emulated_dynamic_shared_memory() { return cuda_emulator::dynamic_shared(); }
 
