@@ -179,6 +179,10 @@ def test_router_and_permutation_are_exact(ops, experts, k):
     skewed = np.where(r.random(cpu_ids.shape) < 0.7, 0, cpu_ids).astype(np.int32)  # empty and crowded experts
     for c, d in zip(*(o.moe_permute(skewed, experts) for o in ops)):
         np.testing.assert_array_equal(d, c)
+    # Past 48 KiB of ids the GPU kernel reads them from global memory instead of a shared copy.
+    many = r.integers(0, experts, size=(12289 // k + 1, k)).astype(np.int32)
+    for c, d in zip(*(o.moe_permute(many, experts) for o in ops)):
+        np.testing.assert_array_equal(d, c)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

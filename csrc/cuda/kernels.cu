@@ -413,11 +413,19 @@ __device__ void permute_rows(const int32_t* expert_ids, int64_t rows, int num_ex
   }
 }
 
-// One block.
-__global__ void moe_permute_kernel(const int32_t* expert_ids, int64_t rows, int num_experts, int32_t* offsets,
-                                   int32_t* permuted_to_expanded, int32_t* expanded_to_permuted) {
-  permute_rows(expert_ids, rows, num_experts, dynamic_shared_memory<int32_t>(), offsets, permuted_to_expanded,
-               expanded_to_permuted);
+// One block; dynamic shared memory: the counts [E + 1], then, when `staged`, a copy of the expert
+// ids [R] (one coalesced read, where the two passes of permute_rows would each wait on global loads).
+__global__ void moe_permute_kernel(const int32_t* expert_ids, int64_t rows, int num_experts, bool staged,
+                                   int32_t* offsets, int32_t* permuted_to_expanded, int32_t* expanded_to_permuted) {
+  int32_t* counts = dynamic_shared_memory<int32_t>();
+  const int32_t* ids = expert_ids;
+  if (staged) {
+    int32_t* copy = counts + num_experts + 1;
+    for (int64_t i = threadIdx.x; i < rows; i += blockDim.x) copy[i] = expert_ids[i];
+    __syncthreads();
+    ids = copy;
+  }
+  permute_rows(ids, rows, num_experts, counts, offsets, permuted_to_expanded, expanded_to_permuted);
 }
 
 // Permuted row r of expert e in each job's pointer arrays (ExpertGemmPointers).
@@ -661,8 +669,10 @@ void launch_route(const T* x, const T* router, int64_t tokens, int64_t hidden, i
 void launch_moe_permute(const int32_t* expert_ids, int64_t rows, int num_experts, int32_t* expert_offsets,
                         int32_t* permuted_to_expanded, int32_t* expanded_to_permuted, cudaStream_t stream) {
   const int threads = 32 * std::min(32, num_experts);
-  launch(moe_permute_kernel, 1, threads, sizeof(int32_t) * (num_experts + 1), stream, expert_ids, rows, num_experts,
-         expert_offsets, permuted_to_expanded, expanded_to_permuted);
+  const size_t counts_bytes = sizeof(int32_t) * (num_experts + 1), staged_bytes = counts_bytes + sizeof(int32_t) * rows;
+  const bool staged = staged_bytes <= kDefaultSharedBytes;
+  launch(moe_permute_kernel, 1, threads, staged ? staged_bytes : counts_bytes, stream, expert_ids, rows, num_experts,
+         staged, expert_offsets, permuted_to_expanded, expanded_to_permuted);
 }
 
 template <typename T>

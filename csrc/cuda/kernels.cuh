@@ -14,6 +14,9 @@
 
 namespace mixtral::cuda {
 
+// Shared memory a block may take without opting in (static and dynamic together).
+constexpr size_t kDefaultSharedBytes = 48 << 10;
+
 // Lets Kernel use the device's opt-in shared memory per block, and returns that many bytes.
 // The attribute is set once per kernel, not on every launch.
 template <auto Kernel>
