@@ -260,6 +260,7 @@ void CudaBackend::rope_attention(Tensor& qkv, const AttentionShape& shape, const
                                  const KvLayer& kv, const Tensor& page_table, Tensor& out) {
   if (qkv.ndim != 2 || qkv.shape[0] != 1)
     return Backend::rope_attention(qkv, shape, positions, rope_theta, kv, page_table, out);
+  MX_CHECK(rope_theta > 0.0f, ShapeError, "rope_attention: rope_theta must be positive, got " << rope_theta);
   run_attention(qkv, shape, positions, rope_theta, kv, page_table, out);
 }
 

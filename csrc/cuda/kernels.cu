@@ -503,20 +503,30 @@ __global__ void __launch_bounds__(kRouteThreads)
     write_expert_pointers(jobs, r, expert_ids[permuted_to_expanded[r]]);
 }
 
-template <typename T>
+// kWidth elements per access in the next two kernels: kPack16<T> (16 bytes) when the row widths
+// and pointers allow, else 1 (dispatch_pack_width).
+template <typename T, int kWidth>
 __global__ void moe_gather_kernel(const T* x, const int32_t* permuted_to_expanded, int k, T* out, int64_t hidden) {
-  const T* src = x + int64_t(permuted_to_expanded[blockIdx.x] / k) * hidden;
-  T* dst = out + int64_t(blockIdx.x) * hidden;
-  for (int64_t i = threadIdx.x; i < hidden; i += blockDim.x) dst[i] = src[i];
+  using Vec = Pack<T, kWidth>;
+  const Vec* src = reinterpret_cast<const Vec*>(x + int64_t(permuted_to_expanded[blockIdx.x] / k) * hidden);
+  Vec* dst = reinterpret_cast<Vec*>(out + int64_t(blockIdx.x) * hidden);
+  for (int64_t i = threadIdx.x; i < hidden / kWidth; i += blockDim.x) dst[i] = src[i];
 }
 
-template <typename T>
+template <typename T, int kWidth>
 __global__ void silu_mul_kernel(const T* gate_up, T* out, int64_t rows, int64_t width) {
-  const int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (idx >= rows * width) return;
-  const int64_t r = idx / width, i = idx % width;
-  const float gate = to_f32(gate_up[r * 2 * width + i]), up = to_f32(gate_up[r * 2 * width + width + i]);
-  out[idx] = from_f32<T>(gate / (1.0f + expf(-gate)) * up);
+  using Vec = Pack<T, kWidth>;
+  const int64_t packs = width / kWidth, idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (idx >= rows * packs) return;
+  const int64_t r = idx / packs, p = idx % packs;
+  const Vec gate = reinterpret_cast<const Vec*>(gate_up + r * 2 * width)[p];
+  const Vec up = reinterpret_cast<const Vec*>(gate_up + r * 2 * width + width)[p];
+  Vec result;
+  for (int j = 0; j < kWidth; ++j) {
+    const float g = to_f32(gate.values[j]);
+    result.values[j] = from_f32<T>(g / (1.0f + expf(-g)) * to_f32(up.values[j]));
+  }
+  reinterpret_cast<Vec*>(out + r * width)[p] = result;
 }
 
 template <typename T>
@@ -654,16 +664,11 @@ void launch_route(const T* x, const T* router, int64_t tokens, int64_t hidden, i
                   cudaStream_t stream) {
   MX_CHECK(tokens >= 1 && tokens <= kFusedRouteMaxTokens && num_experts <= kFusedRouteMaxExperts, ShapeError,
            "cuda route: " << tokens << " tokens over " << num_experts << " experts is not for the fused kernel");
-  auto launch_kernel = [&](auto pack) {
-    constexpr int kWidth = decltype(pack)::value;
-    launch(route_kernel<T, kWidth>, 1, kRouteThreads, 0, stream, x, router, static_cast<int>(tokens), hidden,
-           num_experts, k, logits, expert_ids, weights, expert_offsets, permuted_to_expanded, expanded_to_permuted,
-           gathered, jobs, norm);
-  };
-  const bool aligned = reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(router) % 16 == 0 &&
-                       reinterpret_cast<uintptr_t>(gathered) % 16 == 0;
-  if (aligned && hidden % kPack16<T> == 0) launch_kernel(std::integral_constant<int, kPack16<T>>{});
-  else launch_kernel(std::integral_constant<int, 1>{});
+  dispatch_pack_width<T>(hidden, {x, router, gathered}, [&](auto pack) {
+    launch(route_kernel<T, decltype(pack)::value>, 1, kRouteThreads, 0, stream, x, router, static_cast<int>(tokens),
+           hidden, num_experts, k, logits, expert_ids, weights, expert_offsets, permuted_to_expanded,
+           expanded_to_permuted, gathered, jobs, norm);
+  });
 }
 
 void launch_moe_permute(const int32_t* expert_ids, int64_t rows, int num_experts, int32_t* expert_offsets,
@@ -679,13 +684,20 @@ template <typename T>
 void launch_moe_gather(const T* x, const int32_t* permuted_to_expanded, int k, T* out, int64_t rows,
                        int64_t hidden, cudaStream_t stream) {
   if (rows == 0) return;
-  launch(moe_gather_kernel<T>, static_cast<unsigned>(rows), 256, 0, stream, x, permuted_to_expanded, k, out, hidden);
+  dispatch_pack_width<T>(hidden, {x, out}, [&](auto pack) {
+    launch(moe_gather_kernel<T, decltype(pack)::value>, static_cast<unsigned>(rows), 256, 0, stream, x,
+           permuted_to_expanded, k, out, hidden);
+  });
 }
 
 template <typename T>
 void launch_silu_mul(const T* gate_up, T* out, int64_t rows, int64_t width, cudaStream_t stream) {
   if (rows * width == 0) return;
-  launch(silu_mul_kernel<T>, blocks_for(rows * width, 256), 256, 0, stream, gate_up, out, rows, width);
+  dispatch_pack_width<T>(width, {gate_up, out}, [&](auto pack) {
+    constexpr int kWidth = decltype(pack)::value;
+    launch(silu_mul_kernel<T, kWidth>, blocks_for(rows * width / kWidth, 256), 256, 0, stream, gate_up, out, rows,
+           width);
+  });
 }
 
 template <typename T>

@@ -8,6 +8,8 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <initializer_list>
+#include <type_traits>
 
 #include "core/backend.h"
 #include "cuda/cuda_check.cuh"
@@ -51,6 +53,17 @@ struct alignas(sizeof(T) * kWidth) Pack {
 };
 template <typename T>
 constexpr int kPack16 = 16 / sizeof(T);  // elements of T in 16 bytes
+
+// Calls fn(std::integral_constant<int, W>{}) with W = kPack16<T> when `width` (elements of T) is a
+// multiple of it and every pointer is 16-byte aligned, so rows of that width go 16 bytes at a
+// time; else W = 1.
+template <typename T, typename Fn>
+void dispatch_pack_width(int64_t width, std::initializer_list<const void*> pointers, Fn&& fn) {
+  bool aligned = width % kPack16<T> == 0;
+  for (const void* p : pointers) aligned = aligned && reinterpret_cast<uintptr_t>(p) % 16 == 0;
+  if (aligned) fn(std::integral_constant<int, kPack16<T>>{});
+  else fn(std::integral_constant<int, 1>{});
+}
 
 // Element offset of cache row `pos` of KV head g in a [num_pages, Hkv, page_size, D] pool.
 __device__ __forceinline__ int64_t cache_offset(const int32_t* page_table, int page_size, int kv_heads, int g,
