@@ -1,14 +1,16 @@
 """Operation benchmarks of the CUDA backend at Mixtral-8x22B shapes (bf16), each
 against what the same run measures on the same card: the device copy bandwidth
 and the bf16 matmul rate (both with torch). Never asserts; prints a markdown
-table last and writes JSON.
+table (then one line on the expert paths) last and writes JSON.
 
     python benchmarks/bench_ops.py [--out DIR] [--device cuda|cpu] [--small]
 
 --small shrinks every shape (a smoke run of the script, e.g. on the CPU).
 Columns: ms per call; GB/s of the bytes the op must move (weights read, plus
 activations); TFLOP/s; the fraction of the copy bandwidth (memory-bound ops)
-or of the matmul rate (compute-bound ones) reached.
+or of the matmul rate (compute-bound ones) reached. After the table, the
+fastest expert GEMM path for 1 to 32 tokens (where the dispatcher should switch
+from batched to per-expert).
 """
 
 from __future__ import annotations
