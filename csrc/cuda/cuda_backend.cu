@@ -37,9 +37,8 @@ CudaBackend::CudaBackend(int device) : runtime_(device) {}
 CudaBackend::~CudaBackend() {
   for (auto& entry : graphs_) cudaGraphExecDestroy(entry.second);
   for (auto& entry : events_) cudaEventDestroy(entry.second);
-  if (pointers_) cudaFree(pointers_);
-  if (scratch_) cudaFree(scratch_);
-  if (split_counters_) cudaFree(split_counters_);
+  for (const GrowingBuffer* buffer : {&pointers_, &scratch_, &split_counters_})
+    if (buffer->data) cudaFree(buffer->data);
   for (void* buffer : retired_) cudaFree(buffer);
 }
 
@@ -370,14 +369,20 @@ std::vector<int32_t> CudaBackend::offsets_on_host(const Tensor& expert_offsets, 
   return offsets;
 }
 
+bool CudaBackend::grow(GrowingBuffer& buffer, size_t bytes, size_t minimum_bytes) {
+  if (bytes <= buffer.bytes) return false;
+  MX_CHECK(!capturing_, Error, "cuda: a device buffer grows in a step run before any recording, not during one");
+  retire(buffer.data);
+  buffer = GrowingBuffer{};
+  const size_t size = std::max(bytes, minimum_bytes);
+  buffer.data = allocate(size);
+  buffer.bytes = size;
+  return true;
+}
+
 void** CudaBackend::pointer_arrays(int64_t count) {
-  if (count > pointer_capacity_) {
-    retire(pointers_);
-    pointers_ = nullptr;
-    pointer_capacity_ = std::max<int64_t>(count, 4096);
-    pointers_ = static_cast<void**>(allocate(pointer_capacity_ * sizeof(void*)));
-  }
-  return pointers_;
+  grow(pointers_, count * sizeof(void*), 4096 * sizeof(void*));
+  return static_cast<void**>(pointers_.data);
 }
 
 void CudaBackend::retire(void* buffer) {
@@ -391,26 +396,16 @@ void CudaBackend::retire(void* buffer) {
 }
 
 float* CudaBackend::scratch_floats(int64_t floats) {
-  if (floats > scratch_capacity_) {
-    retire(scratch_);
-    scratch_ = nullptr;
-    scratch_capacity_ = std::max<int64_t>(floats, 1 << 20);
-    scratch_ = static_cast<float*>(allocate(scratch_capacity_ * sizeof(float)));
-  }
-  return scratch_;
+  grow(scratch_, floats * sizeof(float), (1 << 20) * sizeof(float));
+  return static_cast<float*>(scratch_.data);
 }
 
 int32_t* CudaBackend::split_counters(int64_t count) {
-  if (count > split_counter_capacity_) {
-    MX_CHECK(!capturing_, Error, "cuda: split attention's counters are set up by a step run before any recording");
-    retire(split_counters_);
-    split_counters_ = nullptr;
-    split_counter_capacity_ = std::max<int64_t>(count, 1024);
-    split_counters_ = static_cast<int32_t*>(allocate(split_counter_capacity_ * sizeof(int32_t)));
-    const std::vector<int32_t> zeros(split_counter_capacity_, 0);
-    runtime_.upload(split_counters_, zeros.data(), zeros.size() * sizeof(int32_t));
+  if (grow(split_counters_, count * sizeof(int32_t), 1024 * sizeof(int32_t))) {
+    const std::vector<int32_t> zeros(split_counters_.bytes / sizeof(int32_t), 0);
+    runtime_.upload(split_counters_.data, zeros.data(), split_counters_.bytes);
   }
-  return split_counters_;
+  return static_cast<int32_t*>(split_counters_.data);
 }
 
 void CudaBackend::expert_gemm_per_expert(const Tensor& x, const Tensor& w, const std::vector<int32_t>& offsets,

@@ -123,11 +123,19 @@ class CudaBackend final : public Backend {
   // kernel's when it fits (then with `norm`, if given), else a pointer kernel's after the routing.
   void moe_batched(const Tensor& x, const Tensor& router, const Tensor& w13, const Tensor& w2, Routing& routing,
                    ExpertBuffers& experts, const FusedNorm* norm);
-  // Device memory for `count` pointers (the batched and grouped paths), grown rarely.
+  // Device memory kept between calls and grown rarely (never while a graph is recorded).
+  struct GrowingBuffer {
+    void* data = nullptr;
+    size_t bytes = 0;
+  };
+  // Gives `buffer` at least `bytes` (no less than minimum_bytes), retiring the outgrown one;
+  // true when it allocated.
+  bool grow(GrowingBuffer& buffer, size_t bytes, size_t minimum_bytes);
+  // Device memory for `count` pointers (the batched and grouped paths).
   void** pointer_arrays(int64_t count);
-  // Device scratch of at least `floats` floats (split attention's partial results), grown rarely.
+  // Device scratch of at least `floats` floats (split attention's partial results).
   float* scratch_floats(int64_t floats);
-  // Split attention's counters of finished blocks, `count` of them, zero when handed out (grown rarely).
+  // Split attention's counters of finished blocks, `count` of them, zero when handed out.
   int32_t* split_counters(int64_t count);
   cudaEvent_t event(int id) const;  // throws for an unknown id
   // Frees a buffer that was outgrown, or keeps it until the backend goes while graphs may use it.
@@ -136,12 +144,7 @@ class CudaBackend final : public Backend {
   Runtime runtime_;
   ExpertGemmPath expert_path_ = ExpertGemmPath::kAuto;
   bool tensor_core_attention_ = true;  // option "attention": auto (tensor cores for prefill) or simple
-  void** pointers_ = nullptr;
-  int64_t pointer_capacity_ = 0;
-  float* scratch_ = nullptr;
-  int64_t scratch_capacity_ = 0;
-  int32_t* split_counters_ = nullptr;
-  int64_t split_counter_capacity_ = 0;
+  GrowingBuffer pointers_, scratch_, split_counters_;
   std::vector<void*> retired_;
   bool capturing_ = false;
   std::map<int, cudaGraphExec_t> graphs_;

@@ -240,6 +240,8 @@ __global__ void attention_kernel(const T* qkv, int64_t width, int q_heads, int k
       load_kv_tile<kWidth>(k_pool, v_pool, page_table, page_size, kv_heads, g, head_dim, begin + tile * kTile, end,
                            k_tile, k_tile + kTile * row_stride, row_stride);
     };
+    const int64_t tiles = (end - begin + kTile - 1) / kTile;
+    load(0);  // in flight while q (and the token's own row) are made ready
     const T* q = qkv + t * width + int64_t(head) * head_dim;
     const int half = head_dim / 2;
     const int32_t pos = static_cast<int32_t>(length - 1);
@@ -271,8 +273,6 @@ __global__ void attention_kernel(const T* qkv, int64_t width, int q_heads, int k
       for (int i = threadIdx.x; i < head_dim; i += blockDim.x) own_v[i] = v_pool[row + i] = v_new[i];
     }
 
-    const int64_t tiles = (end - begin + kTile - 1) / kTile;
-    load(0);
     for (int64_t tile = 0; tile < tiles; ++tile) {
       if (tile + 1 < tiles) {
         load(tile + 1);
