@@ -6,6 +6,8 @@
 #   MEMCHECK=1  also runs the GPU tests under compute-sanitizer memcheck (slow)
 #   PEERS=0     skips the side-by-side benchmark against transformers and torch.compile (the longest step)
 #   PROFILE=1   also profiles the kernels of a decode step with Nsight Compute (benchmarks/profile_decode.py)
+# Where the machine's runtime refuses compute-sanitizer or ncu (both do on gVisor), that step says so
+# and does not count as a failure.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(mktemp -d)}
@@ -29,10 +31,16 @@ tail -3 "$OUT/gpu_tests.log"
 
 if [ "${MEMCHECK:-0}" = 1 ]; then
   step "GPU tests under compute-sanitizer memcheck"
-  (cd "$OUT" && timeout 600 compute-sanitizer --tool memcheck --error-exitcode 1 python -m pytest -q -p no:cacheprovider \
+  if (cd "$OUT" && timeout 600 compute-sanitizer --tool memcheck --error-exitcode 1 python -m pytest -q -p no:cacheprovider \
      -m cuda "$OLDPWD/tests/test_cuda.py" --rootdir "$OLDPWD" -c "$OLDPWD/pyproject.toml" -k "not out_of_memory") \
-     > "$OUT/memcheck.log" 2>&1 || status=1
-  tail -3 "$OUT/memcheck.log"
+     > "$OUT/memcheck.log" 2>&1; then
+    tail -3 "$OUT/memcheck.log"
+  elif grep -q "Device not supported" "$OUT/memcheck.log"; then
+    echo "compute-sanitizer refuses this machine's GPU (seen on the gVisor runtime): no memcheck here"
+  else
+    status=1
+    tail -3 "$OUT/memcheck.log"
+  fi
 fi
 
 step "op benchmarks"
@@ -46,9 +54,14 @@ for graphs in "" --cuda-graphs; do
 done
 if [ "${PROFILE:-0}" = 1 ]; then
   step "Nsight Compute: the kernels of a decode step (8x22B widths, 1 layer, 2048-token context)"
-  (cd "$OUT" && timeout 300 python "$OLDPWD/benchmarks/profile_decode.py" --out "$OUT") \
-    > "$OUT/profile_decode.log" 2>&1 || status=1
-  grep -E "^\||decode kernels" "$OUT/profile_decode.log" || tail -20 "$OUT/profile_decode.log"
+  if (cd "$OUT" && timeout 300 python "$OLDPWD/benchmarks/profile_decode.py" --out "$OUT") > "$OUT/profile_decode.log" 2>&1; then
+    grep -E "^\||decode kernels" "$OUT/profile_decode.log"
+  elif grep -q "LibraryNotLoaded" "$OUT"/profile_decode*; then
+    echo "ncu cannot read this machine's GPU counters (seen on the gVisor runtime): no profile here"
+  else
+    status=1
+    tail -20 "$OUT/profile_decode.log"
+  fi
 fi
 if [ "${PEERS:-1}" = 1 ]; then
   step "peers: this engine, HF eager and grouped_mm, gpt-fast-style torch.compile (8x22B widths, 2 layers)"
