@@ -8,7 +8,8 @@ table (then one line on the expert paths) last and writes JSON.
 --small shrinks every shape (a smoke run of the script, e.g. on the CPU).
 Columns: ms per call; GB/s of the bytes the op must move (weights read, plus
 activations); TFLOP/s; the fraction of the copy bandwidth (memory-bound ops)
-or of the matmul rate (compute-bound ones) reached. After the table, the
+or of the matmul rate (compute-bound ones) reached; the expert GEMM rows
+include FP8 weights (expert_dtype="float8_e4m3"). After the table, the
 fastest expert GEMM path for 1 to 32 tokens (where the dispatcher should switch
 from batched to per-expert).
 """
@@ -94,6 +95,10 @@ def main() -> None:
             sec = ops.time_expert_matmul(split, 2 * F, H, "bfloat16", iters)
             add(f"experts w13 {path}", f"{label}: {r} rows, {used} experts", sec,
                 2 * (used * 2 * F * H + r * H + r * 2 * F), 2 * r * 2 * F * H)
+        # FP8 expert weights (expert_dtype="float8_e4m3"): one byte per weight and a float32 scale per row.
+        sec = ops.time_expert_matmul(split, 2 * F, H, "bfloat16", iters, "float8_e4m3")
+        add("experts w13 fp8", f"{label}: {r} rows, {used} experts", sec,
+            used * 2 * F * (H + 4) + 2 * (r * H + r * 2 * F), 2 * r * 2 * F * H)
     # Where the dispatcher should switch paths: w13 for 1 to 32 tokens routed at random (top-k of E,
     # seeded), every path; the fastest per row count goes into the JSON and a line after the table.
     sweep = []

@@ -46,11 +46,16 @@ fi
 step "op benchmarks"
 (cd "$OUT" && timeout 240 python "$OLDPWD/benchmarks/bench_ops.py" --out "$OUT") > "$OUT/bench_ops.log" 2>&1 || status=1
 grep -E "^\|| copy |^fastest expert" "$OUT/bench_ops.log" || tail -20 "$OUT/bench_ops.log"
-step "engine: synthetic 8x22B widths, 4 layers, 2048-token prompt, without and with CUDA graphs"
-for graphs in "" --cuda-graphs; do
+step "engine: synthetic 8x22B widths, 4 layers, 2048-token prompt: plain, CUDA graphs, FP8 experts"
+for variant in plain graphs fp8; do
+  case $variant in
+    plain) flags="" ;;
+    graphs) flags="--cuda-graphs" ;;
+    fp8) flags="--expert-dtype float8_e4m3" ;;
+  esac
   (cd "$OUT" && timeout 180 python -m mixtral_ext bench --device cuda --shape 8x22b --layers 4 --prompt-tokens 2048 \
-     --new-tokens 64 $graphs --json "$OUT/bench_engine${graphs:+_graphs}.json") > "$OUT/bench_engine${graphs:+_graphs}.log" 2>&1 || status=1
-  tail -1 "$OUT/bench_engine${graphs:+_graphs}.log"
+     --new-tokens 64 $flags --json "$OUT/bench_engine_$variant.json") > "$OUT/bench_engine_$variant.log" 2>&1 || status=1
+  tail -1 "$OUT/bench_engine_$variant.log"
 done
 if [ "${PROFILE:-0}" = 1 ]; then
   step "Nsight Compute: the kernels of a decode step (8x22B widths, 1 layer, 2048-token context)"

@@ -57,6 +57,7 @@ def test_bench_ops_runs_at_small_shapes_on_the_cpu(tmp_path):
     assert "| op | shape | ms |" in run.stdout and "fastest expert w13 path by rows" in run.stdout
     with open(tmp_path / "bench_ops.json") as f:
         report = json.load(f)
-    assert {row["op"] for row in report["ops"]} >= {"matmul qkv", "experts w13 auto", "attention decode"}
+    assert {row["op"] for row in report["ops"]} >= {"matmul qkv", "experts w13 auto", "experts w13 fp8",
+                                                   "attention decode"}
     assert [entry["rows"] for entry in report["expert_path_sweep"]] == [2, 4, 8, 16, 32, 64]
     assert all(entry["fastest"] == "auto" and entry["ms"]["auto"] > 0 for entry in report["expert_path_sweep"])

@@ -306,6 +306,50 @@ def test_add_rmsnorm_moe_equals_add_rmsnorm_then_moe(ops, dtype, tokens, hidden,
             dev_ops.set_option("expert_gemm", "auto")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows_per_expert,width", [([1, 0, 1, 0, 0], 203), ([0, 0, 2, 0, 0], 208),
+                                                   ([9, 0, 3, 4, 0], 203), ([9, 0, 3, 4, 0], 208),
+                                                   ([0, 17, 0, 0, 0], 203), ([40, 33, 0, 7, 57], 208)])
+def test_fp8_expert_matmul(ops, dtype, rows_per_expert, width):
+    """float8_e4m3 expert weights (the same quantized bytes and row scales on both sides): up to 16
+    rows the hand-written kernel, 16 bytes per load when the width allows (208); more rows are
+    dequantized in chunks for cuBLAS."""
+    cpu_ops, dev_ops = ops
+    r = rng(19)
+    offsets = np.concatenate([[0], np.cumsum(rows_per_expert)]).astype(np.int32)
+    x, w = normal(r, int(offsets[-1]), width), normal(r, len(rows_per_expert), 117, width, scale=0.07)
+    expected = cpu_ops.expert_matmul(x, w, offsets, dtype, dtype, "float8_e4m3")
+    close(dev_ops.expert_matmul(x, w, offsets, dtype, dtype, "float8_e4m3"), expected, dtype, rel_scale=4.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 8, 12])
+def test_fp8_moe_and_add_rmsnorm_moe(ops, dtype, tokens):
+    """A layer's experts in float8_e4m3: up to 8 tokens the fused routing kernel (with the norm) and
+    the hand-written expert kernel, with no pointer arrays; 12 tokens the separate routing ops and
+    dequantized weights for cuBLAS."""
+    cpu_ops, dev_ops = ops
+    r = rng(20)
+    hidden, ffn, experts, k = 48, 29, 8, 2
+    residual, delta = normal(r, tokens, hidden), normal(r, tokens, hidden)
+    norm_weight = r.uniform(0.5, 1.5, hidden).astype(np.float32)
+    router = normal(r, experts, hidden, scale=0.5)
+    w13, w2 = normal(r, experts, 2 * ffn, hidden, scale=0.15), normal(r, experts, hidden, ffn, scale=0.15)
+    args = (residual, delta, norm_weight, 1e-5, router, w13, w2, k, dtype, "float8_e4m3")
+    cpu, dev = (o.add_rmsnorm_moe(*args) for o in ops)
+    close(dev[0], cpu[0], dtype)
+    close(dev[1], cpu[1], dtype)
+    for index in (1, 3, 4, 5):  # ids, offsets, both row maps
+        np.testing.assert_array_equal(dev[2][index], cpu[2][index])
+    for actual, expected in zip(dev[3:], cpu[3:]):  # gate_up, act, out
+        close(actual, expected, dtype, rel_scale=4.0)
+    (cpu_routing, *cpu_ffn), (dev_routing, *dev_ffn) = (o.moe(residual, router, w13, w2, k, dtype, "float8_e4m3")
+                                                        for o in ops)
+    np.testing.assert_array_equal(dev_routing[3], cpu_routing[3])
+    for actual, expected in zip(dev_ffn, cpu_ffn):
+        close(actual, expected, dtype, rel_scale=4.0)
+
+
 def sampling_params(**settings):
     params = _C.SamplingParams()
     for name, value in settings.items():
@@ -488,6 +532,24 @@ def test_long_context_engine_matches_the_cpu_and_chunking_does_not_matter(device
                 results.append(seq.append(ids))
         assert_close(results[0], results[1], rel / 4)
         assert_close(results[1], expected, rel)
+
+
+def test_fp8_expert_engine_matches_the_cpu_one(device_engines, tiny_dir):
+    """expert_dtype="float8_e4m3": prompt chunks of 16 tokens take the dequantized cuBLAS path, decode
+    steps the hand-written kernel; logits and greedy tokens equal the CPU engine's on the same bytes."""
+    ids = random_tokens(40, 101, seed=41)
+    cpu = mixtral_ext.Engine.from_pretrained(tiny_dir, expert_dtype="float8_e4m3", max_context=64)
+    device = mixtral_ext.Engine.from_pretrained(tiny_dir, device=DEVICE, dtype="float32", expert_dtype="float8_e4m3",
+                                                max_context=64, max_batch_tokens=16)
+    assert_close(device.logits(ids), cpu.logits(ids), 1e-4)
+    prompt = ids[:7]
+    assert device.generate(prompt, max_tokens=20, temperature=0).token_ids == \
+        cpu.generate(prompt, max_tokens=20, temperature=0).token_ids
+    short = ids[:24]
+    cpu_bf16 = mixtral_ext.Engine.from_pretrained(tiny_dir, dtype="bfloat16", expert_dtype="float8_e4m3", max_context=64)
+    device_bf16 = mixtral_ext.Engine.from_pretrained(tiny_dir, device=DEVICE, dtype="bfloat16",
+                                                     expert_dtype="float8_e4m3", max_context=64, max_batch_tokens=16)
+    assert_close(device_bf16.logits(short), cpu_bf16.logits(short), 5e-2)
 
 
 def test_device_out_of_memory_is_an_exception(tiny_dir, device_engines):

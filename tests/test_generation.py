@@ -282,6 +282,10 @@ def test_synthetic_engine_and_bench_command(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert report["new_tokens"] == 4 and report["layers"] == 1 and report["decode_tokens_per_s"] > 0
     assert "tokens/s" in capsys.readouterr().out
+    assert main(["bench", "--shape", "demo", "--layers", "1", "--prompt-tokens", "9", "--new-tokens", "4",
+                 "--expert-dtype", "float8_e4m3", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["expert_dtype"] == "float8_e4m3"
+    assert "experts in float8_e4m3" in capsys.readouterr().out
 
 
 def test_decode_steps_through_pinned_buffers_equal_direct_ones(text_engine):

@@ -6,6 +6,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <optional>
+
 #include "bindings/bindings.h"
 #include "core/cuda_library.h"
 #include "cpu/cpu_backend.h"
@@ -21,6 +23,11 @@ DType parse_dtype(const std::string& name) {
   if (name == "bfloat16") return DType::kBFloat16;
   if (name == "float16") return DType::kFloat16;
   throw ShapeError("unsupported dtype '" + name + "' (float32, bfloat16 or float16)");
+}
+
+DType parse_weight_dtype(const std::string& name, DType fallback) {
+  if (name.empty()) return fallback;
+  return name == "float8_e4m3" ? DType::kFloat8E4M3 : parse_dtype(name);
 }
 
 std::unique_ptr<Backend> make_backend(const std::string& device, const std::string& cuda_library) {
@@ -54,20 +61,24 @@ py::array_t<float> append(Engine& engine, int sequence, const py::array_t<int32_
   return logits;
 }
 
-void load_weight(Engine& engine, const std::string& slot, int64_t layer, int64_t expert,
-                 int64_t row_offset, const py::buffer& source, const std::string& source_dtype) {
+void load_weight(Engine& engine, const std::string& slot, int64_t layer, int64_t expert, int64_t row_offset,
+                 const py::buffer& source, const std::string& source_dtype,
+                 const std::optional<py::array_t<float, py::array::c_style | py::array::forcecast>>& row_scales) {
   const py::buffer_info info = source.request();
   MX_CHECK(info.ndim == 1 || info.ndim == 2, ShapeError,
            slot << ": expected a 1-D or 2-D tensor, got " << info.ndim << " dims");
-  const DType dtype = parse_dtype(source_dtype);
+  const DType dtype = parse_weight_dtype(source_dtype, DType::kFloat32);
   MX_CHECK(static_cast<size_t>(info.itemsize) == dtype_size(dtype), ShapeError,
            slot << ": " << info.itemsize << "-byte elements do not hold " << source_dtype);
   const int64_t rows = info.ndim == 2 ? info.shape[0] : 1;
   const int64_t cols = info.shape[info.ndim - 1];
   MX_CHECK(info.strides[info.ndim - 1] == info.itemsize && (info.ndim == 1 || info.strides[0] == cols * info.itemsize),
            ShapeError, slot << ": the source tensor must be C-contiguous");
+  MX_CHECK((dtype == DType::kFloat8E4M3) == row_scales.has_value() && (!row_scales || row_scales->size() == rows),
+           ShapeError, slot << ": a float8_e4m3 source takes one scale per row, other dtypes none");
   py::gil_scoped_release release;
-  engine.load_weight(slot, layer, expert, row_offset, info.ptr, dtype, rows, cols);
+  engine.load_weight(slot, layer, expert, row_offset, info.ptr, dtype, rows, cols,
+                     row_scales ? row_scales->data() : nullptr);
 }
 
 }  // namespace
@@ -117,9 +128,11 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init([](const ModelConfig& config, const std::string& device,
                        const std::string& weight_dtype, const std::string& activation_dtype,
                        int64_t max_context, int64_t kv_cache_tokens, int page_size,
-                       int64_t max_batch_tokens, const std::string& cuda_library, bool graphs) {
+                       int64_t max_batch_tokens, const std::string& cuda_library, bool graphs,
+                       const std::string& expert_dtype) {
              EngineOptions options;
              options.weight_dtype = parse_dtype(weight_dtype);
+             options.expert_dtype = parse_weight_dtype(expert_dtype, options.weight_dtype);
              options.activation_dtype = parse_dtype(activation_dtype);
              options.max_context = max_context;
              options.kv_cache_tokens = kv_cache_tokens;
@@ -130,12 +143,14 @@ PYBIND11_MODULE(_C, m) {
            }),
            py::arg("config"), py::arg("device"), py::arg("weight_dtype"), py::arg("activation_dtype"),
            py::arg("max_context"), py::arg("kv_cache_tokens"), py::arg("page_size"),
-           py::arg("max_batch_tokens"), py::arg("cuda_library") = "", py::arg("graphs") = false)
+           py::arg("max_batch_tokens"), py::arg("cuda_library") = "", py::arg("graphs") = false,
+           py::arg("expert_dtype") = "")
       .def_static("memory_plan", [](const ModelConfig& config, const std::string& weight_dtype,
                                     const std::string& activation_dtype, int64_t max_context, int page_size,
-                                    int64_t max_batch_tokens) {
+                                    int64_t max_batch_tokens, const std::string& expert_dtype) {
         EngineOptions options;
         options.weight_dtype = parse_dtype(weight_dtype);
+        options.expert_dtype = parse_weight_dtype(expert_dtype, options.weight_dtype);
         options.activation_dtype = parse_dtype(activation_dtype);
         options.max_context = options.kv_cache_tokens = max_context;
         options.page_size = page_size;
@@ -143,13 +158,13 @@ PYBIND11_MODULE(_C, m) {
         const Engine::MemoryPlan plan = Engine::memory_plan(config, options);
         return py::make_tuple(plan.weight_bytes, plan.workspace_bytes, plan.kv_bytes_per_token);
       }, py::arg("config"), py::arg("weight_dtype"), py::arg("activation_dtype"), py::arg("max_context"),
-         py::arg("page_size"), py::arg("max_batch_tokens"),
+         py::arg("page_size"), py::arg("max_batch_tokens"), py::arg("expert_dtype") = "",
          "(weight bytes, workspace bytes, KV cache bytes per token) of an engine with these settings.")
       .def("set_backend_option", [](Engine& e, const std::string& name, const std::string& value) {
         e.backend().set_option(name, value);
       })
       .def("load_weight", &load_weight, py::arg("slot"), py::arg("layer"), py::arg("expert"),
-           py::arg("row_offset"), py::arg("source"), py::arg("source_dtype"))
+           py::arg("row_offset"), py::arg("source"), py::arg("source_dtype"), py::arg("row_scales") = py::none())
       .def("missing_weights", &Engine::missing_weights)
       .def("init_random", [](Engine& e, uint64_t seed) {
         py::gil_scoped_release release;

@@ -1,12 +1,14 @@
 // mixtral_ext._C.Ops: each operation of core/backend.h callable on its own,
 // on the CPU or the CUDA backend, for the tests that hold every CUDA op to its
 // CPU twin. Inputs come as float32 / int32 numpy arrays and are converted to
-// the requested dtype on the host; outputs come back as float32 / int32 numpy
-// arrays. Every device buffer has guard bytes on both sides, checked after the
-// op; outputs start filled with 0xFF bytes (NaN in every float dtype), so a
-// missed write shows. Indices are range-checked on the host before any
-// backend reads them (the CUDA kernels trust the engine's checks). The time_*
-// methods time one op on uninitialised buffers of given sizes, for benchmarks.
+// the requested dtype on the host (expert weights may also be quantized to
+// float8_e4m3 with their row scales, core/fp8.h); outputs come back as float32
+// / int32 numpy arrays. Every device buffer has guard bytes on both sides,
+// checked after the op; outputs start filled with 0xFF bytes (NaN in every
+// float dtype), so a missed write shows. Indices are range-checked on the host
+// before any backend reads them (the CUDA kernels trust the engine's checks).
+// The time_* methods time one op on uninitialised buffers of given sizes, for
+// benchmarks; quantize_e4m3 exposes the quantizer itself.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -66,6 +68,17 @@ class Buffers {
     return place(converted.data(), dtype, shape_of(a));
   }
   Tensor input(const IntArray& a) { return place(a.data(), DType::kInt32, shape_of(a)); }
+  // Expert weights [E, N, K]: in `dtype`, or quantized to float8_e4m3 with their row scales.
+  Tensor expert_weights(const FloatArray& w, DType dtype) {
+    if (dtype != DType::kFloat8E4M3) return input(w, dtype);
+    const int64_t cols = w.shape(w.ndim() - 1), rows = cols ? w.size() / cols : 0;
+    std::vector<uint8_t> values(w.size());
+    std::vector<float> scales(rows);
+    quantize_rows_e4m3(w.data(), rows, cols, values.data(), scales.data());
+    Tensor t = place(values.data(), DType::kFloat8E4M3, shape_of(w));
+    t.row_scales = place(scales.data(), DType::kFloat32, {rows}).ptr<const float>();
+    return t;
+  }
   Tensor output(DType dtype, const std::vector<int64_t>& shape) { return place(nullptr, dtype, shape); }
 
   FloatArray to_float(const Tensor& t) {
@@ -222,6 +235,13 @@ class TimingBuffers {
 }  // namespace
 
 void bind_ops(py::module_& m) {
+  m.def("quantize_e4m3", [](const FloatArray& w) {
+    MX_CHECK(w.ndim() == 2, ShapeError, "quantize_e4m3: a [rows, cols] array expected");
+    py::array_t<uint8_t> values({w.shape(0), w.shape(1)});
+    FloatArray scales(w.shape(0));
+    quantize_rows_e4m3(w.data(), w.shape(0), w.shape(1), values.mutable_data(), scales.mutable_data());
+    return py::make_tuple(values, scales);
+  }, py::arg("w"), "The engine's FP8 quantization of expert weights (core/fp8.h): (E4M3 bytes, row scales).");
   py::class_<Ops>(m, "Ops", "Single operations on one backend, for testing the CUDA ops against their CPU twins.")
       .def(py::init<const std::string&, const std::string&>(), py::arg("device"), py::arg("cuda_library") = "")
       .def("set_option", [](Ops& ops, const std::string& name, const std::string& value) {
@@ -308,11 +328,12 @@ void bind_ops(py::module_& m) {
         });
       })
       .def("moe", [](Ops& ops, const FloatArray& x, const FloatArray& router, const FloatArray& w13,
-                     const FloatArray& w2, int k, const std::string& dtype) {
+                     const FloatArray& w2, int k, const std::string& dtype, const std::string& expert_dtype) {
         return ops.run([&](Buffers& b) {
-          const DType dt = parse_dtype(dtype);
+          const DType dt = parse_dtype(dtype), et = parse_weight_dtype(expert_dtype, dt);
           const int64_t rows = x.shape(0) * int64_t(k), ffn = w2.shape(2);
-          Tensor xt = b.input(x, dt), rt = b.input(router, dt), w13t = b.input(w13, dt), w2t = b.input(w2, dt);
+          Tensor xt = b.input(x, dt), rt = b.input(router, dt);
+          Tensor w13t = b.expert_weights(w13, et), w2t = b.expert_weights(w2, et);
           Routing routing = routing_outputs(b, x.shape(0), x.shape(1), router.shape(0), k, dt);
           ExpertBuffers experts{b.output(dt, {rows, 2 * ffn}), b.output(dt, {rows, ffn}),
                                 b.output(dt, {rows, w2.shape(1)})};
@@ -320,15 +341,17 @@ void bind_ops(py::module_& m) {
           return py::make_tuple(routing_to_tuple(b, routing), b.to_float(experts.gate_up), b.to_float(experts.act),
                                 b.to_float(experts.out));
         });
-      })
+      }, py::arg("x"), py::arg("router"), py::arg("w13"), py::arg("w2"), py::arg("k"), py::arg("dtype"),
+         py::arg("expert_dtype") = "")
       .def("add_rmsnorm_moe", [](Ops& ops, const FloatArray& residual, const FloatArray& delta,
                                  const FloatArray& norm_weight, float eps, const FloatArray& router,
-                                 const FloatArray& w13, const FloatArray& w2, int k, const std::string& dtype) {
+                                 const FloatArray& w13, const FloatArray& w2, int k, const std::string& dtype,
+                                 const std::string& expert_dtype) {
         return ops.run([&](Buffers& b) {
-          const DType dt = parse_dtype(dtype);
+          const DType dt = parse_dtype(dtype), et = parse_weight_dtype(expert_dtype, dt);
           const int64_t tokens = residual.shape(0), hidden = residual.shape(1), rows = tokens * k, ffn = w2.shape(2);
           Tensor res = b.input(residual, dt), dl = b.input(delta, dt), nw = b.input(norm_weight, dt);
-          Tensor rt = b.input(router, dt), w13t = b.input(w13, dt), w2t = b.input(w2, dt);
+          Tensor rt = b.input(router, dt), w13t = b.expert_weights(w13, et), w2t = b.expert_weights(w2, et);
           Tensor h = b.output(dt, {tokens, hidden});
           Routing routing = routing_outputs(b, tokens, hidden, router.shape(0), k, dt);
           ExpertBuffers experts{b.output(dt, {rows, 2 * ffn}), b.output(dt, {rows, ffn}), b.output(dt, {rows, hidden})};
@@ -336,7 +359,8 @@ void bind_ops(py::module_& m) {
           return py::make_tuple(b.to_float(res), b.to_float(h), routing_to_tuple(b, routing),
                                 b.to_float(experts.gate_up), b.to_float(experts.act), b.to_float(experts.out));
         });
-      })
+      }, py::arg("residual"), py::arg("delta"), py::arg("norm_weight"), py::arg("eps"), py::arg("router"),
+         py::arg("w13"), py::arg("w2"), py::arg("k"), py::arg("dtype"), py::arg("expert_dtype") = "")
       .def("moe_gather", [](Ops& ops, const FloatArray& x, const IntArray& permuted_to_expanded, int k,
                             const std::string& dtype) {
         check_range(permuted_to_expanded, 0, x.shape(0) * int64_t(k), "expanded row");
@@ -348,14 +372,16 @@ void bind_ops(py::module_& m) {
         });
       })
       .def("expert_matmul", [](Ops& ops, const FloatArray& x, const FloatArray& w, const IntArray& offsets,
-                               const std::string& dtype, const std::string& out_dtype) {
+                               const std::string& dtype, const std::string& out_dtype, const std::string& expert_dtype) {
         return ops.run([&](Buffers& b) {
-          Tensor xt = b.input(x, parse_dtype(dtype)), wt = b.input(w, parse_dtype(dtype)), off = b.input(offsets);
-          Tensor out = b.output(parse_dtype(out_dtype), {x.shape(0), w.shape(1)});
+          const DType dt = parse_dtype(dtype);
+          Tensor xt = b.input(x, dt), wt = b.expert_weights(w, parse_weight_dtype(expert_dtype, dt));
+          Tensor off = b.input(offsets), out = b.output(parse_dtype(out_dtype), {x.shape(0), w.shape(1)});
           ops.backend().expert_matmul(xt, wt, off, out);
           return b.to_float(out);
         });
-      })
+      }, py::arg("x"), py::arg("w"), py::arg("offsets"), py::arg("dtype"), py::arg("out_dtype"),
+         py::arg("expert_dtype") = "")
       .def("silu_mul", [](Ops& ops, const FloatArray& gate_up, const std::string& dtype) {
         return ops.run([&](Buffers& b) {
           Tensor g = b.input(gate_up, parse_dtype(dtype));
@@ -386,15 +412,18 @@ void bind_ops(py::module_& m) {
         return b.seconds([&] { ops.backend().matmul(x, w, out); }, iters);
       })
       .def("time_expert_matmul", [](Ops& ops, const std::vector<int32_t>& rows_per_expert, int64_t n, int64_t k,
-                                    const std::string& dtype, int iters) {
+                                    const std::string& dtype, int iters, const std::string& expert_dtype) {
         TimingBuffers b(ops.backend());
         std::vector<int32_t> offsets{0};
         for (int32_t rows : rows_per_expert) offsets.push_back(offsets.back() + rows);
         const int64_t experts = static_cast<int64_t>(rows_per_expert.size());
-        Tensor x = b.any(parse_dtype(dtype), {offsets.back(), k}), w = b.any(parse_dtype(dtype), {experts, n, k});
-        Tensor out = b.any(parse_dtype(dtype), {offsets.back(), n}), off = b.ints(offsets);
+        const DType dt = parse_dtype(dtype), et = parse_weight_dtype(expert_dtype, dt);
+        Tensor x = b.any(dt, {offsets.back(), k}), w = b.any(et, {experts, n, k});
+        if (et == DType::kFloat8E4M3) w.row_scales = b.any(DType::kFloat32, {experts * n}).ptr<const float>();
+        Tensor out = b.any(dt, {offsets.back(), n}), off = b.ints(offsets);
         return b.seconds([&] { ops.backend().expert_matmul(x, w, off, out); }, iters);
-      })
+      }, py::arg("rows_per_expert"), py::arg("n"), py::arg("k"), py::arg("dtype"), py::arg("iters"),
+         py::arg("expert_dtype") = "")
       .def("time_attention", [](Ops& ops, int64_t tokens, int64_t context, int heads, int kv_heads, int head_dim,
                                 int page_size, const std::string& dtype, int iters) {
         MX_CHECK(tokens >= 1 && context >= tokens, ShapeError, "time_attention: need 1 <= tokens <= context");

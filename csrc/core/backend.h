@@ -7,7 +7,8 @@
 // E experts, k experts per token, R = T*k expanded rows, F expert FFN width):
 //   activations  [T, H] row-major; qkv [T, (Hq + 2*Hkv) * D] with q, k, v side by side
 //   linear weights [N, K] row-major (out x in, as nn.Linear): y = x @ w^T
-//   expert weights [E, N, K]: w13 [E, 2F, H] (w1 rows then w3 rows), w2 [E, H, F]
+//   expert weights [E, N, K]: w13 [E, 2F, H] (w1 rows then w3 rows), w2 [E, H, F]; in a
+//     float dtype, or float8_e4m3 with row_scales [E * N] float32 (core/fp8.h)
 //   KV cache of a layer: k and v pools each [num_pages, Hkv, page_size, D]
 //   page_table [pages of the sequence] int32; positions [T] int32
 #pragma once
@@ -184,7 +185,8 @@ class MX_EXPORT Backend {
                           Tensor& out) = 0;
 
   // For each expert e: out[rows of e] = x[rows of e] @ w[e]^T.
-  // x [R, K], w [E, N, K], expert_offsets [E + 1], out [R, N].
+  // x [R, K], w [E, N, K], expert_offsets [E + 1], out [R, N]. For float8_e4m3 w, column n of
+  // expert e is the float32 sum over k of x * e4m3(w) times w.row_scales[e * N + n].
   virtual void expert_matmul(const Tensor& x, const Tensor& w, const Tensor& expert_offsets,
                              Tensor& out) = 0;
 

@@ -1,5 +1,6 @@
 // Argument checks of the operations (see core/op_checks.h), plus the host
-// dtype conversion declared in core/tensor.h.
+// dtype conversion declared in core/tensor.h and the FP8 row quantization of
+// core/fp8.h.
 #include "core/op_checks.h"
 
 #include <algorithm>
@@ -17,6 +18,24 @@ void convert_host(const void* src, DType src_dtype, void* dst, DType dst_dtype, 
   }
 #pragma omp parallel for schedule(static) if (n > (1 << 16))
   for (int64_t i = 0; i < n; ++i) store_scalar(dst, dst_dtype, i, load_scalar(src, src_dtype, i));
+}
+
+void quantize_rows_e4m3(const float* src, int64_t rows, int64_t cols, uint8_t* values, float* scales) {
+#pragma omp parallel for schedule(static) if (rows * cols > (1 << 16))
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = src + r * cols;
+    float max_abs = 0.0f;
+    for (int64_t c = 0; c < cols; ++c) max_abs = std::max(max_abs, std::fabs(row[c]));
+    const float scale = max_abs > 0.0f ? max_abs / kE4M3Max : 1.0f;
+    scales[r] = scale;
+    for (int64_t c = 0; c < cols; ++c) values[r * cols + c] = float_to_e4m3(row[c] / scale);
+  }
+}
+
+void dequantize_rows_e4m3(const uint8_t* values, const float* scales, int64_t rows, int64_t cols, float* out) {
+#pragma omp parallel for schedule(static) if (rows * cols > (1 << 16))
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) out[r * cols + c] = e4m3_to_float(values[r * cols + c]) * scales[r];
 }
 
 void check_embedding(const Tensor& table, const Tensor& ids, const Tensor& out) {
@@ -85,7 +104,12 @@ void check_moe_gather(const Tensor& x, const Tensor& permuted_to_expanded, int k
 void check_expert_matmul(const Tensor& x, const Tensor& w, const Tensor& expert_offsets,
                          const Tensor& out) {
   expect_float(x, "expert_matmul.x", {-1, -1});
-  expect_float(w, "expert_matmul.w", {-1, -1, x.shape[1]});
+  if (w.dtype == DType::kFloat8E4M3) {
+    expect(w, "expert_matmul.w", DType::kFloat8E4M3, {-1, -1, x.shape[1]});
+    MX_CHECK(w.row_scales, ShapeError, "expert_matmul.w: float8_e4m3 weights need their row scales");
+  } else {
+    expect_float(w, "expert_matmul.w", {-1, -1, x.shape[1]});
+  }
   expect(expert_offsets, "expert_matmul.expert_offsets", DType::kInt32, {w.shape[0] + 1});
   expect_float(out, "expert_matmul.out", {x.shape[0], w.shape[1]});
 }

@@ -1,7 +1,9 @@
 // Tensor views of the C++ core: a pointer, a dtype, a shape of up to 4 dims,
 // element strides and the device that owns the memory. A view never owns its
-// memory (buffers belong to the engine's arenas). Also the host-side scalar
-// conversions between float32, bfloat16 and float16 (round to nearest even).
+// memory (buffers belong to the engine's arenas). A float8_e4m3 tensor (expert
+// weights only, core/fp8.h) also points at its float32 scales, one per row.
+// Also the host-side scalar conversions between float32, bfloat16 and float16
+// (round to nearest even).
 #pragma once
 
 #include <array>
@@ -11,13 +13,15 @@
 #include <string>
 
 #include "core/error.h"
+#include "core/fp8.h"
 
 namespace mixtral {
 
-enum class DType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kInt32 = 3 };
+enum class DType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kInt32 = 3, kFloat8E4M3 = 4 };
 enum class Device : int32_t { kCpu = 0, kCuda = 1 };
 
 inline size_t dtype_size(DType dtype) {
+  if (dtype == DType::kFloat8E4M3) return 1;
   return (dtype == DType::kFloat32 || dtype == DType::kInt32) ? 4 : 2;
 }
 
@@ -27,11 +31,15 @@ inline const char* dtype_name(DType dtype) {
     case DType::kBFloat16: return "bfloat16";
     case DType::kFloat16: return "float16";
     case DType::kInt32: return "int32";
+    case DType::kFloat8E4M3: return "float8_e4m3";
   }
   return "unknown";
 }
 
-inline bool is_float(DType dtype) { return dtype != DType::kInt32; }
+// The dtypes of activations, and of weights other than quantized ones.
+inline bool is_float(DType dtype) {
+  return dtype == DType::kFloat32 || dtype == DType::kBFloat16 || dtype == DType::kFloat16;
+}
 
 constexpr int kMaxDims = 4;
 
@@ -42,6 +50,7 @@ struct Tensor {
   int ndim = 0;
   std::array<int64_t, kMaxDims> shape{};
   std::array<int64_t, kMaxDims> strides{};  // in elements
+  const float* row_scales = nullptr;         // float8_e4m3 only: [numel / shape[ndim - 1]] on the device
 
   Tensor() = default;
   Tensor(void* data_, DType dtype_, Device device_, std::initializer_list<int64_t> dims)
@@ -112,17 +121,6 @@ inline void expect_float(const Tensor& t, const char* name, std::initializer_lis
 
 // ---- host scalar conversions ------------------------------------------------
 
-inline uint32_t float_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-inline float bits_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
 inline float bf16_to_float(uint16_t h) { return bits_float(static_cast<uint32_t>(h) << 16); }
 
 inline uint16_t float_to_bf16(float f) {
@@ -172,6 +170,7 @@ inline float load_scalar(const void* base, DType dtype, int64_t i) {
     case DType::kBFloat16: return bf16_to_float(static_cast<const uint16_t*>(base)[i]);
     case DType::kFloat16: return fp16_to_float(static_cast<const uint16_t*>(base)[i]);
     case DType::kInt32: return static_cast<float>(static_cast<const int32_t*>(base)[i]);
+    case DType::kFloat8E4M3: return e4m3_to_float(static_cast<const uint8_t*>(base)[i]);
   }
   return 0.0f;
 }
@@ -182,6 +181,7 @@ inline void store_scalar(void* base, DType dtype, int64_t i, float value) {
     case DType::kBFloat16: static_cast<uint16_t*>(base)[i] = float_to_bf16(value); break;
     case DType::kFloat16: static_cast<uint16_t*>(base)[i] = float_to_fp16(value); break;
     case DType::kInt32: static_cast<int32_t*>(base)[i] = static_cast<int32_t>(value); break;
+    case DType::kFloat8E4M3: static_cast<uint8_t*>(base)[i] = float_to_e4m3(value); break;
   }
 }
 

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <type_traits>
 #include <vector>
 
 #include "core/op_checks.h"
@@ -132,7 +133,8 @@ MemoryInfo CpuBackend::memory_info() {
 }
 
 void CpuBackend::fill_uniform(Tensor& t, uint64_t seed, float low, float high) {
-  MX_CHECK(is_float(t.dtype) && t.contiguous(), ShapeError, "fill_uniform: a contiguous float tensor expected");
+  MX_CHECK((is_float(t.dtype) || t.dtype == DType::kFloat8E4M3) && t.contiguous(), ShapeError,
+           "fill_uniform: a contiguous float tensor expected");
   const int64_t n = t.numel();
 #pragma omp parallel for schedule(static) if (n > kParallelWork)
   for (int64_t i = 0; i < n; ++i) store_scalar(t.data, t.dtype, i, uniform_in(seed, uint64_t(i), low, high));
@@ -364,15 +366,20 @@ void CpuBackend::expert_matmul(const Tensor& x, const Tensor& w, const Tensor& e
     MX_CHECK(offsets[e] <= offsets[e + 1], ShapeError, "expert_matmul: offsets must not decrease");
   F32Input xf(x);
   F32Output of(out);
-  dispatch_float(w.dtype, [&](auto wt) {
+  auto each_expert = [&](auto wt) {
     using W = decltype(wt);
     for (int64_t e = 0; e < E; ++e) {
       const int64_t begin = offsets[e], count = offsets[e + 1] - begin;
       if (count == 0) continue;
-      matmul_f32<W>(xf.data() + begin * K, w.ptr<typename W::storage>() + e * N * K,
-                    of.data() + begin * N, count, N, K, N);
+      float* out_rows = of.data() + begin * N;
+      matmul_f32<W>(xf.data() + begin * K, w.ptr<typename W::storage>() + e * N * K, out_rows, count, N, K, N);
+      if constexpr (std::is_same_v<W, E4M3>)
+        for (int64_t r = 0; r < count; ++r)
+          for (int64_t n = 0; n < N; ++n) out_rows[r * N + n] *= w.row_scales[e * N + n];
     }
-  });
+  };
+  if (w.dtype == DType::kFloat8E4M3) each_expert(E4M3{});
+  else dispatch_float(w.dtype, each_expert);
   of.commit();
 }
 

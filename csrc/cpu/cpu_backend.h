@@ -1,6 +1,7 @@
 // The CPU backend: reference implementations of every operation of
 // core/backend.h. Plain loops, float32 accumulation, OpenMP threads over
-// independent rows; inputs and outputs in float32, bfloat16 or float16.
+// independent rows; inputs and outputs in float32, bfloat16 or float16 (expert
+// weights also in float8_e4m3 with row scales).
 // This is the oracle the CUDA backend is tested against.
 #pragma once
 
@@ -25,6 +26,12 @@ struct F16 {
   using storage = uint16_t;
   static float load(uint16_t v) { return fp16_to_float(v); }
   static uint16_t store(float v) { return float_to_fp16(v); }
+};
+
+// float8_e4m3 weights (core/fp8.h), read only: their row scales are applied after the dot products.
+struct E4M3 {
+  using storage = uint8_t;
+  static float load(uint8_t v) { return e4m3_to_float(v); }
 };
 
 // Calls fn(F32{}), fn(BF16{}) or fn(F16{}) for a float dtype.

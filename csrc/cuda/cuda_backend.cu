@@ -37,7 +37,7 @@ CudaBackend::CudaBackend(int device) : runtime_(device) {}
 CudaBackend::~CudaBackend() {
   for (auto& entry : graphs_) cudaGraphExecDestroy(entry.second);
   for (auto& entry : events_) cudaEventDestroy(entry.second);
-  for (const GrowingBuffer* buffer : {&pointers_, &scratch_, &split_counters_})
+  for (const GrowingBuffer* buffer : {&pointers_, &scratch_, &split_counters_, &dequantized_})
     if (buffer->data) cudaFree(buffer->data);
   for (void* buffer : retired_) cudaFree(buffer);
 }
@@ -189,7 +189,10 @@ MemoryInfo CudaBackend::memory_info() {
 }
 
 void CudaBackend::fill_uniform(Tensor& t, uint64_t seed, float low, float high) {
-  MX_CHECK(is_float(t.dtype) && t.contiguous(), ShapeError, "fill_uniform: a contiguous float tensor expected");
+  MX_CHECK((is_float(t.dtype) || t.dtype == DType::kFloat8E4M3) && t.contiguous(), ShapeError,
+           "fill_uniform: a contiguous float tensor expected");
+  if (t.dtype == DType::kFloat8E4M3)
+    return launch_fill_uniform_e4m3(t.ptr<uint8_t>(), t.numel(), seed, low, high, runtime_.stream());
   dispatch_device_float(t.dtype, [&](auto tag) {
     using T = decltype(tag);
     launch_fill_uniform(t.ptr<T>(), t.numel(), seed, low, high, runtime_.stream());
@@ -221,19 +224,19 @@ void CudaBackend::add_rmsnorm(Tensor& residual, const Tensor* delta, const Tenso
 }
 
 void CudaBackend::gemm(const void* x, DType x_dtype, const void* w, DType w_dtype, void* out, DType out_dtype,
-                       int64_t m, int64_t n, int64_t k) {
+                       int64_t m, int64_t n, int64_t k, int64_t ld_out) {
   if (m == 0 || n == 0) return;
   MX_CHECK(x_dtype == w_dtype, ShapeError,
            "matmul: cuBLAS needs x and w of one dtype, got " << dtype_name(x_dtype) << " and " << dtype_name(w_dtype));
   CUBLAS_CHECK(cublasGemmEx(runtime_.cublas(), CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(n), static_cast<int>(m),
                             static_cast<int>(k), &kOne, w, cuda_type(w_dtype), static_cast<int>(k), x,
                             cuda_type(x_dtype), static_cast<int>(k), &kZero, out, cuda_type(out_dtype),
-                            static_cast<int>(n), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+                            static_cast<int>(ld_out), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
 void CudaBackend::matmul(const Tensor& x, const Tensor& w, Tensor& out) {
   check_matmul(x, w, out);
-  gemm(x.data, x.dtype, w.data, w.dtype, out.data, out.dtype, x.shape[0], w.shape[0], x.shape[1]);
+  gemm(x.data, x.dtype, w.data, w.dtype, out.data, out.dtype, x.shape[0], w.shape[0], x.shape[1], w.shape[0]);
 }
 
 // ---- attention ------------------------------------------------------------------------------
@@ -408,6 +411,11 @@ int32_t* CudaBackend::split_counters(int64_t count) {
   return static_cast<int32_t*>(split_counters_.data);
 }
 
+void* CudaBackend::dequantized(size_t bytes) {
+  grow(dequantized_, bytes, 0);
+  return dequantized_.data;
+}
+
 void CudaBackend::expert_gemm_per_expert(const Tensor& x, const Tensor& w, const std::vector<int32_t>& offsets,
                                          Tensor& out) {
   const int64_t N = w.shape[1], K = w.shape[2];
@@ -415,7 +423,7 @@ void CudaBackend::expert_gemm_per_expert(const Tensor& x, const Tensor& w, const
     const int64_t begin = offsets[e], count = offsets[e + 1] - begin;
     if (count == 0) continue;
     gemm(x.rows(begin, count).data, x.dtype, static_cast<const char*>(w.data) + e * N * K * dtype_size(w.dtype),
-         w.dtype, out.rows(begin, count).data, out.dtype, count, N, K);
+         w.dtype, out.rows(begin, count).data, out.dtype, count, N, K, N);
   }
 }
 
@@ -480,6 +488,7 @@ void CudaBackend::expert_gemm_on_host_offsets(ExpertGemmPath path, const Tensor&
 
 void CudaBackend::expert_matmul(const Tensor& x, const Tensor& w, const Tensor& expert_offsets, Tensor& out) {
   check_expert_matmul(x, w, expert_offsets, out);
+  if (w.dtype == DType::kFloat8E4M3) return expert_matmul_e4m3(x, w, expert_offsets, out);
   const int64_t R = x.shape[0];
   const ExpertGemmPath path = expert_path(R);
   if (path != ExpertGemmPath::kBatched)
@@ -489,6 +498,39 @@ void CudaBackend::expert_matmul(const Tensor& x, const Tensor& w, const Tensor& 
   launch_expert_pointers(expert_offsets.ptr<const int32_t>(), static_cast<int>(w.shape[0]), R, jobs,
                          runtime_.stream());
   expert_gemm_batched(x, w, out, jobs.gemm[0]);
+}
+
+void CudaBackend::expert_matmul_e4m3(const Tensor& x, const Tensor& w, const Tensor& expert_offsets, Tensor& out) {
+  check_same_dtype("expert_matmul", x, out);
+  const int64_t R = x.shape[0], E = w.shape[0], N = w.shape[1], K = w.shape[2];
+  const uint8_t* values = w.ptr<const uint8_t>();
+  if (R <= kE4M3GemvMaxRows) {
+    dispatch_device_float(x.dtype, [&](auto tag) {
+      using T = decltype(tag);
+      launch_e4m3_expert_gemv(x.ptr<const T>(), R, values, w.row_scales, static_cast<int>(E),
+                              expert_offsets.ptr<const int32_t>(), N, K, out.ptr<T>(), runtime_.stream());
+    });
+    return;
+  }
+  const std::vector<int32_t> offsets = offsets_on_host(expert_offsets, R);
+  const size_t element = dtype_size(x.dtype);
+  // Rows of w dequantized at a time: 64 MiB of scratch at most, each chunk one GEMM into its output columns.
+  const int64_t chunk = std::clamp<int64_t>(int64_t(64 << 20) / (K * int64_t(element)), 1, N);
+  void* scratch = dequantized(size_t(chunk) * K * element);
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t begin = offsets[e], count = offsets[e + 1] - begin;
+    if (count == 0) continue;
+    for (int64_t n0 = 0; n0 < N; n0 += chunk) {
+      const int64_t rows = std::min(chunk, N - n0);
+      dispatch_device_float(x.dtype, [&](auto tag) {
+        using T = decltype(tag);
+        launch_dequantize_e4m3(values + (e * N + n0) * K, w.row_scales + e * N + n0, rows, K,
+                               static_cast<T*>(scratch), runtime_.stream());
+      });
+      char* out_columns = static_cast<char*>(out.data) + (begin * N + n0) * element;  // rows begin.., columns n0..
+      gemm(x.rows(begin, count).data, x.dtype, scratch, x.dtype, out_columns, out.dtype, count, rows, K, N);
+    }
+  }
 }
 
 namespace {
@@ -505,6 +547,7 @@ void check_experts(const Routing& routing, const Tensor& w13, const Tensor& w2, 
 void CudaBackend::moe(const Tensor& x, const Tensor& router, const Tensor& w13, const Tensor& w2, Routing& routing,
                       ExpertBuffers& experts) {
   check_experts(routing, w13, w2, experts);
+  if (w13.dtype == DType::kFloat8E4M3) return moe_e4m3(x, router, w13, w2, routing, experts, nullptr);
   const int64_t R = routing.gathered.shape[0];
   const ExpertGemmPath path = expert_path(R);
   if (path == ExpertGemmPath::kBatched) return moe_batched(x, router, w13, w2, routing, experts, nullptr);
@@ -513,6 +556,15 @@ void CudaBackend::moe(const Tensor& x, const Tensor& router, const Tensor& w13, 
   expert_gemm_on_host_offsets(path, routing.gathered, w13, offsets, experts.gate_up);
   silu_mul(experts.gate_up, experts.act);
   expert_gemm_on_host_offsets(path, experts.act, w2, offsets, experts.out);
+}
+
+void CudaBackend::moe_e4m3(const Tensor& x, const Tensor& router, const Tensor& w13, const Tensor& w2,
+                           Routing& routing, ExpertBuffers& experts, const FusedNorm* norm) {
+  if (fused_route_fits(x, router)) launch_fused_route(x, router, routing, ExpertPointerJobs{{}, 0}, norm);
+  else Backend::route(x, router, routing);  // norm is only given when the fused kernel fits
+  expert_matmul(routing.gathered, w13, routing.expert_offsets, experts.gate_up);
+  silu_mul(experts.gate_up, experts.act);
+  expert_matmul(experts.act, w2, routing.expert_offsets, experts.out);
 }
 
 void CudaBackend::moe_batched(const Tensor& x, const Tensor& router, const Tensor& w13, const Tensor& w2,
@@ -539,11 +591,13 @@ void CudaBackend::add_rmsnorm_moe(Tensor& residual, const Tensor& delta, const T
                                   Tensor& h, const Tensor& router, const Tensor& w13, const Tensor& w2,
                                   Routing& routing, ExpertBuffers& experts) {
   const int64_t R = routing.gathered.shape[0];
-  if (expert_path(R) != ExpertGemmPath::kBatched || !fused_route_fits(h, router))
+  const bool fp8 = w13.dtype == DType::kFloat8E4M3;
+  if ((!fp8 && expert_path(R) != ExpertGemmPath::kBatched) || !fused_route_fits(h, router))
     return Backend::add_rmsnorm_moe(residual, delta, norm_weight, eps, h, router, w13, w2, routing, experts);
   check_experts(routing, w13, w2, experts);
   const FusedNorm norm{residual, delta, norm_weight, eps};
-  moe_batched(h, router, w13, w2, routing, experts, &norm);
+  if (fp8) moe_e4m3(h, router, w13, w2, routing, experts, &norm);
+  else moe_batched(h, router, w13, w2, routing, experts, &norm);
 }
 
 void CudaBackend::silu_mul(const Tensor& gate_up, Tensor& out) {

@@ -91,9 +91,10 @@ class CudaBackend final : public Backend {
   static constexpr int64_t kBatchedMaxRows = 16;
 
  private:
-  // out[M, N] = x[M, K] @ w^T for row-major w with leading dimension K (one cublasGemmEx).
+  // out[M, N] = x[M, K] @ w^T for row-major w with leading dimension K (one cublasGemmEx); out's
+  // rows are ld_out elements apart.
   void gemm(const void* x, DType x_dtype, const void* w, DType w_dtype, void* out, DType out_dtype, int64_t m,
-            int64_t n, int64_t k);
+            int64_t n, int64_t k, int64_t ld_out);
   // attention(), first doing rope_kv_append's work for its one token when rope_theta > 0.
   void run_attention(const Tensor& qkv, const AttentionShape& shape, const Tensor& positions, float rope_theta,
                      const KvLayer& kv, const Tensor& page_table, Tensor& out);
@@ -119,6 +120,13 @@ class CudaBackend final : public Backend {
   };
   void launch_fused_route(const Tensor& x, const Tensor& router, Routing& routing, const ExpertPointerJobs& jobs,
                           const FusedNorm* norm = nullptr);
+  // expert_matmul of float8_e4m3 weights: the hand-written kernel for few rows (decode; no host sync),
+  // else per expert, row chunks of w dequantized to x's dtype for cublasGemmEx (prefill).
+  void expert_matmul_e4m3(const Tensor& x, const Tensor& w, const Tensor& expert_offsets, Tensor& out);
+  // moe() of float8_e4m3 experts: the fused routing kernel (without pointer arrays; with `norm`,
+  // if given) when it fits, else the separate routing ops, then the expert ops.
+  void moe_e4m3(const Tensor& x, const Tensor& router, const Tensor& w13, const Tensor& w2, Routing& routing,
+                ExpertBuffers& experts, const FusedNorm* norm);
   // moe() on the batched path: both GEMMs' pointer arrays written by one launch, the fused routing
   // kernel's when it fits (then with `norm`, if given), else a pointer kernel's after the routing.
   void moe_batched(const Tensor& x, const Tensor& router, const Tensor& w13, const Tensor& w2, Routing& routing,
@@ -137,6 +145,8 @@ class CudaBackend final : public Backend {
   float* scratch_floats(int64_t floats);
   // Split attention's counters of finished blocks, `count` of them, zero when handed out.
   int32_t* split_counters(int64_t count);
+  // Device memory for `bytes` of dequantized expert weights.
+  void* dequantized(size_t bytes);
   cudaEvent_t event(int id) const;  // throws for an unknown id
   // Frees a buffer that was outgrown, or keeps it until the backend goes while graphs may use it.
   void retire(void* buffer);
@@ -144,7 +154,7 @@ class CudaBackend final : public Backend {
   Runtime runtime_;
   ExpertGemmPath expert_path_ = ExpertGemmPath::kAuto;
   bool tensor_core_attention_ = true;  // option "attention": auto (tensor cores for prefill) or simple
-  GrowingBuffer pointers_, scratch_, split_counters_;
+  GrowingBuffer pointers_, scratch_, split_counters_, dequantized_;
   std::vector<void*> retired_;
   bool capturing_ = false;
   std::map<int, cudaGraphExec_t> graphs_;

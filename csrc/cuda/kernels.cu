@@ -529,6 +529,78 @@ __global__ void silu_mul_kernel(const T* gate_up, T* out, int64_t rows, int64_t 
   reinterpret_cast<Vec*>(out + r * width)[p] = result;
 }
 
+// ---- float8_e4m3 expert weights (core/fp8.h) ------------------------------------------------
+
+__global__ void fill_uniform_e4m3_kernel(uint8_t* data, int64_t n, uint64_t seed, float low, float high) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    data[i] = float_to_e4m3(uniform_in(seed, uint64_t(i), low, high));
+}
+
+// kWidth elements of row `row` of x from element k on, widened (16-byte loads when kWidth > 1).
+template <typename T, int kWidth>
+__device__ __forceinline__ void load_widened(const T* row, int64_t k, float (&values)[kWidth]) {
+  constexpr int kStep = kWidth < kPack16<T> ? kWidth : kPack16<T>;
+  for (int i = 0; i < kWidth; i += kStep) {
+    const Pack<T, kStep> pack = *reinterpret_cast<const Pack<T, kStep>*>(row + k + i);
+    for (int j = 0; j < kStep; ++j) values[i + j] = to_f32(pack.values[j]);
+  }
+}
+
+// grid (ceil(N / (warps * kE4M3RowsPerWarp)), E): warp w of block b computes the kE4M3RowsPerWarp
+// output columns from n0 = (b * warps + w) * kE4M3RowsPerWarp for the rows of expert blockIdx.y,
+// at most kMaxRows of them, found from expert_offsets on the device. Lanes stride over K kWidth
+// weight bytes at a time (16: one 16-byte load per row), each x chunk serving all the warp's
+// columns; the float sums are reduced over the warp and scaled by the column's row scale.
+template <typename T, int kWidth, int kMaxRows>
+__global__ void e4m3_expert_gemv_kernel(const T* x, const uint8_t* w, const float* row_scales,
+                                        const int32_t* expert_offsets, int64_t N, int64_t K, T* out) {
+  const int e = blockIdx.y;
+  const int64_t begin = expert_offsets[e], count = expert_offsets[e + 1] - begin;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t n0 = (int64_t(blockIdx.x) * (blockDim.x / 32) + warp) * kE4M3RowsPerWarp;
+  if (count == 0 || n0 >= N) return;  // the same for the whole warp
+  float acc[kE4M3RowsPerWarp][kMaxRows] = {};  // indexed by unrolled loops only: registers
+  for (int64_t k = int64_t(lane) * kWidth; k < K; k += 32 * kWidth) {
+    float weights[kE4M3RowsPerWarp][kWidth];
+#pragma unroll
+    for (int j = 0; j < kE4M3RowsPerWarp; ++j) {
+      const bool present = n0 + j < N;
+      const Pack<uint8_t, kWidth> bytes =
+          *reinterpret_cast<const Pack<uint8_t, kWidth>*>(w + (int64_t(e) * N + (present ? n0 + j : n0)) * K + k);
+      for (int i = 0; i < kWidth; ++i) weights[j][i] = present ? e4m3_to_float(bytes.values[i]) : 0.0f;
+    }
+#pragma unroll
+    for (int r = 0; r < kMaxRows; ++r) {
+      if (r < count) {
+        float xs[kWidth];
+        load_widened<T, kWidth>(x + (begin + r) * K, k, xs);
+#pragma unroll
+        for (int j = 0; j < kE4M3RowsPerWarp; ++j)
+#pragma unroll
+          for (int i = 0; i < kWidth; ++i) acc[j][r] += weights[j][i] * xs[i];
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kMaxRows; ++r) {
+    if (r >= count) break;
+#pragma unroll
+    for (int j = 0; j < kE4M3RowsPerWarp; ++j) {
+      const float sum = warp_sum(acc[j][r]);
+      if (lane == 0 && n0 + j < N)
+        out[(begin + r) * N + n0 + j] = from_f32<T>(sum * row_scales[int64_t(e) * N + n0 + j]);
+    }
+  }
+}
+
+// out[r, c] = e4m3(w[r, c]) * row_scales[r], rounded to T.
+template <typename T>
+__global__ void dequantize_e4m3_kernel(const uint8_t* w, const float* row_scales, int64_t rows, int64_t cols, T* out) {
+  const int64_t n = rows * cols;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    out[i] = from_f32<T>(e4m3_to_float(w[i]) * row_scales[i / cols]);
+}
+
 template <typename T>
 __global__ void moe_unpermute_kernel(const T* y, const int32_t* expanded_to_permuted, const float* weights, T* out,
                                      int k, int64_t hidden) {
@@ -708,6 +780,41 @@ void launch_moe_unpermute(const T* y, const int32_t* expanded_to_permuted, const
          k, hidden);
 }
 
+void launch_fill_uniform_e4m3(uint8_t* data, int64_t n, uint64_t seed, float low, float high, cudaStream_t stream) {
+  if (n == 0) return;
+  launch(fill_uniform_e4m3_kernel, static_cast<unsigned>(std::min<int64_t>(blocks_for(n, 256), 65536)), 256, 0, stream,
+         data, n, seed, low, high);
+}
+
+template <typename T>
+void launch_e4m3_expert_gemv(const T* x, int64_t rows, const uint8_t* w, const float* row_scales, int num_experts,
+                             const int32_t* expert_offsets, int64_t N, int64_t K, T* out, cudaStream_t stream) {
+  if (rows == 0) return;
+  constexpr int kWarps = 4;  // 16 columns a block: 768 blocks of two active experts for an 8x22B w2 (N 6144)
+  const dim3 grid(blocks_for(N, kWarps * kE4M3RowsPerWarp), static_cast<unsigned>(num_experts));
+  // 16 weight bytes per lane and row need rows of x and w that keep 16-byte alignment.
+  const bool wide = K % 16 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0;
+  auto run = [&](auto width) {  // a row bound of 2 for one token's two experts keeps the sums few
+    constexpr int kWidth = decltype(width)::value;
+    if (rows <= 2)
+      launch(e4m3_expert_gemv_kernel<T, kWidth, 2>, grid, kWarps * 32, 0, stream, x, w, row_scales, expert_offsets, N,
+             K, out);
+    else
+      launch(e4m3_expert_gemv_kernel<T, kWidth, int(kE4M3GemvMaxRows)>, grid, kWarps * 32, 0, stream, x, w, row_scales,
+             expert_offsets, N, K, out);
+  };
+  if (wide) run(std::integral_constant<int, 16>{});
+  else run(std::integral_constant<int, 1>{});
+}
+
+template <typename T>
+void launch_dequantize_e4m3(const uint8_t* w, const float* row_scales, int64_t rows, int64_t cols, T* out,
+                            cudaStream_t stream) {
+  if (rows * cols == 0) return;
+  launch(dequantize_e4m3_kernel<T>, static_cast<unsigned>(std::min<int64_t>(blocks_for(rows * cols, 256), 65536)), 256,
+         0, stream, w, row_scales, rows, cols, out);
+}
+
 void launch_expert_pointers(const int32_t* expert_offsets, int num_experts, int64_t rows,
                             const ExpertPointerJobs& jobs, cudaStream_t stream) {
   if (rows == 0) return;
@@ -715,6 +822,9 @@ void launch_expert_pointers(const int32_t* expert_offsets, int num_experts, int6
 }
 
 #define MX_INSTANTIATE(T)                                                                                      \
+  template void launch_e4m3_expert_gemv<T>(const T*, int64_t, const uint8_t*, const float*, int, const int32_t*,  \
+                                          int64_t, int64_t, T*, cudaStream_t);                                   \
+  template void launch_dequantize_e4m3<T>(const uint8_t*, const float*, int64_t, int64_t, T*, cudaStream_t);     \
   template void launch_fill_uniform<T>(T*, int64_t, uint64_t, float, float, cudaStream_t);                     \
   template void launch_embedding<T>(const T*, const int32_t*, T*, int64_t, int64_t, cudaStream_t);            \
   template void launch_add_rmsnorm<T>(T*, const T*, const T*, float, T*, int64_t, int64_t, cudaStream_t);     \

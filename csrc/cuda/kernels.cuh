@@ -215,6 +215,22 @@ template <typename T>
 void launch_moe_unpermute(const T* y, const int32_t* expanded_to_permuted, const float* weights, T* out,
                           int64_t tokens, int k, int64_t hidden, cudaStream_t stream);
 
+// float8_e4m3 expert weights w [E, N, K] with row scales [E * N] (core/fp8.h):
+// data[i] = float_to_e4m3(uniform_in(seed, i, low, high)).
+void launch_fill_uniform_e4m3(uint8_t* data, int64_t n, uint64_t seed, float low, float high, cudaStream_t stream);
+// expert_matmul for at most kE4M3GemvMaxRows rows (decode): out [R, N] = x [R, K] @ dequantized w[e]^T per
+// expert e, its rows found from expert_offsets on the device (no host sync, graph-capturable); each warp
+// computes kE4M3RowsPerWarp output columns, reading their weights once.
+constexpr int64_t kE4M3GemvMaxRows = 16;
+constexpr int kE4M3RowsPerWarp = 4;
+template <typename T>
+void launch_e4m3_expert_gemv(const T* x, int64_t rows, const uint8_t* w, const float* row_scales, int num_experts,
+                             const int32_t* expert_offsets, int64_t N, int64_t K, T* out, cudaStream_t stream);
+// out [rows, cols] of T = e4m3(w) * row scale, for cuBLAS to multiply (prefill).
+template <typename T>
+void launch_dequantize_e4m3(const uint8_t* w, const float* row_scales, int64_t rows, int64_t cols, T* out,
+                            cudaStream_t stream);
+
 // One token from logits [V] float32 (core/sampling.h; the Backend::sample contract), one block.
 void launch_sample(const float* logits, int64_t vocab, const SamplingParams& params, uint64_t seed, int32_t* state,
                    int32_t* token, float* logprob, int32_t* top_ids, float* top_logprobs, cudaStream_t stream);

@@ -83,6 +83,8 @@ void validate_options(const EngineOptions& options) {
   MX_CHECK(options.max_batch_tokens >= 1, Error, "max_batch_tokens must be >= 1");
   MX_CHECK(is_float(options.weight_dtype) && is_float(options.activation_dtype), Error,
            "weights and activations need a float dtype");
+  MX_CHECK(options.expert_dtype == options.weight_dtype || options.expert_dtype == DType::kFloat8E4M3, Error,
+           "expert weights take the weight dtype or float8_e4m3, not " << dtype_name(options.expert_dtype));
 }
 
 size_t kv_bytes_per_token(const ModelConfig& c, DType activation_dtype) {
@@ -91,7 +93,7 @@ size_t kv_bytes_per_token(const ModelConfig& c, DType activation_dtype) {
 
 }  // namespace
 
-size_t Engine::plan_weights(const ModelConfig& c, DType dtype, SlotLayout* slots) {
+size_t Engine::plan_weights(const ModelConfig& c, const EngineOptions& options, SlotLayout* slots) {
   const int64_t H = c.hidden_size, E = c.num_experts, L = c.num_layers, F = c.intermediate_size;
   const int64_t shapes[][3] = {
       {c.vocab_size, H, 1},          {c.vocab_size, H, 1}, {1, H, 1},     {1, H, L},
@@ -99,8 +101,15 @@ size_t Engine::plan_weights(const ModelConfig& c, DType dtype, SlotLayout* slots
       {E, H, L},                     {2 * F, H, L * E},   {H, F, L * E}};
   size_t total = 0;
   for (int s = 0; s < static_cast<int>(Slot::kCount); ++s) {
-    slots[s] = SlotLayout{shapes[s][0], shapes[s][1], shapes[s][2], total};
-    total += align_up(size_t(shapes[s][0]) * shapes[s][1] * shapes[s][2] * dtype_size(dtype));
+    const bool expert = s == int(Slot::kW13) || s == int(Slot::kW2);
+    const DType dtype = expert ? options.expert_dtype : options.weight_dtype;
+    const size_t rows = size_t(shapes[s][0]) * shapes[s][2];
+    slots[s] = SlotLayout{shapes[s][0], shapes[s][1], shapes[s][2], dtype, total, 0};
+    total += align_up(rows * shapes[s][1] * dtype_size(dtype));
+    if (dtype == DType::kFloat8E4M3) {
+      slots[s].scale_offset = total;
+      total += align_up(rows * sizeof(float));
+    }
   }
   return total;
 }
@@ -150,7 +159,7 @@ Engine::MemoryPlan Engine::memory_plan(const ModelConfig& config, const EngineOp
   config.validate();
   validate_options(options);
   SlotLayout slots[static_cast<int>(Slot::kCount)];
-  return MemoryPlan{plan_weights(config, options.weight_dtype, slots), Workspace::plan(config, options).bytes,
+  return MemoryPlan{plan_weights(config, options, slots), Workspace::plan(config, options).bytes,
                     kv_bytes_per_token(config, options.activation_dtype)};
 }
 
@@ -166,7 +175,7 @@ Engine::Engine(const ModelConfig& config, const EngineOptions& options,
   validate_options(options_);
 
   // ---- weights: one arena, slot after slot ----
-  weight_bytes_ = plan_weights(config_, options_.weight_dtype, slots_);
+  weight_bytes_ = plan_weights(config_, options_, slots_);
   for (int s = 0; s < static_cast<int>(Slot::kCount); ++s) rows_loaded_[s].assign(slots_[s].count, 0);
   weight_arena_ = backend_->allocate(weight_bytes_);
 
@@ -204,7 +213,7 @@ Engine::~Engine() {
 
 void Engine::load_weight(const std::string& slot_name, int64_t layer, int64_t expert,
                          int64_t row_offset, const void* src, DType src_dtype, int64_t rows,
-                         int64_t cols) {
+                         int64_t cols, const float* src_row_scales) {
   const auto* found = std::find(std::begin(kSlotNames), std::end(kSlotNames), slot_name);
   MX_CHECK(found != std::end(kSlotNames), Error, "load_weight: unknown slot '" << slot_name << "'");
   const int s = static_cast<int>(found - std::begin(kSlotNames));
@@ -219,15 +228,37 @@ void Engine::load_weight(const std::string& slot_name, int64_t layer, int64_t ex
            ShapeError,
            slot_name << ": block [" << rows << ", " << cols << "] at row " << row_offset
                      << " does not fit the slot's [" << slot.rows << ", " << slot.cols << "]");
-  MX_CHECK(is_float(src_dtype), ShapeError,
-           slot_name << ": unsupported source dtype " << dtype_name(src_dtype));
+  const bool src_fp8 = src_dtype == DType::kFloat8E4M3;
+  MX_CHECK(is_float(src_dtype) || (src_fp8 && src_row_scales), ShapeError,
+           slot_name << ": unsupported source dtype " << dtype_name(src_dtype)
+                     << (src_fp8 ? " without row scales" : ""));
   const int64_t instance = layer * experts + expert;
-  const size_t wsize = dtype_size(options_.weight_dtype);
-  std::vector<char> staging(size_t(rows) * cols * wsize);
-  convert_host(src, src_dtype, staging.data(), options_.weight_dtype, rows * cols);
-  char* dst = static_cast<char*>(weight_arena_) + slot.offset +
-              (size_t(instance) * slot.rows + row_offset) * slot.cols * wsize;
-  backend_->copy_from_host(dst, staging.data(), staging.size());
+  const size_t first_row = size_t(instance) * slot.rows + row_offset;
+  char* arena = static_cast<char*>(weight_arena_);
+  std::vector<char> staging(size_t(rows) * cols * dtype_size(slot.dtype));
+  std::vector<float> values;  // the block widened to float32, when it must be converted from FP8 or to it
+  if (src_fp8 != (slot.dtype == DType::kFloat8E4M3)) {
+    values.resize(size_t(rows) * cols);
+    if (src_fp8) dequantize_rows_e4m3(static_cast<const uint8_t*>(src), src_row_scales, rows, cols, values.data());
+    else convert_host(src, src_dtype, values.data(), DType::kFloat32, rows * cols);
+  }
+  if (slot.dtype == DType::kFloat8E4M3) {
+    std::vector<float> scales(rows);
+    if (src_fp8) {
+      std::memcpy(staging.data(), src, staging.size());
+      std::copy(src_row_scales, src_row_scales + rows, scales.begin());
+    } else {
+      quantize_rows_e4m3(values.data(), rows, cols, reinterpret_cast<uint8_t*>(staging.data()), scales.data());
+    }
+    backend_->copy_from_host(arena + slot.scale_offset + first_row * sizeof(float), scales.data(),
+                             scales.size() * sizeof(float));
+  } else if (src_fp8) {
+    convert_host(values.data(), DType::kFloat32, staging.data(), slot.dtype, rows * cols);
+  } else {
+    convert_host(src, src_dtype, staging.data(), slot.dtype, rows * cols);
+  }
+  backend_->copy_from_host(arena + slot.offset + first_row * slot.cols * dtype_size(slot.dtype), staging.data(),
+                           staging.size());
   rows_loaded_[s][instance] += rows;
 }
 
@@ -248,7 +279,7 @@ void Engine::init_random(uint64_t seed) {
   const float sqrt3 = std::sqrt(3.0f);
   for (int s = 0; s < static_cast<int>(Slot::kCount); ++s) {
     const SlotLayout& slot = slots_[s];
-    Tensor all(static_cast<char*>(weight_arena_) + slot.offset, options_.weight_dtype, backend_->device(),
+    Tensor all(static_cast<char*>(weight_arena_) + slot.offset, slot.dtype, backend_->device(),
                {slot.count * slot.rows * slot.cols});
     const Slot kind = static_cast<Slot>(s);
     float low = 0.5f, high = 1.5f;  // norms
@@ -256,6 +287,12 @@ void Engine::init_random(uint64_t seed) {
       low = -sqrt3, high = sqrt3;
     } else if (kind != Slot::kFinalNorm && kind != Slot::kAttnNorm && kind != Slot::kFfnNorm) {
       high = sqrt3 / std::sqrt(static_cast<float>(slot.cols)), low = -high;
+    }
+    if (slot.dtype == DType::kFloat8E4M3) {  // values of std 1 times row scales in [0.5, 1.5] x the std
+      Tensor scales(static_cast<char*>(weight_arena_) + slot.scale_offset, DType::kFloat32, backend_->device(),
+                    {slot.count * slot.rows});
+      backend_->fill_uniform(scales, ~(seed * 16 + s), 0.5f * high / sqrt3, 1.5f * high / sqrt3);
+      high = sqrt3, low = -sqrt3;
     }
     backend_->fill_uniform(all, seed * 16 + s, low, high);
     std::fill(rows_loaded_[s].begin(), rows_loaded_[s].end(), slot.rows);
@@ -267,11 +304,13 @@ Tensor Engine::weight(Slot slot, int64_t layer) const {
   const SlotLayout& s = slots_[static_cast<int>(slot)];
   const bool per_expert = slot == Slot::kW13 || slot == Slot::kW2;
   const int64_t instance = per_expert ? layer * config_.num_experts : (s.count == 1 ? 0 : layer);
-  void* data = static_cast<char*>(weight_arena_) + s.offset +
-               size_t(instance) * s.rows * s.cols * dtype_size(options_.weight_dtype);
-  if (per_expert)
-    return Tensor(data, options_.weight_dtype, backend_->device(), {config_.num_experts, s.rows, s.cols});
-  return Tensor(data, options_.weight_dtype, backend_->device(), {s.rows, s.cols});
+  char* arena = static_cast<char*>(weight_arena_);
+  void* data = arena + s.offset + size_t(instance) * s.rows * s.cols * dtype_size(s.dtype);
+  Tensor t = per_expert ? Tensor(data, s.dtype, backend_->device(), {config_.num_experts, s.rows, s.cols})
+                        : Tensor(data, s.dtype, backend_->device(), {s.rows, s.cols});
+  if (s.dtype == DType::kFloat8E4M3)
+    t.row_scales = reinterpret_cast<const float*>(arena + s.scale_offset) + size_t(instance) * s.rows;
+  return t;
 }
 
 Tensor Engine::norm_weight(Slot slot, int64_t layer) const {

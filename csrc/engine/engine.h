@@ -2,8 +2,9 @@
 // the KV page pools, a workspace for one chunk of tokens, and the forward pass
 // wired from the operations of core/backend.h.
 //
-// Weight slots, each [rows, cols] row-major in the weight dtype, per layer
-// and per expert where marked (layouts as in core/backend.h):
+// Weight slots, each [rows, cols] row-major in the weight dtype (w13 and w2 in
+// the expert dtype, which may be float8_e4m3 with one float32 scale per row:
+// core/fp8.h), per layer and per expert where marked (layouts as in core/backend.h):
 //   embed [V, H]   lm_head [V, H]   final_norm [1, H]
 //   per layer: attn_norm [1, H]  wqkv [(Hq+2Hkv)*D, H] (q rows, then k, then v)
 //              wo [H, Hq*D]  ffn_norm [1, H]  router [E, H]
@@ -42,6 +43,7 @@ struct ModelConfig {
 
 struct EngineOptions {
   DType weight_dtype = DType::kFloat32;
+  DType expert_dtype = DType::kFloat32;      // of w13 and w2: the weight dtype, or float8_e4m3
   DType activation_dtype = DType::kFloat32;  // also the KV cache dtype
   int64_t max_context = 0;                   // tokens one sequence may hold
   int64_t kv_cache_tokens = 0;               // pool capacity over all sequences
@@ -72,9 +74,12 @@ class Engine {
 
   // ---- weights ----
   // Copies a host block [rows, cols] of dtype src_dtype into rows
-  // [row_offset, row_offset + rows) of a slot, converting to the weight dtype.
+  // [row_offset, row_offset + rows) of a slot, converting to the slot's dtype. A float8_e4m3
+  // block comes with its src_row_scales [rows] (core/fp8.h); into a float8_e4m3 slot its bytes
+  // and scales go as they are, a float block is quantized.
   void load_weight(const std::string& slot, int64_t layer, int64_t expert, int64_t row_offset,
-                   const void* src, DType src_dtype, int64_t rows, int64_t cols);
+                   const void* src, DType src_dtype, int64_t rows, int64_t cols,
+                   const float* src_row_scales = nullptr);
   std::vector<std::string> missing_weights() const;  // slots not fully loaded
   // Fills every slot with random weights on the device, no file needed (for benchmarks):
   // linear weights uniform with std 1/sqrt(cols), embedding and router std 1 (decisive
@@ -119,8 +124,10 @@ class Engine {
  private:
   struct SlotLayout {
     int64_t rows, cols;
-    int64_t count;   // instances: layers x experts, 1 for global slots
-    size_t offset;   // bytes into the weight arena
+    int64_t count;        // instances: layers x experts, 1 for global slots
+    DType dtype;
+    size_t offset;        // bytes into the weight arena
+    size_t scale_offset;  // float8_e4m3: the [count * rows] float32 row scales, bytes into the arena
   };
   Tensor weight(Slot slot, int64_t layer) const;  // [rows, cols], or [E, rows, cols] for experts
   Tensor norm_weight(Slot slot, int64_t layer) const;  // [H]
@@ -196,7 +203,7 @@ class Engine {
     void place(void* base, Device device);
   };
   // Lays the weight slots out in one arena; returns its bytes.
-  static size_t plan_weights(const ModelConfig& c, DType dtype, SlotLayout* slots);
+  static size_t plan_weights(const ModelConfig& c, const EngineOptions& options, SlotLayout* slots);
   Workspace work_;
   void* workspace_arena_ = nullptr;
   // Pinned inputs of a chunk: [ids T, positions T, page table (max pages)] int32.

@@ -8,6 +8,9 @@
   bench [--model DIR | --shape S]    time to first token and tokens/s, for a model directory or a
                                      synthetic model (random weights made on the device) of shape
                                      demo, 8x7b or 8x22b, optionally with fewer --layers
+
+generate, chat and bench take --device cpu|cuda, --dtype and --expert-dtype float8_e4m3 (the
+experts' weights in FP8, quantized as they load).
 """
 
 from __future__ import annotations
@@ -81,23 +84,27 @@ def bench(args: argparse.Namespace) -> dict:
     """Prefill of a random prompt, then greedy decode past EOS; returns the measurements."""
     if args.model:
         engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
+                                        expert_dtype=args.expert_dtype,
                                         max_context=args.prompt_tokens + args.new_tokens, cuda_graphs=args.cuda_graphs)
         name = args.model
     else:
         config = SHAPES[args.shape]
         if args.layers:
             config = dataclasses.replace(config, num_layers=args.layers)
-        engine = Engine.synthetic(config, device=args.device, dtype=args.dtype,
+        engine = Engine.synthetic(config, device=args.device, dtype=args.dtype, expert_dtype=args.expert_dtype,
                                   max_context=args.prompt_tokens + args.new_tokens, max_batch_tokens=args.prompt_tokens,
                                   cuda_graphs=args.cuda_graphs)
         name = f"synthetic {args.shape}, {config.num_layers} layers"
+    if args.expert_dtype:
+        name += f", experts in {args.expert_dtype}"
     prompt = np.random.default_rng(0).integers(3, engine.config.vocab_size, args.prompt_tokens).tolist()
     engine.generate(prompt[:8], max_tokens=2, temperature=0, ignore_eos=True)  # warm-up
     engine.clear_prefix_cache()
     result = engine.generate(prompt, max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
     layers = engine.config.num_layers
     ms_per_token = 1e3 / result.tokens_per_second
-    report = dict(model=name, device=engine.device, cuda_graphs=args.cuda_graphs, layers=layers,
+    report = dict(model=name, device=engine.device, expert_dtype=args.expert_dtype, cuda_graphs=args.cuda_graphs,
+                  layers=layers,
                   prompt_tokens=args.prompt_tokens,
                   new_tokens=len(result.token_ids), time_to_first_token_ms=1e3 * result.time_to_first_token,
                   prefill_tokens_per_s=args.prompt_tokens / result.time_to_first_token,
@@ -108,6 +115,12 @@ def bench(args: argparse.Namespace) -> dict:
           f"({report['prefill_tokens_per_s']:.0f} prompt tokens/s); decode {report['decode_tokens_per_s']:.1f} "
           f"tokens/s = {ms_per_token:.2f} ms/token, {report['decode_ms_per_layer']:.3f} ms per layer")
     return report
+
+
+def open_model(args: argparse.Namespace) -> Engine:
+    """The model directory of `generate` and `chat`, with their settings."""
+    return Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, expert_dtype=args.expert_dtype,
+                                  max_context=args.max_context)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_argument("--system", default=None, help="a system prompt")
     for command in (generate, chat):
         command.add_argument("--model", required=True)
+        command.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
         command.add_argument("--dtype", default=None)
         command.add_argument("--max-context", type=int, default=None)
     timing = sub.add_parser("bench", help="time to first token and tokens/s")
@@ -130,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     timing.add_argument("--layers", type=int, default=None, help="synthetic: this many layers")
     timing.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     timing.add_argument("--dtype", default=None)
+    for command in (generate, chat, timing):
+        command.add_argument("--expert-dtype", default=None, choices=["float8_e4m3"],
+                             help="store the experts' weights in FP8 (default: the dtype)")
     timing.add_argument("--prompt-tokens", type=int, default=128)
     timing.add_argument("--new-tokens", type=int, default=32)
     timing.add_argument("--cuda-graphs", action="store_true", help="replay each decode step as a CUDA graph")
@@ -148,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                     json.dump(report, f, indent=2)
             return 0
         if args.command == "chat":
-            chat_loop(Engine.from_pretrained(args.model, dtype=args.dtype, max_context=args.max_context), args)
+            chat_loop(open_model(args), args)
             return 0
         if args.command == "demo":
             with tempfile.TemporaryDirectory() as tmp:
@@ -161,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
                 stream_to_stdout(engine, prompt, args)
                 timed = engine.generate(prompt, max_tokens=args.max_tokens, temperature=0)
         else:
-            engine = Engine.from_pretrained(args.model, dtype=args.dtype, max_context=args.max_context)
+            engine = open_model(args)
             stream_to_stdout(engine, args.prompt, args)
             timed = engine.generate(args.prompt, max_tokens=args.max_tokens, temperature=0)
         print(f"[greedy rerun: first token {1e3 * timed.time_to_first_token:.1f} ms, "

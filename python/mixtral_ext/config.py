@@ -78,6 +78,9 @@ def _float(data: dict, key: str, path: str, default=None) -> float:
 
 
 _DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+# quantization_config.quant_method of the FP8 checkpoints the loader reads (AutoFP8, llm-compressor): their
+# quantized weights are F8_E4M3 tensors, each with a float32 weight_scale (per tensor or per output row).
+FP8_QUANT_METHODS = ("fp8", "compressed-tensors")
 
 
 def load_hf_config(path: str) -> MixtralConfig:
@@ -103,6 +106,12 @@ def load_hf_config(path: str) -> MixtralConfig:
         raise ModelLoadError(f"{path}: sliding_window {window} is not supported (Mixtral has none)")
     if data.get("hidden_act", "silu") != "silu":
         raise ModelLoadError(f"{path}: hidden_act {data.get('hidden_act')!r} is not supported (silu)")
+    quantization = data.get("quantization_config") or {}
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization
+    if method not in (None, *FP8_QUANT_METHODS):
+        raise ModelLoadError(f"{path}: {method!r} quantization is not supported; FP8 checkpoints "
+                             f"(quant_method {' or '.join(FP8_QUANT_METHODS)}, F8_E4M3 weights with their "
+                             "weight_scale) and unquantized ones are")
     return MixtralConfig(
         hidden_size=hidden,
         num_layers=_int(data, "num_hidden_layers", path),

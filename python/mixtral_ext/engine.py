@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import AsyncIterator, Callable, Iterable, Iterator, Sequence as SequenceType
 
 import numpy as np
@@ -34,9 +34,13 @@ from .errors import (
 )
 from .generation import Delta, GenerationResult, GenerationSession, Progress, SamplingSettings, Usage
 from .tokenizer import Tokenizer
-from .weights import check_plan, load_into, open_checkpoint, tensor_plan
+from .weights import check_plan, experts_in_fp8, load_into, open_checkpoint, tensor_plan
 
 _DTYPES = ("float32", "bfloat16", "float16")
+# Expert weights (w1, w3, w2: 96% of an 8x22B layer's bytes) may instead be stored in FP8 E4M3 with
+# one float32 scale per output row, quantized as they load: half the bytes of bfloat16, so
+# Mixtral-8x22B (281 GB in bfloat16) fits one H200 (150 GB) and a decode step reads half as much.
+_EXPERT_DTYPES = ("float8_e4m3",)
 
 
 # Tokens per forward chunk by default. On the GPU a prompt chunk must give each expert enough rows
@@ -56,9 +60,10 @@ class _EngineOptions:
     page_size: int
     max_batch_tokens: int
     cuda_graphs: bool
+    expert_dtype: str  # "" for dtype
 
     @classmethod
-    def checked(cls, device, dtype, page_size, max_batch_tokens, cuda_graphs) -> "_EngineOptions":
+    def checked(cls, device, dtype, page_size, max_batch_tokens, cuda_graphs, expert_dtype) -> "_EngineOptions":
         if device not in ("cpu", "cuda"):
             raise SettingError(f"device must be 'cpu' or 'cuda', got {device!r}")
         if dtype is None:
@@ -72,7 +77,9 @@ class _EngineOptions:
                 raise SettingError(f"{name} must be an integer in [1, 2^31), got {value!r}")
         if not isinstance(cuda_graphs, bool):
             raise SettingError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
-        return cls(device, dtype, page_size, max_batch_tokens, cuda_graphs)
+        if expert_dtype is not None and expert_dtype not in _EXPERT_DTYPES:
+            raise SettingError(f"expert_dtype must be None (the dtype) or one of {_EXPERT_DTYPES}, got {expert_dtype!r}")
+        return cls(device, dtype, page_size, max_batch_tokens, cuda_graphs, expert_dtype or "")
 
     @property
     def activation_dtype(self) -> str:
@@ -116,7 +123,7 @@ class _EngineOptions:
         free, _ = _C.device_memory(self.device, backend_library() if self.device == "cuda" else "")
         weights, workspace, token_bytes = _C.Engine.memory_plan(
             config.to_core(), self.dtype, self.activation_dtype, config.max_position_embeddings, self.page_size,
-            self.max_batch_tokens)
+            self.max_batch_tokens, self.expert_dtype)
         reserve = workspace + (256 << 20)  # and the runtime's own buffers (cuBLAS workspace, staging, scratch)
         tokens = int(fraction * (free - weights - reserve)) // token_bytes
         if tokens < 1:
@@ -127,7 +134,8 @@ class _EngineOptions:
     def make_core(self, config: MixtralConfig, max_context: int, kv_cache_tokens: int):
         cuda_library = backend_library() if self.device == "cuda" else ""
         return _C.Engine(config.to_core(), self.device, self.dtype, self.activation_dtype, max_context,
-                         kv_cache_tokens, self.page_size, self.max_batch_tokens, cuda_library, self.cuda_graphs)
+                         kv_cache_tokens, self.page_size, self.max_batch_tokens, cuda_library, self.cuda_graphs,
+                         self.expert_dtype)
 
 
 class Engine:
@@ -151,6 +159,7 @@ class Engine:
         *,
         device: str = "cpu",
         dtype: str | None = None,
+        expert_dtype: str | None = None,
         max_context: int | None = None,
         kv_cache_tokens: int | None = None,
         kv_cache_fraction: float | None = None,
@@ -163,6 +172,10 @@ class Engine:
 
         device: "cpu", or "cuda" (the first GPU; DeviceError when this build or machine has none).
         dtype: weight dtype; default float32 on the CPU (exact numerics), bfloat16 on the GPU.
+        expert_dtype: "float8_e4m3" stores the experts' weights in FP8 (E4M3, one float32 scale per
+            output row, quantized as they load): half the bytes of bfloat16, for models that would not
+            fit otherwise and a decode step that reads half as much; default: the dtype, or FP8 for a
+            checkpoint whose experts are FP8 already (their bytes and scales are kept as they are).
         max_context: tokens one sequence may hold (default: the model's max_position_embeddings,
             or what the KV cache holds when that is less).
         kv_cache_tokens: KV cache capacity over all open sequences (default: max_context on the CPU).
@@ -175,13 +188,15 @@ class Engine:
         progress: show a loading bar (default: for checkpoints of 256 MiB or more).
         """
         path = os.fspath(path)
-        options = _EngineOptions.checked(device, dtype, page_size, max_batch_tokens, cuda_graphs)
+        options = _EngineOptions.checked(device, dtype, page_size, max_batch_tokens, cuda_graphs, expert_dtype)
         checkpoint = open_checkpoint(path)
         config = checkpoint.config
         config.to_core()  # validates the config before any tensor is read
-        max_context, kv_cache_tokens = options.context(config, max_context, kv_cache_tokens, kv_cache_fraction)
         plan = tensor_plan(checkpoint)
         total_bytes = check_plan(checkpoint, plan)
+        if expert_dtype is None and experts_in_fp8(checkpoint, plan):  # an FP8 checkpoint's experts stay FP8
+            options = replace(options, expert_dtype="float8_e4m3")
+        max_context, kv_cache_tokens = options.context(config, max_context, kv_cache_tokens, kv_cache_fraction)
         try:
             core = options.make_core(config, max_context, kv_cache_tokens)
             load_into(core, checkpoint, plan, total_bytes, progress)
@@ -200,6 +215,7 @@ class Engine:
         *,
         device: str = "cpu",
         dtype: str | None = None,
+        expert_dtype: str | None = None,
         max_context: int | None = None,
         kv_cache_tokens: int | None = None,
         kv_cache_fraction: float | None = None,
@@ -211,7 +227,7 @@ class Engine:
         """A model of `config` with random weights made on the device itself (no file is read or
         written): for benchmarks at real widths. Other arguments as from_pretrained(); its text
         tokenizer is the one mistral-common ships for the vocabulary size."""
-        options = _EngineOptions.checked(device, dtype, page_size, max_batch_tokens, cuda_graphs)
+        options = _EngineOptions.checked(device, dtype, page_size, max_batch_tokens, cuda_graphs, expert_dtype)
         config.to_core()
         max_context, kv_cache_tokens = options.context(config, max_context, kv_cache_tokens, kv_cache_fraction)
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**60:

@@ -4,7 +4,9 @@ the data is memory-mapped, and each tensor comes back as a numpy view.
 Format: 8 bytes little-endian header length N, N bytes of JSON
 {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}},
 then the data; offsets are relative to the end of the header. bfloat16 has no
-numpy dtype, so it is viewed as uint16 and tagged "bfloat16".
+numpy dtype, so it is viewed as uint16 and tagged "bfloat16"; FP8 E4M3 (an FP8
+checkpoint's weights, each with its weight_scale) is viewed as uint8 and tagged
+"float8_e4m3".
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ _DTYPES = {
     "I8": (1, None, None),
     "U8": (1, None, None),
     "BOOL": (1, None, None),
-    "F8_E4M3": (1, None, None),
+    "F8_E4M3": (1, np.uint8, "float8_e4m3"),
     "F8_E5M2": (1, None, None),
 }
 _MAX_HEADER_BYTES = 100 << 20
@@ -102,6 +104,10 @@ class SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._entries[name][1]
 
+    def dtype(self, name: str) -> str:
+        """The safetensors dtype, e.g. "BF16" or "F8_E4M3"."""
+        return self._entries[name][0]
+
     def nbytes(self, name: str) -> int:
         _, _, begin, end = self._entries[name]
         return end - begin
@@ -112,7 +118,7 @@ class SafetensorsFile:
         _, view_dtype, engine_dtype = _DTYPES[dtype]
         if engine_dtype is None:
             raise ModelLoadError(
-                f"{self.path}: tensor '{name}' has dtype {dtype}; float32, bfloat16 or float16 are supported"
+                f"{self.path}: tensor '{name}' has dtype {dtype}; float32, bfloat16, float16 or F8_E4M3 are supported"
             )
         if self._map is None:
             self._map = np.memmap(self.path, dtype=np.uint8, mode="r")

@@ -9,6 +9,10 @@ Supported layouts:
     (block_sparse_moe.experts.E.w1/w2/w3) or fused (mlp.experts.gate_up_proj/down_proj).
   Consolidated Mistral: params.json + consolidated*.safetensors; its wq/wk rows use
     interleaved RoPE pairs and are permuted here to the engine's rotate-half layout.
+  FP8 (Hugging Face layout, per-expert names): any weight may be F8_E4M3 with a float32
+    NAME.weight_scale beside it, one per tensor or per output row; the engine keeps FP8
+    expert weights as they are and widens the others to its dtype (activation scales are
+    not used: activations stay in the engine's dtype).
 """
 
 from __future__ import annotations
@@ -184,8 +188,22 @@ def tensor_plan(checkpoint: Checkpoint) -> list[TensorCopy]:
     return plan
 
 
+def _scale_name(name: str) -> str:
+    return name.removesuffix("weight") + "weight_scale"
+
+
+def is_fp8(checkpoint: Checkpoint, name: str) -> bool:
+    return checkpoint.files[name].dtype(name) == "F8_E4M3"
+
+
+def experts_in_fp8(checkpoint: Checkpoint, plan: list[TensorCopy]) -> bool:
+    """Whether the checkpoint stores its expert weights in FP8."""
+    return any(copy.slot in ("w13", "w2") and is_fp8(checkpoint, copy.name) for copy in plan)
+
+
 def check_plan(checkpoint: Checkpoint, plan: list[TensorCopy]) -> int:
-    """Checks that every planned tensor exists with its shape; returns the bytes to copy."""
+    """Checks that every planned tensor exists with its shape (and an FP8 one its scale); returns
+    the bytes to copy."""
     total = 0
     for copy in plan:
         if not checkpoint.has(copy.name):
@@ -195,6 +213,16 @@ def check_plan(checkpoint: Checkpoint, plan: list[TensorCopy]) -> int:
             raise ModelLoadError(
                 f"{st.path}: tensor '{copy.name}' has shape {list(st.shape(copy.name))}, expected {list(copy.shape)}"
             )
+        if is_fp8(checkpoint, copy.name):
+            scale = _scale_name(copy.name)
+            if copy.expert_index is not None:
+                raise ModelLoadError(f"{st.path}: FP8 fused expert tensors ('{copy.name}') are not supported")
+            if not checkpoint.has(scale):
+                raise ModelLoadError(f"{st.path}: FP8 tensor '{copy.name}' has no '{scale}' beside it")
+            rows = copy.shape[0]
+            if checkpoint.files[scale].shape(scale) not in ((), (1,), (rows,), (rows, 1)):
+                raise ModelLoadError(f"'{scale}' has shape {list(checkpoint.files[scale].shape(scale))}: one scale "
+                                     f"per tensor or per output row ({rows}) expected")
         nbytes = st.nbytes(copy.name)
         total += nbytes // copy.shape[0] if copy.expert_index is not None else nbytes
     return total
@@ -208,17 +236,29 @@ def rotate_half_rows(num_heads: int, head_dim: int) -> np.ndarray:
     return (np.arange(num_heads)[:, None] * head_dim + within[None, :]).reshape(-1)
 
 
+def _row_scales(checkpoint: Checkpoint, name: str, rows: int) -> np.ndarray:
+    """The float32 scale of each output row of FP8 tensor `name` (checked by check_plan)."""
+    scale, dtype = checkpoint.files[_scale_name(name)].tensor(_scale_name(name))
+    if dtype != "float32":
+        raise ModelLoadError(f"'{_scale_name(name)}' is {dtype}, float32 expected")
+    return np.ascontiguousarray(np.broadcast_to(scale.reshape(-1), (rows,)), dtype=np.float32)
+
+
 def load_into(core, checkpoint: Checkpoint, plan: list[TensorCopy], total_bytes: int, progress: bool | None) -> None:
     """Copies every planned tensor into the engine core."""
     show = total_bytes >= _PROGRESS_BYTES if progress is None else progress
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="loading weights", disable=not show) as bar:
         for copy in plan:
             array, dtype = checkpoint.files[copy.name].tensor(copy.name)
+            scales = _row_scales(checkpoint, copy.name, array.shape[0]) if dtype == "float8_e4m3" else None
             if copy.expert_index is not None:
                 array = array[copy.expert_index]
             if copy.interleaved_heads:
-                array = array[rotate_half_rows(copy.interleaved_heads, array.shape[0] // copy.interleaved_heads)]
-            core.load_weight(copy.slot, copy.layer, copy.expert, copy.row_offset, np.ascontiguousarray(array), dtype)
+                order = rotate_half_rows(copy.interleaved_heads, array.shape[0] // copy.interleaved_heads)
+                array = array[order]
+                scales = None if scales is None else scales[order]
+            core.load_weight(copy.slot, copy.layer, copy.expert, copy.row_offset, np.ascontiguousarray(array), dtype,
+                             scales)
             bar.update(array.nbytes)
     missing = core.missing_weights()
     if missing:
