@@ -536,15 +536,19 @@ def test_long_context_engine_matches_the_cpu_and_chunking_does_not_matter(device
 
 def test_fp8_expert_engine_matches_the_cpu_one(device_engines, tiny_dir):
     """expert_dtype="float8_e4m3": prompt chunks of 16 tokens take the dequantized cuBLAS path, decode
-    steps the hand-written kernel; logits and greedy tokens equal the CPU engine's on the same bytes."""
+    steps the hand-written kernel (recorded as CUDA graphs too); logits and greedy tokens equal the
+    CPU engine's on the same bytes."""
     ids = random_tokens(40, 101, seed=41)
     cpu = mixtral_ext.Engine.from_pretrained(tiny_dir, expert_dtype="float8_e4m3", max_context=64)
     device = mixtral_ext.Engine.from_pretrained(tiny_dir, device=DEVICE, dtype="float32", expert_dtype="float8_e4m3",
                                                 max_context=64, max_batch_tokens=16)
     assert_close(device.logits(ids), cpu.logits(ids), 1e-4)
     prompt = ids[:7]
-    assert device.generate(prompt, max_tokens=20, temperature=0).token_ids == \
-        cpu.generate(prompt, max_tokens=20, temperature=0).token_ids
+    expected = cpu.generate(prompt, max_tokens=20, temperature=0).token_ids
+    assert device.generate(prompt, max_tokens=20, temperature=0).token_ids == expected
+    graphs = mixtral_ext.Engine.from_pretrained(tiny_dir, device=DEVICE, dtype="float32", expert_dtype="float8_e4m3",
+                                                max_context=64, max_batch_tokens=16, cuda_graphs=True)
+    assert graphs.generate(prompt, max_tokens=20, temperature=0).token_ids == expected  # no host sync in a step
     short = ids[:24]
     cpu_bf16 = mixtral_ext.Engine.from_pretrained(tiny_dir, dtype="bfloat16", expert_dtype="float8_e4m3", max_context=64)
     device_bf16 = mixtral_ext.Engine.from_pretrained(tiny_dir, device=DEVICE, dtype="bfloat16",

@@ -361,7 +361,8 @@ ExpertGemmPath CudaBackend::expert_path(int64_t rows) const {
 
 std::vector<int32_t> CudaBackend::offsets_on_host(const Tensor& expert_offsets, int64_t rows) {
   MX_CHECK(!capturing_, Error,
-           "cuda: a recorded decode step needs the batched expert path (the others read offsets on the host)");
+           "cuda: a recorded decode step cannot read the expert offsets on the host (the per-expert and grouped "
+           "paths do, and FP8 experts past " << kE4M3GemvMaxRows << " rows)");
   std::vector<int32_t> offsets(expert_offsets.shape[0]);
   runtime_.download(offsets.data(), expert_offsets.data, offsets.size() * sizeof(int32_t));
   MX_CHECK(offsets.front() == 0 && offsets.back() == rows, ShapeError,
