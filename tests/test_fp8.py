@@ -1,7 +1,8 @@
 """FP8 expert weights (expert_dtype="float8_e4m3") on the CPU: the quantizer against PyTorch's
-float8_e4m3fn, the CPU expert GEMM against numpy on the dequantized weights, and the engine against
-transformers' MixtralForCausalLM whose expert weights went through the same quantization.
-(The CUDA kernels are held to these CPU twins in test_cuda.py.)"""
+float8_e4m3fn, the CPU expert GEMM against numpy on the dequantized weights, the engine against
+transformers' MixtralForCausalLM whose expert weights went through the same quantization, and FP8
+checkpoints (the layout AutoFP8 and llm-compressor write) against transformers on their weights
+widened by torch. (The CUDA kernels are held to these CPU twins in test_cuda.py.)"""
 
 from __future__ import annotations
 
