@@ -8,7 +8,9 @@
 //               in moe(), one launch writes both GEMMs' arrays, the routing kernel for decode
 //   grouped     cublasGemmGroupedBatchedEx, one group per expert with rows (offsets on the host)
 // "auto" picks batched up to kBatchedMaxRows rows (decode) and per_expert above
-// (prefill), the fastest paths the H200 measurements in DESIGN.md found.
+// (prefill), the fastest paths the H200 measurements in DESIGN.md found. float8_e4m3
+// experts (core/fp8.h) take none of these: a hand-written kernel up to kE4M3GemvMaxRows
+// rows (no host sync), else chunks dequantized for cublasGemmEx per expert.
 // Options: "expert_gemm" = auto|per_expert|batched|grouped; "attention" = auto (prefill in
 // bfloat16/float16 on the tensor cores) or simple (the CUDA-core kernel for everything).
 #pragma once

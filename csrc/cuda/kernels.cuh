@@ -1,7 +1,8 @@
 // Launchers of the hand-written CUDA kernels (csrc/cuda/kernels.cu). Each one
 // enqueues on `stream` and checks the launch; layouts are those of
-// core/backend.h, element types float, __nv_bfloat16 or __half (T), with
-// float32 accumulation. Arguments were checked by core/op_checks first.
+// core/backend.h, element types float, __nv_bfloat16 or __half (T) (expert
+// weights also float8_e4m3 bytes, core/fp8.h), with float32 accumulation.
+// Arguments were checked by core/op_checks first.
 #pragma once
 
 #include <cuda_bf16.h>
