@@ -508,6 +508,10 @@ def test_synthetic_engine_matches_the_cpu_one(device_engines):
     cpu = mixtral_ext.Engine.synthetic(config, max_context=64, seed=7).logits(ids)
     device = mixtral_ext.Engine.synthetic(config, device=DEVICE, dtype="float32", max_context=64, seed=7).logits(ids)
     assert_close(device, cpu, 1e-4)
+    cpu_fp8 = mixtral_ext.Engine.synthetic(config, expert_dtype="float8_e4m3", max_context=64, seed=7).logits(ids)
+    device_fp8 = mixtral_ext.Engine.synthetic(config, device=DEVICE, dtype="float32", expert_dtype="float8_e4m3",
+                                              max_context=64, seed=7).logits(ids)
+    assert_close(device_fp8, cpu_fp8, 1e-4)  # FP8 experts filled on the device: the same bytes and scales
 
 
 def test_long_context_engine_matches_the_cpu_and_chunking_does_not_matter(device_engines):

@@ -192,7 +192,7 @@ void CudaBackend::fill_uniform(Tensor& t, uint64_t seed, float low, float high) 
   MX_CHECK((is_float(t.dtype) || t.dtype == DType::kFloat8E4M3) && t.contiguous(), ShapeError,
            "fill_uniform: a contiguous float tensor expected");
   if (t.dtype == DType::kFloat8E4M3)
-    return launch_fill_uniform_e4m3(t.ptr<uint8_t>(), t.numel(), seed, low, high, runtime_.stream());
+    return launch_fill_uniform(t.ptr<uint8_t>(), t.numel(), seed, low, high, runtime_.stream());
   dispatch_device_float(t.dtype, [&](auto tag) {
     using T = decltype(tag);
     launch_fill_uniform(t.ptr<T>(), t.numel(), seed, low, high, runtime_.stream());
@@ -489,8 +489,13 @@ void CudaBackend::expert_gemm_on_host_offsets(ExpertGemmPath path, const Tensor&
 
 void CudaBackend::expert_matmul(const Tensor& x, const Tensor& w, const Tensor& expert_offsets, Tensor& out) {
   check_expert_matmul(x, w, expert_offsets, out);
-  if (w.dtype == DType::kFloat8E4M3) return expert_matmul_e4m3(x, w, expert_offsets, out);
   const int64_t R = x.shape[0];
+  if (w.dtype == DType::kFloat8E4M3) {
+    check_same_dtype("expert_matmul", x, out);
+    if (R <= kE4M3GemvMaxRows) expert_gemv_e4m3(x, w, expert_offsets, out);
+    else expert_gemm_e4m3_dequantized(x, w, offsets_on_host(expert_offsets, R), out);
+    return;
+  }
   const ExpertGemmPath path = expert_path(R);
   if (path != ExpertGemmPath::kBatched)
     return expert_gemm_on_host_offsets(path, x, w, offsets_on_host(expert_offsets, R), out);
@@ -501,19 +506,19 @@ void CudaBackend::expert_matmul(const Tensor& x, const Tensor& w, const Tensor& 
   expert_gemm_batched(x, w, out, jobs.gemm[0]);
 }
 
-void CudaBackend::expert_matmul_e4m3(const Tensor& x, const Tensor& w, const Tensor& expert_offsets, Tensor& out) {
-  check_same_dtype("expert_matmul", x, out);
-  const int64_t R = x.shape[0], E = w.shape[0], N = w.shape[1], K = w.shape[2];
+void CudaBackend::expert_gemv_e4m3(const Tensor& x, const Tensor& w, const Tensor& expert_offsets, Tensor& out) {
+  dispatch_device_float(x.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    launch_e4m3_expert_gemv(x.ptr<const T>(), x.shape[0], w.ptr<const uint8_t>(), w.row_scales,
+                            static_cast<int>(w.shape[0]), expert_offsets.ptr<const int32_t>(), w.shape[1], w.shape[2],
+                            out.ptr<T>(), runtime_.stream());
+  });
+}
+
+void CudaBackend::expert_gemm_e4m3_dequantized(const Tensor& x, const Tensor& w, const std::vector<int32_t>& offsets,
+                                               Tensor& out) {
+  const int64_t E = w.shape[0], N = w.shape[1], K = w.shape[2];
   const uint8_t* values = w.ptr<const uint8_t>();
-  if (R <= kE4M3GemvMaxRows) {
-    dispatch_device_float(x.dtype, [&](auto tag) {
-      using T = decltype(tag);
-      launch_e4m3_expert_gemv(x.ptr<const T>(), R, values, w.row_scales, static_cast<int>(E),
-                              expert_offsets.ptr<const int32_t>(), N, K, out.ptr<T>(), runtime_.stream());
-    });
-    return;
-  }
-  const std::vector<int32_t> offsets = offsets_on_host(expert_offsets, R);
   const size_t element = dtype_size(x.dtype);
   // Rows of w dequantized at a time: 64 MiB of scratch at most, each chunk one GEMM into its output columns.
   const int64_t chunk = std::clamp<int64_t>(int64_t(64 << 20) / (K * int64_t(element)), 1, N);
@@ -563,9 +568,19 @@ void CudaBackend::moe_e4m3(const Tensor& x, const Tensor& router, const Tensor& 
                            Routing& routing, ExpertBuffers& experts, const FusedNorm* norm) {
   if (fused_route_fits(x, router)) launch_fused_route(x, router, routing, ExpertPointerJobs{{}, 0}, norm);
   else Backend::route(x, router, routing);  // norm is only given when the fused kernel fits
-  expert_matmul(routing.gathered, w13, routing.expert_offsets, experts.gate_up);
+  check_same_dtype("moe", routing.gathered, experts.gate_up);
+  check_same_dtype("moe", experts.act, experts.out);
+  const int64_t R = routing.gathered.shape[0];
+  if (R <= kE4M3GemvMaxRows) {
+    expert_gemv_e4m3(routing.gathered, w13, routing.expert_offsets, experts.gate_up);
+    silu_mul(experts.gate_up, experts.act);
+    expert_gemv_e4m3(experts.act, w2, routing.expert_offsets, experts.out);
+    return;
+  }
+  const std::vector<int32_t> offsets = offsets_on_host(routing.expert_offsets, R);  // once for both GEMMs
+  expert_gemm_e4m3_dequantized(routing.gathered, w13, offsets, experts.gate_up);
   silu_mul(experts.gate_up, experts.act);
-  expert_matmul(experts.act, w2, routing.expert_offsets, experts.out);
+  expert_gemm_e4m3_dequantized(experts.act, w2, offsets, experts.out);
 }
 
 void CudaBackend::moe_batched(const Tensor& x, const Tensor& router, const Tensor& w13, const Tensor& w2,

@@ -122,11 +122,15 @@ class CudaBackend final : public Backend {
   };
   void launch_fused_route(const Tensor& x, const Tensor& router, Routing& routing, const ExpertPointerJobs& jobs,
                           const FusedNorm* norm = nullptr);
-  // expert_matmul of float8_e4m3 weights: the hand-written kernel for few rows (decode; no host sync),
-  // else per expert, row chunks of w dequantized to x's dtype for cublasGemmEx (prefill).
-  void expert_matmul_e4m3(const Tensor& x, const Tensor& w, const Tensor& expert_offsets, Tensor& out);
+  // expert_matmul of float8_e4m3 weights (x and out of one dtype): the hand-written kernel for at
+  // most kE4M3GemvMaxRows rows (decode; offsets read on the device, no host sync), or per expert
+  // with rows, row chunks of w dequantized to x's dtype for cublasGemmEx (prefill).
+  void expert_gemv_e4m3(const Tensor& x, const Tensor& w, const Tensor& expert_offsets, Tensor& out);
+  void expert_gemm_e4m3_dequantized(const Tensor& x, const Tensor& w, const std::vector<int32_t>& offsets,
+                                    Tensor& out);
   // moe() of float8_e4m3 experts: the fused routing kernel (without pointer arrays; with `norm`,
-  // if given) when it fits, else the separate routing ops, then the expert ops.
+  // if given) when it fits, else the separate routing ops, then the expert ops (offsets read on
+  // the host once for both GEMMs when the dequantized path runs).
   void moe_e4m3(const Tensor& x, const Tensor& router, const Tensor& w13, const Tensor& w2, Routing& routing,
                 ExpertBuffers& experts, const FusedNorm* norm);
   // moe() on the batched path: both GEMMs' pointer arrays written by one launch, the fused routing

@@ -26,6 +26,8 @@ template <>
 __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 template <>
 __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+template <>  // uint8_t elements are float8_e4m3 (expert weights, core/fp8.h), the only byte dtype
+__device__ __forceinline__ uint8_t from_f32<uint8_t>(float v) { return float_to_e4m3(v); }
 
 __device__ __forceinline__ float warp_sum(float v) {
   for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
@@ -531,11 +533,6 @@ __global__ void silu_mul_kernel(const T* gate_up, T* out, int64_t rows, int64_t 
 
 // ---- float8_e4m3 expert weights (core/fp8.h) ------------------------------------------------
 
-__global__ void fill_uniform_e4m3_kernel(uint8_t* data, int64_t n, uint64_t seed, float low, float high) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-    data[i] = float_to_e4m3(uniform_in(seed, uint64_t(i), low, high));
-}
-
 // kWidth elements of row `row` of x from element k on, widened (16-byte loads when kWidth > 1).
 template <typename T, int kWidth>
 __device__ __forceinline__ void load_widened(const T* row, int64_t k, float (&values)[kWidth]) {
@@ -780,31 +777,22 @@ void launch_moe_unpermute(const T* y, const int32_t* expanded_to_permuted, const
          k, hidden);
 }
 
-void launch_fill_uniform_e4m3(uint8_t* data, int64_t n, uint64_t seed, float low, float high, cudaStream_t stream) {
-  if (n == 0) return;
-  launch(fill_uniform_e4m3_kernel, static_cast<unsigned>(std::min<int64_t>(blocks_for(n, 256), 65536)), 256, 0, stream,
-         data, n, seed, low, high);
-}
-
 template <typename T>
 void launch_e4m3_expert_gemv(const T* x, int64_t rows, const uint8_t* w, const float* row_scales, int num_experts,
                              const int32_t* expert_offsets, int64_t N, int64_t K, T* out, cudaStream_t stream) {
   if (rows == 0) return;
   constexpr int kWarps = 4;  // 16 columns a block: 768 blocks of two active experts for an 8x22B w2 (N 6144)
   const dim3 grid(blocks_for(N, kWarps * kE4M3RowsPerWarp), static_cast<unsigned>(num_experts));
-  // 16 weight bytes per lane and row need rows of x and w that keep 16-byte alignment.
-  const bool wide = K % 16 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0;
-  auto run = [&](auto width) {  // a row bound of 2 for one token's two experts keeps the sums few
+  // 16 weight bytes per lane and row when K and both pointers keep rows of x and w 16-byte aligned.
+  dispatch_pack_width<uint8_t>(K, {x, w}, [&](auto width) {
     constexpr int kWidth = decltype(width)::value;
-    if (rows <= 2)
+    if (rows <= 2)  // one token's two experts: a row bound of 2 keeps the sums few
       launch(e4m3_expert_gemv_kernel<T, kWidth, 2>, grid, kWarps * 32, 0, stream, x, w, row_scales, expert_offsets, N,
              K, out);
     else
       launch(e4m3_expert_gemv_kernel<T, kWidth, int(kE4M3GemvMaxRows)>, grid, kWarps * 32, 0, stream, x, w, row_scales,
              expert_offsets, N, K, out);
-  };
-  if (wide) run(std::integral_constant<int, 16>{});
-  else run(std::integral_constant<int, 1>{});
+  });
 }
 
 template <typename T>
@@ -820,6 +808,8 @@ void launch_expert_pointers(const int32_t* expert_offsets, int num_experts, int6
   if (rows == 0) return;
   launch(expert_pointers_kernel, blocks_for(rows, 128), 128, 0, stream, expert_offsets, num_experts, rows, jobs);
 }
+
+template void launch_fill_uniform<uint8_t>(uint8_t*, int64_t, uint64_t, float, float, cudaStream_t);
 
 #define MX_INSTANTIATE(T)                                                                                      \
   template void launch_e4m3_expert_gemv<T>(const T*, int64_t, const uint8_t*, const float*, int, const int32_t*,  \

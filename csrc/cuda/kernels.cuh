@@ -83,7 +83,7 @@ void dispatch_device_float(DType dtype, Fn&& fn) {
   }
 }
 
-// data[i] = uniform_in(seed, i, low, high) (core/random.h), rounded to T.
+// data[i] = uniform_in(seed, i, low, high) (core/random.h), rounded to T (uint8_t: float8_e4m3).
 template <typename T>
 void launch_fill_uniform(T* data, int64_t n, uint64_t seed, float low, float high, cudaStream_t stream);
 
@@ -216,9 +216,7 @@ template <typename T>
 void launch_moe_unpermute(const T* y, const int32_t* expanded_to_permuted, const float* weights, T* out,
                           int64_t tokens, int k, int64_t hidden, cudaStream_t stream);
 
-// float8_e4m3 expert weights w [E, N, K] with row scales [E * N] (core/fp8.h):
-// data[i] = float_to_e4m3(uniform_in(seed, i, low, high)).
-void launch_fill_uniform_e4m3(uint8_t* data, int64_t n, uint64_t seed, float low, float high, cudaStream_t stream);
+// float8_e4m3 expert weights w [E, N, K] with row scales [E * N] (core/fp8.h).
 // expert_matmul for at most kE4M3GemvMaxRows rows (decode): out [R, N] = x [R, K] @ dequantized w[e]^T per
 // expert e, its rows found from expert_offsets on the device (no host sync, graph-capturable); each warp
 // computes kE4M3RowsPerWarp output columns, reading their weights once.

@@ -219,10 +219,10 @@ def check_plan(checkpoint: Checkpoint, plan: list[TensorCopy]) -> int:
                 raise ModelLoadError(f"{st.path}: FP8 fused expert tensors ('{copy.name}') are not supported")
             if not checkpoint.has(scale):
                 raise ModelLoadError(f"{st.path}: FP8 tensor '{copy.name}' has no '{scale}' beside it")
-            rows = copy.shape[0]
-            if checkpoint.files[scale].shape(scale) not in ((), (1,), (rows,), (rows, 1)):
-                raise ModelLoadError(f"'{scale}' has shape {list(checkpoint.files[scale].shape(scale))}: one scale "
-                                     f"per tensor or per output row ({rows}) expected")
+            rows, scale_file = copy.shape[0], checkpoint.files[scale]
+            if scale_file.dtype(scale) != "F32" or scale_file.shape(scale) not in ((), (1,), (rows,), (rows, 1)):
+                raise ModelLoadError(f"'{scale}' is {scale_file.dtype(scale)}{list(scale_file.shape(scale))}: one F32 "
+                                     f"scale per tensor or per output row ({rows}) expected")
         nbytes = st.nbytes(copy.name)
         total += nbytes // copy.shape[0] if copy.expert_index is not None else nbytes
     return total
@@ -238,9 +238,7 @@ def rotate_half_rows(num_heads: int, head_dim: int) -> np.ndarray:
 
 def _row_scales(checkpoint: Checkpoint, name: str, rows: int) -> np.ndarray:
     """The float32 scale of each output row of FP8 tensor `name` (checked by check_plan)."""
-    scale, dtype = checkpoint.files[_scale_name(name)].tensor(_scale_name(name))
-    if dtype != "float32":
-        raise ModelLoadError(f"'{_scale_name(name)}' is {dtype}, float32 expected")
+    scale, _ = checkpoint.files[_scale_name(name)].tensor(_scale_name(name))
     return np.ascontiguousarray(np.broadcast_to(scale.reshape(-1), (rows,)), dtype=np.float32)
 
 
