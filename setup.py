@@ -2,7 +2,7 @@
 
 Environment:
   MIXTRAL_EXT_CUDA=AUTO|ON|OFF      build the CUDA backend (default AUTO)
-  MIXTRAL_EXT_CUDA_ARCHS="90a"      CUDA architectures (default "80;90a")
+  MIXTRAL_EXT_CUDA_ARCHS="90a"      CUDA architectures (default: 80, 90a, and 100a where nvcc builds it)
   MIXTRAL_EXT_SANITIZE=ON           ASan + UBSan build of the core
   MAX_JOBS=N                        parallel compile jobs
 
@@ -107,12 +107,12 @@ class CMakeBuild(build_ext):
             f"-Dpybind11_DIR={pinned['pybind11_DIR']}",
             f"-DMIXTRAL_EXT_CUDA={cuda}",
             f"-DMIXTRAL_EXT_SANITIZE={os.environ.get('MIXTRAL_EXT_SANITIZE', 'OFF')}",
+            # Always passed, so that an earlier build's choice does not stay in the cache.
+            f"-DMIXTRAL_EXT_CUDA_ARCHS={os.environ.get('MIXTRAL_EXT_CUDA_ARCHS', '')}",
             "-DCMAKE_BUILD_TYPE=Release",
             "-G",
             "Ninja",
         ]
-        if "MIXTRAL_EXT_CUDA_ARCHS" in os.environ:
-            args.append(f"-DMIXTRAL_EXT_CUDA_ARCHS={os.environ['MIXTRAL_EXT_CUDA_ARCHS']}")
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
         subprocess.run([cmake, str(ROOT), *args], cwd=build_dir, check=True)
         subprocess.run([cmake, "--build", ".", "--parallel", jobs], cwd=build_dir, check=True)

@@ -124,6 +124,19 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("max_position_embeddings", &ModelConfig::max_position_embeddings)
       .def("validate", &ModelConfig::validate);
 
+  // Before Engine, whose create_sampler takes it (so signatures and stubs name the Python type).
+  py::class_<SamplingParams>(m, "SamplingParams")
+      .def(py::init<>())
+      .def_readwrite("temperature", &SamplingParams::temperature)
+      .def_readwrite("top_k", &SamplingParams::top_k)
+      .def_readwrite("top_p", &SamplingParams::top_p)
+      .def_readwrite("min_p", &SamplingParams::min_p)
+      .def_readwrite("repetition_penalty", &SamplingParams::repetition_penalty)
+      .def_readwrite("presence_penalty", &SamplingParams::presence_penalty)
+      .def_readwrite("frequency_penalty", &SamplingParams::frequency_penalty)
+      .def_readwrite("logprobs", &SamplingParams::logprobs)
+      .def("validate", &SamplingParams::validate);
+
   py::class_<Engine>(m, "Engine")
       .def(py::init([](const ModelConfig& config, const std::string& device,
                        const std::string& weight_dtype, const std::string& activation_dtype,
@@ -215,18 +228,6 @@ PYBIND11_MODULE(_C, m) {
         return py::make_tuple(t.token, t.logprob, t.top_tokens, t.top_logprobs);
       }, py::arg("sequence"), py::arg("sampler"), py::arg("queue_ahead"),
          "The next decode step of the sampler's last token (pipelined; see engine.h): the tuple of append_sample.");
-
-  py::class_<SamplingParams>(m, "SamplingParams")
-      .def(py::init<>())
-      .def_readwrite("temperature", &SamplingParams::temperature)
-      .def_readwrite("top_k", &SamplingParams::top_k)
-      .def_readwrite("top_p", &SamplingParams::top_p)
-      .def_readwrite("min_p", &SamplingParams::min_p)
-      .def_readwrite("repetition_penalty", &SamplingParams::repetition_penalty)
-      .def_readwrite("presence_penalty", &SamplingParams::presence_penalty)
-      .def_readwrite("frequency_penalty", &SamplingParams::frequency_penalty)
-      .def_readwrite("logprobs", &SamplingParams::logprobs)
-      .def("validate", &SamplingParams::validate);
 
   bind_ops(m);
 
