@@ -6,6 +6,7 @@
 #include "cuda/cuda_backend.cuh"
 
 #include <algorithm>
+#include <cstdlib>
 
 #include "core/op_checks.h"
 #include "cuda/kernels.cuh"
@@ -46,6 +47,14 @@ void CudaBackend::set_option(const std::string& name, const std::string& value) 
   if (name == "attention") {
     MX_CHECK(value == "auto" || value == "simple", Error, "attention must be auto or simple, got '" << value << "'");
     tensor_core_attention_ = value == "auto";
+    return;
+  }
+  if (name == "dequantize_chunk_bytes") {
+    char* end = nullptr;
+    const long long bytes = std::strtoll(value.c_str(), &end, 10);
+    MX_CHECK(!value.empty() && *end == '\0' && bytes >= 1024, Error,
+             "dequantize_chunk_bytes must be a number of bytes, at least 1024, got '" << value << "'");
+    dequantize_chunk_bytes_ = bytes;
     return;
   }
   MX_CHECK(name == "expert_gemm", Error, "cuda backend: unknown option '" << name << "'");
@@ -520,8 +529,12 @@ void CudaBackend::expert_gemm_e4m3_dequantized(const Tensor& x, const Tensor& w,
   const int64_t E = w.shape[0], N = w.shape[1], K = w.shape[2];
   const uint8_t* values = w.ptr<const uint8_t>();
   const size_t element = dtype_size(x.dtype);
-  // Rows of w dequantized at a time: 64 MiB of scratch at most, each chunk one GEMM into its output columns.
-  const int64_t chunk = std::clamp<int64_t>(int64_t(64 << 20) / (K * int64_t(element)), 1, N);
+  // Rows of w dequantized at a time (dequantize_chunk_bytes_ of scratch at most), each chunk one GEMM into
+  // its output columns: a multiple of 16 bytes of columns, so every chunk's output stays as aligned as the
+  // first (cuBLAS picks its kernels by alignment).
+  const int64_t aligned_rows = 16 / int64_t(element);
+  const int64_t chunk =
+      std::min(N, std::max(aligned_rows, dequantize_chunk_bytes_ / (K * int64_t(element)) / aligned_rows * aligned_rows));
   void* scratch = dequantized(size_t(chunk) * K * element);
   for (int64_t e = 0; e < E; ++e) {
     const int64_t begin = offsets[e], count = offsets[e + 1] - begin;

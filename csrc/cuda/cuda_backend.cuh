@@ -160,6 +160,8 @@ class CudaBackend final : public Backend {
   Runtime runtime_;
   ExpertGemmPath expert_path_ = ExpertGemmPath::kAuto;
   bool tensor_core_attention_ = true;  // option "attention": auto (tensor cores for prefill) or simple
+  // Option "dequantize_chunk_bytes": the scratch of FP8 experts dequantized for cuBLAS at prefill.
+  int64_t dequantize_chunk_bytes_ = int64_t(64) << 20;
   GrowingBuffer pointers_, scratch_, split_counters_, dequantized_;
   std::vector<void*> retired_;
   bool capturing_ = false;

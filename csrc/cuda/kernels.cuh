@@ -20,16 +20,19 @@ namespace mixtral::cuda {
 // Shared memory a block may take without opting in (static and dynamic together).
 constexpr size_t kDefaultSharedBytes = 48 << 10;
 
-// Lets Kernel use the device's opt-in shared memory per block, and returns that many bytes.
-// The attribute is set once per kernel, not on every launch.
+// Lets Kernel use the device's opt-in shared memory per block, less its static __shared__
+// arrays (the runtime refuses an attribute that, with them, passes the limit), and returns that
+// many bytes: the most dynamic shared memory a launch of Kernel may ask for. Set once per kernel.
 template <auto Kernel>
 int opt_in_shared_memory() {
   static const int bytes = [] {
     int device = 0, limit = 0;
     CUDA_CHECK(cudaGetDevice(&device));
     CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, limit));
-    return limit;
+    const void* kernel = reinterpret_cast<const void*>(Kernel);
+    const int dynamic = limit - static_cast<int>(kernel_limits(kernel).static_shared);
+    set_max_dynamic_shared(kernel, dynamic);
+    return dynamic;
   }();
   return bytes;
 }

@@ -6,6 +6,8 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
+#include <mutex>
+#include <unordered_map>
 
 #include "core/cuda_library.h"
 #include "cuda/cuda_backend.cuh"
@@ -34,8 +36,8 @@ void Runtime::release() {
   for (cudaEvent_t event : staging_free_)
     if (event) cudaEventDestroy(event);
   if (staging_) cudaFreeHost(staging_);
+  if (cublas_) cublasDestroy(cublas_);  // before its workspace
   if (workspace_) cudaFree(workspace_);
-  if (cublas_) cublasDestroy(cublas_);
   if (stream_) cudaStreamDestroy(stream_);
 }
 
@@ -55,6 +57,31 @@ void Runtime::upload(void* device_dst, const void* host_src, size_t bytes) {
 void Runtime::download(void* host_dst, const void* device_src, size_t bytes) {
   CUDA_CHECK(cudaMemcpyAsync(host_dst, device_src, bytes, cudaMemcpyDeviceToHost, stream_));
   CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
+namespace {
+
+std::mutex kernel_limits_mutex;
+std::unordered_map<const void*, KernelLimits> known_kernel_limits;
+
+}  // namespace
+
+KernelLimits kernel_limits(const void* kernel) {
+  std::lock_guard<std::mutex> lock(kernel_limits_mutex);
+  if (auto found = known_kernel_limits.find(kernel); found != known_kernel_limits.end()) return found->second;
+  cudaFuncAttributes attributes{};
+  CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+  const KernelLimits limits{attributes.maxThreadsPerBlock, attributes.numRegs, attributes.sharedSizeBytes,
+                            size_t(attributes.maxDynamicSharedSizeBytes)};
+  return known_kernel_limits[kernel] = limits;
+}
+
+void set_max_dynamic_shared(const void* kernel, int bytes) {
+  KernelLimits limits = kernel_limits(kernel);
+  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  limits.max_dynamic_shared = size_t(bytes);
+  std::lock_guard<std::mutex> lock(kernel_limits_mutex);
+  known_kernel_limits[kernel] = limits;
 }
 
 std::string describe_devices() {

@@ -12,17 +12,24 @@
 // first), then releases a warp whose live lanes all wait at a warp barrier,
 // else the block when all its live threads wait at __syncthreads. Nothing to
 // release while threads still wait is a deadlock: the launch fails, naming it.
+#include <cxxabi.h>
+#include <dlfcn.h>
+#include <elf.h>
 #include <sanitizer/asan_interface.h>
 #include <sys/mman.h>
 
+#include <cctype>
 #include <cstdio>
 #include <cstdlib>
 #include <deque>
+#include <fstream>
+#include <iterator>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <numeric>
 #include <random>
+#include <sstream>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -90,8 +97,10 @@ namespace {
 
 // The emulated device: an H100/H200-like card.
 constexpr int kMaxBlockThreads = 1024;
-constexpr int kDefaultDynamicShared = 48 << 10;
-constexpr int kOptInDynamicShared = 227 << 10;
+constexpr int kDefaultShared = 48 << 10;   // static + dynamic shared bytes of a block without opting in
+constexpr int kOptInShared = 227 << 10;    // static + dynamic shared bytes of a block at most (opt-in)
+constexpr int kRegistersPerBlock = 65536;
+constexpr int kRegisterUnitPerWarp = 256;  // registers are given to warps in units of this many
 constexpr size_t kStackBytes = 256 << 10;
 constexpr size_t kPoisonedAllocationBytes = 64 << 20;  // new allocations up to this size are filled with 0xff
 
@@ -274,9 +283,94 @@ std::map<const void*, size_t>& pinned_allocations() {
   return all;
 }
 
-std::unordered_map<const void*, int>& dynamic_shared_limits() {
-  static std::unordered_map<const void*, int> limits;
-  return limits;
+// ---- each kernel's resources, as nvcc compiles it ----------------------------------------------
+
+// What the real compiler gave one kernel (kernel_resources.py), and the dynamic shared memory a
+// launch of it may take (cudaFuncAttributeMaxDynamicSharedMemorySize; by default what the 48 KiB
+// leave beside the static arrays).
+struct KernelResources {
+  std::string name;  // demangled
+  int registers = 0;
+  int static_shared = 0;
+  int max_dynamic_shared = 0;
+  int max_threads() const {  // as cudaFuncAttributes::maxThreadsPerBlock
+    const int per_warp = (registers * 32 + kRegisterUnitPerWarp - 1) / kRegisterUnitPerWarp * kRegisterUnitPerWarp;
+    return std::min(kMaxBlockThreads, per_warp == 0 ? kMaxBlockThreads : kRegistersPerBlock / per_warp * 32);
+  }
+};
+
+// Demangled name -> (registers, static shared bytes), from the table the build wrote.
+std::unordered_map<std::string, std::pair<int, int>> compiled_kernels() {
+  std::unordered_map<std::string, std::pair<int, int>> kernels;
+  std::ifstream table(CUDA_EMULATOR_KERNEL_RESOURCES);
+  std::string line;
+  while (std::getline(table, line)) {
+    std::istringstream fields(line);
+    int registers = 0, shared = 0;
+    std::string name;
+    if (fields >> registers >> shared && std::getline(fields >> std::ws, name)) kernels[name] = {registers, shared};
+  }
+  if (kernels.empty()) {
+    std::fprintf(stderr, "cuda emulator: no kernel resources in %s\n", CUDA_EMULATOR_KERNEL_RESOURCES);
+    std::abort();
+  }
+  return kernels;
+}
+
+// This library's functions by address (its ELF symbol table), demangled.
+std::unordered_map<const void*, std::string> function_names() {
+  std::unordered_map<const void*, std::string> names;
+  Dl_info self{};
+  if (!dladdr(reinterpret_cast<const void*>(&compiled_kernels), &self)) return names;
+  std::ifstream file(self.dli_fname, std::ios::binary);
+  const std::string image((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
+  const auto* header = reinterpret_cast<const Elf64_Ehdr*>(image.data());
+  const auto* sections = reinterpret_cast<const Elf64_Shdr*>(image.data() + header->e_shoff);
+  for (int i = 0; i < header->e_shnum; ++i) {
+    if (sections[i].sh_type != SHT_SYMTAB) continue;
+    const auto* symbols = reinterpret_cast<const Elf64_Sym*>(image.data() + sections[i].sh_offset);
+    const char* strings = image.data() + sections[sections[i].sh_link].sh_offset;
+    for (size_t j = 0; j < sections[i].sh_size / sizeof(Elf64_Sym); ++j) {
+      if (ELF64_ST_TYPE(symbols[j].st_info) != STT_FUNC || symbols[j].st_value == 0) continue;
+      // The emulator's __half is _Float16, mangled DF16_, which this demangler does not know: demangled
+      // as Dh (IEEE half, also a builtin type, so the substitutions stay put), then named as CUDA's.
+      std::string mangled = strings + symbols[j].st_name;
+      for (size_t at; (at = mangled.find("DF16_")) != std::string::npos;) mangled.replace(at, 5, "Dh");
+      int status = 0;
+      char* demangled = abi::__cxa_demangle(mangled.c_str(), nullptr, nullptr, &status);
+      if (status != 0) continue;
+      std::string name = demangled;
+      std::free(demangled);
+      for (size_t at = 0; (at = name.find("half", at)) != std::string::npos; at += 4) {
+        const bool word = (at == 0 || !(std::isalnum(static_cast<unsigned char>(name[at - 1])) || name[at - 1] == '_')) &&
+                          (at + 4 == name.size() || !std::isalnum(static_cast<unsigned char>(name[at + 4])));
+        if (word) name.replace(at, 4, "__half"), at += 2;
+      }
+      names[static_cast<const char*>(self.dli_fbase) + symbols[j].st_value] = std::move(name);
+    }
+  }
+  return names;
+}
+
+// The resources of `kernel`; null (with the reason on stderr) when nvcc's table has no such kernel.
+KernelResources* kernel_resources(const void* kernel) {
+  std::lock_guard<std::recursive_mutex> lock(device_mutex());
+  static const auto compiled = compiled_kernels();
+  static const auto names = function_names();
+  static std::unordered_map<const void*, KernelResources> known;
+  if (auto found = known.find(kernel); found != known.end()) return &found->second;
+  auto name = names.find(kernel);
+  auto usage = name == names.end() ? compiled.end() : compiled.find(name->second);
+  if (usage == compiled.end()) {
+    if (name == names.end())
+      std::fprintf(stderr, "cuda emulator: the kernel at %p has no name in this library's symbol table\n", kernel);
+    else
+      std::fprintf(stderr, "cuda emulator: %s is not in nvcc's kernel table %s\n", name->second.c_str(),
+                   CUDA_EMULATOR_KERNEL_RESOURCES);
+    return nullptr;
+  }
+  const auto [registers, shared] = usage->second;
+  return &(known[kernel] = KernelResources{name->second, registers, shared, kDefaultShared - shared});
 }
 
 // Device memory: host memory counted against the emulated capacity (MIXTRAL_EXT_EMULATOR_MEMORY bytes,
@@ -382,13 +476,6 @@ void fault(cudaError_t error, const char* what) {
                std::to_string(t.block_idx.z) + ")";
 }
 
-cudaError_t set_max_dynamic_shared(const void* kernel, int bytes) {
-  if (bytes < 0 || bytes > kOptInDynamicShared) return fail(cudaErrorInvalidValue);
-  std::lock_guard<std::recursive_mutex> lock(device_mutex());
-  dynamic_shared_limits()[kernel] = bytes;
-  return cudaSuccess;
-}
-
 cudaError_t enqueue(cudaStream_t stream, std::function<void()> fn) {
   std::lock_guard<std::recursive_mutex> lock(device_mutex());
   if (!stream) {
@@ -432,12 +519,12 @@ cudaError_t launch(const void* kernel, dim3 grid, dim3 block, size_t shared_byte
   if (threads == 0 || threads > kMaxBlockThreads || block.x > 1024 || block.y > 1024 || block.z > 64 ||
       grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 0x7fffffffu || grid.y > 65535 || grid.z > 65535)
     return fail(cudaErrorInvalidConfiguration);
-  {
-    std::lock_guard<std::recursive_mutex> lock(device_mutex());
-    auto limit = dynamic_shared_limits().find(kernel);
-    if (shared_bytes > size_t(limit == dynamic_shared_limits().end() ? kDefaultDynamicShared : limit->second))
-      return fail(cudaErrorInvalidValue);
-  }
+  // As the runtime: the kernel's registers for every thread of the block, and no more dynamic
+  // shared memory than its attribute allows.
+  const KernelResources* resources = kernel_resources(kernel);
+  if (!resources) return fail(cudaErrorInvalidDeviceFunction);
+  if (threads > uint64_t(resources->max_threads())) return fail(cudaErrorLaunchOutOfResources);
+  if (shared_bytes > size_t(resources->max_dynamic_shared)) return fail(cudaErrorInvalidValue);
   return enqueue(stream, [grid, block, shared_bytes, body = std::move(body)] {
     Executor& ex = executor();
     ex.body = &body;
@@ -565,9 +652,11 @@ const Described<cudaError_t> kCudaErrors[] = {
     {cudaErrorInvalidValue, "cudaErrorInvalidValue", "invalid argument"},
     {cudaErrorMemoryAllocation, "cudaErrorMemoryAllocation", "out of memory"},
     {cudaErrorInvalidConfiguration, "cudaErrorInvalidConfiguration", "invalid configuration argument"},
+    {cudaErrorInvalidDeviceFunction, "cudaErrorInvalidDeviceFunction", "invalid device function"},
     {cudaErrorInvalidDevice, "cudaErrorInvalidDevice", "invalid device ordinal"},
     {cudaErrorInvalidResourceHandle, "cudaErrorInvalidResourceHandle", "invalid resource handle"},
     {cudaErrorIllegalAddress, "cudaErrorIllegalAddress", "an illegal memory access was encountered"},
+    {cudaErrorLaunchOutOfResources, "cudaErrorLaunchOutOfResources", "too many resources requested for launch"},
     {cudaErrorLaunchFailure, "cudaErrorLaunchFailure", "unspecified launch failure"},
     {cudaErrorMisalignedAddress, "cudaErrorMisalignedAddress", "misaligned address"},
     {cudaErrorStreamCaptureUnsupported, "cudaErrorStreamCaptureUnsupported",
@@ -633,7 +722,27 @@ cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device) {
 
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
   if (device != 0 || attr != cudaDevAttrMaxSharedMemoryPerBlockOptin) return fail(cudaErrorInvalidValue);
-  *value = cuda_emulator::kOptInDynamicShared;
+  *value = cuda_emulator::kOptInShared;
+  return cudaSuccess;
+}
+
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, const void* kernel) {
+  const cuda_emulator::KernelResources* resources = cuda_emulator::kernel_resources(kernel);
+  if (!resources) return fail(cudaErrorInvalidDeviceFunction);
+  *attributes = cudaFuncAttributes{size_t(resources->static_shared), resources->max_threads(), resources->registers,
+                                   resources->max_dynamic_shared};
+  return cudaSuccess;
+}
+
+// As the runtime: the dynamic bytes allowed plus the kernel's static ones stay within the opt-in limit.
+cudaError_t cudaFuncSetAttribute(const void* kernel, cudaFuncAttribute attr, int value) {
+  cuda_emulator::KernelResources* resources = cuda_emulator::kernel_resources(kernel);
+  if (!resources) return fail(cudaErrorInvalidDeviceFunction);
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 ||
+      value + resources->static_shared > cuda_emulator::kOptInShared)
+    return fail(cudaErrorInvalidValue);
+  std::lock_guard<std::recursive_mutex> lock(cuda_emulator::device_mutex());
+  resources->max_dynamic_shared = value;
   return cudaSuccess;
 }
 
@@ -843,6 +952,23 @@ cublasStatus_t check(const GemmShape& s, cudaDataType_t a, cudaDataType_t b, cud
   return CUBLAS_STATUS_SUCCESS;
 }
 
+size_t element_size(cudaDataType_t type) { return type == CUDA_R_32F ? 4 : 2; }
+
+// Which operand ("A", "B", "C") starts off a 16-byte boundary although its leading dimension keeps
+// rows on them, or null. cuBLAS picks its kernels by alignment and runs such a GEMM on slower ones;
+// the project keeps every such operand aligned (a chunk of rows that breaks it is a bug), so the
+// emulator refuses it.
+const char* misaligned_operand(const GemmShape& s, const void* a, cudaDataType_t a_type, const void* b,
+                               cudaDataType_t b_type, const void* c, cudaDataType_t c_type) {
+  auto off = [](const void* p, int ld, cudaDataType_t type) {
+    return (size_t(ld) * element_size(type)) % 16 == 0 && reinterpret_cast<uintptr_t>(p) % 16 != 0;
+  };
+  if (off(a, s.lda, a_type)) return "A";
+  if (off(b, s.ldb, b_type)) return "B";
+  if (off(c, s.ldc, c_type)) return "C";
+  return nullptr;
+}
+
 // C = alpha op(A) op(B) + beta C, float32 sums; C is not read when beta is 0.
 void gemm(const GemmShape& s, const void* a, cudaDataType_t a_type, const void* b, cudaDataType_t b_type, void* c,
           cudaDataType_t c_type) {
@@ -911,6 +1037,10 @@ cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t transa, cub
                     *static_cast<const float*>(beta)};
   if (cublasStatus_t status = check(s, Atype, Btype, Ctype, computeType); status != CUBLAS_STATUS_SUCCESS)
     return status;
+  if (const char* operand = misaligned_operand(s, A, Atype, B, Btype, C, Ctype)) {
+    std::fprintf(stderr, "cuda emulator: cublasGemmEx: %s is not 16-byte aligned, though its rows are\n", operand);
+    return CUBLAS_STATUS_NOT_SUPPORTED;
+  }
   cuda_emulator::enqueue(handle->stream, [=] { gemm(s, A, Atype, B, Btype, C, Ctype); });
   return CUBLAS_STATUS_SUCCESS;
 }
@@ -927,7 +1057,15 @@ cublasStatus_t cublasGemmBatchedEx(cublasHandle_t handle, cublasOperation_t tran
     return status;
   if (batchCount < 0) return CUBLAS_STATUS_INVALID_VALUE;
   cuda_emulator::enqueue(handle->stream, [=] {  // the pointer arrays are device memory, read when it runs
-    for (int i = 0; i < batchCount; ++i) gemm(s, Aarray[i], Atype, Barray[i], Btype, Carray[i], Ctype);
+    for (int i = 0; i < batchCount; ++i) {
+      if (const char* operand = misaligned_operand(s, Aarray[i], Atype, Barray[i], Btype, Carray[i], Ctype)) {
+        std::fprintf(stderr, "cuda emulator: cublasGemmBatchedEx: %s[%d] is not 16-byte aligned, though its rows are\n",
+                     operand, i);
+        sticky_error() = cudaErrorMisalignedAddress;
+        return;
+      }
+      gemm(s, Aarray[i], Atype, Barray[i], Btype, Carray[i], Ctype);
+    }
   });
   return CUBLAS_STATUS_SUCCESS;
 }

@@ -11,7 +11,10 @@
 // waits for them, and their destination holds NaN bytes until then.
 // Static __shared__ arrays are static locals (one block runs at a time); the
 // dynamic shared memory is a buffer filled with NaN bytes at the start of
-// every block. Device memory is host memory counted against an emulated
+// every block. Launches and cudaFuncSetAttribute are checked as the runtime
+// checks them, with each kernel's registers and static shared memory as nvcc
+// compiles it for sm_90a (kernel_resources.py; a kernel missing from that table
+// cannot be launched). Device memory is host memory counted against an emulated
 // capacity. A stream's operations run in order, as late as a GPU may run them:
 // when the host waits for them (stream or event synchronize, a copy into
 // pageable memory, cudaFree), so a host that touches pinned memory before the
@@ -53,9 +56,11 @@ enum cudaError_t {
   cudaErrorInvalidValue = 1,
   cudaErrorMemoryAllocation = 2,
   cudaErrorInvalidConfiguration = 9,
+  cudaErrorInvalidDeviceFunction = 98,
   cudaErrorInvalidDevice = 101,
   cudaErrorInvalidResourceHandle = 400,
   cudaErrorIllegalAddress = 700,
+  cudaErrorLaunchOutOfResources = 701,
   cudaErrorMisalignedAddress = 716,
   cudaErrorLaunchFailure = 719,
   cudaErrorStreamCaptureUnsupported = 900,
@@ -72,6 +77,13 @@ typedef struct CUstream_st* cudaStream_t;
 typedef struct CUevent_st* cudaEvent_t;
 typedef struct CUgraph_st* cudaGraph_t;
 typedef struct CUgraphExec_st* cudaGraphExec_t;
+
+struct cudaFuncAttributes {  // the fields the backend reads
+  size_t sharedSizeBytes;         // static __shared__ bytes
+  int maxThreadsPerBlock;         // what the kernel's registers allow
+  int numRegs;                    // per thread
+  int maxDynamicSharedSizeBytes;  // cudaFuncAttributeMaxDynamicSharedMemorySize
+};
 
 struct cudaDeviceProp {
   char name[256];
@@ -106,6 +118,8 @@ cudaError_t cudaEventCreateWithFlags(cudaEvent_t* event, unsigned flags);
 cudaError_t cudaEventDestroy(cudaEvent_t event);
 cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream = nullptr);
 cudaError_t cudaEventSynchronize(cudaEvent_t event);
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, const void* kernel);
+cudaError_t cudaFuncSetAttribute(const void* kernel, cudaFuncAttribute attr, int value);
 
 template <typename T>
 cudaError_t cudaMalloc(T** ptr, size_t bytes) {
@@ -139,7 +153,6 @@ cudaError_t launch(const void* kernel, dim3 grid, dim3 block, size_t shared_byte
                    std::function<void()> body);
 // Runs fn on the stream: now, or at every launch of the graph being captured on it.
 cudaError_t enqueue(cudaStream_t stream, std::function<void()> fn);
-cudaError_t set_max_dynamic_shared(const void* kernel, int bytes);
 
 template <typename T>
 T shuffle(T value, int lane) {
@@ -170,8 +183,7 @@ cudaError_t cudaLaunchKernel(void (*kernel)(Params...), dim3 grid, dim3 block, v
 
 template <typename... Params>
 cudaError_t cudaFuncSetAttribute(void (*kernel)(Params...), cudaFuncAttribute attr, int value) {
-  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorInvalidValue;
-  return cuda_emulator::set_max_dynamic_shared(reinterpret_cast<const void*>(kernel), value);
+  return cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel), attr, value);
 }
 
 // ---- device code --------------------------------------------------------------------------
