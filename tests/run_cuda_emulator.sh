@@ -15,6 +15,8 @@ cmake -S tests/cuda_emulator -B "$build" -G Ninja -DCUDA_EMULATOR_SANITIZE="$san
 cmake --build "$build" > /dev/null
 export MIXTRAL_EXT_CUDA_LIBRARY="$PWD/$build/libmixtral_ext_cuda_emulator.so"
 export MIXTRAL_EXT_TEST_DEVICE=emulator
+# nvcc's registers and static shared memory of each kernel (the emulator checks launches against them).
+export MIXTRAL_EXT_KERNEL_RESOURCES="$PWD/$build/kernel_resources.tsv"
 if [[ "$sanitize" == 1 ]]; then
   scratch=$(mktemp -d)
   trap 'rm -rf "$scratch"' EXIT

@@ -148,6 +148,22 @@ def test_attention(ops, dtype, heads, kv_heads, head_dim, page_size, before, tok
         ops[1].set_option("attention", "auto")
 
 
+def test_attention_group_past_the_registers_is_a_shape_error(ops):
+    """32 query heads per KV head would be a block of 1024 threads, more than the decode kernel's
+    registers allow (672 at 94 per thread on sm_90a): a ShapeError before the launch, and the
+    backend stays usable."""
+    if DEVICE != "cuda":
+        pytest.skip("a limit of the CUDA kernel")
+    r = rng(29)
+    args = paged_setup(r, 20, 1, 32, 1, 128, 16)
+    qkv, positions, k_pool, v_pool, table = args
+    with pytest.raises(mixtral_ext.ShapeError, match="registers per thread allow"):
+        ops[1].attention(qkv, 32, 1, 128, positions, k_pool, v_pool, table, "float32")
+    qkv, positions, k_pool, v_pool, table = paged_setup(r, 20, 1, 6, 1, 128, 16)
+    close(ops[1].attention(qkv, 6, 1, 128, positions, k_pool, v_pool, table, "float32"),
+          ops[0].attention(qkv, 6, 1, 128, positions, k_pool, v_pool, table, "float32"), "float32", rel_scale=2.0)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads,kv_heads,head_dim,page_size", [(6, 2, 10, 5), (12, 1, 64, 7), (12, 2, 128, 16)])
 @pytest.mark.parametrize("before,tokens,spare", [(0, 1, 0), (45, 1, 0), (700, 1, 40), (9000, 1, 0), (100, 3, 0)])
@@ -320,6 +336,39 @@ def test_fp8_expert_matmul(ops, dtype, rows_per_expert, width):
     x, w = normal(r, int(offsets[-1]), width), normal(r, len(rows_per_expert), 117, width, scale=0.07)
     expected = cpu_ops.expert_matmul(x, w, offsets, dtype, dtype, "float8_e4m3")
     close(dev_ops.expert_matmul(x, w, offsets, dtype, dtype, "float8_e4m3"), expected, dtype, rel_scale=4.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fp8_prefill_chunks_keep_the_gemm_output_aligned(ops, dtype):
+    """FP8 experts past 16 rows are dequantized a chunk of output columns at a time for cuBLAS: a
+    small scratch makes many chunks, each starting on a 16-byte boundary of the output rows (the
+    emulator's cuBLAS refuses an operand off it whose rows are on it, as a slow path on a GPU)."""
+    if DEVICE != "cuda":
+        pytest.skip("a CUDA backend option")
+    cpu_ops, dev_ops = ops
+    r = rng(23)
+    offsets = np.array([0, 19, 19, 40], dtype=np.int32)
+    x, w = normal(r, 40, 208), normal(r, 3, 120, 208, scale=0.07)
+    expected = cpu_ops.expert_matmul(x, w, offsets, dtype, dtype, "float8_e4m3")
+    dev_ops.set_option("dequantize_chunk_bytes", "1024")  # 2 rows of bfloat16 weights: rounded up to 8
+    try:
+        close(dev_ops.expert_matmul(x, w, offsets, dtype, dtype, "float8_e4m3"), expected, dtype, rel_scale=4.0)
+    finally:
+        dev_ops.set_option("dequantize_chunk_bytes", str(64 << 20))
+
+
+def test_fp8_expert_gemv_keeps_enough_warps_per_sm():
+    """The decode FP8 kernel only streams weights: its registers (as nvcc compiles it for sm_90a)
+    must leave 16 warps per SM for up to 2 rows and 12 for up to 16 (it had 201 to 240: 8)."""
+    table = os.environ.get("MIXTRAL_EXT_KERNEL_RESOURCES")
+    if not table:
+        pytest.skip("no kernel resource table (tests/run_cuda_emulator.sh names nvcc's)")
+    kernels = [line.split("\t") for line in open(table).read().splitlines() if "e4m3_expert_gemv_kernel<" in line]
+    assert len(kernels) == 12
+    for registers, _, name in kernels:
+        per_warp = (int(registers) * 32 + 255) // 256 * 256
+        needed = 16 if ", 2>(" in name else 12
+        assert 65536 // per_warp >= needed, f"{name}: {registers} registers leave {65536 // per_warp} warps per SM"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
