@@ -443,13 +443,19 @@ def test_sample_distribution_matches_truncated_softmax(ops, settings):
 
 @pytest.mark.parametrize("settings", SAMPLING_SETTINGS)
 def test_sample_draws_equal_the_cpu_draws(ops, settings):
-    """Both samplers walk the kept tokens in id order: a (seed, step) draws the same token."""
+    """Both samplers walk the kept tokens in id order: a (seed, step) draws the same token, except
+    where its uniform falls within the device's rounding of a boundary of the cumulative mass (its
+    expf differs by an ulp or two): then it draws the neighbouring kept token, rarely."""
     r = rng(10)
     logits = normal(r, 1000, scale=2.0)
     zeros = np.zeros(len(logits), np.int32)
     cpu, dev = ([o.sample(logits, sampling_params(**settings), 3, sampler_state(zeros, zeros, step))[0]
                  for step in range(100)] for o in ops)
-    assert dev == cpu
+    kept = np.flatnonzero(truncated_softmax(logits, settings)[1])
+    differing = [(d, c) for d, c in zip(dev, cpu) if d != c]
+    assert len(differing) <= 2, differing
+    for d, c in differing:
+        assert abs(int(np.searchsorted(kept, d)) - int(np.searchsorted(kept, c))) == 1, (d, c)
 
 
 def test_bad_option_is_an_error(ops):
@@ -458,6 +464,22 @@ def test_bad_option_is_an_error(ops):
 
 
 # ---- the engine -------------------------------------------------------------------------
+
+# Greedy tokens of the device and the CPU agree except past a near-tie: nvcc's fused multiply-adds,
+# the device's expf and cuBLAS' summation order may break a tie of float32 logits the other way.
+GREEDY_TIE = 1e-3  # far above their logits' difference (~1e-5), far below a typical top-two gap
+
+
+def assert_greedy_agrees(got, expected, reference, prompt):
+    """got equals expected token for token, or up to a first difference where the reference engine's
+    top two logits lie within GREEDY_TIE (the two then go on from different tokens: not compared)."""
+    got, expected = list(got), list(expected)
+    for i, (a, b) in enumerate(zip(got, expected)):
+        if a != b:
+            top_two = np.sort(reference.logits(list(prompt) + expected[:i])[-1])[-2:]
+            assert top_two[1] - top_two[0] <= GREEDY_TIE, f"token {i}: {a} != {b}, clear margin {np.diff(top_two)}"
+            return
+    assert len(got) == len(expected)
 
 
 @pytest.fixture(scope="module")
@@ -493,7 +515,8 @@ def test_engine_incremental_decode_equals_full_pass(device_engines):
 def test_greedy_generation_equals_cpu_and_seeded_sampling_repeats(device_engines, tiny_engine):
     prompt = random_tokens(11, 101, seed=33)
     cpu = tiny_engine.generate(prompt, max_tokens=30, temperature=0)
-    assert device_engines["float32"].generate(prompt, max_tokens=30, temperature=0).token_ids == cpu.token_ids
+    assert_greedy_agrees(device_engines["float32"].generate(prompt, max_tokens=30, temperature=0).token_ids,
+                         cpu.token_ids, tiny_engine, prompt)
     runs = [device_engines["bfloat16"].generate(prompt, max_tokens=20, temperature=0.9, top_p=0.9, seed=5).token_ids
             for _ in range(2)]
     assert runs[0] == runs[1]
@@ -501,7 +524,8 @@ def test_greedy_generation_equals_cpu_and_seeded_sampling_repeats(device_engines
         engine = device_engines["float32"]
         for path in ("per_expert", "batched", "grouped", "auto"):
             engine.set_expert_gemm_path(path)
-            assert engine.generate(prompt, max_tokens=30, temperature=0).token_ids == cpu.token_ids
+            assert_greedy_agrees(engine.generate(prompt, max_tokens=30, temperature=0).token_ids, cpu.token_ids,
+                                 tiny_engine, prompt)
 
 
 def test_recorded_decode_steps_equal_direct_ones(device_engines, tiny_dir):
@@ -520,16 +544,18 @@ def test_recorded_decode_steps_equal_direct_ones(device_engines, tiny_dir):
 def test_pipelined_decode_stops_anywhere_and_gives_every_page_back(device_engines, tiny_engine):
     """On the device each decode step is queued before the host reads the previous token; a
     generation that stops (stop token, max_tokens, a closed stream) gives back the step queued
-    ahead: the tokens equal the CPU engine's, a repeated prompt reuses exactly the cached prefix,
-    and every KV page comes back."""
+    ahead: the tokens agree with the CPU engine's, a repeated prompt gives the same tokens and
+    reuses exactly the cached prefix, and every KV page comes back."""
     engine, prompt = device_engines["float32"], random_tokens(9, 101, seed=38)
-    full = tiny_engine.generate(prompt, max_tokens=24, temperature=0).token_ids
+    full = engine.generate(prompt, max_tokens=24, temperature=0).token_ids
+    assert_greedy_agrees(full, tiny_engine.generate(prompt, max_tokens=24, temperature=0).token_ids, tiny_engine, prompt)
     for settings in (dict(max_tokens=24), dict(max_tokens=1), dict(max_tokens=24, stop_token_ids=[full[5]])):
-        expected = tiny_engine.generate(prompt, temperature=0, **settings)
         got = engine.generate(prompt, temperature=0, **settings)
-        assert (got.token_ids, got.finish_reason) == (expected.token_ids, expected.finish_reason)
+        expected = full[: full.index(full[5]) + 1] if "stop_token_ids" in settings else full[: settings["max_tokens"]]
+        assert got.token_ids == expected
+        assert got.finish_reason == ("stop" if "stop_token_ids" in settings else "length")
         again = engine.generate(prompt, temperature=0, **settings)  # the cached prompt is reused
-        assert again.token_ids == expected.token_ids and again.usage.cached_tokens == len(prompt) - 1
+        assert again.token_ids == expected and again.usage.cached_tokens == len(prompt) - 1
     stream = engine.stream(prompt, max_tokens=24, temperature=0)
     assert [next(stream).token_id for _ in range(4)] == full[:4]
     stream.close()
@@ -597,8 +623,8 @@ def test_fp8_expert_engine_matches_the_cpu_one(device_engines, tiny_dir):
                                                 max_context=64, max_batch_tokens=16)
     assert_close(device.logits(ids), cpu.logits(ids), 1e-4)
     prompt = ids[:7]
-    expected = cpu.generate(prompt, max_tokens=20, temperature=0).token_ids
-    assert device.generate(prompt, max_tokens=20, temperature=0).token_ids == expected
+    expected = device.generate(prompt, max_tokens=20, temperature=0).token_ids
+    assert_greedy_agrees(expected, cpu.generate(prompt, max_tokens=20, temperature=0).token_ids, cpu, prompt)
     graphs = mixtral_ext.Engine.from_pretrained(tiny_dir, device=DEVICE, dtype="float32", expert_dtype="float8_e4m3",
                                                 max_context=64, max_batch_tokens=16, cuda_graphs=True)
     assert graphs.generate(prompt, max_tokens=20, temperature=0).token_ids == expected  # no host sync in a step
