@@ -42,10 +42,19 @@ def gpu_available() -> bool:
     return DEVICE == "cpu" or mixtral_ext.cuda_info()["device_count"] > 0
 
 
+def need_gpu() -> None:
+    """Skips the test without a usable device; with MIXTRAL_EXT_REQUIRE_GPU=1 (the device check)
+    fails it instead, so that a backend that does not load cannot pass as 400 skips."""
+    if not gpu_available():
+        message = f"no CUDA device: {mixtral_ext.cuda_info()['summary']}"
+        if os.environ.get("MIXTRAL_EXT_REQUIRE_GPU") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
 @pytest.fixture(scope="module")
 def ops():
-    if not gpu_available():
-        pytest.skip("no CUDA device")
+    need_gpu()
     device = _C.Ops(DEVICE, backend_library() if DEVICE == "cuda" else "")
     return _C.Ops("cpu"), device
 
@@ -484,8 +493,7 @@ def assert_greedy_agrees(got, expected, reference, prompt):
 
 @pytest.fixture(scope="module")
 def device_engines(tiny_dir):
-    if not gpu_available():
-        pytest.skip("no CUDA device")
+    need_gpu()
     return {dtype: mixtral_ext.Engine.from_pretrained(tiny_dir, device=DEVICE, dtype=dtype, max_context=256,
                                                       page_size=7, max_batch_tokens=48)
             for dtype in DTYPES}

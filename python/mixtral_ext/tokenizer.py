@@ -16,8 +16,10 @@ _SHIPPED_BY_VOCAB = {32000: "tokenizer.model.v1", 32768: "mistral_instruct_token
 
 
 def _shipped_path(file_name: str) -> str:
-    import mistral_common
-
+    try:
+        import mistral_common
+    except ImportError as e:  # token ids need no tokenizer: Engine.tokenizer_or_none() gives None
+        raise ModelLoadError("text input needs mistral-common: pip install mistral-common[sentencepiece]") from e
     return os.path.join(os.path.dirname(mistral_common.__file__), "data", file_name)
 
 
@@ -28,7 +30,7 @@ class Tokenizer:
         try:
             from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
         except ImportError as e:
-            raise ModelLoadError("text input needs mistral-common: pip install mistral-common") from e
+            raise ModelLoadError("text input needs mistral-common: pip install mistral-common[sentencepiece]") from e
         try:
             self.mistral = MistralTokenizer.from_file(path)
         except Exception as e:  # mistral-common raises several types for unreadable files
