@@ -119,6 +119,7 @@ struct Fiber {
   FiberState state = FiberState::kReady;
   int warp = 0, lane = 0;
   int exchange_parity = 0;                // which of the warp's two exchange buffers this lane uses next
+  uint64_t exchanges = 0;                 // shuffles and ballots so far
   std::vector<AsyncCopy> async_copies;    // oldest first
   std::vector<size_t> async_group_ends;   // committed groups, oldest first: ends in async_copies
 };
@@ -128,6 +129,7 @@ constexpr int kMaxGatherWords = 8;
 struct Warp {
   int live = 0, waiting = 0, lanes = 0;
   uint64_t slots[2][32] = {};
+  uint64_t slot_exchange[2][32] = {};  // the exchange at which each lane wrote its slot
   uint32_t words[2][32][kMaxGatherWords] = {};
 };
 
@@ -207,7 +209,7 @@ void run_block(Executor& ex, dim3 grid, dim3 block, dim3 block_idx) {
     const unsigned x = i % block.x, y = (i / block.x) % block.y, z = i / (block.x * block.y);
     f.context = ThreadContext{dim3(x, y, z), block_idx, block, grid};
     f.state = FiberState::kReady;
-    f.warp = i / 32, f.lane = i % 32, f.exchange_parity = 0;
+    f.warp = i / 32, f.lane = i % 32, f.exchange_parity = 0, f.exchanges = 0;
     f.async_copies.clear();
     f.async_group_ends.clear();
     f.stack_pointer = initial_stack_pointer(ex.stacks + (i + 1) * kStackBytes);
@@ -216,6 +218,7 @@ void run_block(Executor& ex, dim3 grid, dim3 block, dim3 block_idx) {
     Warp& warp = ex.warps[w];
     warp.lanes = warp.live = std::min(32, n - w * 32);
     warp.waiting = 0;
+    std::memset(warp.slot_exchange, 0xff, sizeof(warp.slot_exchange));
   }
   std::memset(ex.dynamic_shared, 0xff, ex.dynamic_shared_bytes);
   ex.live = n;
@@ -394,27 +397,45 @@ DeviceMemory& device_memory() {
 void sync_block() { wait_at(FiberState::kAtBlockBarrier); }
 void sync_warp() { wait_at(FiberState::kAtWarpBarrier); }
 
-uint64_t exchange_in_warp(uint64_t value, int lane) {
+// A lane that has exited (or never existed) offers nothing: a shuffle from it reads poison (NaN
+// bytes), and it adds no bit to a ballot, as on a GPU where its register is undefined. A slot is
+// what its lane offered at this same exchange (the lanes of a warp count their exchanges alike).
+constexpr uint64_t kPoison = ~uint64_t(0);
+
+// Offers value in this lane's slot and meets the warp; returns the slots' exchange number.
+uint64_t offer_in_warp(uint64_t value) {
   Executor& ex = executor();
   Fiber& fiber = *ex.running;
   Warp& warp = ex.warps[fiber.warp];
-  uint64_t* slots = warp.slots[fiber.exchange_parity];
+  const int parity = fiber.exchange_parity;
   fiber.exchange_parity ^= 1;
-  slots[fiber.lane] = value;
+  const uint64_t exchange = fiber.exchanges++;
+  warp.slots[parity][fiber.lane] = value;
+  warp.slot_exchange[parity][fiber.lane] = exchange;
   sync_warp();
-  return lane < warp.lanes ? slots[lane] : value;
+  return exchange;
+}
+
+bool offered(const Warp& warp, int parity, int lane, uint64_t exchange) {
+  return lane < warp.lanes && warp.slot_exchange[parity][lane] == exchange;
+}
+
+uint64_t exchange_in_warp(uint64_t value, int lane) {
+  const Fiber& fiber = *executor().running;
+  const int parity = fiber.exchange_parity;
+  const uint64_t exchange = offer_in_warp(value);
+  const Warp& warp = executor().warps[fiber.warp];
+  return offered(warp, parity, lane, exchange) ? warp.slots[parity][lane] : kPoison;
 }
 
 unsigned ballot_in_warp(bool predicate) {
-  Executor& ex = executor();
-  Fiber& fiber = *ex.running;
-  Warp& warp = ex.warps[fiber.warp];
-  uint64_t* slots = warp.slots[fiber.exchange_parity];
-  fiber.exchange_parity ^= 1;
-  slots[fiber.lane] = predicate;
-  sync_warp();
+  const Fiber& fiber = *executor().running;
+  const int parity = fiber.exchange_parity;
+  const uint64_t exchange = offer_in_warp(predicate);
+  const Warp& warp = executor().warps[fiber.warp];
   unsigned mask = 0;
-  for (int lane = 0; lane < warp.lanes; ++lane) mask |= slots[lane] ? 1u << lane : 0u;
+  for (int lane = 0; lane < warp.lanes; ++lane)
+    mask |= offered(warp, parity, lane, exchange) && warp.slots[parity][lane] ? 1u << lane : 0u;
   return mask;
 }
 
@@ -502,6 +523,17 @@ void run_until(CUstream_st* stream, uint64_t position) {
 void run_pending() {
   std::lock_guard<std::recursive_mutex> lock(device_mutex());
   for (CUstream_st* stream : streams()) run_until(stream, stream->enqueued);
+}
+
+// While any stream is captured, the calls a capture forbids (allocation and freeing, which may
+// synchronize the device; synchronizing on an event) fail and invalidate every capture under way,
+// as in the runtime. Returns cudaSuccess when no stream is captured.
+cudaError_t refuse_while_capturing() {
+  std::lock_guard<std::recursive_mutex> lock(device_mutex());
+  bool capturing = false;
+  for (CUstream_st* stream : streams())
+    if (stream->capturing) capturing = stream->capture_invalidated = true;
+  return capturing ? fail(cudaErrorStreamCaptureUnsupported) : cudaSuccess;
 }
 
 bool is_pinned(const void* ptr) {
@@ -747,9 +779,10 @@ cudaError_t cudaFuncSetAttribute(const void* kernel, cudaFuncAttribute attr, int
 }
 
 cudaError_t cudaMalloc(void** ptr, size_t bytes) {
+  *ptr = nullptr;
+  if (cudaError_t refused = cuda_emulator::refuse_while_capturing()) return refused;
   std::lock_guard<std::recursive_mutex> lock(cuda_emulator::device_mutex());
   auto& memory = cuda_emulator::device_memory();
-  *ptr = nullptr;
   const size_t rounded = (std::max<size_t>(bytes, 1) + 255) / 256 * 256;
   if (rounded < bytes || memory.used + rounded > memory.capacity) return fail(cudaErrorMemoryAllocation);
   // The exact size (the rounding counts against the capacity only), so that AddressSanitizer, in the
@@ -766,6 +799,7 @@ cudaError_t cudaMalloc(void** ptr, size_t bytes) {
 
 cudaError_t cudaFree(void* ptr) {
   if (!ptr) return cudaSuccess;
+  if (cudaError_t refused = cuda_emulator::refuse_while_capturing()) return refused;
   std::lock_guard<std::recursive_mutex> lock(cuda_emulator::device_mutex());
   cuda_emulator::run_pending();  // cudaFree waits for the device
   auto& memory = cuda_emulator::device_memory();
@@ -778,6 +812,8 @@ cudaError_t cudaFree(void* ptr) {
 }
 
 cudaError_t cudaMallocHost(void** ptr, size_t bytes) {
+  *ptr = nullptr;
+  if (cudaError_t refused = cuda_emulator::refuse_while_capturing()) return refused;
   const size_t rounded = (std::max<size_t>(bytes, 1) + 255) / 256 * 256;
   *ptr = std::aligned_alloc(256, rounded);
   if (!*ptr) return fail(cudaErrorMemoryAllocation);
@@ -788,6 +824,7 @@ cudaError_t cudaMallocHost(void** ptr, size_t bytes) {
 
 cudaError_t cudaFreeHost(void* ptr) {
   if (!ptr) return cudaSuccess;
+  if (cudaError_t refused = cuda_emulator::refuse_while_capturing()) return refused;
   std::lock_guard<std::recursive_mutex> lock(cuda_emulator::device_mutex());
   cuda_emulator::run_pending();  // cudaFreeHost waits for the device
   cuda_emulator::pinned_allocations().erase(ptr);
@@ -805,6 +842,13 @@ cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes) {
 
 cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind, cudaStream_t stream) {
   if (bytes == 0) return cudaSuccess;  // an empty copy may name null pointers, as in CUDA
+  // A captured copy is replayed later: it must name pinned host memory, never pageable.
+  const bool pageable = (kind == cudaMemcpyHostToDevice && !cuda_emulator::is_pinned(src)) ||
+                        (kind == cudaMemcpyDeviceToHost && !cuda_emulator::is_pinned(dst));
+  if (stream && stream->capturing && pageable) {
+    stream->capture_invalidated = true;
+    return fail(cudaErrorStreamCaptureUnsupported);
+  }
   // As CUDA: a copy from pageable host memory takes its bytes at the call; a copy into pageable
   // host memory returns when it is done; pinned memory is read and written when the copy runs.
   if (kind == cudaMemcpyHostToDevice && !cuda_emulator::is_pinned(src)) {
@@ -814,8 +858,7 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpy
     });
   }
   const cudaError_t status = cuda_emulator::enqueue(stream, [dst, src, bytes] { std::memmove(dst, src, bytes); });
-  if (kind == cudaMemcpyDeviceToHost && !cuda_emulator::is_pinned(dst) && !(stream && stream->capturing))
-    cuda_emulator::run_pending();
+  if (kind == cudaMemcpyDeviceToHost && pageable) cuda_emulator::run_pending();
   return status;
 }
 
@@ -907,6 +950,7 @@ cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
 
 cudaError_t cudaEventSynchronize(cudaEvent_t event) {
   if (!event) return fail(cudaErrorInvalidResourceHandle);
+  if (cudaError_t refused = cuda_emulator::refuse_while_capturing()) return refused;
   if (event->stream) cuda_emulator::run_until(event->stream, event->position);  // what came before it only
   return sticky_error();
 }
