@@ -1,5 +1,5 @@
 // The CUDA backend: every operation of core/backend.h on one GPU. Hand-written
-// kernels (cuda/kernels.cu) for the element-wise, attention, routing and
+// kernels (cuda/kernels.cuh) for the element-wise, attention, routing and
 // permutation steps; cuBLAS for the dense projections (cublasGemmEx, float32
 // accumulation) and for the expert GEMMs, by one of three paths:
 //   per_expert  one cublasGemmEx per expert with rows (expert offsets read on the host)

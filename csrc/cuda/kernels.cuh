@@ -1,4 +1,5 @@
-// Launchers of the hand-written CUDA kernels (csrc/cuda/kernels.cu). Each one
+// Launchers of the hand-written CUDA kernels, one op family per file beside its kernels (norm.cu,
+// attention.cu and attention_tc.cu, routing.cu, expert_ffn.cu, fp8_experts.cu, sampling.cu). Each one
 // enqueues on `stream` and checks the launch; layouts are those of
 // core/backend.h, element types float, __nv_bfloat16 or __half (T) (expert
 // weights also float8_e4m3 bytes, core/fp8.h), with float32 accumulation.

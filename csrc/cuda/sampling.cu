@@ -10,6 +10,7 @@
 #include <cfloat>
 
 #include "cuda/cuda_check.cuh"
+#include "cuda/device_common.cuh"
 #include "cuda/kernels.cuh"
 
 namespace mixtral::cuda {
@@ -49,18 +50,6 @@ __device__ Best block_best(Best v) {
   return v;
 }
 
-__device__ float block_total(float v) {
-  __shared__ float partial[32];
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  __syncthreads();
-  if (lane == 0) partial[warp] = v;
-  __syncthreads();
-  v = lane < kThreads / 32 ? partial[lane] : 0.0f;
-  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
-}
-
 // The largest key t with measure(t) >= goal, for a measure that does not grow with t.
 template <typename Measure>
 __device__ uint32_t largest_key_reaching(float goal, Measure measure) {
@@ -93,7 +82,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float* raw, int 
   const float raw_max = block_best(raw_best).value;
   float raw_sum = 0.0f;
   for (int i = begin; i < end; ++i) raw_sum += expf(raw[i] - raw_max);
-  const float log_norm = raw_max + logf(block_total(raw_sum));
+  const float log_norm = raw_max + logf(block_sum(raw_sum));
 
   Best adjusted_best{-FLT_MAX, INT32_MAX};
   for (int i = begin; i < end; ++i) adjusted_best = better(adjusted_best, Best{adjusted(i), i});
@@ -107,7 +96,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float* raw, int 
       logit_key = largest_key_reaching(static_cast<float>(p.top_k), [&](uint32_t key) {
         float count = 0.0f;
         for (int i = begin; i < end; ++i) count += order_key(adjusted(i)) >= key ? 1.0f : 0.0f;
-        return block_total(count);
+        return block_sum(count);
       });
     }
     auto prob = [&](int i, float logit) {  // relative to the most likely token (which has 1)
@@ -115,7 +104,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float* raw, int 
     };
     float mass = 0.0f;
     for (int i = begin; i < end; ++i) mass += prob(i, adjusted(i));
-    const float total = block_total(mass);
+    const float total = block_sum(mass);
     uint32_t prob_key = 0;  // top_p and min_p: keep probabilities whose key is at least this
     if (p.top_p < 1.0f) {
       prob_key = largest_key_reaching(p.top_p * total, [&](uint32_t key) {
@@ -124,7 +113,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float* raw, int 
           const float q = prob(i, adjusted(i));
           kept += order_key(q) >= key ? q : 0.0f;
         }
-        return block_total(kept);
+        return block_sum(kept);
       });
     }
     if (p.min_p > 0.0f) prob_key = max(prob_key, order_key(p.min_p));

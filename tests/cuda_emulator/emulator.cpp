@@ -2,9 +2,10 @@
 // include/cublas_v2.h here): fibers for the threads of a block, barriers
 // between them, device memory, streams (work queued until the host waits for
 // it), graph capture and replay, events, and the cuBLAS GEMMs. One emulated
-// device; one operation runs at a time.
+// device; one operation runs at a time, and a kernel's blocks run on three host
+// threads at once (BlockRunners), each pulling the next of a shuffled order.
 //
-// A block of N threads is N fibers on the host thread that launched it, each
+// A block of N threads is N fibers on the host thread that runs it, each
 // with its own stack, switched by cuda_emulator_switch (x86-64). The scheduler
 // runs every ready fiber until it blocks at a barrier or returns, alternating
 // forward and backward order on each round (so a missing barrier between a
@@ -18,7 +19,9 @@
 #include <sanitizer/asan_interface.h>
 #include <sys/mman.h>
 
+#include <atomic>
 #include <cctype>
+#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <deque>
@@ -31,6 +34,7 @@
 #include <random>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <unordered_map>
 #include <vector>
 
@@ -166,10 +170,66 @@ std::recursive_mutex& device_mutex() {
   return mutex;
 }
 
+// Each host thread that runs blocks has its own (the fibers of a block run on one host thread).
 Executor& executor() {
-  static Executor instance;
+  static thread_local Executor instance;
   return instance;
 }
+
+// The host threads that run the blocks of a grid together with the launching thread: blocks run
+// concurrently, each pulling the next block of a shuffled order, so blocks that talk to each other
+// (atomics, fences, a last block that merges) meet in interleavings the scheduler varies. Started
+// once and never stopped (they wait for work until the process ends).
+class BlockRunners {
+ public:
+  static constexpr int kWorkers = 2;  // with the launching thread: three blocks at a time
+
+  static BlockRunners& instance() {
+    static BlockRunners* runners = new BlockRunners;
+    return *runners;
+  }
+
+  // Runs work() on the calling thread and on every worker; returns when all have returned.
+  void run(const std::function<void()>& work) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      work_ = &work;
+      busy_ = kWorkers;
+      ++generation_;
+    }
+    wake_.notify_all();
+    work();
+    std::unique_lock<std::mutex> lock(mutex_);
+    done_.wait(lock, [this] { return busy_ == 0; });
+  }
+
+ private:
+  BlockRunners() {
+    for (int i = 0; i < kWorkers; ++i) std::thread([this] { serve(); }).detach();
+  }
+
+  void serve() {
+    uint64_t seen = 0;
+    for (;;) {
+      const std::function<void()>* work;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [&] { return generation_ != seen; });
+        seen = generation_;
+        work = work_;
+      }
+      (*work)();
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (--busy_ == 0) done_.notify_all();
+    }
+  }
+
+  std::mutex mutex_;
+  std::condition_variable wake_, done_;
+  const std::function<void()>* work_ = nullptr;
+  uint64_t generation_ = 0;
+  int busy_ = 0;
+};
 
 [[noreturn]] void fiber_main() {
   Executor& ex = executor();
@@ -558,30 +618,44 @@ cudaError_t launch(const void* kernel, dim3 grid, dim3 block, size_t shared_byte
   if (threads > uint64_t(resources->max_threads())) return fail(cudaErrorLaunchOutOfResources);
   if (shared_bytes > size_t(resources->max_dynamic_shared)) return fail(cudaErrorInvalidValue);
   return enqueue(stream, [grid, block, shared_bytes, body = std::move(body)] {
-    Executor& ex = executor();
-    ex.body = &body;
-    if (posix_memalign(reinterpret_cast<void**>(&ex.dynamic_shared), 128, std::max<size_t>(shared_bytes, 1)) != 0) {
-      std::fprintf(stderr, "cuda emulator: no memory for %zu bytes of shared memory\n", shared_bytes);
-      std::abort();
-    }
-    ex.dynamic_shared_bytes = shared_bytes;
-    ex.failure.clear();
-    // The blocks run in a shuffled order (a GPU promises none), the same in every run of the tests.
+    // The blocks run in a shuffled order (a GPU promises none), several at a time when there are
+    // several; the first fault stops the grid.
     static std::mt19937_64 block_order_random(2024);
     std::vector<uint64_t> order(uint64_t(grid.x) * grid.y * grid.z);
     std::iota(order.begin(), order.end(), uint64_t(0));
     std::shuffle(order.begin(), order.end(), block_order_random);
-    for (size_t i = 0; i < order.size() && ex.failure.empty(); ++i) {
-      const uint64_t b = order[i];
-      run_block(ex, grid, block, dim3(unsigned(b % grid.x), unsigned(b / grid.x % grid.y), unsigned(b / grid.x / grid.y)));
-    }
-    std::free(ex.dynamic_shared);
-    ex.dynamic_shared = nullptr;
-    if (!ex.failure.empty()) {
+    std::atomic<size_t> next{0};
+    std::atomic<bool> failed{false};
+    std::mutex failure_mutex;
+    std::string failure;
+    cudaError_t failure_code = cudaSuccess;
+    const std::function<void()> run_blocks = [&] {
+      Executor& ex = executor();
+      ex.body = &body;
+      if (posix_memalign(reinterpret_cast<void**>(&ex.dynamic_shared), 128, std::max<size_t>(shared_bytes, 1)) != 0) {
+        std::fprintf(stderr, "cuda emulator: no memory for %zu bytes of shared memory\n", shared_bytes);
+        std::abort();
+      }
+      ex.dynamic_shared_bytes = shared_bytes;
+      ex.failure.clear();
+      for (size_t i; !failed && (i = next++) < order.size();) {
+        const uint64_t b = order[i];
+        run_block(ex, grid, block, dim3(unsigned(b % grid.x), unsigned(b / grid.x % grid.y), unsigned(b / grid.x / grid.y)));
+        if (!ex.failure.empty()) {
+          std::lock_guard<std::mutex> lock(failure_mutex);
+          if (!failed.exchange(true)) failure = ex.failure, failure_code = ex.failure_code;
+        }
+      }
+      std::free(ex.dynamic_shared);
+      ex.dynamic_shared = nullptr;
+    };
+    if (order.size() > 1) BlockRunners::instance().run(run_blocks);
+    else run_blocks();
+    if (failed) {
       // As on the GPU, a kernel's fault shows at the next check and stays (the context is lost);
       // the reason goes to stderr.
-      std::fprintf(stderr, "cuda emulator: %s\n", ex.failure.c_str());
-      sticky_error() = ex.failure_code;
+      std::fprintf(stderr, "cuda emulator: %s\n", failure.c_str());
+      sticky_error() = failure_code;
     }
   });
 }

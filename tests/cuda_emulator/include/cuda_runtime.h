@@ -4,12 +4,13 @@
 // the kernels and the cuBLAS calls on machines without a GPU
 // (tests/cuda_emulator/CMakeLists.txt, tests/run_cuda_emulator.sh).
 //
-// The model: blocks of a grid run one after another, in a shuffled order; the threads of a block
-// run as fibers of one host thread, each until it reaches a barrier
+// The model: the blocks of a grid run in a shuffled order, three at a time on three host threads
+// (atomics and fences are the host's); the threads of a block run as fibers of one host thread,
+// each until it reaches a barrier
 // (__syncthreads, __syncwarp, a warp shuffle or ballot, a warp-wide PTX
 // instruction: mma.sync or ldmatrix). cp.async copies land when their thread
 // waits for them, and their destination holds NaN bytes until then.
-// Static __shared__ arrays are static locals (one block runs at a time); the
+// Static __shared__ arrays are thread_local statics (one block per host thread at a time); the
 // dynamic shared memory is a buffer filled with NaN bytes at the start of
 // every block. Launches and cudaFuncSetAttribute are checked as the runtime
 // checks them, with each kernel's registers and static shared memory as nvcc
@@ -42,7 +43,7 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
-#define __shared__ static
+#define __shared__ static thread_local  // one block per host thread at a time: its own arrays
 
 struct dim3 {
   unsigned x, y, z;
@@ -215,16 +216,14 @@ inline unsigned __float_as_uint(float value) {
   std::memcpy(&bits, &value, sizeof(bits));
   return bits;
 }
-// One block runs at a time, so device memory needs no fences and atomics need no locks.
-inline void __threadfence() {}
-inline int atomicAdd(int* address, int value) {
-  const int old = *address;
-  *address = old + value;
-  return old;
-}
+// Blocks run on several host threads at once: device-wide fences and atomics are the host's.
+inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+inline int atomicAdd(int* address, int value) { return __atomic_fetch_add(address, value, __ATOMIC_SEQ_CST); }
 template <typename T>
-T __ldcg(const T* address) {
-  return *address;
+T __ldcg(const T* address) {  // a load that bypasses L1: reads what other blocks wrote before their fence
+  T value;
+  __atomic_load(address, &value, __ATOMIC_RELAXED);
+  return value;
 }
 inline unsigned char* emulated_dynamic_shared_memory() { return cuda_emulator::dynamic_shared(); }
 

@@ -1,0 +1,127 @@
+// float8_e4m3 expert weights (core/fp8.h; launchers declared in cuda/kernels.cuh): the decode
+// GEMV that reads each weight byte once for every row of its expert, finding the rows on the device,
+// and the dequantization of a chunk of rows for cuBLAS at prefill. Weights [E, N, K] bytes with
+// one float32 scale per output row.
+#include <algorithm>
+
+#include "cuda/cuda_check.cuh"
+#include "cuda/device_common.cuh"
+#include "cuda/kernels.cuh"
+
+namespace mixtral::cuda {
+
+namespace {
+
+// kWidth elements of row `row` of x from element k on, widened (16-byte loads when kWidth > 1).
+template <typename T, int kWidth>
+__device__ __forceinline__ void load_widened(const T* row, int64_t k, float (&values)[kWidth]) {
+  constexpr int kStep = kWidth < kPack16<T> ? kWidth : kPack16<T>;
+  for (int i = 0; i < kWidth; i += kStep) {
+    const Pack<T, kStep> pack = *reinterpret_cast<const Pack<T, kStep>*>(row + k + i);
+    for (int j = 0; j < kStep; ++j) values[i + j] = to_f32(pack.values[j]);
+  }
+}
+
+// kE4M3GemvWarps warps a block, and registers bounded so that kMinBlocks blocks share an SM: 16
+// warps for decode (up to 2 rows), enough loads in flight to stream the weights; 12 for up to 16
+// rows, whose sums would spill at 16.
+constexpr int kE4M3GemvWarps = 4;
+template <int kMaxRows>
+constexpr int kE4M3GemvMinBlocks = kMaxRows <= 2 ? 4 : 3;
+
+// grid (ceil(N / (warps * kE4M3RowsPerWarp)), E): warp w of block b computes the kE4M3RowsPerWarp
+// output columns from n0 = (b * warps + w) * kE4M3RowsPerWarp for the rows of expert blockIdx.y,
+// at most kMaxRows of them, found from expert_offsets on the device. Lanes stride over K kWidth
+// weight bytes at a time (16: one 16-byte load per row), each x chunk serving all the warp's
+// columns; the weight bytes stay packed in registers and are widened where they are used. The
+// float sums are reduced over the warp and scaled by the column's row scale.
+template <typename T, int kWidth, int kMaxRows>
+__global__ void __launch_bounds__(kE4M3GemvWarps * 32, kE4M3GemvMinBlocks<kMaxRows>)
+    e4m3_expert_gemv_kernel(const T* x, const uint8_t* w, const float* row_scales, const int32_t* expert_offsets,
+                            int64_t N, int64_t K, T* out) {
+  const int e = blockIdx.y;
+  const int64_t begin = expert_offsets[e], count = expert_offsets[e + 1] - begin;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t n0 = (int64_t(blockIdx.x) * (blockDim.x / 32) + warp) * kE4M3RowsPerWarp;
+  if (count == 0 || n0 >= N) return;  // the same for the whole warp
+  float acc[kE4M3RowsPerWarp][kMaxRows] = {};  // indexed by unrolled loops only: registers
+  for (int64_t k = int64_t(lane) * kWidth; k < K; k += 32 * kWidth) {
+    Pack<uint8_t, kWidth> bytes[kE4M3RowsPerWarp];
+#pragma unroll
+    for (int j = 0; j < kE4M3RowsPerWarp; ++j) {  // a column past N reads column n0's bytes, never stored
+      bytes[j] = *reinterpret_cast<const Pack<uint8_t, kWidth>*>(w + (int64_t(e) * N + (n0 + j < N ? n0 + j : n0)) * K + k);
+    }
+#pragma unroll
+    for (int r = 0; r < kMaxRows; ++r) {
+      if (r < count) {
+        float xs[kWidth];
+        load_widened<T, kWidth>(x + (begin + r) * K, k, xs);
+#pragma unroll
+        for (int j = 0; j < kE4M3RowsPerWarp; ++j)
+#pragma unroll
+          for (int i = 0; i < kWidth; ++i) acc[j][r] += e4m3_to_float(bytes[j].values[i]) * xs[i];
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kMaxRows; ++r) {
+    if (r >= count) break;
+#pragma unroll
+    for (int j = 0; j < kE4M3RowsPerWarp; ++j) {
+      const float sum = warp_sum(acc[j][r]);
+      if (lane == 0 && n0 + j < N)
+        out[(begin + r) * N + n0 + j] = from_f32<T>(sum * row_scales[int64_t(e) * N + n0 + j]);
+    }
+  }
+}
+
+// out[r, c] = e4m3(w[r, c]) * row_scales[r], rounded to T.
+template <typename T>
+__global__ void dequantize_e4m3_kernel(const uint8_t* w, const float* row_scales, int64_t rows, int64_t cols, T* out) {
+  const int64_t n = rows * cols;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    out[i] = from_f32<T>(e4m3_to_float(w[i]) * row_scales[i / cols]);
+}
+
+}  // namespace
+
+template <typename T>
+void launch_e4m3_expert_gemv(const T* x, int64_t rows, const uint8_t* w, const float* row_scales, int num_experts,
+                             const int32_t* expert_offsets, int64_t N, int64_t K, T* out, cudaStream_t stream) {
+  if (rows == 0) return;
+  // 16 columns a block: 768 blocks of two active experts for an 8x22B w2 (N 6144).
+  constexpr int kWarps = kE4M3GemvWarps;
+  const dim3 grid(blocks_for(N, kWarps * kE4M3RowsPerWarp), static_cast<unsigned>(num_experts));
+  // 16 weight bytes per lane and row when K and both pointers keep rows of x and w 16-byte aligned.
+  dispatch_pack_width<uint8_t>(K, {x, w}, [&](auto width) {
+    constexpr int kWidth = decltype(width)::value;
+    if (rows <= 2) {  // one token's two experts: a row bound of 2 keeps the sums few
+      launch(e4m3_expert_gemv_kernel<T, kWidth, 2>, grid, kWarps * 32, 0, stream, x, w, row_scales, expert_offsets, N,
+             K, out);
+    } else {  // 8 weight bytes per load, so that 16 rows' sums fit the register bound without spilling
+      constexpr int kManyRowsWidth = kWidth < 8 ? kWidth : 8;
+      launch(e4m3_expert_gemv_kernel<T, kManyRowsWidth, int(kE4M3GemvMaxRows)>, grid, kWarps * 32, 0, stream, x, w,
+             row_scales, expert_offsets, N, K, out);
+    }
+  });
+}
+
+template <typename T>
+void launch_dequantize_e4m3(const uint8_t* w, const float* row_scales, int64_t rows, int64_t cols, T* out,
+                            cudaStream_t stream) {
+  if (rows * cols == 0) return;
+  launch(dequantize_e4m3_kernel<T>, static_cast<unsigned>(std::min<int64_t>(blocks_for(rows * cols, 256), 65536)), 256,
+         0, stream, w, row_scales, rows, cols, out);
+}
+
+#define MX_INSTANTIATE(T) \
+  template void launch_e4m3_expert_gemv<T>(const T*, int64_t, const uint8_t*, const float*, int, const int32_t*, \
+                                           int64_t, int64_t, T*, cudaStream_t); \
+  template void launch_dequantize_e4m3<T>(const uint8_t*, const float*, int64_t, int64_t, T*, cudaStream_t);
+
+MX_INSTANTIATE(float)
+MX_INSTANTIATE(__nv_bfloat16)
+MX_INSTANTIATE(__half)
+#undef MX_INSTANTIATE
+
+}  // namespace mixtral::cuda
