@@ -3,8 +3,8 @@
 # CUDA backend's own sources (csrc/cuda) with the host compiler against tests/cuda_emulator, then
 # runs the tests with that library as the device. With SANITIZE=1 the emulator build has ASan and
 # UBSan (an out-of-bounds access by a kernel, a bad cuBLAS argument's effect, UB in device code
-# fail the run; CI runs this). Needs cmake, ninja and the package installed (the README's test
-# command). Usage:
+# fail the run; CI runs this). Needs cmake, ninja, nvcc (for each kernel's registers and static
+# shared memory) and the package installed (the README's test command). Usage:
 #   [SANITIZE=1] bash tests/run_cuda_emulator.sh [pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
