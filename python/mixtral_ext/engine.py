@@ -13,7 +13,7 @@ import contextlib
 import os
 import threading
 from dataclasses import dataclass, replace
-from typing import AsyncIterator, Callable, Iterable, Iterator, Sequence as SequenceType
+from typing import AsyncIterator, Callable, Iterable, Iterator, Sequence as SequenceType, TypeVar
 
 import numpy as np
 
@@ -36,6 +36,7 @@ from .generation import Delta, GenerationResult, GenerationSession, Progress, Sa
 from .tokenizer import Tokenizer
 from .weights import check_plan, experts_in_fp8, load_into, open_checkpoint, tensor_plan
 
+_Result = TypeVar("_Result")
 _DTYPES = ("float32", "bfloat16", "float16")
 # Expert weights (w1, w3, w2: 96% of an 8x22B layer's bytes) may instead be stored in FP8 E4M3 with
 # one float32 scale per output row, quantized as they load: half the bytes of bfloat16, so
@@ -407,17 +408,22 @@ class Engine:
                         repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                         frequency_penalty=frequency_penalty, seed=seed, stop=stop, stop_token_ids=stop_token_ids,
                         logprobs=logprobs, ignore_eos=ignore_eos)
+        return self._generate(prompt, sampling)
+
+    def _generate(self, prompt, sampling: dict, cancel: threading.Event | None = None) -> GenerationResult:
+        """generate() of checked-later settings; with `cancel`, the generation stops at the next token
+        once it is set (the result is then incomplete: no finish_reason)."""
         progress = Progress()
-        deltas = list(self._stream(prompt, sampling, progress))
+        deltas = list(self._stream(prompt, sampling, progress, cancel))
         return GenerationResult(
             text="".join(d.text for d in deltas),
             token_ids=[d.token_id for d in deltas],
-            finish_reason=deltas[-1].finish_reason,
+            finish_reason=deltas[-1].finish_reason if deltas else None,
             usage=Usage(progress.prompt_tokens, len(deltas), progress.cached_tokens),
             time_to_first_token=progress.time_to_first_token,
             tokens_per_second=progress.tokens_per_second,
-            logprobs=[d.logprob for d in deltas] if logprobs is not None else None,
-            top_logprobs=[d.top_logprobs for d in deltas] if logprobs else None,
+            logprobs=[d.logprob for d in deltas] if sampling.get("logprobs") is not None else None,
+            top_logprobs=[d.top_logprobs for d in deltas] if sampling.get("logprobs") else None,
         )
 
     # ---- chat --------------------------------------------------------------------
@@ -463,12 +469,16 @@ class Engine:
     def chat(self, messages: list[dict], *, tools: list[dict] | None = None, **sampling) -> ChatResult:
         """The assistant's reply to OpenAI-style messages: ChatResult.message has content, or tool_calls
         (finish_reason "tool_calls"); message.to_openai() appends to the conversation. Sampling as generate()."""
+        return self._chat(messages, tools, sampling)
+
+    def _chat(self, messages, tools, sampling: dict, cancel: threading.Event | None = None) -> ChatResult:
+        """chat(); with `cancel`, as _generate()."""
         progress = Progress()
-        deltas = list(self._chat_stream(messages, tools, sampling, progress))
-        tool_calls = deltas[-1].tool_calls or []
+        deltas = list(self._chat_stream(messages, tools, sampling, progress, cancel))
+        tool_calls = (deltas[-1].tool_calls if deltas else None) or []
         return ChatResult(
             message=AssistantMessage(None if tool_calls else "".join(d.text for d in deltas), tool_calls),
-            finish_reason=deltas[-1].finish_reason,
+            finish_reason=deltas[-1].finish_reason if deltas else None,
             usage=Usage(progress.prompt_tokens, len(deltas), progress.cached_tokens),
             time_to_first_token=progress.time_to_first_token,
             tokens_per_second=progress.tokens_per_second,
@@ -477,12 +487,14 @@ class Engine:
     # ---- asyncio -----------------------------------------------------------------
 
     async def agenerate(self, prompt: str | SequenceType[int], **sampling) -> GenerationResult:
-        """generate() on a worker thread, so the event loop keeps running."""
-        return await asyncio.to_thread(self.generate, prompt, **sampling)
+        """generate() on a worker thread, so the event loop keeps running. Cancelling the awaiting task
+        (task.cancel(), an asyncio.wait_for timeout) stops the generation at its next token and frees
+        its KV pages before the cancellation goes on."""
+        return await _cancellable(lambda cancel: self._generate(prompt, sampling, cancel))
 
     async def achat(self, messages: list[dict], *, tools: list[dict] | None = None, **sampling) -> ChatResult:
-        """chat() on a worker thread."""
-        return await asyncio.to_thread(self.chat, messages, tools=tools, **sampling)
+        """chat() on a worker thread; cancelling it stops the generation as agenerate() does."""
+        return await _cancellable(lambda cancel: self._chat(messages, tools, sampling, cancel))
 
     def astream(self, prompt: str | SequenceType[int], **sampling) -> AsyncIterator[Delta]:
         """stream() on a worker thread; cancelling the consumer stops generation and frees its KV pages."""
@@ -583,6 +595,20 @@ class Sequence:
             self.close()
         except Exception:
             pass
+
+
+async def _cancellable(run: Callable[[threading.Event], _Result]) -> _Result:
+    """run(cancel) on a worker thread. When the awaiting task is cancelled, sets `cancel` and waits
+    for the worker to stop (at the generation's next token, its pages freed) before re-raising."""
+    cancel = threading.Event()
+    worker = asyncio.get_running_loop().run_in_executor(None, run, cancel)
+    try:
+        return await asyncio.shield(worker)
+    except asyncio.CancelledError:
+        cancel.set()
+        with contextlib.suppress(Exception):
+            await asyncio.shield(worker)
+        raise
 
 
 async def _async_deltas(make_stream: Callable[[threading.Event], Iterator[Delta]]) -> AsyncIterator[Delta]:
