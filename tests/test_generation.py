@@ -5,6 +5,7 @@ handling, prefix reuse, and greedy parity with transformers' generate()."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -40,6 +41,27 @@ def text_engine(tmp_path_factory):
     config = replace(DEMO_CONFIG, hidden_size=64, num_layers=2, head_dim=16, intermediate_size=96)
     path = write_random_checkpoint(tmp_path_factory.mktemp("text_model"), config, seed=5)
     return mixtral_ext.Engine.from_pretrained(path, max_context=256)
+
+
+def test_the_model_directory_tokenizer_file_wins(tmp_path):
+    """A bare tokenizer.model (the published repositories' name) is the model's tokenizer, read as v3
+    for a 32768-word vocabulary; one that cannot be read fails the load, naming it; a model with no
+    tokenizer runs on token ids, and text says what is missing."""
+    config = replace(DEMO_CONFIG, hidden_size=64, num_layers=1, head_dim=16, intermediate_size=96)
+    good = write_random_checkpoint(tmp_path / "good", config, seed=2)
+    shutil.copy(_shipped_path("mistral_instruct_tokenizer_240323.model.v3"), tmp_path / "good" / "tokenizer.model")
+    engine = mixtral_ext.Engine.from_pretrained(good, max_context=32)
+    assert engine.tokenizer.path.endswith("/tokenizer.model")
+    assert engine.tokenizer.special_id("[TOOL_CALLS]") is not None  # v3, with tool calls
+    bad = write_random_checkpoint(tmp_path / "bad", config, seed=2)
+    (tmp_path / "bad" / "tokenizer.model").write_bytes(b"not a sentencepiece model")
+    with pytest.raises(mixtral_ext.ModelLoadError, match="tokenizer.model"):
+        mixtral_ext.Engine.from_pretrained(bad, max_context=32)
+    no_tokenizer = write_random_checkpoint(tmp_path / "small", replace(config, vocab_size=1000), seed=2)
+    engine = mixtral_ext.Engine.from_pretrained(no_tokenizer, max_context=32)
+    assert len(engine.generate([1, 2, 3], max_tokens=2, temperature=0).token_ids) == 2
+    with pytest.raises(mixtral_ext.ModelLoadError, match="no tokenizer file .*tokenizer.model"):
+        engine.generate("Hello", max_tokens=2)
 
 
 @pytest.mark.parametrize("text", TEXTS)

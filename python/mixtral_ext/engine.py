@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import glob
 import os
 import threading
 from dataclasses import dataclass, replace
@@ -33,7 +34,7 @@ from .errors import (
     TokenError,
 )
 from .generation import Delta, GenerationResult, GenerationSession, Progress, SamplingSettings, Usage
-from .tokenizer import Tokenizer
+from .tokenizer import TOKENIZER_FILES, NoTokenizerError, Tokenizer
 from .weights import check_plan, experts_in_fp8, load_into, open_checkpoint, tensor_plan
 
 _Result = TypeVar("_Result")
@@ -198,6 +199,10 @@ class Engine:
         if expert_dtype is None and experts_in_fp8(checkpoint, plan):  # an FP8 checkpoint's experts stay FP8
             options = replace(options, expert_dtype="float8_e4m3")
         max_context, kv_cache_tokens = options.context(config, max_context, kv_cache_tokens, kv_cache_fraction)
+        tokenizer = None  # a tokenizer file that cannot be read fails the load before the weights, naming it
+        if any(glob.glob(os.path.join(path, pattern)) for pattern in TOKENIZER_FILES):
+            with contextlib.suppress(NoTokenizerError):  # without mistral-common, token ids still work
+                tokenizer = Tokenizer.for_model(path, config.vocab_size)
         try:
             core = options.make_core(config, max_context, kv_cache_tokens)
             load_into(core, checkpoint, plan, total_bytes, progress)
@@ -207,6 +212,7 @@ class Engine:
             raise ModelLoadError(f"{path}: {e}") from e
         engine = cls(core, config, path=path, max_context=max_context)
         engine.loaded_bytes = total_bytes
+        engine._tokenizer = tokenizer
         return engine
 
     @classmethod
@@ -357,9 +363,11 @@ class Engine:
             return self._tokenizer
 
     def tokenizer_or_none(self) -> Tokenizer | None:
+        """The tokenizer, or None when there is none to be had (token ids work without one); a
+        tokenizer file that is there but unreadable still raises ModelLoadError."""
         try:
             return self.tokenizer
-        except ModelLoadError:
+        except NoTokenizerError:
             return None
 
     def _prompt_ids(self, prompt: str | SequenceType[int]) -> list[int]:
