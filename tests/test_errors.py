@@ -18,6 +18,7 @@ from mixtral_ext import (
     MixtralError,
     ModelLoadError,
     SequenceClosedError,
+    SettingError,
     TokenError,
 )
 
@@ -140,7 +141,8 @@ def test_cuda_without_a_usable_gpu_raises_device_error(tiny_dir):
     assert mixtral_ext.Engine.from_pretrained(tiny_dir, max_context=8).logits([1, 2]).shape == (2, 101)
 
 
-@pytest.mark.parametrize("bad", [[5, -1], [101], [2**40], ["a"], [1.5], "hello", [[1, 2]], [True]])
+@pytest.mark.parametrize("bad", [[5, -1], [101], [2**40], ["a"], [1.5], "hello", [[1, 2]], [True], [True, 2],
+                                 np.array([False, True])])
 def test_token_out_of_range(tiny_engine, tiny_model, bad):
     with pytest.raises(TokenError):
         tiny_engine.logits(bad)
@@ -187,6 +189,43 @@ def test_kv_cache_out_of_pages_leaves_other_sequences_intact(tiny_dir, tiny_mode
     assert_close(second.append(b[10:]), hf_logits(tiny_model, b)[-1], 1e-4)
     second.close()
     assert engine.kv_cache_info()["free_pages"] == 4
+
+
+def test_sampling_settings_as_a_service_passes_them(tiny_engine):
+    """numpy scalars are the numbers they hold; an unknown setting, a stop id past the vocabulary and
+    a prompt past the context raise when stream() is called, before the first delta is asked for."""
+    ids = random_tokens(5, 101)
+    result = tiny_engine.generate(ids, max_tokens=np.int64(3), temperature=np.float32(0.0), seed=np.uint64(3),
+                                  top_k=np.int32(5), stop_token_ids=[np.int32(100)])
+    assert len(result.token_ids) == 3 and result.usage.total_tokens == 8
+    with pytest.raises(SettingError, match="unknown sampling setting 'max_new_tokens'; the settings are max_tokens"):
+        tiny_engine.stream(ids, max_new_tokens=3)
+    with pytest.raises(SettingError, match=r"stop_token_ids \[101\] lie outside the vocabulary"):
+        tiny_engine.stream(ids, stop_token_ids=[101])
+    with pytest.raises(SettingError, match="seed"):
+        tiny_engine.stream(ids, seed=np.float64(1.5))
+    short = mixtral_ext.Engine.from_pretrained(tiny_engine.path, max_context=16)
+    with pytest.raises(ContextOverflowError):
+        short.stream(random_tokens(16, 101))
+    until_full = short.generate(ids, max_tokens=None, temperature=0, ignore_eos=True)
+    assert until_full.finish_reason == "length" and len(ids) + len(until_full.token_ids) == 16
+
+
+def test_engine_lifetime_device_names_and_reprs(tiny_dir):
+    with pytest.raises(SettingError, match="cuda:0"):
+        mixtral_ext.Engine.from_pretrained(tiny_dir, device="cuda:1")
+    with mixtral_ext.Engine.from_pretrained(tiny_dir, max_context=32) as engine:
+        seq = engine.new_sequence()
+        seq.append([1, 2, 3])
+        assert repr(seq) == "Sequence(3 tokens)" and "2 layers" in repr(engine) and "cpu" in repr(engine)
+    assert engine.closed and repr(engine).endswith("closed)")
+    for use in (lambda: engine.logits([1]), lambda: engine.generate([1], max_tokens=1), engine.new_sequence,
+                lambda: seq.append([4])):
+        with pytest.raises(mixtral_ext.EngineClosedError, match="closed"):
+            use()
+    seq.close()
+    engine.close()  # twice is fine
+    assert set(mixtral_ext.SHAPES) >= {"8x7b", "8x22b"} and mixtral_ext.SHAPES["8x22b"].num_layers == 56
 
 
 def test_closed_sequence(tiny_engine):

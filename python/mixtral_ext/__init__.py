@@ -12,11 +12,13 @@ from .cuda import cuda_info
 from .engine import Engine, Sequence
 from .generation import Delta, GenerationResult, Usage
 from .chat import AssistantMessage, ChatResult, ToolCall
+from .synthetic import SHAPES
 from .errors import (
     ChatFormatError,
     ContextOverflowError,
     DeviceError,
     DeviceOutOfMemoryError,
+    EngineClosedError,
     KvCacheFullError,
     MixtralError,
     ModelLoadError,
@@ -32,6 +34,7 @@ __all__ = [
     "Engine",
     "Sequence",
     "MixtralConfig",
+    "SHAPES",
     "cuda_info",
     "GenerationResult",
     "Delta",
@@ -50,4 +53,5 @@ __all__ = [
     "DeviceError",
     "DeviceOutOfMemoryError",
     "SequenceClosedError",
+    "EngineClosedError",
 ]

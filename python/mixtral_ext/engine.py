@@ -26,6 +26,7 @@ from .errors import (
     ContextOverflowError,
     DeviceError,
     DeviceOutOfMemoryError,
+    EngineClosedError,
     KvCacheFullError,
     MixtralError,
     ModelLoadError,
@@ -66,8 +67,10 @@ class _EngineOptions:
 
     @classmethod
     def checked(cls, device, dtype, page_size, max_batch_tokens, cuda_graphs, expert_dtype) -> "_EngineOptions":
+        if device == "cuda:0":  # the first GPU, the only one an engine runs on
+            device = "cuda"
         if device not in ("cpu", "cuda"):
-            raise SettingError(f"device must be 'cpu' or 'cuda', got {device!r}")
+            raise SettingError(f"device must be 'cpu', 'cuda' or 'cuda:0' (one GPU, the first), got {device!r}")
         if dtype is None:
             dtype = "float32" if device == "cpu" else "bfloat16"
         if dtype not in _DTYPES:
@@ -141,10 +144,11 @@ class _EngineOptions:
 
 
 class Engine:
-    """A Mixtral model loaded on one device, with its KV cache."""
+    """A Mixtral model loaded on one device, with its KV cache. close() (or a with block) frees its
+    device memory at once instead of when the last reference goes."""
 
     def __init__(self, core, config: MixtralConfig, *, path: str | None, max_context: int) -> None:
-        self._core = core
+        self._open_core = core
         self.config = config
         self.path = path
         self.max_context = max_context
@@ -243,6 +247,38 @@ class Engine:
         core.init_random(seed)
         return cls(core, config, path=None, max_context=max_context)
 
+    # ---- lifetime --------------------------------------------------------------
+
+    @property
+    def _core(self):
+        core = self._open_core
+        if core is None:
+            raise EngineClosedError("the engine is closed")
+        return core
+
+    @property
+    def closed(self) -> bool:
+        return self._open_core is None
+
+    def close(self) -> None:
+        """Frees the weights, the KV cache and the workspace; the engine raises EngineClosedError
+        afterwards, and its sequences are closed with it. Closing twice is fine."""
+        self._generation.drop_idle()
+        with self._lock:
+            self._open_core = None
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        c = self.config
+        state = "closed" if self.closed else self.device
+        return (f"Engine({self.path or 'synthetic'!r}, {c.num_layers} layers, hidden {c.hidden_size}, "
+                f"{c.num_experts} experts, vocab {c.vocab_size}, max_context {self.max_context}, {state})")
+
     # ---- properties ------------------------------------------------------------
 
     @property
@@ -307,9 +343,12 @@ class Engine:
         if isinstance(token_ids, (str, bytes)):
             raise TokenError("token ids must be a sequence of integers, not a string")
         try:
-            ids = np.asarray(list(token_ids))
+            values = list(token_ids)
+            ids = np.asarray(values)
         except (TypeError, ValueError, OverflowError) as e:  # not iterable, ragged, or too large to hold
             raise TokenError(f"token ids must be a sequence of integers: {e}") from e
+        if ids.dtype == np.bool_ or any(isinstance(t, (bool, np.bool_)) for t in values):
+            raise TokenError("token ids must be integers, not booleans")
         if ids.size and (ids.ndim != 1 or ids.dtype.kind not in "iu"):
             raise TokenError(f"token ids must be a flat sequence of integers, got {ids.dtype} with shape {ids.shape}")
         ids = ids.astype(np.int64, copy=False).reshape(-1)
@@ -393,7 +432,7 @@ class Engine:
         self,
         prompt: str | SequenceType[int],
         *,
-        max_tokens: int = 256,
+        max_tokens: int | None = 256,
         temperature: float = 1.0,
         top_k: int = 0,
         top_p: float = 1.0,
@@ -410,8 +449,8 @@ class Engine:
         """Generates from a prompt (text, or token ids); temperature 0 is greedy.
 
         Stops at EOS, a stop token id, a stop string (not included in the text) or after
-        max_tokens ("length"). logprobs=n also returns the n most likely tokens per step;
-        ignore_eos=True generates past EOS (for benchmarks)."""
+        max_tokens ("length"; None: at the end of the context). logprobs=n also returns the n most
+        likely tokens per step; ignore_eos=True generates past EOS (for benchmarks)."""
         sampling = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                         repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                         frequency_penalty=frequency_penalty, seed=seed, stop=stop, stop_token_ids=stop_token_ids,
@@ -574,11 +613,12 @@ class Sequence:
             del self._tokens[length:]
 
     def close(self) -> None:
-        """Frees the KV pages; further appends raise SequenceClosedError. Closing twice is fine."""
+        """Frees the KV pages; further appends raise SequenceClosedError. Closing twice is fine, and
+        so is closing after the engine (which freed every page)."""
         with self._engine._lock:
-            if self._handle is not None:
+            if self._handle is not None and not self._engine.closed:
                 self._engine._core.release_sequence(self._handle)
-                self._handle = None
+            self._handle = None
 
     @property
     def closed(self) -> bool:
@@ -591,6 +631,9 @@ class Sequence:
 
     def __len__(self) -> int:
         return len(self._tokens)
+
+    def __repr__(self) -> str:
+        return f"Sequence({len(self._tokens)} tokens{', closed' if self.closed else ''})"
 
     def __enter__(self) -> "Sequence":
         return self

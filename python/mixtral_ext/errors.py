@@ -48,3 +48,7 @@ class DeviceOutOfMemoryError(DeviceError, MemoryError):
 
 class SequenceClosedError(MixtralError, RuntimeError):
     """A sequence was used after close()."""
+
+
+class EngineClosedError(MixtralError, RuntimeError):
+    """An engine was used after close() (or after its with block)."""

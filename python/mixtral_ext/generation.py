@@ -6,7 +6,9 @@ the engine's device (core/sampling.h), so logits never come back to Python."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import numbers
 import os
 import threading
 import time
@@ -18,11 +20,19 @@ from .errors import ContextOverflowError, SettingError, ShapeError
 from .tokenizer import StreamDecoder
 
 
+def _plain_number(value):
+    """A numpy (or other) integer as int and real as float, so that np.int64(3) is the 3 it stands
+    for; booleans and everything else as they are, for the checks to judge."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return value
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+
 @dataclass(frozen=True)
 class SamplingSettings:
     """Sampling knobs, named as in the OpenAI and vLLM APIs."""
 
-    max_tokens: int = 256
+    max_tokens: int | None = 256  # None: until EOS, a stop, or the end of the context
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
@@ -38,6 +48,11 @@ class SamplingSettings:
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "SamplingSettings":
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(kwargs) - set(names))
+        if unknown:
+            raise SettingError(f"unknown sampling setting {unknown[0]!r}; the settings are {', '.join(names)}")
+        kwargs = {name: _plain_number(value) for name, value in kwargs.items()}
         stop = kwargs.pop("stop", None)
         if stop is None:
             stop = ()
@@ -52,11 +67,12 @@ class SamplingSettings:
             stop_token_ids = ()
         if isinstance(stop_token_ids, (str, bytes)) or not hasattr(stop_token_ids, "__iter__"):
             raise SettingError(f"stop_token_ids must be a list of token ids, got {stop_token_ids!r}")
-        stop_token_ids = tuple(stop_token_ids)
+        stop_token_ids = tuple(_plain_number(t) for t in stop_token_ids)
         if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in stop_token_ids):
             raise SettingError(f"stop_token_ids must be non-negative integers, got {stop_token_ids!r}")
         kwargs["stop_token_ids"] = stop_token_ids
-        settings = cls(stop=stop, **{k: v for k, v in kwargs.items() if v is not None})
+        # None is each setting's default, except max_tokens, where it means no limit.
+        settings = cls(stop=stop, **{k: v for k, v in kwargs.items() if v is not None or k == "max_tokens"})
         settings.validate()
         return settings
 
@@ -69,7 +85,8 @@ class SamplingSettings:
 
         if not isinstance(self.ignore_eos, bool):
             raise SettingError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
-        integer("max_tokens", 1)
+        if self.max_tokens is not None:
+            integer("max_tokens", 1)
         integer("top_k", 0, 2**31 - 1)
         if self.logprobs is not None:
             integer("logprobs", 0, 20)
@@ -110,7 +127,11 @@ class Delta:
 class Usage:
     prompt_tokens: int
     completion_tokens: int
-    cached_tokens: int
+    cached_tokens: int  # prompt tokens whose KV cache was reused
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
 
 
 @dataclass
@@ -202,6 +223,10 @@ class GenerationSession:
         if seq is not None:
             seq.close()
 
+    def _token_limit(self, settings: SamplingSettings) -> int:
+        """The most tokens a generation may make: max_tokens, or the context when that is None."""
+        return self.engine.max_context if settings.max_tokens is None else settings.max_tokens
+
     def drop_idle(self) -> bool:
         """Closes the idle sequence kept for prefix reuse; True if there was one."""
         with self._lock:
@@ -231,10 +256,19 @@ class GenerationSession:
         progress.token_ids[progress.tool_calls_from:]) and stop strings no longer apply."""
         engine = self.engine
         tokenizer = engine.tokenizer if settings.stop else engine.tokenizer_or_none()
+        # Checked now, before the first delta is asked for (an HTTP stream would have begun by then).
         if len(prompt_ids) + 1 > engine.max_context:
             raise ContextOverflowError(
                 f"the prompt has {len(prompt_ids)} tokens; max_context {engine.max_context} leaves no room to generate"
             )
+        outside = [t for t in settings.stop_token_ids if t >= engine.config.vocab_size]
+        if outside:
+            raise SettingError(f"stop_token_ids {outside} lie outside the vocabulary [0, {engine.config.vocab_size})")
+        return self._deltas(prompt_ids, settings, progress, cancel, tool_calls_id, tokenizer)
+
+    def _deltas(self, prompt_ids: list[int], settings: SamplingSettings, progress: Progress,
+                cancel: threading.Event | None, tool_calls_id: int | None, tokenizer) -> Iterator[Delta]:
+        engine = self.engine
         seed = settings.seed if settings.seed is not None else int.from_bytes(os.urandom(8), "little")
         stop_ids = set(settings.stop_token_ids) | ({tokenizer.eos_id} if tokenizer and not settings.ignore_eos else set())
         decoder = StreamDecoder(tokenizer) if tokenizer else None
@@ -269,13 +303,13 @@ class GenerationSession:
                     return
                 if cancel is not None and cancel.is_set():
                     return
-                if len(progress.token_ids) >= settings.max_tokens or len(seq) + 1 >= engine.max_context:
+                if len(progress.token_ids) >= self._token_limit(settings) or len(seq) + 1 >= engine.max_context:
                     finished = True
                     yield Delta(text + held_back_text(), token, logprob, top, "length")
                     return
                 # The step after this one is queued ahead (on the GPU) to run while the caller
                 # handles the token, unless this token is the last one max_tokens allows.
-                queue_ahead = len(progress.token_ids) + 1 < settings.max_tokens
+                queue_ahead = len(progress.token_ids) + 1 < self._token_limit(settings)
                 yield Delta(text, token, logprob, top)
                 drawn = seq._decode_next(token, sampler, queue_ahead)
         finally:

@@ -78,6 +78,9 @@ class Tokenizer:
         raise NoTokenizerError(f"{where}, and mistral-common ships none for vocabulary size {vocab_size}: "
                                f"text needs a tokenizer; token ids work without one")
 
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.path!r}, {self.vocab_size} words)"
+
     @property
     def bos_id(self) -> int:
         return self._raw.bos_id
