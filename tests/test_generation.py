@@ -268,6 +268,40 @@ def test_cancelled_agenerate_and_achat_stop_and_free_their_pages(text_engine):
     text_engine.clear_prefix_cache()
 
 
+def test_generations_wait_for_kv_pages_instead_of_failing_midway(tiny_dir):
+    """Four threads whose generations together need twice the KV cache: each starts when its prompt
+    + max_tokens fit beside what the running ones may still need, and all four make the tokens they
+    make alone. A generation that finds the pages held by a sequence waits for them up to
+    kv_cache_wait seconds (0: it fails at once), and the engine stays usable."""
+    import threading
+
+    engine = mixtral_ext.Engine.from_pretrained(tiny_dir, max_context=64, kv_cache_tokens=96, page_size=16)
+    jobs = [(random_tokens(8, 101, seed=50 + i), dict(max_tokens=40, temperature=0.8, seed=i)) for i in range(4)]
+    alone = [engine.generate(p, **s).token_ids for p, s in jobs]
+    results = [None] * len(jobs)
+
+    def work(i):
+        results[i] = engine.generate(jobs[i][0], **jobs[i][1]).token_ids
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert results == alone
+    engine.clear_prefix_cache()
+    holder = engine.new_sequence()
+    holder.append(random_tokens(64, 101))  # 4 of the 6 pages: a 48-token generation cannot start
+    engine.kv_cache_wait = 0
+    with pytest.raises(mixtral_ext.KvCacheFullError, match="kv_cache_tokens"):
+        engine.generate(jobs[0][0], **jobs[0][1])
+    engine.kv_cache_wait = 30
+    threading.Timer(0.2, holder.close).start()
+    assert engine.generate(jobs[0][0], **jobs[0][1]).token_ids == alone[0]
+    with pytest.raises(mixtral_ext.SettingError, match="kv_cache_wait"):
+        engine.kv_cache_wait = -1
+
+
 def test_cancelled_streams_free_their_pages(text_engine):
     text_engine.clear_prefix_cache()
     free = text_engine.kv_cache_info()["free_pages"]

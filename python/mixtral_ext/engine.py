@@ -13,6 +13,7 @@ import contextlib
 import glob
 import os
 import threading
+import time
 from dataclasses import dataclass, replace
 from typing import AsyncIterator, Callable, Iterable, Iterator, Sequence as SequenceType, TypeVar
 
@@ -153,6 +154,8 @@ class Engine:
         self.path = path
         self.max_context = max_context
         self._lock = threading.RLock()
+        self._pages_freed = threading.Condition(self._lock)  # notified when KV pages are freed or idle
+        self._kv_cache_wait = 30.0
         self._tokenizer = None
         self._generation = GenerationSession(self)
 
@@ -332,6 +335,23 @@ class Engine:
             except MixtralError as e:
                 raise SettingError(str(e)) from None
 
+    @property
+    def kv_cache_wait(self) -> float:
+        """Seconds a generation waits for KV pages when the cache is full (other generations free
+        theirs as they finish) before it raises KvCacheFullError; default 30, 0 fails at once."""
+        return self._kv_cache_wait
+
+    @kv_cache_wait.setter
+    def kv_cache_wait(self, seconds: float) -> None:
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds < float("inf"):
+            raise SettingError(f"kv_cache_wait must be a number of seconds >= 0, got {seconds!r}")
+        self._kv_cache_wait = float(seconds)
+
+    def _pages_changed(self) -> None:
+        """Wakes the generations waiting for KV pages: some were freed, or became reclaimable."""
+        with self._lock:
+            self._pages_freed.notify_all()
+
     def clear_prefix_cache(self) -> None:
         """Frees the KV pages kept from the last generation for prefix reuse."""
         self._generation.drop_idle()
@@ -372,15 +392,29 @@ class Engine:
                 return self._retry_when_full(lambda: self._core.append(seq, ids, True))
             finally:
                 self._core.release_sequence(seq)
+                self._pages_changed()
 
-    def _retry_when_full(self, run):
-        """run(); when the KV cache is full, frees the prefix cache and runs it once more."""
-        try:
-            return run()
-        except KvCacheFullError:  # the failed run changed nothing
-            if not self._generation.drop_idle():
-                raise
-            return run()
+    def _retry_when_full(self, run, wait: bool = False):
+        """run() under the engine lock. When the KV cache is full (the failed run changed nothing),
+        frees the prefix cache and runs it again; with `wait`, then waits up to kv_cache_wait seconds
+        for other sequences to free pages (the lock released meanwhile), running it again each time."""
+        deadline = time.monotonic() + (self._kv_cache_wait if wait else 0.0)
+        while True:
+            try:
+                return run()
+            except KvCacheFullError as e:
+                if self._generation.drop_idle():
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining > 0:
+                    self._pages_freed.wait(remaining)
+                elif wait:
+                    raise KvCacheFullError(
+                        f"{e}, after waiting {self._kv_cache_wait:g} s for other sequences to free some: size "
+                        f"kv_cache_tokens for the generations that run at once (each prompt + max_tokens) and the "
+                        f"sequences kept open, or raise engine.kv_cache_wait") from None
+                else:
+                    raise
 
     def _new_sampler(self, params, seed: int, prompt_ids: list[int]) -> int:
         """A core sampler (its state on the device) for one generation; release it with _release_sampler."""
@@ -585,22 +619,23 @@ class Sequence:
         device. token_ids come from a generation, already checked. Returns (token, logprob, top_ids,
         top_logprobs)."""
         ids = np.asarray(token_ids, dtype=np.int32)
-        return self._run(ids, lambda handle: self._engine._core.append_sample(handle, ids, sampler))
+        return self._run(ids, lambda handle: self._engine._core.append_sample(handle, ids, sampler), wait=True)
 
     def _decode_next(self, token: int, sampler: int, queue_ahead: bool) -> tuple:
         """The decode step of `token`, the sampler's last draw, which is already on the device
         (core decode_next: with queue_ahead the step after it is queued before this returns).
         Returns the tuple of _append_sample."""
         return self._run(np.asarray([token], dtype=np.int32),
-                         lambda handle: self._engine._core.decode_next(handle, sampler, queue_ahead))
+                         lambda handle: self._engine._core.decode_next(handle, sampler, queue_ahead), wait=True)
 
-    def _run(self, ids: np.ndarray, call):
+    def _run(self, ids: np.ndarray, call, wait: bool = False):
         """call(handle) under the engine lock (the core raises ContextOverflowError when ids do not
-        fit, changing nothing); records ids after it succeeds."""
+        fit, changing nothing); records ids after it succeeds. With `wait` (a generation's steps), a
+        full KV cache is waited out for up to the engine's kv_cache_wait seconds."""
         engine = self._engine
         with engine._lock:
             handle = self._live_handle()
-            result = engine._retry_when_full(lambda: call(handle))
+            result = engine._retry_when_full(lambda: call(handle), wait)
             self._tokens.extend(ids.tolist())
             return result
 
@@ -611,6 +646,7 @@ class Sequence:
         with self._engine._lock:
             self._engine._core.truncate_sequence(self._live_handle(), length)
             del self._tokens[length:]
+            self._engine._pages_changed()
 
     def close(self) -> None:
         """Frees the KV pages; further appends raise SequenceClosedError. Closing twice is fine, and
@@ -618,6 +654,7 @@ class Sequence:
         with self._engine._lock:
             if self._handle is not None and not self._engine.closed:
                 self._engine._core.release_sequence(self._handle)
+                self._engine._pages_changed()
             self._handle = None
 
     @property

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from . import _C
-from .errors import ContextOverflowError, SettingError, ShapeError
+from .errors import ContextOverflowError, KvCacheFullError, SettingError, ShapeError
 from .tokenizer import StreamDecoder
 
 
@@ -209,6 +209,29 @@ class GenerationSession:
         self.engine = engine
         self._lock = threading.Lock()  # guards _idle only; never held while taking the engine lock
         self._idle = None  # the Sequence kept for prefix reuse
+        self._reserved_pages = 0  # KV pages running generations may still need (engine lock)
+
+    def _reserve(self, pages: int) -> int:
+        """Admits a generation that may need `pages` KV pages (its prompt + max_tokens, up to the
+        context): waits, up to the engine's kv_cache_wait seconds, until they fit beside what the
+        running generations reserved, so that generations never wait for each other's pages midway
+        (where all could wait at once). Returns the pages reserved; give them back with _unreserve."""
+        engine = self.engine
+        with engine._lock:
+            total = engine._core.num_pages
+            pages = min(pages, total)
+            if not engine._pages_freed.wait_for(lambda: self._reserved_pages + pages <= total, engine.kv_cache_wait):
+                raise KvCacheFullError(
+                    f"waited {engine.kv_cache_wait:g} s for {pages} KV pages: running generations hold or may still need "
+                    f"{self._reserved_pages} of the {total}; size kv_cache_tokens for the generations that run at once "
+                    f"(each prompt + max_tokens), or raise engine.kv_cache_wait")
+            self._reserved_pages += pages
+            return pages
+
+    def _unreserve(self, pages: int) -> None:
+        with self.engine._lock:
+            self._reserved_pages -= pages
+        self.engine._pages_changed()
 
     def _lease(self):
         with self._lock:
@@ -222,6 +245,8 @@ class GenerationSession:
                     self._idle, seq = seq, None
         if seq is not None:
             seq.close()
+        else:  # kept: its pages are reclaimable by a generation waiting for some
+            self.engine._pages_changed()
 
     def _token_limit(self, settings: SamplingSettings) -> int:
         """The most tokens a generation may make: max_tokens, or the context when that is None."""
@@ -278,7 +303,13 @@ class GenerationSession:
             return (matcher.feed(decoder.flush())[0] + matcher.flush()) if decoder else ""
 
         progress.prompt_tokens, progress.start = len(prompt_ids), time.perf_counter()
-        sampler = engine._new_sampler(settings.core_params(), seed, prompt_ids)
+        tokens = min(len(prompt_ids) + self._token_limit(settings), engine.max_context)
+        reserved = self._reserve(-(-tokens // engine._core.page_size))
+        try:
+            sampler = engine._new_sampler(settings.core_params(), seed, prompt_ids)
+        except BaseException:
+            self._unreserve(reserved)
+            raise
         seq, finished = self._lease(), False
         try:
             drawn = self._prefill(seq, prompt_ids, progress, sampler)
@@ -316,3 +347,4 @@ class GenerationSession:
             progress.end = time.perf_counter()
             engine._release_sampler(sampler)
             self._give_back(seq, keep=finished)
+            self._unreserve(reserved)
