@@ -374,7 +374,7 @@ def test_fp8_expert_gemv_keeps_enough_warps_per_sm():
         pytest.skip("no kernel resource table (tests/run_cuda_emulator.sh names nvcc's)")
     kernels = [line.split("\t") for line in open(table).read().splitlines() if "e4m3_expert_gemv_kernel<" in line]
     assert len(kernels) == 12
-    for registers, _, name in kernels:
+    for registers, _, _, name in kernels:
         per_warp = (int(registers) * 32 + 255) // 256 * 256
         needed = 16 if ", 2>(" in name else 12
         assert 65536 // per_warp >= needed, f"{name}: {registers} registers leave {65536 // per_warp} warps per SM"

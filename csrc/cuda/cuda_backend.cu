@@ -529,9 +529,9 @@ void CudaBackend::expert_gemm_e4m3_dequantized(const Tensor& x, const Tensor& w,
   const int64_t E = w.shape[0], N = w.shape[1], K = w.shape[2];
   const uint8_t* values = w.ptr<const uint8_t>();
   const size_t element = dtype_size(x.dtype);
-  // Rows of w dequantized at a time (dequantize_chunk_bytes_ of scratch at most), each chunk one GEMM into
-  // its output columns: a multiple of 16 bytes of columns, so every chunk's output stays as aligned as the
-  // first (cuBLAS picks its kernels by alignment).
+  // Rows of w dequantized at a time (about dequantize_chunk_bytes_ of scratch, at least 16 bytes of
+  // columns), each chunk one GEMM into its output columns: a multiple of 16 bytes of columns, so every
+  // chunk's output stays as aligned as the first (cuBLAS picks its kernels by alignment).
   const int64_t aligned_rows = 16 / int64_t(element);
   const int64_t chunk =
       std::min(N, std::max(aligned_rows, dequantize_chunk_bytes_ / (K * int64_t(element)) / aligned_rows * aligned_rows));

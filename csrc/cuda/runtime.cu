@@ -61,6 +61,7 @@ void Runtime::download(void* host_dst, const void* device_src, size_t bytes) {
 
 namespace {
 
+// By kernel alone: the backend runs on one device per process (device 0, as the Python API allows).
 std::mutex kernel_limits_mutex;
 std::unordered_map<const void*, KernelLimits> known_kernel_limits;
 

@@ -355,23 +355,31 @@ struct KernelResources {
   std::string name;  // demangled
   int registers = 0;
   int static_shared = 0;
+  int launch_bound = 0;  // the threads __launch_bounds__ allows; 0: no bound
   int max_dynamic_shared = 0;
+  bool operator==(const KernelResources& other) const {
+    return registers == other.registers && static_shared == other.static_shared && launch_bound == other.launch_bound;
+  }
   int max_threads() const {  // as cudaFuncAttributes::maxThreadsPerBlock
     const int per_warp = (registers * 32 + kRegisterUnitPerWarp - 1) / kRegisterUnitPerWarp * kRegisterUnitPerWarp;
-    return std::min(kMaxBlockThreads, per_warp == 0 ? kMaxBlockThreads : kRegistersPerBlock / per_warp * 32);
+    const int by_registers = std::min(kMaxBlockThreads, per_warp == 0 ? kMaxBlockThreads : kRegistersPerBlock / per_warp * 32);
+    return launch_bound > 0 ? std::min(by_registers, launch_bound) : by_registers;
   }
 };
 
-// Demangled name -> (registers, static shared bytes), from the table the build wrote.
-std::unordered_map<std::string, std::pair<int, int>> compiled_kernels() {
-  std::unordered_map<std::string, std::pair<int, int>> kernels;
+// Demangled name -> its resources, from the table the build wrote.
+std::unordered_map<std::string, KernelResources> compiled_kernels() {
+  std::unordered_map<std::string, KernelResources> kernels;
   std::ifstream table(CUDA_EMULATOR_KERNEL_RESOURCES);
   std::string line;
   while (std::getline(table, line)) {
     std::istringstream fields(line);
-    int registers = 0, shared = 0;
-    std::string name;
-    if (fields >> registers >> shared && std::getline(fields >> std::ws, name)) kernels[name] = {registers, shared};
+    KernelResources kernel;
+    if (fields >> kernel.registers >> kernel.static_shared >> kernel.launch_bound &&
+        std::getline(fields >> std::ws, kernel.name)) {
+      kernel.max_dynamic_shared = kDefaultShared - kernel.static_shared;
+      kernels[kernel.name] = kernel;
+    }
   }
   if (kernels.empty()) {
     std::fprintf(stderr, "cuda emulator: no kernel resources in %s\n", CUDA_EMULATOR_KERNEL_RESOURCES);
@@ -380,13 +388,18 @@ std::unordered_map<std::string, std::pair<int, int>> compiled_kernels() {
   return kernels;
 }
 
-// This library's functions by address (its ELF symbol table), demangled.
-std::unordered_map<const void*, std::string> function_names() {
-  std::unordered_map<const void*, std::string> names;
+// This library's functions by address (its ELF symbol table), demangled: every name at an address
+// (the compiler may fold identical functions into one).
+std::unordered_map<const void*, std::vector<std::string>> function_names() {
+  std::unordered_map<const void*, std::vector<std::string>> names;
   Dl_info self{};
   if (!dladdr(reinterpret_cast<const void*>(&compiled_kernels), &self)) return names;
   std::ifstream file(self.dli_fname, std::ios::binary);
   const std::string image((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
+  if (image.size() < sizeof(Elf64_Ehdr)) {
+    std::fprintf(stderr, "cuda emulator: cannot read %s for its kernels' names\n", self.dli_fname);
+    std::abort();
+  }
   const auto* header = reinterpret_cast<const Elf64_Ehdr*>(image.data());
   const auto* sections = reinterpret_cast<const Elf64_Shdr*>(image.data() + header->e_shoff);
   for (int i = 0; i < header->e_shnum; ++i) {
@@ -404,36 +417,47 @@ std::unordered_map<const void*, std::string> function_names() {
       if (status != 0) continue;
       std::string name = demangled;
       std::free(demangled);
+      auto identifier = [&](size_t at) { return std::isalnum(static_cast<unsigned char>(name[at])) || name[at] == '_'; };
       for (size_t at = 0; (at = name.find("half", at)) != std::string::npos; at += 4) {
-        const bool word = (at == 0 || !(std::isalnum(static_cast<unsigned char>(name[at - 1])) || name[at - 1] == '_')) &&
-                          (at + 4 == name.size() || !std::isalnum(static_cast<unsigned char>(name[at + 4])));
-        if (word) name.replace(at, 4, "__half"), at += 2;
+        if ((at == 0 || !identifier(at - 1)) && (at + 4 == name.size() || !identifier(at + 4)))
+          name.replace(at, 4, "__half"), at += 2;
       }
-      names[static_cast<const char*>(self.dli_fbase) + symbols[j].st_value] = std::move(name);
+      names[static_cast<const char*>(self.dli_fbase) + symbols[j].st_value].push_back(std::move(name));
     }
   }
   return names;
 }
 
-// The resources of `kernel`; null (with the reason on stderr) when nvcc's table has no such kernel.
+// The resources of `kernel`; null (with the reason on stderr) when nvcc's table has none of its
+// names. Names folded into one address must agree on the resources (else the emulator aborts).
 KernelResources* kernel_resources(const void* kernel) {
   std::lock_guard<std::recursive_mutex> lock(device_mutex());
   static const auto compiled = compiled_kernels();
   static const auto names = function_names();
   static std::unordered_map<const void*, KernelResources> known;
   if (auto found = known.find(kernel); found != known.end()) return &found->second;
-  auto name = names.find(kernel);
-  auto usage = name == names.end() ? compiled.end() : compiled.find(name->second);
-  if (usage == compiled.end()) {
-    if (name == names.end())
-      std::fprintf(stderr, "cuda emulator: the kernel at %p has no name in this library's symbol table\n", kernel);
-    else
-      std::fprintf(stderr, "cuda emulator: %s is not in nvcc's kernel table %s\n", name->second.c_str(),
-                   CUDA_EMULATOR_KERNEL_RESOURCES);
+  auto at = names.find(kernel);
+  if (at == names.end()) {
+    std::fprintf(stderr, "cuda emulator: the kernel at %p has no name in this library's symbol table\n", kernel);
     return nullptr;
   }
-  const auto [registers, shared] = usage->second;
-  return &(known[kernel] = KernelResources{name->second, registers, shared, kDefaultShared - shared});
+  const KernelResources* chosen = nullptr;
+  for (const std::string& name : at->second) {
+    auto usage = compiled.find(name);
+    if (usage == compiled.end()) continue;
+    if (chosen && !(*chosen == usage->second)) {
+      std::fprintf(stderr, "cuda emulator: %s and %s share an address but not their resources\n",
+                   chosen->name.c_str(), name.c_str());
+      std::abort();
+    }
+    chosen = &usage->second;
+  }
+  if (!chosen) {
+    std::fprintf(stderr, "cuda emulator: %s is not in nvcc's kernel table %s\n", at->second.front().c_str(),
+                 CUDA_EMULATOR_KERNEL_RESOURCES);
+    return nullptr;
+  }
+  return &(known[kernel] = *chosen);
 }
 
 // Device memory: host memory counted against the emulated capacity (MIXTRAL_EXT_EMULATOR_MEMORY bytes,
@@ -585,9 +609,10 @@ void run_pending() {
   for (CUstream_st* stream : streams()) run_until(stream, stream->enqueued);
 }
 
-// While any stream is captured, the calls a capture forbids (allocation and freeing, which may
-// synchronize the device; synchronizing on an event) fail and invalidate every capture under way,
-// as in the runtime. Returns cudaSuccess when no stream is captured.
+// While any stream is captured, allocation and freeing fail and invalidate every capture under way:
+// the runtime refuses them in the global and thread-local capture modes, and the project keeps to
+// that rule in the relaxed mode it captures in (cuda_backend grows no buffer while recording).
+// Returns cudaSuccess when no stream is captured.
 cudaError_t refuse_while_capturing() {
   std::lock_guard<std::recursive_mutex> lock(device_mutex());
   bool capturing = false;
@@ -613,10 +638,13 @@ cudaError_t launch(const void* kernel, dim3 grid, dim3 block, size_t shared_byte
     return fail(cudaErrorInvalidConfiguration);
   // As the runtime: the kernel's registers for every thread of the block, and no more dynamic
   // shared memory than its attribute allows.
-  const KernelResources* resources = kernel_resources(kernel);
-  if (!resources) return fail(cudaErrorInvalidDeviceFunction);
-  if (threads > uint64_t(resources->max_threads())) return fail(cudaErrorLaunchOutOfResources);
-  if (shared_bytes > size_t(resources->max_dynamic_shared)) return fail(cudaErrorInvalidValue);
+  {
+    std::lock_guard<std::recursive_mutex> lock(device_mutex());  // cudaFuncSetAttribute writes the limit
+    const KernelResources* resources = kernel_resources(kernel);
+    if (!resources) return fail(cudaErrorInvalidDeviceFunction);
+    if (threads > uint64_t(resources->max_threads())) return fail(cudaErrorLaunchOutOfResources);
+    if (shared_bytes > size_t(resources->max_dynamic_shared)) return fail(cudaErrorInvalidValue);
+  }
   return enqueue(stream, [grid, block, shared_bytes, body = std::move(body)] {
     // The blocks run in a shuffled order (a GPU promises none), several at a time when there are
     // several; the first fault stops the grid.
@@ -649,8 +677,12 @@ cudaError_t launch(const void* kernel, dim3 grid, dim3 block, size_t shared_byte
       std::free(ex.dynamic_shared);
       ex.dynamic_shared = nullptr;
     };
+#ifdef CUDA_EMULATOR_ONE_BLOCK_AT_A_TIME
+    run_blocks();
+#else
     if (order.size() > 1) BlockRunners::instance().run(run_blocks);
     else run_blocks();
+#endif
     if (failed) {
       // As on the GPU, a kernel's fault shows at the next check and stays (the context is lost);
       // the reason goes to stderr.
@@ -1024,7 +1056,10 @@ cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
 
 cudaError_t cudaEventSynchronize(cudaEvent_t event) {
   if (!event) return fail(cudaErrorInvalidResourceHandle);
-  if (cudaError_t refused = cuda_emulator::refuse_while_capturing()) return refused;
+  if (event->stream && event->stream->capturing) {  // waiting on work that is being recorded, not run
+    event->stream->capture_invalidated = true;
+    return fail(cudaErrorStreamCaptureUnsupported);
+  }
   if (event->stream) cuda_emulator::run_until(event->stream, event->position);  // what came before it only
   return sticky_error();
 }

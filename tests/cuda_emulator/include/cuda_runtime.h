@@ -5,12 +5,13 @@
 // (tests/cuda_emulator/CMakeLists.txt, tests/run_cuda_emulator.sh).
 //
 // The model: the blocks of a grid run in a shuffled order, three at a time on three host threads
-// (atomics and fences are the host's); the threads of a block run as fibers of one host thread,
-// each until it reaches a barrier
+// (atomics and fences are the host's; one at a time in the sanitized build, whose static shared
+// arrays ASan must guard); the threads of a block run as fibers of one host thread, each until it
+// reaches a barrier
 // (__syncthreads, __syncwarp, a warp shuffle or ballot, a warp-wide PTX
 // instruction: mma.sync or ldmatrix). cp.async copies land when their thread
 // waits for them, and their destination holds NaN bytes until then.
-// Static __shared__ arrays are thread_local statics (one block per host thread at a time); the
+// Static __shared__ arrays are statics, thread_local where blocks run on several threads; the
 // dynamic shared memory is a buffer filled with NaN bytes at the start of
 // every block. Launches and cudaFuncSetAttribute are checked as the runtime
 // checks them, with each kernel's registers and static shared memory as nvcc
@@ -43,7 +44,11 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
+#ifdef CUDA_EMULATOR_ONE_BLOCK_AT_A_TIME
+#define __shared__ static  // the sanitized build: ASan guards static arrays (not thread_local ones)
+#else
 #define __shared__ static thread_local  // one block per host thread at a time: its own arrays
+#endif
 
 struct dim3 {
   unsigned x, y, z;
