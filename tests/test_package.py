@@ -58,3 +58,47 @@ def test_cli_reports_bad_model_dir(tmp_path):
     result = subprocess.run([sys.executable, "-m", "mixtral_ext", "generate", "--model", str(tmp_path / "x"),
                              "--prompt", "hi"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 1 and "not found" in result.stderr
+
+
+def test_cli_help_shows_every_default():
+    result = subprocess.run([sys.executable, "-m", "mixtral_ext", "generate", "--help"], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0
+    for option in ("--max-tokens", "--temperature", "--top-p", "--seed", "--device", "--dtype"):
+        assert option in result.stdout
+    text = " ".join(result.stdout.split())
+    assert "(default: 48)" in text and "(default: 0.7)" in text and "(default: random)" in text
+    assert "(default: None)" not in text
+
+
+def test_cli_chat_survives_ctrl_c(monkeypatch):
+    """Ctrl-C at the prompt clears the line; during a reply it stops that reply, gives its pages
+    back and keeps the conversation."""
+    from mixtral_ext.__main__ import chat_loop
+
+    config = replace(DEMO_CONFIG, hidden_size=64, num_layers=1, head_dim=16, intermediate_size=96)
+    engine = mixtral_ext.Engine.synthetic(config, max_context=256)
+    real_stream = engine.chat_stream
+
+    def interrupted_after_two(*args, **kwargs):
+        stream = real_stream(*args, **kwargs)
+        yield next(stream)
+        yield next(stream)
+        stream.close()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "chat_stream", interrupted_after_two)
+    lines = iter([KeyboardInterrupt, "Hello there", "/exit"])
+
+    def read_line(_prompt):
+        line = next(lines)
+        if line is KeyboardInterrupt:
+            raise KeyboardInterrupt
+        return line
+
+    args = type("Args", (), dict(system=None, max_tokens=50, temperature=0.0, top_p=1.0, seed=0))()
+    messages = chat_loop(engine, args, read_line)
+    assert [m["role"] for m in messages] == ["user", "assistant"] and messages[0]["content"] == "Hello there"
+    engine.clear_prefix_cache()
+    info = engine.kv_cache_info()
+    assert info["free_pages"] == info["num_pages"]

@@ -30,54 +30,68 @@ from .synthetic import SHAPES, write_random_checkpoint
 
 
 def stream_to_stdout(engine: Engine, prompt: str, args: argparse.Namespace) -> None:
-    deltas = engine.stream(prompt, max_tokens=args.max_tokens, temperature=args.temperature,
-                           top_p=args.top_p, seed=args.seed)
-    count = 0
-    for delta in deltas:
+    """Streams one generation, then its timing (from the same run) on stderr."""
+    start, first, count, delta = time.perf_counter(), None, 0, None
+    for delta in engine.stream(prompt, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                               seed=args.seed):
+        first = first or time.perf_counter()
         print(delta.text, end="", flush=True)
         count += 1
+    end = time.perf_counter()
     print()
-    print(f"[{count} tokens, finish: {delta.finish_reason}, on {engine.device}]", file=sys.stderr)
+    rate = f", {(count - 1) / (end - first):.1f} tokens/s after it" if count > 1 and end > first else ""
+    print(f"[{count} tokens, finish: {delta.finish_reason}, on {engine.device}; first token after "
+          f"{1e3 * (first - start):.1f} ms{rate}]", file=sys.stderr)
 
 
-def chat_loop(engine: Engine, args: argparse.Namespace) -> None:
+def chat_loop(engine: Engine, args: argparse.Namespace, read_line=input) -> list[dict]:
+    """The interactive chat; returns the conversation. Ctrl-C during a reply stops that reply (the
+    conversation keeps what was said); at the prompt it clears the line."""
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
-    print("chat: type a message; /reset starts over, /exit quits", file=sys.stderr)
+    print("chat: type a message; /reset starts over, /exit quits (Ctrl-C stops a reply)", file=sys.stderr)
     while True:
         try:
-            line = input("> ")
+            line = read_line("> ")
         except EOFError:
             print()
-            return
+            return messages
+        except KeyboardInterrupt:
+            print("\n(/exit quits)", file=sys.stderr)
+            continue
         if line.strip() == "/exit":
-            return
+            return messages
         if line.strip() == "/reset":
             messages = list(system)
             continue
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line})
-        start, parts, count = time.perf_counter(), [], 0
+        start, parts, count, delta, finish = time.perf_counter(), [], 0, None, None
+        stream = engine.chat_stream(messages, max_tokens=args.max_tokens, temperature=args.temperature,
+                                    top_p=args.top_p, seed=args.seed)
         try:
-            for delta in engine.chat_stream(messages, max_tokens=args.max_tokens, temperature=args.temperature,
-                                            top_p=args.top_p, seed=args.seed):
+            for delta in stream:
                 print(delta.text, end="", flush=True)
                 parts.append(delta.text)
                 count += 1
+            finish = delta.finish_reason if delta else None
+        except KeyboardInterrupt:
+            finish = "interrupted"
         except (MixtralError, ValueError) as e:  # e.g. the history outgrew the context: say so, keep chatting
             print(f"\nerror: {e}", file=sys.stderr)
             messages.pop()
             continue
-        if delta.tool_calls:  # no tools run here: the calls are shown and kept in the history as text
+        finally:
+            stream.close()  # an interrupted reply stops here and gives its KV pages back
+        if delta is not None and delta.tool_calls:  # no tools run here: shown, and kept in the history as text
             parts = [f"tool calls: {[call.to_openai() for call in delta.tool_calls]}"]
             print(parts[0], end="")
         print()
         if "".join(parts).strip():  # the format has no empty assistant turns; user turns in a row are merged
             messages.append({"role": "assistant", "content": "".join(parts)})
         elapsed = time.perf_counter() - start
-        print(f"[{count} tokens in {elapsed:.2f} s, {count / elapsed:.1f} tokens/s, finish: {delta.finish_reason}]",
-              file=sys.stderr)
+        print(f"[{count} tokens in {elapsed:.2f} s, {count / elapsed:.1f} tokens/s, finish: {finish}]", file=sys.stderr)
 
 
 def bench(args: argparse.Namespace) -> dict:
@@ -123,39 +137,55 @@ def open_model(args: argparse.Namespace) -> Engine:
                                   max_context=args.max_context)
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every option's default in --help (unless its help says it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        return text if action.required or "(default:" in text else super()._get_help_string(action)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mixtral-ext", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="mixtral-ext", description=__doc__, formatter_class=_HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="stream from a random-weight model made on the spot")
-    generate = sub.add_parser("generate", help="stream a completion from a model directory")
-    generate.add_argument("--prompt", required=True)
-    chat = sub.add_parser("chat", help="chat with a model directory, multi-turn")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text, description=help_text, formatter_class=_HelpFormatter)
+
+    demo = command("demo", "stream from a random-weight model made on the spot")
+    generate = command("generate", "stream a completion from a model directory")
+    generate.add_argument("--prompt", required=True, help="the text to continue")
+    chat = command("chat", "chat with a model directory, multi-turn")
     chat.add_argument("--system", default=None, help="a system prompt")
-    for command in (generate, chat):
-        command.add_argument("--model", required=True)
-        command.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-        command.add_argument("--dtype", default=None)
-        command.add_argument("--max-context", type=int, default=None)
-    timing = sub.add_parser("bench", help="time to first token and tokens/s")
+    for parser_ in (generate, chat):
+        parser_.add_argument("--model", required=True, help="a Hugging Face or consolidated Mistral model directory")
+        parser_.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model runs")
+        parser_.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                             help="weight dtype (default: float32 on the CPU, bfloat16 on the GPU)")
+        parser_.add_argument("--max-context", type=int, default=None,
+                             help="tokens one conversation may hold (default: the model's)")
+    timing = command("bench", "time to first token and tokens/s")
     source = timing.add_mutually_exclusive_group()
     source.add_argument("--model", default=None, help="a model directory")
     source.add_argument("--shape", choices=sorted(SHAPES), default="demo", help="a synthetic model's shape")
-    timing.add_argument("--layers", type=int, default=None, help="synthetic: this many layers")
-    timing.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    timing.add_argument("--dtype", default=None)
-    for command in (generate, chat, timing):
-        command.add_argument("--expert-dtype", default=None, choices=["float8_e4m3"],
+    timing.add_argument("--layers", type=int, default=None, help="synthetic: this many layers (default: the shape's)")
+    timing.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model runs")
+    timing.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="weight dtype (default: float32 on the CPU, bfloat16 on the GPU)")
+    for parser_ in (generate, chat, timing):
+        parser_.add_argument("--expert-dtype", default=None, choices=["float8_e4m3"],
                              help="store the experts' weights in FP8 (default: the dtype)")
-    timing.add_argument("--prompt-tokens", type=int, default=128)
-    timing.add_argument("--new-tokens", type=int, default=32)
+    timing.add_argument("--prompt-tokens", type=int, default=128, help="random prompt tokens to prefill")
+    timing.add_argument("--new-tokens", type=int, default=32, help="tokens to decode greedily, past EOS")
     timing.add_argument("--cuda-graphs", action="store_true", help="replay each decode step as a CUDA graph")
     timing.add_argument("--json", default=None, help="also write the measurements to this file")
-    for command in (demo, generate, chat):
-        command.add_argument("--max-tokens", type=int, default=48 if command is not chat else 512)
-        command.add_argument("--temperature", type=float, default=0.7)
-        command.add_argument("--top-p", type=float, default=0.95)
-        command.add_argument("--seed", type=int, default=None)
+    for parser_ in (demo, generate, chat):
+        parser_.add_argument("--max-tokens", type=int, default=48 if parser_ is not chat else 512,
+                             help="most tokens to generate (per reply)")
+        parser_.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 is greedy")
+        parser_.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling: the smallest set of "
+                                                                         "tokens holding this probability")
+        parser_.add_argument("--seed", type=int, default=None, help="seed of the sampler (default: random)")
     args = parser.parse_args(argv)
     try:
         if args.command == "bench":
@@ -176,17 +206,14 @@ def main(argv: list[str] | None = None) -> int:
                 prompt = "Mixtral is a sparse mixture of experts model that"
                 print(prompt, end="", flush=True)
                 stream_to_stdout(engine, prompt, args)
-                timed = engine.generate(prompt, max_tokens=args.max_tokens, temperature=0)
         else:
-            engine = open_model(args)
-            stream_to_stdout(engine, args.prompt, args)
-            timed = engine.generate(args.prompt, max_tokens=args.max_tokens, temperature=0)
-        print(f"[greedy rerun: first token {1e3 * timed.time_to_first_token:.1f} ms, "
-              f"{timed.tokens_per_second:.1f} tokens/s, {timed.usage.cached_tokens} prompt tokens reused]",
-              file=sys.stderr)
+            stream_to_stdout(open_model(args), args.prompt, args)
     except (MixtralError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("\n[interrupted]", file=sys.stderr)
+        return 130
     return 0
 
 
