@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import threading
 from dataclasses import replace
 
 import numpy as np
@@ -217,9 +218,16 @@ def test_greedy_generate_equals_transformers(tiny_dir, tiny_model):
     assert ours.token_ids == theirs
 
 
-def test_threads_and_interleaved_streams_share_one_engine(text_engine):
-    import threading
+def run_in_threads(work, count: int) -> None:
+    """work(i) for i in range(count), each on its own thread, all at once; returns when all are done."""
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
 
+
+def test_threads_and_interleaved_streams_share_one_engine(text_engine):
     jobs = [(f"Prompt number {i}", dict(max_tokens=10, temperature=0.9, seed=i)) for i in range(6)]
     serial = [text_engine.generate(p, **s).token_ids for p, s in jobs]
     results = [None] * len(jobs)
@@ -231,11 +239,7 @@ def test_threads_and_interleaved_streams_share_one_engine(text_engine):
         else:
             results[i] = text_engine.generate(prompt, **settings).token_ids
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
+    run_in_threads(work, len(jobs))
     assert results == serial
     # Two streams stepped alternately from one thread: each keeps its own sequence.
     a, b = (text_engine.stream(p, **s) for p, s in jobs[:2])
@@ -273,8 +277,6 @@ def test_generations_wait_for_kv_pages_instead_of_failing_midway(tiny_dir):
     + max_tokens fit beside what the running ones may still need, and all four make the tokens they
     make alone. A generation that finds the pages held by a sequence waits for them up to
     kv_cache_wait seconds (0: it fails at once), and the engine stays usable."""
-    import threading
-
     engine = mixtral_ext.Engine.from_pretrained(tiny_dir, max_context=64, kv_cache_tokens=96, page_size=16)
     jobs = [(random_tokens(8, 101, seed=50 + i), dict(max_tokens=40, temperature=0.8, seed=i)) for i in range(4)]
     alone = [engine.generate(p, **s).token_ids for p, s in jobs]
@@ -283,15 +285,11 @@ def test_generations_wait_for_kv_pages_instead_of_failing_midway(tiny_dir):
     def work(i):
         results[i] = engine.generate(jobs[i][0], **jobs[i][1]).token_ids
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
+    run_in_threads(work, len(jobs))
     assert results == alone
     engine.clear_prefix_cache()
     holder = engine.new_sequence()
-    holder.append(random_tokens(64, 101))  # 4 of the 6 pages: a 48-token generation cannot start
+    holder.append(random_tokens(64, 101))  # 4 of the 6 pages: a 48-token generation runs out midway
     engine.kv_cache_wait = 0
     with pytest.raises(mixtral_ext.KvCacheFullError, match="kv_cache_tokens"):
         engine.generate(jobs[0][0], **jobs[0][1])
