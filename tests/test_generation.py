@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import threading
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -298,6 +299,17 @@ def test_generations_wait_for_kv_pages_instead_of_failing_midway(tiny_dir):
     assert engine.generate(jobs[0][0], **jobs[0][1]).token_ids == alone[0]
     with pytest.raises(mixtral_ext.SettingError, match="kv_cache_wait"):
         engine.kv_cache_wait = -1
+
+    async def cancelled_while_waiting():
+        blocker = engine.stream(jobs[0][0], max_tokens=56, temperature=0)  # may need 4 of the 6 pages
+        next(blocker)
+        start = time.monotonic()
+        with pytest.raises(asyncio.TimeoutError):  # needs 3 more: waits, and stops when cancelled
+            await asyncio.wait_for(engine.agenerate(jobs[1][0], **jobs[1][1]), 0.1)
+        blocker.close()
+        return time.monotonic() - start
+
+    assert asyncio.run(cancelled_while_waiting()) < 5
 
 
 def test_cancelled_streams_free_their_pages(text_engine):

@@ -211,20 +211,27 @@ class GenerationSession:
         self._idle = None  # the Sequence kept for prefix reuse
         self._reserved_pages = 0  # KV pages running generations may still need (engine lock)
 
-    def _reserve(self, pages: int) -> int:
+    def _reserve(self, pages: int, cancel: threading.Event | None) -> int | None:
         """Admits a generation that may need `pages` KV pages (its prompt + max_tokens, up to the
         context): waits, up to the engine's kv_cache_wait seconds, until they fit beside what the
         running generations reserved, so that generations never wait for each other's pages midway
-        (where all could wait at once). Returns the pages reserved; give them back with _unreserve."""
+        (where all could wait at once). Returns the pages reserved (give them back with _unreserve),
+        or None when `cancel` was set while waiting."""
         engine = self.engine
         with engine._lock:
             total = engine._core.num_pages
             pages = min(pages, total)
-            if not engine._pages_freed.wait_for(lambda: self._reserved_pages + pages <= total, engine.kv_cache_wait):
-                raise KvCacheFullError(
-                    f"waited {engine.kv_cache_wait:g} s for {pages} KV pages: running generations hold or may still need "
-                    f"{self._reserved_pages} of the {total}; size kv_cache_tokens for the generations that run at once "
-                    f"(each prompt + max_tokens), or raise engine.kv_cache_wait")
+            deadline = time.monotonic() + engine.kv_cache_wait
+            while self._reserved_pages + pages > total:
+                if cancel is not None and cancel.is_set():
+                    return None
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise KvCacheFullError(
+                        f"waited {engine.kv_cache_wait:g} s for {pages} KV pages: running generations hold or may "
+                        f"still need {self._reserved_pages} of the {total}; size kv_cache_tokens for the generations "
+                        f"that run at once (each prompt + max_tokens), or raise engine.kv_cache_wait")
+                engine._pages_freed.wait(min(remaining, 0.05))  # and looks at `cancel` again
             self._reserved_pages += pages
             return pages
 
@@ -304,7 +311,9 @@ class GenerationSession:
 
         progress.prompt_tokens, progress.start = len(prompt_ids), time.perf_counter()
         tokens = min(len(prompt_ids) + self._token_limit(settings), engine.max_context)
-        reserved = self._reserve(-(-tokens // engine._core.page_size))
+        reserved = self._reserve(-(-tokens // engine._core.page_size), cancel)
+        if reserved is None:  # cancelled while waiting for pages
+            return
         try:
             sampler = engine._new_sampler(settings.core_params(), seed, prompt_ids)
         except BaseException:
