@@ -102,7 +102,7 @@ def test_parse_tool_calls_from_mistral_common_tokens(chat_engine):
              ToolCall(id="z9x8c7v6b", function=FunctionCall(name="get_time", arguments='{"tz": "CET", "n": [1, 2]}'))]
     tokens = tool_call_tokens(tokenizer, calls)
     assert tokens[-1] == tokenizer.eos_id
-    parsed = parse_tool_calls(tokenizer.decode(tokens[1:-1]))
+    parsed = parse_tool_calls(tokenizer.decode(tokens[1:-1]), {"get_weather", "get_time"})
     assert [(c.id, c.name, c.arguments) for c in parsed] == [
         ("q1w2e3r4t", "get_weather", {"city": "Lyon"}), ("z9x8c7v6b", "get_time", {"tz": "CET", "n": [1, 2]})]
     assert parsed[0].to_openai()["function"]["arguments"] == '{"city": "Lyon"}'
@@ -112,11 +112,17 @@ def test_parse_tool_calls_from_mistral_common_tokens(chat_engine):
                                   '[{"name": "", "arguments": {}}]', "[1]", "null", '"f"', "[" * 5000,
                                   '[{"name": "f", "arguments": "{not json"}]'])
 def test_malformed_tool_calls_are_not_parsed(text):
-    assert parse_tool_calls(text) is None
+    assert parse_tool_calls(text, {"f"}) is None
+
+
+def test_calls_of_functions_not_given_are_not_parsed():
+    text = '[{"name": "get_weather", "arguments": {}}, {"name": "rm_rf", "arguments": {}}]'
+    assert parse_tool_calls(text, {"get_weather"}) is None and parse_tool_calls(text, set()) is None
+    assert len(parse_tool_calls(text, {"get_weather", "rm_rf"})) == 2
 
 
 def test_parse_tool_calls_fills_missing_ids_and_string_arguments():
-    calls = parse_tool_calls('{"name": "f", "arguments": "{\\"a\\": 1}"}')
+    calls = parse_tool_calls('{"name": "f", "arguments": "{\\"a\\": 1}"}', {"f"})
     assert len(calls) == 1 and calls[0].arguments == {"a": 1}
     assert len(calls[0].id) == 9 and calls[0].id.isalnum()
 
@@ -170,6 +176,49 @@ def test_chat_returns_tool_calls_and_reuses_the_cache_next_turn(chat_engine, scr
     answer = chat_engine.chat(follow, tools=OPENAI_TOOLS, max_tokens=100)
     assert answer.message.content == "Sunny, 22 C." and answer.finish_reason == "stop" and not answer.message.tool_calls
     assert answer.usage.cached_tokens == len(first_prompt) + len(tool_call_tokens(tokenizer, calls)) - 1
+
+
+def test_openai_tool_call_ids_pass_through(chat_engine, scripted):
+    """A history from an OpenAI client ("call_..." ids) is formatted with 9-character ids derived
+    from them, the same every time; a call the model writes with such an id comes back with the
+    client's own."""
+    from mixtral_ext.chat import foreign_call_ids
+
+    history = CONVERSATION[:2] + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "name": "get_weather", "content": "3 C"}]
+    mapped = foreign_call_ids(history)["call_1"]
+    assert len(mapped) == 9 and mapped.isalnum() and foreign_call_ids(history) == {"call_1": mapped}
+    renamed = [dict(m) for m in history]
+    renamed[2] = dict(renamed[2], tool_calls=[dict(history[2]["tool_calls"][0], id=mapped)])
+    renamed[3] = dict(renamed[3], tool_call_id=mapped)
+    assert chat_engine.chat_prompt(history, OPENAI_TOOLS) == chat_engine.chat_prompt(renamed, OPENAI_TOOLS)
+    assert history[2]["tool_calls"][0]["id"] == "call_1"  # the caller's messages are left as they were
+    calls = [ToolCall(id=mapped, function=FunctionCall(name="get_weather", arguments='{"city": "Bergen"}'))]
+    scripted.tokens = tool_call_tokens(chat_engine.tokenizer, calls)
+    result = chat_engine.chat(history, tools=OPENAI_TOOLS, max_tokens=100)
+    assert [(c.id, c.arguments) for c in result.message.tool_calls] == [("call_1", {"city": "Bergen"})]
+
+
+def test_tool_calls_are_parsed_only_for_the_tools_given(chat_engine, scripted):
+    calls = [ToolCall(id="Abc123xyz", function=FunctionCall(name="get_weather", arguments='{"city": "Paris"}'))]
+    scripted.tokens = tool_call_tokens(chat_engine.tokenizer, calls)
+    plain = chat_engine.chat(CONVERSATION[:2], max_tokens=100)  # no tools: the output is text
+    assert plain.finish_reason == "stop" and not plain.message.tool_calls
+    assert plain.message.content.startswith("[TOOL_CALLS]") and "get_weather" in plain.message.content
+    other_tools = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
+    other = chat_engine.chat(CONVERSATION[:2], tools=other_tools, max_tokens=100)
+    assert other.finish_reason == "stop" and not other.message.tool_calls
+
+
+def test_a_final_assistant_message_is_continued(chat_engine, scripted):
+    messages = [{"role": "user", "content": "Name a city."}, {"role": "assistant", "content": "The capital of France is"}]
+    request = ChatCompletionRequest.from_openai(messages, continue_final_message=True)
+    expected = chat_engine.tokenizer.mistral.encode_chat_completion(request).tokens
+    assert chat_engine.chat_prompt(messages) == expected and expected[-1] != chat_engine.tokenizer.eos_id
+    scripted.tokens = chat_engine.tokenizer.encode(" Paris.", bos=False) + [chat_engine.tokenizer.eos_id]
+    assert chat_engine.chat(messages, max_tokens=20).message.content == " Paris."
 
 
 def test_malformed_tool_call_comes_back_as_text(chat_engine, scripted):

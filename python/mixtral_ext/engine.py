@@ -20,7 +20,8 @@ from typing import AsyncIterator, Callable, Iterable, Iterator, Sequence as Sequ
 import numpy as np
 
 from . import _C
-from .chat import TOOL_CALLS_TOKEN, AssistantMessage, ChatResult, encode_chat, parse_tool_calls
+from .chat import (TOOL_CALLS_TOKEN, AssistantMessage, ChatResult, encode_chat, foreign_call_ids, parse_tool_calls,
+                   tool_names)
 from .config import MixtralConfig
 from .cuda import backend_library
 from .errors import (
@@ -528,10 +529,14 @@ class Engine:
         prompt_ids = encode_chat(tokenizer, messages, tools)
         settings = SamplingSettings.from_kwargs(**sampling)
         marker = tokenizer.special_id(TOOL_CALLS_TOKEN)
-        return self._chat_deltas(self._generation.stream(prompt_ids, settings, progress, cancel, marker), progress)
+        generation = self._generation.stream(prompt_ids, settings, progress, cancel, marker)
+        original_ids = {mapped: foreign for foreign, mapped in foreign_call_ids(messages).items()}
+        return self._chat_deltas(generation, progress, tool_names(tools), original_ids)
 
-    def _chat_deltas(self, generation: Iterator[Delta], progress: Progress) -> Iterator[Delta]:
-        """The generation's deltas, with the tool calls parsed on the last one."""
+    def _chat_deltas(self, generation: Iterator[Delta], progress: Progress, names: set[str],
+                     original_ids: dict[str, str]) -> Iterator[Delta]:
+        """The generation's deltas, with the tool calls (of the tools given, their ids as the caller
+        wrote them) parsed on the last one."""
         tokenizer = self.tokenizer
         with contextlib.closing(generation) as deltas:
             for delta in deltas:
@@ -540,10 +545,12 @@ class Engine:
                     if delta.finish_reason == "stop":
                         call_ids = call_ids[:-1]  # the EOS or stop token
                     raw = tokenizer.decode(call_ids)
-                    calls = parse_tool_calls(raw) if delta.finish_reason == "stop" else None
+                    calls = parse_tool_calls(raw, names) if delta.finish_reason == "stop" else None
                     if calls:
+                        for call in calls:
+                            call.id = original_ids.get(call.id, call.id)
                         delta.tool_calls, delta.finish_reason = calls, "tool_calls"
-                    else:  # not a valid call list: the model's output comes back as text
+                    else:  # not a valid call list of the tools given: the model's output comes back as text
                         delta.text += TOOL_CALLS_TOKEN + raw
                 yield delta
 

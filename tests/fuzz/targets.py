@@ -172,7 +172,7 @@ def sampling(data: bytes) -> None:
 
 
 def chat(data: bytes) -> None:
-    parse_tool_calls(data.decode("utf-8", errors="replace"))
+    parse_tool_calls(data.decode("utf-8", errors="replace"), {"f", "get_weather"})
     value = _json(data)
     if isinstance(value, dict):
         messages, tools = value.get("messages"), value.get("tools")
