@@ -143,11 +143,11 @@ def scripted(monkeypatch):
         script.remaining = iter(script.tokens)
         return real_new_sampler(self, *args)
 
-    def append_sample(self, token_ids, sampler):
+    def append_sample(self, token_ids, sampler, cancel=None):
         self.append(token_ids)
         return next(script.remaining), 0.0, [], []
 
-    def decode_next(self, token, sampler, queue_ahead):
+    def decode_next(self, token, sampler, queue_ahead, cancel=None):
         return append_sample(self, [token], sampler)
 
     monkeypatch.setattr(mixtral_ext.Engine, "_new_sampler", new_sampler)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -225,6 +227,19 @@ def test_engine_lifetime_device_names_and_reprs(tiny_dir):
             use()
     seq.close()
     engine.close()  # twice is fine
+    # A stream still open when its engine closes ends quietly; a generation waiting for KV pages is woken.
+    engine = mixtral_ext.Engine.from_pretrained(tiny_dir, max_context=32, kv_cache_tokens=32, page_size=16)
+    stream = engine.stream([1, 2, 3], max_tokens=20, temperature=0)
+    next(stream)
+    waiting = []
+    worker = threading.Thread(target=lambda: waiting.append(
+        pytest.raises(mixtral_ext.EngineClosedError, engine.generate, [4, 5], max_tokens=20)))
+    worker.start()
+    time.sleep(0.2)
+    engine.close()
+    worker.join(timeout=10)
+    assert waiting and not worker.is_alive()
+    stream.close()
     assert set(mixtral_ext.SHAPES) >= {"8x7b", "8x22b"} and mixtral_ext.SHAPES["8x22b"].num_layers == 56
 
 

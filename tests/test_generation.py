@@ -252,25 +252,24 @@ def test_cancelled_agenerate_and_achat_stop_and_free_their_pages(text_engine):
     """A timeout or task.cancel() on agenerate/achat stops the generation at its next token: its KV
     pages are back before the cancellation reaches the caller, and asyncio.run() does not wait for a
     generation running on to max_tokens."""
-    text_engine.clear_prefix_cache()
-    free = text_engine.kv_cache_info()["free_pages"]
-    settings = dict(max_tokens=2000, temperature=0, ignore_eos=True)
+    engine = mixtral_ext.Engine.from_pretrained(text_engine.path, max_context=4096)  # ~4,000 tokens: seconds
+    free = engine.kv_cache_info()["free_pages"]
+    settings = dict(max_tokens=None, temperature=0, ignore_eos=True)
 
     async def scenario():
         with pytest.raises(asyncio.TimeoutError):
-            await asyncio.wait_for(text_engine.agenerate("A long story", **settings), 0.05)
-        after_timeout = text_engine.kv_cache_info()
-        task = asyncio.create_task(text_engine.achat([{"role": "user", "content": "A long story"}], **settings))
+            await asyncio.wait_for(engine.agenerate("A long story", **settings), 0.05)
+        after_timeout = engine.kv_cache_info()
+        task = asyncio.create_task(engine.achat([{"role": "user", "content": "A long story"}], **settings))
         await asyncio.sleep(0.05)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        return after_timeout, text_engine.kv_cache_info()
+        return after_timeout, engine.kv_cache_info()
 
     for info in asyncio.run(scenario()):
         assert (info["free_pages"], info["sequences"]) == (free, 0)
-    assert text_engine.generate("A long story", max_tokens=3, temperature=0).finish_reason == "length"
-    text_engine.clear_prefix_cache()
+    assert engine.generate("A long story", max_tokens=3, temperature=0).finish_reason == "length"
 
 
 def test_generations_wait_for_kv_pages_instead_of_failing_midway(tiny_dir):

@@ -97,8 +97,21 @@ def test_cli_chat_survives_ctrl_c(monkeypatch):
         return line
 
     args = type("Args", (), dict(system=None, max_tokens=50, temperature=0.0, top_p=1.0, seed=0))()
-    messages = chat_loop(engine, args, read_line)
+    messages = chat_loop(engine, args, read_line)  # (random weights: an EOS first would end the reply early)
     assert [m["role"] for m in messages] == ["user", "assistant"] and messages[0]["content"] == "Hello there"
     engine.clear_prefix_cache()
     info = engine.kv_cache_info()
     assert info["free_pages"] == info["num_pages"]
+
+
+def test_cli_chat_says_why_a_turn_fails_and_goes_on(monkeypatch):
+    """A turn the engine refuses when the stream is made (the history outgrew the context) is said
+    on stderr and dropped; the chat goes on."""
+    from mixtral_ext.__main__ import chat_loop
+
+    config = replace(DEMO_CONFIG, hidden_size=64, num_layers=1, head_dim=16, intermediate_size=96)
+    engine = mixtral_ext.Engine.synthetic(config, max_context=32)
+    lines = iter(["word " * 60, "Hi", "/exit"])
+    args = type("Args", (), dict(system=None, max_tokens=3, temperature=0.0, top_p=1.0, seed=0))()
+    messages = chat_loop(engine, args, lambda _prompt: next(lines))
+    assert [m["content"] for m in messages if m["role"] == "user"] == ["Hi"]

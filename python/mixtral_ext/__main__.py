@@ -67,10 +67,10 @@ def chat_loop(engine: Engine, args: argparse.Namespace, read_line=input) -> list
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line})
-        start, parts, count, delta, finish = time.perf_counter(), [], 0, None, None
-        stream = engine.chat_stream(messages, max_tokens=args.max_tokens, temperature=args.temperature,
-                                    top_p=args.top_p, seed=args.seed)
+        start, parts, count, delta, finish, stream = time.perf_counter(), [], 0, None, None, None
         try:
+            stream = engine.chat_stream(messages, max_tokens=args.max_tokens, temperature=args.temperature,
+                                        top_p=args.top_p, seed=args.seed)
             for delta in stream:
                 print(delta.text, end="", flush=True)
                 parts.append(delta.text)
@@ -83,7 +83,8 @@ def chat_loop(engine: Engine, args: argparse.Namespace, read_line=input) -> list
             messages.pop()
             continue
         finally:
-            stream.close()  # an interrupted reply stops here and gives its KV pages back
+            if stream is not None:
+                stream.close()  # an interrupted reply stops here and gives its KV pages back
         if delta is not None and delta.tool_calls:  # no tools run here: shown, and kept in the history as text
             parts = [f"tool calls: {[call.to_openai() for call in delta.tool_calls]}"]
             print(parts[0], end="")
@@ -142,7 +143,8 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        return text if action.required or "(default:" in text else super()._get_help_string(action)
+        shown = action.required or action.default is None or "(default:" in text
+        return text if shown else super()._get_help_string(action)
 
 
 def main(argv: list[str] | None = None) -> int:

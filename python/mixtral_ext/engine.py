@@ -208,7 +208,7 @@ class Engine:
             options = replace(options, expert_dtype="float8_e4m3")
         max_context, kv_cache_tokens = options.context(config, max_context, kv_cache_tokens, kv_cache_fraction)
         tokenizer = None  # a tokenizer file that cannot be read fails the load before the weights, naming it
-        if any(glob.glob(os.path.join(path, pattern)) for pattern in TOKENIZER_FILES):
+        if any(glob.glob(os.path.join(glob.escape(path), pattern)) for pattern in TOKENIZER_FILES):
             with contextlib.suppress(NoTokenizerError):  # without mistral-common, token ids still work
                 tokenizer = Tokenizer.for_model(path, config.vocab_size)
         try:
@@ -270,6 +270,7 @@ class Engine:
         self._generation.drop_idle()
         with self._lock:
             self._open_core = None
+            self._pages_freed.notify_all()  # generations waiting for pages find the engine closed
 
     def __enter__(self) -> "Engine":
         return self
@@ -339,7 +340,9 @@ class Engine:
     @property
     def kv_cache_wait(self) -> float:
         """Seconds a generation waits for KV pages when the cache is full (other generations free
-        theirs as they finish) before it raises KvCacheFullError; default 30, 0 fails at once."""
+        theirs as they finish) before it raises KvCacheFullError; default 30, 0 fails at once. A
+        generation reserves its prompt + max_tokens (the whole context for max_tokens=None) when it
+        starts, so one thread that steps several streams in turn must size the cache for all of them."""
         return self._kv_cache_wait
 
     @kv_cache_wait.setter
@@ -395,10 +398,11 @@ class Engine:
                 self._core.release_sequence(seq)
                 self._pages_changed()
 
-    def _retry_when_full(self, run, wait: bool = False):
+    def _retry_when_full(self, run, wait: bool = False, cancel: threading.Event | None = None):
         """run() under the engine lock. When the KV cache is full (the failed run changed nothing),
         frees the prefix cache and runs it again; with `wait`, then waits up to kv_cache_wait seconds
-        for other sequences to free pages (the lock released meanwhile), running it again each time."""
+        for other sequences to free pages (the lock released meanwhile), running it again each time;
+        a `cancel` set meanwhile ends the wait with the KvCacheFullError."""
         deadline = time.monotonic() + (self._kv_cache_wait if wait else 0.0)
         while True:
             try:
@@ -407,8 +411,8 @@ class Engine:
                 if self._generation.drop_idle():
                     continue
                 remaining = deadline - time.monotonic()
-                if remaining > 0:
-                    self._pages_freed.wait(remaining)
+                if remaining > 0 and not (cancel is not None and cancel.is_set()):
+                    self._pages_freed.wait(min(remaining, 0.05))  # and looks at `cancel` again
                 elif wait:
                     raise KvCacheFullError(
                         f"{e}, after waiting {self._kv_cache_wait:g} s for other sequences to free some: size "
@@ -424,7 +428,8 @@ class Engine:
 
     def _release_sampler(self, sampler: int) -> None:
         with self._lock:
-            self._core.release_sampler(sampler)
+            if not self.closed:  # a closed engine freed its samplers with its core
+                self._core.release_sampler(sampler)
 
     # ---- text ------------------------------------------------------------------
 
@@ -621,28 +626,28 @@ class Sequence:
             raise TokenError("append() needs at least one token id")
         return self._run(ids, lambda handle: self._engine._core.append(handle, ids, False))
 
-    def _append_sample(self, token_ids: list[int], sampler: int) -> tuple:
+    def _append_sample(self, token_ids: list[int], sampler: int, cancel: threading.Event | None = None) -> tuple:
         """append() with no logits coming back: the engine's sampler draws the next token on the
         device. token_ids come from a generation, already checked. Returns (token, logprob, top_ids,
         top_logprobs)."""
         ids = np.asarray(token_ids, dtype=np.int32)
-        return self._run(ids, lambda handle: self._engine._core.append_sample(handle, ids, sampler), wait=True)
+        return self._run(ids, lambda handle: self._engine._core.append_sample(handle, ids, sampler), True, cancel)
 
-    def _decode_next(self, token: int, sampler: int, queue_ahead: bool) -> tuple:
+    def _decode_next(self, token: int, sampler: int, queue_ahead: bool, cancel: threading.Event | None = None) -> tuple:
         """The decode step of `token`, the sampler's last draw, which is already on the device
         (core decode_next: with queue_ahead the step after it is queued before this returns).
         Returns the tuple of _append_sample."""
         return self._run(np.asarray([token], dtype=np.int32),
-                         lambda handle: self._engine._core.decode_next(handle, sampler, queue_ahead), wait=True)
+                         lambda handle: self._engine._core.decode_next(handle, sampler, queue_ahead), True, cancel)
 
-    def _run(self, ids: np.ndarray, call, wait: bool = False):
+    def _run(self, ids: np.ndarray, call, wait: bool = False, cancel: threading.Event | None = None):
         """call(handle) under the engine lock (the core raises ContextOverflowError when ids do not
         fit, changing nothing); records ids after it succeeds. With `wait` (a generation's steps), a
         full KV cache is waited out for up to the engine's kv_cache_wait seconds."""
         engine = self._engine
         with engine._lock:
             handle = self._live_handle()
-            result = engine._retry_when_full(lambda: call(handle), wait)
+            result = engine._retry_when_full(lambda: call(handle), wait, cancel)
             self._tokens.extend(ids.tolist())
             return result
 

@@ -15,14 +15,18 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
+import numpy as np
+
 from . import _C
-from .errors import ContextOverflowError, KvCacheFullError, SettingError, ShapeError
+from .errors import ContextOverflowError, EngineClosedError, KvCacheFullError, SettingError, ShapeError
 from .tokenizer import StreamDecoder
 
 
 def _plain_number(value):
-    """A numpy (or other) integer as int and real as float, so that np.int64(3) is the 3 it stands
-    for; booleans and everything else as they are, for the checks to judge."""
+    """A numpy (or other) integer as int, real as float and boolean as bool, so that np.int64(3) is
+    the 3 it stands for; everything else as it is, for the checks to judge."""
+    if isinstance(value, np.bool_):
+        return bool(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return value
     return int(value) if isinstance(value, numbers.Integral) else float(value)
@@ -225,6 +229,8 @@ class GenerationSession:
             while self._reserved_pages + pages > total:
                 if cancel is not None and cancel.is_set():
                     return None
+                if engine.closed:  # close() wakes the waiters
+                    raise EngineClosedError("the engine was closed while a generation waited for KV pages")
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise KvCacheFullError(
@@ -269,7 +275,7 @@ class GenerationSession:
         return True
 
     @staticmethod
-    def _prefill(seq, prompt_ids: list[int], progress: Progress, sampler: int) -> tuple:
+    def _prefill(seq, prompt_ids: list[int], progress: Progress, sampler: int, cancel: threading.Event | None) -> tuple:
         shared = 0
         for a, b in zip(seq.tokens, prompt_ids):
             if a != b:
@@ -278,7 +284,7 @@ class GenerationSession:
         shared = min(shared, len(prompt_ids) - 1)  # the last prompt token is run again for its logits
         seq.truncate(shared)
         progress.cached_tokens = shared
-        return seq._append_sample(prompt_ids[shared:], sampler)
+        return seq._append_sample(prompt_ids[shared:], sampler, cancel)
 
     def stream(self, prompt_ids: list[int], settings: SamplingSettings, progress: Progress,
                cancel: threading.Event | None = None, tool_calls_id: int | None = None) -> Iterator[Delta]:
@@ -287,6 +293,8 @@ class GenerationSession:
         After a tool_calls_id token the deltas carry no text (the chat layer parses
         progress.token_ids[progress.tool_calls_from:]) and stop strings no longer apply."""
         engine = self.engine
+        if engine.closed:  # here, not at the first delta
+            raise EngineClosedError("the engine is closed")
         tokenizer = engine.tokenizer if settings.stop else engine.tokenizer_or_none()
         # Checked now, before the first delta is asked for (an HTTP stream would have begun by then).
         if len(prompt_ids) + 1 > engine.max_context:
@@ -312,16 +320,15 @@ class GenerationSession:
         progress.prompt_tokens, progress.start = len(prompt_ids), time.perf_counter()
         tokens = min(len(prompt_ids) + self._token_limit(settings), engine.max_context)
         reserved = self._reserve(-(-tokens // engine._core.page_size), cancel)
-        if reserved is None:  # cancelled while waiting for pages
+        if reserved is None or (cancel is not None and cancel.is_set()):  # cancelled while waiting, or before
+            if reserved is not None:
+                self._unreserve(reserved)
             return
+        sampler, seq, finished = None, None, False
         try:
             sampler = engine._new_sampler(settings.core_params(), seed, prompt_ids)
-        except BaseException:
-            self._unreserve(reserved)
-            raise
-        seq, finished = self._lease(), False
-        try:
-            drawn = self._prefill(seq, prompt_ids, progress, sampler)
+            seq = self._lease()
+            drawn = self._prefill(seq, prompt_ids, progress, sampler, cancel)
             while True:
                 token, logprob, top_ids, top_lps = drawn
                 progress.first_token = progress.first_token or time.perf_counter()
@@ -351,9 +358,15 @@ class GenerationSession:
                 # handles the token, unless this token is the last one max_tokens allows.
                 queue_ahead = len(progress.token_ids) + 1 < self._token_limit(settings)
                 yield Delta(text, token, logprob, top)
-                drawn = seq._decode_next(token, sampler, queue_ahead)
+                drawn = seq._decode_next(token, sampler, queue_ahead, cancel)
         finally:
             progress.end = time.perf_counter()
-            engine._release_sampler(sampler)
-            self._give_back(seq, keep=finished)
-            self._unreserve(reserved)
+            try:
+                if sampler is not None:
+                    engine._release_sampler(sampler)
+            finally:
+                try:
+                    if seq is not None:
+                        self._give_back(seq, keep=finished)
+                finally:
+                    self._unreserve(reserved)

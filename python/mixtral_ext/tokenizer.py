@@ -47,11 +47,12 @@ class Tokenizer:
         try:
             if version is None:
                 self.mistral = MistralTokenizer.from_file(path)
-            else:  # mistral-common takes the version from the file name
-                with tempfile.TemporaryDirectory() as folder:
-                    named = os.path.join(folder, f"tokenizer.model.{version}")
-                    os.symlink(os.path.abspath(path), named)
-                    self.mistral = MistralTokenizer.from_file(named)
+            else:  # mistral-common takes the version from the file name: a link that says it, kept while
+                # the tokenizer lives (mistral-common pickles a tokenizer by its file's path)
+                self._named = tempfile.TemporaryDirectory(prefix="mixtral_ext_tokenizer_")
+                named = os.path.join(self._named.name, f"tokenizer.model.{version}")
+                os.symlink(os.path.abspath(path), named)
+                self.mistral = MistralTokenizer.from_file(named)
         except Exception as e:  # mistral-common raises several types for unreadable files
             raise ModelLoadError(f"cannot load the tokenizer {path}: {e}") from e
         self.path = path
@@ -64,7 +65,7 @@ class Tokenizer:
         read, or that has more words than the model's vocabulary, is a ModelLoadError naming it;
         NoTokenizerError when there is no tokenizer at all."""
         for pattern in TOKENIZER_FILES if model_dir is not None else ():
-            found = sorted(glob.glob(os.path.join(model_dir, pattern)))
+            found = sorted(glob.glob(os.path.join(glob.escape(model_dir), pattern)))
             if found:
                 version = _BARE_VERSION_BY_VOCAB.get(vocab_size, "v1") if pattern == "tokenizer.model" else None
                 tokenizer = cls(found[-1], version)
