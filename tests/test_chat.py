@@ -110,7 +110,7 @@ def test_parse_tool_calls_from_mistral_common_tokens(chat_engine):
 
 @pytest.mark.parametrize("text", ['[{"name": "f", "argu', "[]", '{"arguments": {}}', '[{"name": "f", "arguments": 3}]',
                                   '[{"name": "", "arguments": {}}]', "[1]", "null", '"f"', "[" * 5000,
-                                  '[{"name": "f", "arguments": "{not json"}]'])
+                                  '[{"name": "f", "arguments": "{not json"}]', '[{"name": {"x": 1}, "id": "ab"}]'])
 def test_malformed_tool_calls_are_not_parsed(text):
     assert parse_tool_calls(text, {"f"}) is None
 

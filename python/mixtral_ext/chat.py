@@ -139,7 +139,7 @@ def parse_tool_calls(text: str, names: set[str]) -> list[ToolCall] | None:
         return None
     calls = []
     for item in payload:
-        if not isinstance(item, dict) or item.get("name") not in names:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str) or item["name"] not in names:
             return None
         arguments = item.get("arguments", {})
         if isinstance(arguments, str):  # some checkpoints write the arguments as a JSON string
