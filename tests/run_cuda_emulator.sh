@@ -3,8 +3,9 @@
 # CUDA backend's own sources (csrc/cuda) with the host compiler against tests/cuda_emulator, then
 # runs the tests with that library as the device, a grid's blocks on three host threads at once.
 # With SANITIZE=1 the emulator build has ASan and UBSan (an out-of-bounds access by a kernel, a bad
-# cuBLAS argument's effect, UB in device code fail the run), its blocks one at a time. CI runs both. Needs cmake, ninja, nvcc (for each kernel's registers and static
-# shared memory) and the package installed (the README's test command). Usage:
+# cuBLAS argument's effect, UB in device code fail the run), its blocks one at a time. CI runs
+# both. Needs cmake, ninja, nvcc (for each kernel's registers and static shared memory) and the
+# package installed (the README's test command). Usage:
 #   [SANITIZE=1] bash tests/run_cuda_emulator.sh [pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -3,8 +3,7 @@
 // (DeviceOutOfMemoryError for allocation failures) naming file, line, the
 // failed expression and the library's message; pybind11 turns it into a
 // Python exception, so a device error never aborts the process. A launch the
-// kernel's registers or shared memory cannot fit is a ShapeError before it
-// reaches the runtime.
+// kernel's registers or shared memory cannot fit is a ShapeError.
 #pragma once
 
 #include <cublas_v2.h>
@@ -52,37 +51,36 @@ namespace mixtral::cuda {
 
 namespace mixtral::cuda {
 
-// What one kernel allows a launch on the current device (cudaFuncGetAttributes, read once per kernel).
+// What one kernel allows a launch on the current device (cudaFuncGetAttributes).
 struct KernelLimits {
-  int max_threads;            // threads per block that its registers allow
+  int max_threads;            // threads per block that its registers (and launch bounds) allow
   int registers;              // per thread
   size_t static_shared;       // bytes of its __shared__ arrays
   size_t max_dynamic_shared;  // bytes a launch may ask for (48 KiB less the static ones, or as opted in)
 };
 KernelLimits kernel_limits(const void* kernel);
-// Sets the kernel's cudaFuncAttributeMaxDynamicSharedMemorySize, and its limits with it.
-void set_max_dynamic_shared(const void* kernel, int bytes);
+
+// After cudaLaunchKernel refused a launch with `status`: a ShapeError when the block does not fit
+// the kernel's registers or shared memory (the runtime's error cleared, nothing was queued), else
+// the DeviceError of the status.
+[[noreturn]] void throw_launch_error(cudaError_t status, const void* kernel, dim3 block, size_t shared_bytes,
+                                     const char* file, int line);
 
 // kernel<<<grid, block, shared_bytes, stream>>>(args...) through cudaLaunchKernel, the arguments
-// converted to the kernel's parameter types first; a block that the kernel's registers or shared
-// memory cannot fit is a ShapeError, another bad launch configuration a DeviceError, at once.
+// converted to the kernel's parameter types first. The runtime checks the configuration; a block
+// that the kernel's registers or shared memory cannot fit is a ShapeError, another refused launch
+// a DeviceError, at once (nothing is looked up on a launch that succeeds).
 template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t stream,
             Args&&... args) {
   static_assert(sizeof...(Params) == sizeof...(Args), "launch: one argument per kernel parameter");
-  const KernelLimits limits = kernel_limits(reinterpret_cast<const void*>(kernel));
-  const uint64_t threads = uint64_t(block.x) * block.y * block.z;
-  MX_CHECK(threads <= uint64_t(limits.max_threads), ShapeError,
-           "a kernel launch of " << threads << " threads per block: its " << limits.registers
-                                 << " registers per thread allow " << limits.max_threads);
-  MX_CHECK(shared_bytes <= limits.max_dynamic_shared, ShapeError,
-           "a kernel launch with " << shared_bytes << " bytes of dynamic shared memory: the kernel may take "
-                                   << limits.max_dynamic_shared);
   std::tuple<Params...> values(std::forward<Args>(args)...);
   std::apply(
       [&](auto&... value) {
         void* pointers[] = {static_cast<void*>(&value)...};
-        CUDA_CHECK(cudaLaunchKernel(kernel, grid, block, pointers, shared_bytes, stream));
+        const cudaError_t status = cudaLaunchKernel(kernel, grid, block, pointers, shared_bytes, stream);
+        if (status != cudaSuccess)
+          throw_launch_error(status, reinterpret_cast<const void*>(kernel), block, shared_bytes, __FILE__, __LINE__);
       },
       values);
 }

@@ -32,7 +32,7 @@ int opt_in_shared_memory() {
     CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
     const void* kernel = reinterpret_cast<const void*>(Kernel);
     const int dynamic = limit - static_cast<int>(kernel_limits(kernel).static_shared);
-    set_max_dynamic_shared(kernel, dynamic);
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, dynamic));
     return dynamic;
   }();
   return bytes;

@@ -6,8 +6,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
-#include <mutex>
-#include <unordered_map>
+#include <sstream>
 
 #include "core/cuda_library.h"
 #include "cuda/cuda_backend.cuh"
@@ -59,30 +58,32 @@ void Runtime::download(void* host_dst, const void* device_src, size_t bytes) {
   CUDA_CHECK(cudaStreamSynchronize(stream_));
 }
 
-namespace {
-
-// By kernel alone: the backend runs on one device per process (device 0, as the Python API allows).
-std::mutex kernel_limits_mutex;
-std::unordered_map<const void*, KernelLimits> known_kernel_limits;
-
-}  // namespace
-
 KernelLimits kernel_limits(const void* kernel) {
-  std::lock_guard<std::mutex> lock(kernel_limits_mutex);
-  if (auto found = known_kernel_limits.find(kernel); found != known_kernel_limits.end()) return found->second;
   cudaFuncAttributes attributes{};
   CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
-  const KernelLimits limits{attributes.maxThreadsPerBlock, attributes.numRegs, attributes.sharedSizeBytes,
-                            size_t(attributes.maxDynamicSharedSizeBytes)};
-  return known_kernel_limits[kernel] = limits;
+  return {attributes.maxThreadsPerBlock, attributes.numRegs, attributes.sharedSizeBytes,
+          size_t(attributes.maxDynamicSharedSizeBytes)};
 }
 
-void set_max_dynamic_shared(const void* kernel, int bytes) {
-  KernelLimits limits = kernel_limits(kernel);
-  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  limits.max_dynamic_shared = size_t(bytes);
-  std::lock_guard<std::mutex> lock(kernel_limits_mutex);
-  known_kernel_limits[kernel] = limits;
+void throw_launch_error(cudaError_t status, const void* kernel, dim3 block, size_t shared_bytes, const char* file,
+                        int line) {
+  if (status == cudaErrorLaunchOutOfResources || status == cudaErrorInvalidValue) {
+    const KernelLimits limits = kernel_limits(kernel);
+    const uint64_t threads = uint64_t(block.x) * block.y * block.z;
+    const bool too_many_threads = threads > uint64_t(limits.max_threads);
+    if (too_many_threads || shared_bytes > limits.max_dynamic_shared) {
+      cudaGetLastError();  // a refused configuration queues nothing: the device stays usable
+      std::ostringstream message;
+      if (too_many_threads)
+        message << "a kernel launch of " << threads << " threads per block: its " << limits.registers
+                << " registers per thread allow " << limits.max_threads;
+      else
+        message << "a kernel launch with " << shared_bytes << " bytes of dynamic shared memory: the kernel may take "
+                << limits.max_dynamic_shared;
+      throw ShapeError(message.str());
+    }
+  }
+  throw_cuda_error(status, "cudaLaunchKernel(kernel, grid, block, pointers, shared_bytes, stream)", file, line);
 }
 
 std::string describe_devices() {

@@ -6,6 +6,7 @@ the engine's device (core/sampling.h), so logits never come back to Python."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import numbers
@@ -220,15 +221,16 @@ class GenerationSession:
         context): waits, up to the engine's kv_cache_wait seconds, until they fit beside what the
         running generations reserved, so that generations never wait for each other's pages midway
         (where all could wait at once). Returns the pages reserved (give them back with _unreserve),
-        or None when `cancel` was set while waiting."""
+        or None when `cancel` is set (before or while waiting)."""
         engine = self.engine
         with engine._lock:
             total = engine._core.num_pages
             pages = min(pages, total)
             deadline = time.monotonic() + engine.kv_cache_wait
-            while self._reserved_pages + pages > total:
-                if cancel is not None and cancel.is_set():
-                    return None
+            while not (cancel is not None and cancel.is_set()):
+                if self._reserved_pages + pages <= total:
+                    self._reserved_pages += pages
+                    return pages
                 if engine.closed:  # close() wakes the waiters
                     raise EngineClosedError("the engine was closed while a generation waited for KV pages")
                 remaining = deadline - time.monotonic()
@@ -238,8 +240,7 @@ class GenerationSession:
                         f"still need {self._reserved_pages} of the {total}; size kv_cache_tokens for the generations "
                         f"that run at once (each prompt + max_tokens), or raise engine.kv_cache_wait")
                 engine._pages_freed.wait(min(remaining, 0.05))  # and looks at `cancel` again
-            self._reserved_pages += pages
-            return pages
+            return None
 
     def _unreserve(self, pages: int) -> None:
         with self.engine._lock:
@@ -319,15 +320,16 @@ class GenerationSession:
 
         progress.prompt_tokens, progress.start = len(prompt_ids), time.perf_counter()
         tokens = min(len(prompt_ids) + self._token_limit(settings), engine.max_context)
-        reserved = self._reserve(-(-tokens // engine._core.page_size), cancel)
-        if reserved is None or (cancel is not None and cancel.is_set()):  # cancelled while waiting, or before
-            if reserved is not None:
-                self._unreserve(reserved)
-            return
-        sampler, seq, finished = None, None, False
-        try:
+        with contextlib.ExitStack() as undo:  # each step undone, in reverse, even when a later one fails
+            reserved = self._reserve(-(-tokens // engine._core.page_size), cancel)
+            if reserved is None:  # cancelled before it started
+                return
+            undo.callback(self._unreserve, reserved)
             sampler = engine._new_sampler(settings.core_params(), seed, prompt_ids)
-            seq = self._lease()
+            undo.callback(engine._release_sampler, sampler)
+            seq, finished = self._lease(), False
+            undo.callback(lambda: self._give_back(seq, keep=finished))
+            undo.callback(lambda: setattr(progress, "end", time.perf_counter()))
             drawn = self._prefill(seq, prompt_ids, progress, sampler, cancel)
             while True:
                 token, logprob, top_ids, top_lps = drawn
@@ -359,14 +361,3 @@ class GenerationSession:
                 queue_ahead = len(progress.token_ids) + 1 < self._token_limit(settings)
                 yield Delta(text, token, logprob, top)
                 drawn = seq._decode_next(token, sampler, queue_ahead, cancel)
-        finally:
-            progress.end = time.perf_counter()
-            try:
-                if sampler is not None:
-                    engine._release_sampler(sampler)
-            finally:
-                try:
-                    if seq is not None:
-                        self._give_back(seq, keep=finished)
-                finally:
-                    self._unreserve(reserved)
