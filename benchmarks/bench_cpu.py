@@ -1,9 +1,13 @@
 """CPU benchmark: this engine against Hugging Face transformers' eager
 MixtralForCausalLM on the same random checkpoint (float32, one stream):
 prefill time for a prompt and decode time per token, with the weight bytes
-each decode step reads over the time it takes (GB/s).
+each decode step reads over the time it takes (GB/s); then the sampler's time per token at
+Mixtral's vocabulary (32768) under each cut, on flat logits (as random weights give, where top_p
+and min_p keep most of the vocabulary) and on peaked ones (as a trained model gives); then decode
+tokens/s of the demo model for num_threads measured (the default), 1 and every core, alone and beside
+one busy process that takes a core.
 
-    python benchmarks/bench_cpu.py [--layers 4] [--prompt 128] [--decode 32]
+    python benchmarks/bench_cpu.py [--layers 4] [--prompt 128] [--decode 32] [--thread-tokens 1000]
 
 Prints a markdown table; asserts nothing (the tests check the numerics).
 """
@@ -11,6 +15,7 @@ Prints a markdown table; asserts nothing (the tests check the numerics).
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import tempfile
 import time
 from dataclasses import replace
@@ -20,6 +25,8 @@ import torch
 import transformers
 
 import mixtral_ext
+from bench_ops import SAMPLING_BENCH, sampling_seconds
+from mixtral_ext import _C
 from mixtral_ext.synthetic import DEMO_CONFIG, write_random_checkpoint
 
 
@@ -56,6 +63,42 @@ def time_hf(model, prompt, decode):
         return prefill, (time.perf_counter() - start) / decode
 
 
+def busy_loop() -> None:
+    while True:
+        pass
+
+
+def decode_rate(num_threads, tokens: int) -> tuple[float, float]:
+    """(first-token ms of a 32-token prompt, decode tokens/s) of a fresh demo engine, greedy."""
+    with mixtral_ext.Engine.synthetic(DEMO_CONFIG, max_context=tokens + 64, num_threads=num_threads) as engine:
+        with engine.new_sequence() as seq:
+            start = time.perf_counter()
+            logits = seq.append(list(range(1, 33)))
+            first = time.perf_counter() - start
+            start = time.perf_counter()
+            for _ in range(tokens):
+                logits = seq.append([int(np.argmax(logits))])
+            return 1e3 * first, tokens / (time.perf_counter() - start)
+
+
+def thread_table(tokens: int) -> None:
+    cores = _C.ThreadTuner.available_threads
+    settings = [("measured (default)", None), ("1", 1)] + ([(f"{cores} (all)", cores)] if cores > 1 else [])
+    print(f"\ndecode of the demo model by num_threads, {cores} cores, {tokens} tokens: first-token ms / tokens per s\n")
+    print("| num_threads | alone | beside one busy process |")
+    print("|---|---|---|")
+    alone = {name: decode_rate(n, tokens) for name, n in settings}
+    busy = multiprocessing.Process(target=busy_loop, daemon=True)
+    busy.start()
+    try:
+        beside = {name: decode_rate(n, tokens) for name, n in settings}
+    finally:
+        busy.kill()
+    for name, _ in settings:
+        cells = [f"{first:.1f} / {rate:.0f}" for first, rate in (alone[name], beside[name])]
+        print(f"| {name} | {cells[0]} | {cells[1]} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=4)
@@ -63,6 +106,7 @@ def main() -> None:
     parser.add_argument("--ffn", type=int, default=1024)
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--decode", type=int, default=32)
+    parser.add_argument("--thread-tokens", type=int, default=1000, help="tokens per run of the thread table")
     args = parser.parse_args()
     config = replace(DEMO_CONFIG, num_layers=args.layers, hidden_size=args.hidden, intermediate_size=args.ffn,
                      head_dim=args.hidden // DEMO_CONFIG.num_heads)
@@ -81,6 +125,17 @@ def main() -> None:
     for name, (prefill, decode) in (("mixtral_ext", ours), ("HF transformers eager", theirs)):
         print(f"| {name} | {1e3 * prefill:.1f} | {1e3 * decode:.2f} | {weight_gb / decode:.1f} |")
     print(f"\nmixtral_ext vs HF: prefill x{theirs[0] / ours[0]:.2f}, decode x{theirs[1] / ours[1]:.2f}")
+
+    vocab, ops, rng = 32768, _C.Ops("cpu"), np.random.default_rng(1)
+    flat, peaked = (scale * rng.standard_normal(vocab).astype(np.float32) for scale in (0.3, 3.0))
+    print(f"\nsampling, one draw at vocabulary {vocab} (ms)\n")
+    print("| settings | flat logits, N(0, 0.3^2) | peaked logits, N(0, 3^2) |")
+    print("|---|---|---|")
+    for settings in SAMPLING_BENCH:
+        label = ", ".join(f"{k}={v}" for k, v in settings.items())
+        times = [1e3 * sampling_seconds(ops, logits, settings, 200) for logits in (flat, peaked)]
+        print(f"| {label} | {times[0]:.3f} | {times[1]:.3f} |")
+    thread_table(args.thread_tokens)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ table (then one line on the expert paths) last and writes JSON.
 Columns: ms per call; GB/s of the bytes the op must move (weights read, plus
 activations); TFLOP/s; the fraction of the copy bandwidth (memory-bound ops)
 or of the matmul rate (compute-bound ones) reached; the expert GEMM rows
-include FP8 weights (expert_dtype="float8_e4m3"). After the table, the
+include FP8 weights (expert_dtype="float8_e4m3"); the sampler's rows time one draw under
+each cut (greedy, top_k, top_p, min_p). After the table, the
 fastest expert GEMM path for 1 to 32 tokens (where the dispatcher should switch
 from batched to per-expert).
 """
@@ -32,6 +33,18 @@ FULL = dict(hidden=6144, heads=48, kv_heads=8, head_dim=128, ffn=16384, experts=
             prefill=2048, context=2048, page=16)
 SMALL = dict(hidden=256, heads=8, kv_heads=2, head_dim=32, ffn=512, experts=8, k=2, vocab=1024,
              prefill=64, context=128, page=16)
+# The sampling settings timed: greedy, and each cut alone at temperature 1.
+SAMPLING_BENCH = [dict(temperature=0.0), dict(temperature=1.0), dict(temperature=1.0, top_k=40),
+                  dict(temperature=1.0, top_p=0.9), dict(temperature=1.0, min_p=0.05)]
+
+
+def sampling_seconds(ops, logits: np.ndarray, settings: dict, iters: int) -> float:
+    """Mean seconds of one draw from logits [V] under the settings (SAMPLING_BENCH's form)."""
+    params = _C.SamplingParams()
+    for name, value in settings.items():
+        setattr(params, name, value)
+    return ops.time_sample(logits, params, iters)
+
 
 
 def sdpa_seconds(device: str, tokens: int, context: int, heads: int, kv_heads: int, head_dim: int, iters: int) -> float:
@@ -145,6 +158,13 @@ def main() -> None:
         add(f"attention {label}", f"{tokens} tokens, {ctx} context", sec, bytes_moved, flops)
         add(f"torch SDPA {label}", f"{tokens} tokens, {ctx} context",
             sdpa_seconds(torch_device, tokens, ctx, s["heads"], s["kv_heads"], D, n), bytes_moved, flops)
+
+    # The sampler, one draw per decode step from logits [V] float32 (it also reads and writes the
+    # generation's seen and counts [V] int32), on peaked logits, as a trained model gives.
+    logits = (3 * np.random.default_rng(1).standard_normal(s["vocab"])).astype(np.float32)
+    for settings in SAMPLING_BENCH:
+        label = ", ".join(f"{k}={v}" for k, v in settings.items())
+        add("sample", f"vocab {s['vocab']}, {label}", sampling_seconds(ops, logits, settings, iters), 12 * s["vocab"], 0)
 
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_ops.json"), "w") as f:

@@ -1,7 +1,7 @@
 """The benchmarks' own arithmetic, without a GPU: benchmarks/profile_decode.py reading Nsight
 Compute's CSV (a units row, thousands separators, ncu's messages before it) and its per-step
 summary (steps counted by the sampler's launches); benchmarks/bench_ops.py at small shapes on the
-CPU (its table, JSON and expert-path sweep)."""
+CPU (its table, JSON and expert-path sweep); benchmarks/bench_cpu.py's three tables, briefly."""
 
 from __future__ import annotations
 
@@ -58,6 +58,17 @@ def test_bench_ops_runs_at_small_shapes_on_the_cpu(tmp_path):
     with open(tmp_path / "bench_ops.json") as f:
         report = json.load(f)
     assert {row["op"] for row in report["ops"]} >= {"matmul qkv", "experts w13 auto", "experts w13 fp8",
-                                                   "attention decode"}
+                                                   "attention decode", "sample"}
+    assert sum(row["op"] == "sample" for row in report["ops"]) == 5  # greedy, temperature, top_k, top_p, min_p
     assert [entry["rows"] for entry in report["expert_path_sweep"]] == [2, 4, 8, 16, 32, 64]
     assert all(entry["fastest"] == "auto" and entry["ms"]["auto"] > 0 for entry in report["expert_path_sweep"])
+
+
+def test_bench_cpu_prints_its_three_tables():
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_cpu.py")
+    run = subprocess.run([sys.executable, script, "--layers", "1", "--prompt", "8", "--decode", "2",
+                          "--thread-tokens", "20"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "| mixtral_ext |" in run.stdout and "| HF transformers eager |" in run.stdout
+    assert "| temperature=1.0, top_p=0.9 |" in run.stdout
+    assert "| measured (default) |" in run.stdout and "beside one busy process" in run.stdout

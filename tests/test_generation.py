@@ -129,6 +129,46 @@ def test_sample_distribution_matches_truncated_softmax(settings):
     assert np.max(np.abs(counts - expected)) < 0.015, (counts, expected)
 
 
+def uniform01(seed: int, counter: int) -> float:
+    """The sampler's draw for (seed, counter): splitmix64 of the pair, 53 bits (core/random.h)."""
+    mask = (1 << 64) - 1
+    z = (seed + 0x9E3779B97F4A7C15 * (counter + 1)) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return ((z ^ (z >> 31)) >> 11) / float(1 << 53)
+
+
+def reference_draw(logits: np.ndarray, settings: dict, u: float) -> int:
+    """The token a draw u picks, by a full sort: probabilities in float32 relative to the most likely
+    token, the top_k, min_p and top_p cuts in order of logit (ties to the lower id), then the kept
+    tokens walked in id order until their cumulative mass passes u times the kept mass."""
+    scaled = logits * np.float32(1 / settings["temperature"])
+    prob = np.exp(scaled - scaled.max()).astype(np.float64)
+    order = np.lexsort((np.arange(len(logits)), -logits))
+    if settings.get("top_k"):
+        order = order[:settings["top_k"]]
+    total = prob[order].sum()
+    order = order[prob[order] >= np.float32(settings.get("min_p", 0.0))]
+    reached = np.flatnonzero(np.cumsum(prob[order]) >= np.float32(settings.get("top_p", 1.0)) * total)
+    kept = np.sort(order[:reached[0] + 1] if len(reached) else order)
+    cumulative = np.cumsum(prob[kept])
+    return int(kept[min(np.searchsorted(cumulative, u * cumulative[-1], side="right"), len(kept) - 1)])
+
+
+@pytest.mark.parametrize("vocab", [4099, 32768])
+@pytest.mark.parametrize("settings", [dict(temperature=1.0, top_p=0.9), dict(temperature=0.7, top_p=0.5),
+                                      dict(temperature=1.0, min_p=0.05), dict(temperature=1.0, top_k=300, top_p=0.8),
+                                      dict(temperature=1.3, top_p=0.95, min_p=0.02)])
+def test_cuts_at_a_full_vocabulary_draw_the_token_a_full_sort_draws(vocab, settings):
+    """The top_p cut is found by selection, not by sorting the vocabulary; it must keep the same tokens."""
+    rng = np.random.default_rng(vocab)
+    for scale in (0.3, 3.0):  # flat (most of the vocabulary kept) and peaked
+        logits = (scale * rng.standard_normal(vocab)).astype(np.float32)
+        s = sampler(vocab, 11, **settings)
+        drawn = [s.sample(logits)[0] for _ in range(6)]
+        assert drawn == [reference_draw(logits, settings, uniform01(11, step)) for step in range(6)]
+
+
 def test_penalties_and_logprobs():
     logits = np.array([3.0, 2.9, -1.0, 0.5], dtype=np.float32)
     s = sampler(4, 0, temperature=0.0, repetition_penalty=2.0, logprobs=2)

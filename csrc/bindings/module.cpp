@@ -137,12 +137,21 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("logprobs", &SamplingParams::logprobs)
       .def("validate", &SamplingParams::validate);
 
+  py::class_<ThreadTuner>(m, "ThreadTuner", "The CPU's thread count chosen by timing decode steps (cpu/thread_tuner.h).")
+      .def(py::init<int>(), py::arg("max_threads"))
+      .def_property_readonly("threads", &ThreadTuner::threads, "for the next decode step")
+      .def_property_readonly("best", &ThreadTuner::best, "for other work")
+      .def("record", &ThreadTuner::record, py::arg("seconds"), "the step just run at `threads` took this long")
+      .def_property_readonly_static("available_threads", [](py::object) { return ThreadTuner::available_threads(); })
+      .def_property_readonly_static("max_wait", [](py::object) { return ThreadTuner::kMaxWait; },
+                                    "the most steps between two tries of a count");
+
   py::class_<Engine>(m, "Engine")
       .def(py::init([](const ModelConfig& config, const std::string& device,
                        const std::string& weight_dtype, const std::string& activation_dtype,
                        int64_t max_context, int64_t kv_cache_tokens, int page_size,
                        int64_t max_batch_tokens, const std::string& cuda_library, bool graphs,
-                       const std::string& expert_dtype) {
+                       const std::string& expert_dtype, int num_threads) {
              EngineOptions options;
              options.weight_dtype = parse_dtype(weight_dtype);
              options.expert_dtype = parse_weight_dtype(expert_dtype, options.weight_dtype);
@@ -152,12 +161,13 @@ PYBIND11_MODULE(_C, m) {
              options.page_size = page_size;
              options.max_batch_tokens = max_batch_tokens;
              options.graphs = graphs;
+             options.num_threads = num_threads;
              return std::make_unique<Engine>(config, options, make_backend(device, cuda_library));
            }),
            py::arg("config"), py::arg("device"), py::arg("weight_dtype"), py::arg("activation_dtype"),
            py::arg("max_context"), py::arg("kv_cache_tokens"), py::arg("page_size"),
            py::arg("max_batch_tokens"), py::arg("cuda_library") = "", py::arg("graphs") = false,
-           py::arg("expert_dtype") = "")
+           py::arg("expert_dtype") = "", py::arg("num_threads") = 0)
       .def_static("memory_plan", [](const ModelConfig& config, const std::string& weight_dtype,
                                     const std::string& activation_dtype, int64_t max_context, int page_size,
                                     int64_t max_batch_tokens, const std::string& expert_dtype) {
@@ -191,6 +201,7 @@ PYBIND11_MODULE(_C, m) {
         return py::make_tuple(info.free_bytes, info.total_bytes);
       }, "(free, total) bytes of the engine's device now")
       .def_property_readonly("device", [](Engine& e) { return e.backend().name(); })
+      .def_property_readonly("num_threads", &Engine::num_threads)
       .def_property_readonly("num_pages", [](const Engine& e) { return e.kv_cache().num_pages(); })
       .def_property_readonly("free_pages", [](const Engine& e) { return e.kv_cache().free_pages(); })
       .def_property_readonly("page_size", [](const Engine& e) { return e.kv_cache().page_size(); })

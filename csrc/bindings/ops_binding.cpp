@@ -215,6 +215,11 @@ class TimingBuffers {
     backend_.copy_from_host(t.data, values.data(), t.nbytes());
     return t;
   }
+  Tensor floats(const FloatArray& values) {
+    Tensor t = any(DType::kFloat32, {static_cast<int64_t>(values.size())});
+    backend_.copy_from_host(t.data, values.data(), t.nbytes());
+    return t;
+  }
   // Mean seconds per call of fn over `iters` calls, after one warm-up call.
   template <typename Fn>
   double seconds(Fn&& fn, int iters) {
@@ -403,7 +408,7 @@ void bind_ops(py::module_& m) {
         });
       }, "One draw; state [2V + 1] int32 is seen, counts, step. Returns (token, logprob, top_ids, top_logprobs, "
          "state after).")
-      // ---- timing: mean seconds per call, inputs of the given sizes left uninitialised ----
+      // ---- timing: mean seconds per call, inputs of the given sizes left uninitialised (sampling's given) ----
       .def("time_matmul", [](Ops& ops, int64_t m, int64_t n, int64_t k, const std::string& dtype,
                              const std::string& out_dtype, int iters) {
         TimingBuffers b(ops.backend());
@@ -440,6 +445,15 @@ void bind_ops(py::module_& m) {
         const KvLayer kv = kv_layer(k, v);
         return b.seconds([&] { ops.backend().attention(qkv, shape, pos, kv, pt, out); }, iters);
       })
+      .def("time_sample", [](Ops& ops, const FloatArray& logits, const SamplingParams& params, int iters) {
+        TimingBuffers b(ops.backend());
+        const int64_t V = logits.size(), n = std::min<int64_t>(params.logprobs, V);
+        Tensor l = b.floats(logits), state = b.ints(std::vector<int32_t>(2 * V + 1, 0));
+        Tensor token = b.any(DType::kInt32, {1}), logprob = b.any(DType::kFloat32, {1});
+        Tensor top_ids = b.any(DType::kInt32, {n}), top_logprobs = b.any(DType::kFloat32, {n});
+        return b.seconds([&] { ops.backend().sample(l, params, 1, state, token, logprob, top_ids, top_logprobs); },
+                         iters);
+      }, "Mean seconds of one draw from the given logits [V] (the state starts empty).")
       .def("moe_unpermute", [](Ops& ops, const FloatArray& y, const IntArray& expanded_to_permuted,
                                const FloatArray& weights, const std::string& dtype) {
         check_range(expanded_to_permuted, 0, y.shape(0), "permuted row");

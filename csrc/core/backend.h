@@ -65,6 +65,8 @@ class MX_EXPORT Backend {
   virtual void set_option(const std::string& name, const std::string& value) {
     throw Error("backend " + this->name() + ": unknown option '" + name + "' = '" + value + "'");
   }
+  // How many host threads the ops use (the CPU backend; a device backend has none to set).
+  virtual void set_threads(int /*threads*/) {}
 
   // ---- memory ----
   virtual void* allocate(size_t bytes) = 0;  // throws DeviceOutOfMemoryError

@@ -4,10 +4,50 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <vector>
 
 #include "core/error.h"
 
 namespace mixtral {
+
+namespace {
+
+// A sampling candidate: its penalized logit, id, and probability before normalization.
+struct Candidate {
+  float logit;
+  int32_t id;
+  double prob;
+};
+
+// The order of every cut: the larger logit first, ties to the lower id.
+bool higher(const Candidate& a, const Candidate& b) { return a.logit > b.logit || (a.logit == b.logit && a.id < b.id); }
+
+// Moves the shortest most-likely prefix whose mass reaches `target` to the front of `candidates`, and returns its
+// length (all of them where rounding leaves their mass short of it). Quickselect carrying the mass above the
+// range: expected linear time, where sorting the candidates cost milliseconds at Mixtral's vocabulary.
+size_t most_likely_prefix(std::vector<Candidate>& candidates, double target) {
+  constexpr size_t kSortBelow = 64;
+  size_t lo = 0, hi = candidates.size();  // the prefix ends in (lo, hi]; everything before lo is in it
+  double above = 0.0;                     // the mass before lo
+  while (hi - lo > kSortBelow) {
+    const size_t mid = lo + (hi - lo) / 2;
+    std::nth_element(candidates.begin() + lo, candidates.begin() + mid, candidates.begin() + hi, higher);
+    double upper = 0.0;
+    for (size_t j = lo; j < mid; ++j) upper += candidates[j].prob;
+    if (above + upper >= target) {
+      hi = mid;
+    } else {
+      above += upper;
+      lo = mid;
+    }
+  }
+  std::sort(candidates.begin() + lo, candidates.begin() + hi, higher);
+  for (size_t j = lo; j < hi; ++j)
+    if ((above += candidates[j].prob) >= target) return j + 1;
+  return hi;
+}
+
+}  // namespace
 
 void SamplingParams::validate() const {
   MX_CHECK(std::isfinite(temperature) && temperature >= 0, ShapeError,
@@ -30,7 +70,7 @@ SampledToken sample_token(const float* raw, int64_t vocab_size, const SamplingPa
   // Raw log-softmax for the reported logprobs.
   const float raw_max = *std::max_element(raw, raw + V);
   double raw_sum = 0.0;
-  for (int64_t i = 0; i < V; ++i) raw_sum += std::exp(double(raw[i]) - raw_max);
+  for (int64_t i = 0; i < V; ++i) raw_sum += std::exp(raw[i] - raw_max);
   const float log_norm = raw_max + static_cast<float>(std::log(raw_sum));
 
   std::vector<float> logits(V);
@@ -40,48 +80,40 @@ SampledToken sample_token(const float* raw, int64_t vocab_size, const SamplingPa
   if (p.temperature == 0.0f) {
     chosen = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
   } else {
-    // Candidates: all tokens, or the top_k by logit (ties to the lower id).
-    auto higher = [&](int32_t a, int32_t b) { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); };
-    std::vector<int32_t> order(V);
-    std::iota(order.begin(), order.end(), 0);
+    // Candidates: all tokens, or the top_k by logit; "higher" is the order of every cut (ties to the lower id).
+    std::vector<Candidate> candidates(V);
+    for (int64_t i = 0; i < V; ++i) candidates[i] = {logits[i], static_cast<int32_t>(i), 0.0};
     if (p.top_k > 0 && p.top_k < V) {
-      std::nth_element(order.begin(), order.begin() + p.top_k, order.end(), higher);
-      order.resize(p.top_k);
+      std::nth_element(candidates.begin(), candidates.begin() + p.top_k, candidates.end(), higher);
+      candidates.resize(p.top_k);
     }
-    const double inv_temperature = 1.0 / p.temperature;
-    const double top = *std::max_element(logits.begin(), logits.end()) * inv_temperature;
-    std::vector<double> prob(V);
+    // Unnormalized probabilities in float, as on the device; the most likely token's exactly 1.
+    const float inv_temperature = 1.0f / p.temperature;
+    const float top = *std::max_element(logits.begin(), logits.end()) * inv_temperature;
     double total = 0.0;
-    for (int32_t id : order) total += (prob[id] = std::exp(logits[id] * inv_temperature - top));
-    // top_p keeps the shortest most-likely prefix whose mass reaches top_p; min_p drops tokens
-    // below min_p times the most likely. Both need the candidates in order, but only up to the
-    // cut: sort a prefix, growing it until the cut falls inside.
-    int64_t cut = static_cast<int64_t>(order.size());
-    if (p.top_p < 1.0f || p.min_p > 0.0f) {
-      for (int64_t sorted = std::min<int64_t>(cut, 128);; sorted = std::min<int64_t>(cut, sorted * 8)) {
-        std::partial_sort(order.begin(), order.begin() + sorted, order.end(), higher);
-        double mass = 0.0;
-        int64_t found = -1;
-        for (int64_t j = 0; j < sorted && found < 0; ++j) {
-          if (prob[order[j]] < p.min_p * prob[order[0]]) found = j;
-          else if ((mass += prob[order[j]] / total) >= p.top_p) found = j + 1;
-        }
-        if (found >= 0 || sorted == cut) {
-          if (found >= 0) cut = std::max<int64_t>(found, 1);
-          break;
-        }
-      }
-    }
+    for (Candidate& c : candidates) total += (c.prob = std::exp(c.logit * inv_temperature - top));
+    // min_p drops the tokens below min_p times the most likely; top_p keeps the shortest most-likely set
+    // whose mass reaches top_p.
+    if (p.min_p > 0.0f)
+      candidates.erase(std::remove_if(candidates.begin(), candidates.end(),
+                                      [&](const Candidate& c) { return c.prob < p.min_p; }),
+                       candidates.end());
+    const size_t kept = p.top_p < 1.0f ? most_likely_prefix(candidates, p.top_p * total) : candidates.size();
     // The draw walks the kept tokens in id order, as the device sampler does, so both draw the same.
-    if (cut < V) std::sort(order.begin(), order.begin() + cut);
-    double kept = 0.0;
-    for (int64_t j = 0; j < cut; ++j) kept += prob[order[j]];
-    const double target = uniform01(seed, step) * kept;
+    std::vector<double> kept_prob(V, 0.0);
+    double kept_mass = 0.0;
+    int32_t last_kept = 0;
+    for (size_t j = 0; j < kept; ++j) {
+      kept_prob[candidates[j].id] = candidates[j].prob;
+      kept_mass += candidates[j].prob;
+      last_kept = std::max(last_kept, candidates[j].id);
+    }
+    const double target = uniform01(seed, step) * kept_mass;
     double cumulative = 0.0;
-    chosen = order[cut - 1];  // where rounding leaves the target past the last cumulative sum
-    for (int64_t j = 0; j < cut; ++j) {
-      if ((cumulative += prob[order[j]]) > target) {
-        chosen = order[j];
+    chosen = last_kept;  // where rounding leaves the target past the last cumulative sum
+    for (int32_t id = 0; id < last_kept; ++id) {
+      if ((cumulative += kept_prob[id]) > target) {
+        chosen = id;
         break;
       }
     }

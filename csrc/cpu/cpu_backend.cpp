@@ -6,6 +6,7 @@
 // here since they are host-readable; a bad one raises instead of reading wild memory.
 #include "cpu/cpu_backend.h"
 
+#include <omp.h>
 #include <unistd.h>
 
 #include <fstream>
@@ -50,8 +51,8 @@ void dot4(const float* x, const typename W::storage* w, int64_t K, float* out, i
 // Rows of x go four at a time, so a prefill reads each weight row once per four tokens.
 template <typename W>
 void matmul_f32(const float* x, const typename W::storage* w, float* out, int64_t M, int64_t N,
-                int64_t K, int64_t ld_out) {
-#pragma omp parallel for schedule(static) if (M * N * K > kParallelWork)
+                int64_t K, int64_t ld_out, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (M * N * K > kParallelWork)
   for (int64_t n = 0; n < N; ++n) {
     const typename W::storage* w_row = w + n * K;
     int64_t m = 0;
@@ -98,6 +99,13 @@ void F32Output::commit() {
 
 // ---- memory -------------------------------------------------------------------
 
+CpuBackend::CpuBackend() : threads_(omp_get_max_threads()) {}
+
+void CpuBackend::set_threads(int threads) {
+  MX_CHECK(threads >= 1, ShapeError, "num_threads must be >= 1, got " << threads);
+  threads_ = threads;
+}
+
 void* CpuBackend::allocate(size_t bytes) {
   // Untouched pages of a large allocation are never committed by the OS, so a
   // KV cache sized for the full context costs only what sequences fill.
@@ -136,7 +144,7 @@ void CpuBackend::fill_uniform(Tensor& t, uint64_t seed, float low, float high) {
   MX_CHECK((is_float(t.dtype) || t.dtype == DType::kFloat8E4M3) && t.contiguous(), ShapeError,
            "fill_uniform: a contiguous float tensor expected");
   const int64_t n = t.numel();
-#pragma omp parallel for schedule(static) if (n > kParallelWork)
+#pragma omp parallel for schedule(static) num_threads(threads_) if (n > kParallelWork)
   for (int64_t i = 0; i < n; ++i) store_scalar(t.data, t.dtype, i, uniform_in(seed, uint64_t(i), low, high));
 }
 
@@ -183,7 +191,7 @@ void CpuBackend::matmul(const Tensor& x, const Tensor& w, Tensor& out) {
   dispatch_float(w.dtype, [&](auto wt) {
     using W = decltype(wt);
     matmul_f32<W>(xf.data(), w.ptr<typename W::storage>(), of.data(), x.shape[0], w.shape[0],
-                  x.shape[1], w.shape[0]);
+                  x.shape[1], w.shape[0], threads_);
   });
   of.commit();
 }
@@ -263,7 +271,7 @@ void CpuBackend::attention(const Tensor& qkv, const AttentionShape& shape, const
     using C = decltype(ct);
     const auto* k_pool = static_cast<const typename C::storage*>(kv.k);
     const auto* v_pool = static_cast<const typename C::storage*>(kv.v);
-#pragma omp parallel for collapse(2) schedule(dynamic) if (T * q_heads * (max_position + 1) * D > kParallelWork)
+#pragma omp parallel for collapse(2) schedule(dynamic) num_threads(threads_) if (T * q_heads * (max_position + 1) * D > kParallelWork)
     for (int64_t t = 0; t < T; ++t) {
       for (int64_t h = 0; h < q_heads; ++h) {
         const int64_t g = h / group, length = pos[t] + 1;
@@ -372,7 +380,7 @@ void CpuBackend::expert_matmul(const Tensor& x, const Tensor& w, const Tensor& e
       const int64_t begin = offsets[e], count = offsets[e + 1] - begin;
       if (count == 0) continue;
       float* out_rows = of.data() + begin * N;
-      matmul_f32<W>(xf.data() + begin * K, w.ptr<typename W::storage>() + e * N * K, out_rows, count, N, K, N);
+      matmul_f32<W>(xf.data() + begin * K, w.ptr<typename W::storage>() + e * N * K, out_rows, count, N, K, N, threads_);
       if constexpr (std::is_same_v<W, E4M3>)
         for (int64_t r = 0; r < count; ++r)
           for (int64_t n = 0; n < N; ++n) out_rows[r * N + n] *= w.row_scales[e * N + n];

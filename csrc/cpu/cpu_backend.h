@@ -71,8 +71,10 @@ class F32Output {
 
 class CpuBackend final : public Backend {
  public:
+  CpuBackend();
   Device device() const override { return Device::kCpu; }
   std::string name() const override { return "cpu"; }
+  void set_threads(int threads) override;  // default: OpenMP's (OMP_NUM_THREADS, else the cores available)
 
   void* allocate(size_t bytes) override;
   void release(void* ptr) override;
@@ -109,6 +111,9 @@ class CpuBackend final : public Backend {
                      Tensor& out) override;
   void sample(const Tensor& logits, const SamplingParams& params, uint64_t seed, Tensor& state, Tensor& token,
               Tensor& logprob, Tensor& top_ids, Tensor& top_logprobs) override;
+
+ private:
+  int threads_;
 };
 
 }  // namespace mixtral

@@ -14,6 +14,7 @@
 #include "engine/engine.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 
@@ -81,6 +82,7 @@ void validate_options(const EngineOptions& options) {
            "kv_cache_tokens must be in [1, 2^31), got " << options.kv_cache_tokens);
   MX_CHECK(options.page_size >= 1, Error, "page_size must be >= 1");
   MX_CHECK(options.max_batch_tokens >= 1, Error, "max_batch_tokens must be >= 1");
+  MX_CHECK(options.num_threads >= 0, Error, "num_threads must be >= 1 (or 0 to measure), got " << options.num_threads);
   MX_CHECK(is_float(options.weight_dtype) && is_float(options.activation_dtype), Error,
            "weights and activations need a float dtype");
   MX_CHECK(options.expert_dtype == options.weight_dtype || options.expert_dtype == DType::kFloat8E4M3, Error,
@@ -173,6 +175,10 @@ Engine::Engine(const ModelConfig& config, const EngineOptions& options,
           options.page_size) {
   config_.validate();
   validate_options(options_);
+  if (backend_->device() == Device::kCpu) {
+    if (options_.num_threads > 0) backend_->set_threads(options_.num_threads);
+    else thread_tuner_ = std::make_unique<ThreadTuner>(ThreadTuner::available_threads());
+  }
 
   // ---- weights: one arena, slot after slot ----
   weight_bytes_ = plan_weights(config_, options_, slots_);
@@ -568,7 +574,21 @@ void Engine::run_chunk(int sequence, const int32_t* tokens, int64_t n, int64_t s
   enqueue_forward(n, logit_rows);
 }
 
+int Engine::num_threads() const {
+  if (backend_->device() != Device::kCpu) return 0;
+  return thread_tuner_ ? thread_tuner_->best() : options_.num_threads;
+}
+
 void Engine::enqueue_forward(int64_t n, int64_t logit_rows) {
+  if (!thread_tuner_) return enqueue_model(n, logit_rows);
+  // The CPU's threads: decode steps run and time the tuner's choice, other chunks its best so far.
+  backend_->set_threads(n == 1 ? thread_tuner_->threads() : thread_tuner_->best());
+  const auto start = std::chrono::steady_clock::now();
+  enqueue_model(n, logit_rows);
+  if (n == 1) thread_tuner_->record(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+}
+
+void Engine::enqueue_model(int64_t n, int64_t logit_rows) {
   const ModelConfig& c = config_;
   Backend& b = *backend_;
   const AttentionShape shape{int(c.num_heads), int(c.num_kv_heads), int(c.head_dim)};

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "core/backend.h"
+#include "cpu/thread_tuner.h"
 #include "engine/kv_cache.h"
 
 namespace mixtral {
@@ -50,6 +51,7 @@ struct EngineOptions {
   int page_size = 16;                        // tokens per KV page
   int64_t max_batch_tokens = 256;            // tokens per forward chunk
   bool graphs = false;                       // record each sampler's decode step once, replay it
+  int num_threads = 0;                       // the CPU's threads; 0: timed decode steps choose (cpu/thread_tuner.h)
 };
 
 enum class Slot { kEmbed, kLmHead, kFinalNorm, kAttnNorm, kWqkv, kWo, kFfnNorm, kRouter, kW13, kW2, kCount };
@@ -71,6 +73,8 @@ class Engine {
   const ModelConfig& config() const { return config_; }
   const EngineOptions& options() const { return options_; }
   Backend& backend() { return *backend_; }
+  // The threads the CPU's ops use now: num_threads, or the tuner's best; 0 on a GPU.
+  int num_threads() const;
 
   // ---- weights ----
   // Copies a host block [rows, cols] of dtype src_dtype into rows
@@ -145,7 +149,9 @@ class Engine {
   void enqueue_input_copies(int64_t n);
   // The forward pass of n tokens whose ids, positions and page table are on the device already;
   // leaves float32 logits of the last logit_rows tokens in logits_ rows [0, logit_rows).
+  // enqueue_forward sets the CPU's threads around it (and times decode steps for the tuner).
   void enqueue_forward(int64_t n, int64_t logit_rows);
+  void enqueue_model(int64_t n, int64_t logit_rows);
   struct SamplerState {
     SamplingParams params;
     uint64_t seed;
@@ -180,6 +186,7 @@ class Engine {
   ModelConfig config_;
   EngineOptions options_;
   std::unique_ptr<Backend> backend_;
+  std::unique_ptr<ThreadTuner> thread_tuner_;  // on the CPU with num_threads 0
   KvCacheManager kv_;
 
   SlotLayout slots_[static_cast<int>(Slot::kCount)];

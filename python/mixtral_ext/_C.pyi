@@ -7,7 +7,7 @@ import numpy
 import numpy.typing
 import typing
 import typing_extensions
-__all__: list[str] = ['Engine', 'ModelConfig', 'Ops', 'SamplingParams', 'device_memory', 'probe_cuda', 'quantize_e4m3']
+__all__: list[str] = ['Engine', 'ModelConfig', 'Ops', 'SamplingParams', 'ThreadTuner', 'device_memory', 'probe_cuda', 'quantize_e4m3']
 class ModelConfig:
     def __init__(self) -> None:
         ...
@@ -138,13 +138,35 @@ class SamplingParams:
     @top_p.setter
     def top_p(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
         ...
+class ThreadTuner:
+    """
+    The CPU's thread count chosen by timing decode steps (cpu/thread_tuner.h).
+    """
+    available_threads: typing.ClassVar[int] = 2
+    max_wait: typing.ClassVar[int] = 4096
+    def __init__(self, max_threads: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    def record(self, seconds: typing.SupportsFloat | typing.SupportsIndex) -> None:
+        """
+        the step just run at `threads` took this long
+        """
+    @property
+    def best(self) -> int:
+        """
+        for other work
+        """
+    @property
+    def threads(self) -> int:
+        """
+        for the next decode step
+        """
 class Engine:
     @staticmethod
     def memory_plan(config: ModelConfig, weight_dtype: str, activation_dtype: str, max_context: typing.SupportsInt | typing.SupportsIndex, page_size: typing.SupportsInt | typing.SupportsIndex, max_batch_tokens: typing.SupportsInt | typing.SupportsIndex, expert_dtype: str = '') -> tuple[int, int, int]:
         """
         (weight bytes, workspace bytes, KV cache bytes per token) of an engine with these settings.
         """
-    def __init__(self, config: ModelConfig, device: str, weight_dtype: str, activation_dtype: str, max_context: typing.SupportsInt | typing.SupportsIndex, kv_cache_tokens: typing.SupportsInt | typing.SupportsIndex, page_size: typing.SupportsInt | typing.SupportsIndex, max_batch_tokens: typing.SupportsInt | typing.SupportsIndex, cuda_library: str = '', graphs: bool = False, expert_dtype: str = '') -> None:
+    def __init__(self, config: ModelConfig, device: str, weight_dtype: str, activation_dtype: str, max_context: typing.SupportsInt | typing.SupportsIndex, kv_cache_tokens: typing.SupportsInt | typing.SupportsIndex, page_size: typing.SupportsInt | typing.SupportsIndex, max_batch_tokens: typing.SupportsInt | typing.SupportsIndex, cuda_library: str = '', graphs: bool = False, expert_dtype: str = '', num_threads: typing.SupportsInt | typing.SupportsIndex = 0) -> None:
         ...
     def append(self, sequence: typing.SupportsInt | typing.SupportsIndex, tokens: typing.Annotated[numpy.typing.ArrayLike, numpy.int32], all_logits: bool) -> numpy.typing.NDArray[numpy.float32]:
         ...
@@ -197,6 +219,9 @@ class Engine:
         ...
     @property
     def num_sequences(self) -> int:
+        ...
+    @property
+    def num_threads(self) -> int:
         ...
     @property
     def page_size(self) -> int:
@@ -257,6 +282,10 @@ class Ops:
         ...
     def time_matmul(self, arg0: typing.SupportsInt | typing.SupportsIndex, arg1: typing.SupportsInt | typing.SupportsIndex, arg2: typing.SupportsInt | typing.SupportsIndex, arg3: str, arg4: str, arg5: typing.SupportsInt | typing.SupportsIndex) -> float:
         ...
+    def time_sample(self, arg0: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], arg1: SamplingParams, arg2: typing.SupportsInt | typing.SupportsIndex) -> float:
+        """
+        Mean seconds of one draw from the given logits [V] (the state starts empty).
+        """
 def device_memory(device: str, cuda_library: str = '') -> tuple[int, int]:
     """
     (free, total) bytes of a device, before any engine is made

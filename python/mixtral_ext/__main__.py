@@ -9,7 +9,7 @@
                                      synthetic model (random weights made on the device) of shape
                                      demo, 8x7b or 8x22b, optionally with fewer --layers
 
-generate, chat and bench take --device cpu|cuda, --dtype and --expert-dtype float8_e4m3 (the
+generate, chat and bench take --device cpu|cuda, --dtype, --num-threads and --expert-dtype float8_e4m3 (the
 experts' weights in FP8, quantized as they load).
 """
 
@@ -100,7 +100,8 @@ def bench(args: argparse.Namespace) -> dict:
     if args.model:
         engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
                                         expert_dtype=args.expert_dtype,
-                                        max_context=args.prompt_tokens + args.new_tokens, cuda_graphs=args.cuda_graphs)
+                                        max_context=args.prompt_tokens + args.new_tokens, cuda_graphs=args.cuda_graphs,
+                                        num_threads=args.num_threads)
         name = args.model
     else:
         config = SHAPES[args.shape]
@@ -108,7 +109,7 @@ def bench(args: argparse.Namespace) -> dict:
             config = dataclasses.replace(config, num_layers=args.layers)
         engine = Engine.synthetic(config, device=args.device, dtype=args.dtype, expert_dtype=args.expert_dtype,
                                   max_context=args.prompt_tokens + args.new_tokens, max_batch_tokens=args.prompt_tokens,
-                                  cuda_graphs=args.cuda_graphs)
+                                  cuda_graphs=args.cuda_graphs, num_threads=args.num_threads)
         name = f"synthetic {args.shape}, {config.num_layers} layers"
     if args.expert_dtype:
         name += f", experts in {args.expert_dtype}"
@@ -135,7 +136,7 @@ def bench(args: argparse.Namespace) -> dict:
 def open_model(args: argparse.Namespace) -> Engine:
     """The model directory of `generate` and `chat`, with their settings."""
     return Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, expert_dtype=args.expert_dtype,
-                                  max_context=args.max_context)
+                                  max_context=args.max_context, num_threads=args.num_threads)
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -177,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     for parser_ in (generate, chat, timing):
         parser_.add_argument("--expert-dtype", default=None, choices=["float8_e4m3"],
                              help="store the experts' weights in FP8 (default: the dtype)")
+        parser_.add_argument("--num-threads", type=int, default=None,
+                             help="threads on the CPU (default: measured, the fastest count as other load comes and goes)")
     timing.add_argument("--prompt-tokens", type=int, default=128, help="random prompt tokens to prefill")
     timing.add_argument("--new-tokens", type=int, default=32, help="tokens to decode greedily, past EOS")
     timing.add_argument("--cuda-graphs", action="store_true", help="replay each decode step as a CUDA graph")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import glob
+import numbers
 import os
 import threading
 import time
@@ -66,9 +67,11 @@ class _EngineOptions:
     max_batch_tokens: int
     cuda_graphs: bool
     expert_dtype: str  # "" for dtype
+    num_threads: int  # 0: timed decode steps choose
 
     @classmethod
-    def checked(cls, device, dtype, page_size, max_batch_tokens, cuda_graphs, expert_dtype) -> "_EngineOptions":
+    def checked(cls, device, dtype, page_size, max_batch_tokens, cuda_graphs, expert_dtype,
+                num_threads) -> "_EngineOptions":
         if device == "cuda:0":  # the first GPU, the only one an engine runs on
             device = "cuda"
         if device not in ("cpu", "cuda"):
@@ -86,7 +89,10 @@ class _EngineOptions:
             raise SettingError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
         if expert_dtype is not None and expert_dtype not in _EXPERT_DTYPES:
             raise SettingError(f"expert_dtype must be None (the dtype) or one of {_EXPERT_DTYPES}, got {expert_dtype!r}")
-        return cls(device, dtype, page_size, max_batch_tokens, cuda_graphs, expert_dtype or "")
+        if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, numbers.Integral)
+                                        or not 1 <= num_threads <= 4096):
+            raise SettingError(f"num_threads must be None (measured) or an integer in [1, 4096], got {num_threads!r}")
+        return cls(device, dtype, page_size, max_batch_tokens, cuda_graphs, expert_dtype or "", int(num_threads or 0))
 
     @property
     def activation_dtype(self) -> str:
@@ -142,7 +148,7 @@ class _EngineOptions:
         cuda_library = backend_library() if self.device == "cuda" else ""
         return _C.Engine(config.to_core(), self.device, self.dtype, self.activation_dtype, max_context,
                          kv_cache_tokens, self.page_size, self.max_batch_tokens, cuda_library, self.cuda_graphs,
-                         self.expert_dtype)
+                         self.expert_dtype, self.num_threads)
 
 
 class Engine:
@@ -176,6 +182,7 @@ class Engine:
         page_size: int = 16,
         max_batch_tokens: int | None = None,
         cuda_graphs: bool = False,
+        num_threads: int | None = None,
         progress: bool | None = None,
     ) -> "Engine":
         """Loads a Hugging Face or consolidated Mistral Mixtral directory.
@@ -195,10 +202,15 @@ class Engine:
         max_batch_tokens: tokens per forward chunk (default 256 on the CPU, 2048 on the GPU).
         cuda_graphs: on the GPU, record each generation's decode step as a CUDA graph and replay it
             for every token (off by default until the device check has proven it on a GPU).
+        num_threads: threads of the CPU's ops (ignored on the GPU). Default: the engine times its
+            decode steps and keeps the fastest of the cores available halved down to one (16, 8, ..., 1),
+            trying the neighbouring counts now and then, so it follows other processes that take
+            cores (each op waits for its slowest thread). OMP_NUM_THREADS bounds it.
         progress: show a loading bar (default: for checkpoints of 256 MiB or more).
         """
         path = os.fspath(path)
-        options = _EngineOptions.checked(device, dtype, page_size, max_batch_tokens, cuda_graphs, expert_dtype)
+        options = _EngineOptions.checked(device, dtype, page_size, max_batch_tokens, cuda_graphs, expert_dtype,
+                                         num_threads)
         checkpoint = open_checkpoint(path)
         config = checkpoint.config
         config.to_core()  # validates the config before any tensor is read
@@ -237,12 +249,14 @@ class Engine:
         page_size: int = 16,
         max_batch_tokens: int | None = None,
         cuda_graphs: bool = False,
+        num_threads: int | None = None,
         seed: int = 0,
     ) -> "Engine":
         """A model of `config` with random weights made on the device itself (no file is read or
         written): for benchmarks at real widths. Other arguments as from_pretrained(); its text
         tokenizer is the one mistral-common ships for the vocabulary size."""
-        options = _EngineOptions.checked(device, dtype, page_size, max_batch_tokens, cuda_graphs, expert_dtype)
+        options = _EngineOptions.checked(device, dtype, page_size, max_batch_tokens, cuda_graphs, expert_dtype,
+                                         num_threads)
         config.to_core()
         max_context, kv_cache_tokens = options.context(config, max_context, kv_cache_tokens, kv_cache_fraction)
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**60:
@@ -289,6 +303,12 @@ class Engine:
     @property
     def device(self) -> str:
         return self._core.device
+
+    @property
+    def num_threads(self) -> int:
+        """Threads the CPU's ops use now: num_threads as given, else the count measured fastest so
+        far; 0 on the GPU."""
+        return self._core.num_threads
 
     @property
     def weight_bytes(self) -> int:
