@@ -5,6 +5,7 @@
         logits = seq.append([1, 851, 349])
     print(engine.generate("The capital of France is", max_tokens=16).text)
     reply = engine.chat([{"role": "user", "content": "Hello!"}], tools=None)
+    mixtral_ext.plan_memory("8x22b", expert_dtype="float8_e4m3", max_context=16384).total_bytes  # before loading
 """
 
 from .config import MixtralConfig
@@ -12,6 +13,7 @@ from .cuda import cuda_info
 from .engine import Engine, Sequence
 from .generation import Delta, GenerationResult, Usage
 from .chat import AssistantMessage, ChatResult, ToolCall
+from .memory import MemoryPlan, longest_context, parse_memory, plan_memory
 from .synthetic import SHAPES
 from .errors import (
     ChatFormatError,
@@ -36,6 +38,10 @@ __all__ = [
     "MixtralConfig",
     "SHAPES",
     "cuda_info",
+    "MemoryPlan",
+    "plan_memory",
+    "longest_context",
+    "parse_memory",
     "GenerationResult",
     "Delta",
     "Usage",

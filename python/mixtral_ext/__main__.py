@@ -8,6 +8,8 @@
   bench [--model DIR | --shape S]    time to first token and tokens/s, for a model directory or a
                                      synthetic model (random weights made on the device) of shape
                                      demo, 8x7b or 8x22b, optionally with fewer --layers
+  memory [--model DIR | --shape S]   GPU memory by expert dtype and context, from the config alone;
+         [--gpu-memory h200]         marks what fits and the longest context (--json, --plot too)
 
 generate, chat and bench take --device cpu|cuda, --dtype, --num-threads and --expert-dtype float8_e4m3 (the
 experts' weights in FP8, quantized as they load).
@@ -25,7 +27,8 @@ import time
 import numpy as np
 
 from .engine import Engine
-from .errors import MixtralError
+from .errors import MixtralError, SettingError
+from .memory import DEFAULT_CONTEXTS, format_table, memory_table, model_config, parse_memory, plot_table
 from .synthetic import SHAPES, write_random_checkpoint
 
 
@@ -133,6 +136,29 @@ def bench(args: argparse.Namespace) -> dict:
     return report
 
 
+def print_memory(args: argparse.Namespace) -> None:
+    """The memory table of `memory`, and its JSON and plot when asked."""
+    model = args.model or args.shape
+    memory_bytes = parse_memory(args.gpu_memory) if args.gpu_memory else None
+    try:
+        contexts = sorted({int(tokens) for tokens in args.contexts.split(",")})
+    except ValueError:
+        raise SettingError(f"--contexts must be token counts separated by commas, got {args.contexts!r}") from None
+    if not contexts or contexts[0] < 1:
+        raise SettingError(f"--contexts must be positive token counts, got {args.contexts!r}")
+    rows = memory_table(model, memory_bytes=memory_bytes, contexts=contexts)
+    config = model_config(model)
+    title = f"{model}: {config.num_layers} layers, {config.num_experts} experts, on one GPU"
+    print(f"{title} (bytes the engine allocates: weights, workspace, runtime reserve, KV cache for one sequence of "
+          f"the context; the CUDA context itself comes on top)\n")
+    print(format_table(rows, memory_bytes))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(dict(model=str(model), gpu_memory_bytes=memory_bytes, rows=rows), f, indent=2)
+    if args.plot:
+        plot_table(rows, args.plot, title, memory_bytes)
+
+
 def open_model(args: argparse.Namespace) -> Engine:
     """The model directory of `generate` and `chat`, with their settings."""
     return Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, expert_dtype=args.expert_dtype,
@@ -184,6 +210,17 @@ def main(argv: list[str] | None = None) -> int:
     timing.add_argument("--new-tokens", type=int, default=32, help="tokens to decode greedily, past EOS")
     timing.add_argument("--cuda-graphs", action="store_true", help="replay each decode step as a CUDA graph")
     timing.add_argument("--json", default=None, help="also write the measurements to this file")
+    memory = command("memory", "GPU memory by expert dtype and context, from the config alone (no weights read)")
+    planned = memory.add_mutually_exclusive_group(required=True)
+    planned.add_argument("--model", default=None, help="a model directory (its config.json or params.json)")
+    planned.add_argument("--shape", choices=sorted(SHAPES), default=None, help="a built-in model shape")
+    memory.add_argument("--gpu-memory", default=None,
+                        help="mark what fits in this memory (80GB, 80GiB, or a card: h100, h200) and give the "
+                             "longest context that does")
+    memory.add_argument("--contexts", default=",".join(str(t) for t in DEFAULT_CONTEXTS),
+                        help="the contexts (tokens) of the table's columns, comma-separated")
+    memory.add_argument("--json", default=None, help="also write the table's data to this file")
+    memory.add_argument("--plot", default=None, help="also draw memory against context into this PNG (matplotlib)")
     for parser_ in (demo, generate, chat):
         parser_.add_argument("--max-tokens", type=int, default=48 if parser_ is not chat else 512,
                              help="most tokens to generate (per reply)")
@@ -198,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.json:
                 with open(args.json, "w", encoding="utf-8") as f:
                     json.dump(report, f, indent=2)
+            return 0
+        if args.command == "memory":
+            print_memory(args)
             return 0
         if args.command == "chat":
             chat_loop(open_model(args), args)

@@ -56,6 +56,10 @@ _EXPERT_DTYPES = ("float8_e4m3",)
 # eight times over a 2048-token prompt. The workspace grows with it (0.9 GB at 8x22B widths).
 _DEFAULT_BATCH_TOKENS = {"cpu": 256, "cuda": 2048}
 
+# Device memory kept out of the KV cache besides the plan's workspace when kv_cache_fraction sizes
+# it: the runtime's own buffers (cuBLAS workspace, staging, scratch). memory.plan_memory counts it too.
+RUNTIME_RESERVE_BYTES = 256 << 20
+
 
 @dataclass(frozen=True)
 class _EngineOptions:
@@ -137,7 +141,7 @@ class _EngineOptions:
         weights, workspace, token_bytes = _C.Engine.memory_plan(
             config.to_core(), self.dtype, self.activation_dtype, config.max_position_embeddings, self.page_size,
             self.max_batch_tokens, self.expert_dtype)
-        reserve = workspace + (256 << 20)  # and the runtime's own buffers (cuBLAS workspace, staging, scratch)
+        reserve = workspace + RUNTIME_RESERVE_BYTES
         tokens = int(fraction * (free - weights - reserve)) // token_bytes
         if tokens < 1:
             raise DeviceOutOfMemoryError(

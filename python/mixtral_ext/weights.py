@@ -60,22 +60,28 @@ class Checkpoint:
         return name in self.files
 
 
-def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+def read_config(path: str | os.PathLike) -> tuple[str, MixtralConfig]:
+    """(format, config) of a model directory: "hf" from config.json, else "consolidated" from
+    params.json; no weights read."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise ModelLoadError(f"model directory not found: {path}")
     if os.path.exists(os.path.join(path, "config.json")):
-        config = load_hf_config(os.path.join(path, "config.json"))
-        index = os.path.join(path, "model.safetensors.index.json")
-        if os.path.exists(index):
-            files = _files_from_index(path, index)
-        else:
-            files = _files_from_glob(path, ["model.safetensors", "model-*.safetensors"])
-        return Checkpoint("hf", config, files)
+        return "hf", load_hf_config(os.path.join(path, "config.json"))
     if os.path.exists(os.path.join(path, "params.json")):
-        config = load_params_json(os.path.join(path, "params.json"))
-        return Checkpoint("consolidated", config, _files_from_glob(path, ["consolidated*.safetensors"]))
+        return "consolidated", load_params_json(os.path.join(path, "params.json"))
     raise ModelLoadError(f"{path}: no config.json (Hugging Face) or params.json (consolidated Mistral) found")
+
+
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    path = os.fspath(path)
+    kind, config = read_config(path)
+    if kind == "consolidated":
+        return Checkpoint(kind, config, _files_from_glob(path, ["consolidated*.safetensors"]))
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        return Checkpoint(kind, config, _files_from_index(path, index))
+    return Checkpoint(kind, config, _files_from_glob(path, ["model.safetensors", "model-*.safetensors"]))
 
 
 def _files_from_index(path: str, index: str) -> dict[str, SafetensorsFile]:
