@@ -142,8 +142,7 @@ def reference_draw(logits: np.ndarray, settings: dict, u: float) -> int:
     """The token a draw u picks, by a full sort: probabilities in float32 relative to the most likely
     token, the top_k, min_p and top_p cuts in order of logit (ties to the lower id), then the kept
     tokens walked in id order until their cumulative mass passes u times the kept mass."""
-    scaled = logits * np.float32(1 / settings["temperature"])
-    prob = np.exp(scaled - scaled.max()).astype(np.float64)
+    prob = np.exp((logits - logits.max()) / np.float32(settings["temperature"])).astype(np.float64)
     order = np.lexsort((np.arange(len(logits)), -logits))
     if settings.get("top_k"):
         order = order[:settings["top_k"]]
@@ -167,6 +166,16 @@ def test_cuts_at_a_full_vocabulary_draw_the_token_a_full_sort_draws(vocab, setti
         s = sampler(vocab, 11, **settings)
         drawn = [s.sample(logits)[0] for _ in range(6)]
         assert drawn == [reference_draw(logits, settings, uniform01(11, step)) for step in range(6)]
+
+
+def test_tiny_temperatures_and_nan_logits():
+    """A temperature whose inverse overflows a float draws the most likely token; NaN logits are never drawn."""
+    logits = np.array([0.5, 3.0, -1.0, 2.5], dtype=np.float32)
+    assert [sampler(4, seed, temperature=1e-38).sample(logits)[0] for seed in range(5)] == [1] * 5
+    with_nan = np.array([np.nan, 1.0, np.nan, 0.5] * 40, dtype=np.float32)
+    for settings in (dict(temperature=1.0), dict(temperature=1.0, top_p=0.5), dict(temperature=0.7, min_p=0.1)):
+        s = sampler(len(with_nan), 3, **settings)
+        assert all(not np.isnan(with_nan[s.sample(with_nan)[0]]) for _ in range(50))
 
 
 def test_penalties_and_logprobs():
@@ -362,11 +371,14 @@ def test_cancelled_streams_free_their_pages(text_engine):
     assert text_engine.kv_cache_info()["free_pages"] == free
 
     async def cancel_midway():
+        started = asyncio.Event()
+
         async def consume():
-            async for _ in text_engine.astream("A long story", max_tokens=100, temperature=0):
+            async for _ in text_engine.astream("A long story", max_tokens=240, temperature=0, ignore_eos=True):
+                started.set()
                 await asyncio.sleep(0)
         task = asyncio.create_task(consume())
-        await asyncio.sleep(0.05)
+        await started.wait()  # cancelled after its first token, not after a time a fast machine beats
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 
 import mixtral_ext
@@ -70,12 +71,14 @@ def test_table_rows_mark_what_fits():
 
 
 @pytest.mark.parametrize("text, expected", [("80GB", 80 * 10**9), ("80 GiB", 80 << 30), ("1.5tb", 1.5e12),
-                                            ("85e9", 85 * 10**9), ("H200", CARDS["h200"]), (4096, 4096)])
+                                            ("85e9", 85 * 10**9), ("H200", CARDS["h200"]), (4096, 4096),
+                                            (".5GB", 5 * 10**8), ("80G", 80 * 10**9), ("1e-3TB", 10**9),
+                                            ("80gb ", 80 * 10**9), (np.int64(7), 7)])
 def test_memory_sizes(text, expected):
     assert parse_memory(text) == expected
 
 
-@pytest.mark.parametrize("bad", ["eighty", "80XB", "-5GB", "0", "", None, True, 2.5, "h300"])
+@pytest.mark.parametrize("bad", ["eighty", "80XB", "-5GB", "0", "", None, True, 2.5, "h300", "1e400", "0.0001"])
 def test_bad_memory_sizes_say_what_is_expected(bad):
     with pytest.raises(mixtral_ext.SettingError, match="80GB"):
         parse_memory(bad)
@@ -95,6 +98,11 @@ def test_bad_models_and_settings_say_what_is_wrong(tmp_path):
         plan_memory("8x7b", max_context=10**6)
     with pytest.raises(mixtral_ext.SettingError, match="expert_dtype"):
         plan_memory("8x7b", expert_dtype="int3")
+    with pytest.raises(mixtral_ext.SettingError, match="searches max_context"):
+        longest_context("8x7b", CARDS["h100"], max_context=4096)
+    with pytest.raises(mixtral_ext.SettingError, match="contexts"):
+        memory_table("8x7b", contexts=())
+    assert main(["memory", "--shape", "8x7b", "--contexts", "0,4096"]) == 1
 
 
 def test_memory_command_prints_writes_json_and_plots(tmp_path, capsys):

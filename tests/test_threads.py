@@ -51,6 +51,15 @@ def test_tuner_leaves_a_count_that_stalls_and_comes_back_when_the_load_goes():
     assert tuner.best == 2
 
 
+def test_tuner_follows_counts_whose_speeds_swap():
+    """A count that lost its tries is judged anew on each try, so a change of load is followed."""
+    tuner = _C.ThreadTuner(2)
+    drive(tuner, 3000, idle)
+    assert tuner.best == 2
+    drive(tuner, _C.ThreadTuner.max_wait + 100, lambda threads, step: 3.0e-3 if threads == 2 else 1.5e-3)
+    assert tuner.best == 1
+
+
 def test_tuner_finds_the_fastest_count_between_the_ends():
     tuner = _C.ThreadTuner(16)
     cost = {16: 3.0e-3, 8: 2.0e-3, 4: 1.2e-3, 2: 1.8e-3, 1: 3.5e-3}

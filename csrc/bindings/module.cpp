@@ -142,6 +142,7 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("threads", &ThreadTuner::threads, "for the next decode step")
       .def_property_readonly("best", &ThreadTuner::best, "for other work")
       .def("record", &ThreadTuner::record, py::arg("seconds"), "the step just run at `threads` took this long")
+      .def("other_work_ran", &ThreadTuner::other_work_ran, "work other than a decode step ran, at `best` threads")
       .def_property_readonly_static("available_threads", [](py::object) { return ThreadTuner::available_threads(); })
       .def_property_readonly_static("max_wait", [](py::object) { return ThreadTuner::kMaxWait; },
                                     "the most steps between two tries of a count");

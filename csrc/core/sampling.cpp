@@ -74,12 +74,14 @@ SampledToken sample_token(const float* raw, int64_t vocab_size, const SamplingPa
   const float log_norm = raw_max + static_cast<float>(std::log(raw_sum));
 
   std::vector<float> logits(V);
-  for (int64_t i = 0; i < V; ++i) logits[i] = penalized_logit(raw[i], seen[i], counts[i], p);
+  for (int64_t i = 0; i < V; ++i) {
+    const float logit = penalized_logit(raw[i], seen[i], counts[i], p);
+    logits[i] = std::isnan(logit) ? -INFINITY : logit;  // never drawn, and the cuts' order stays strict
+  }
+  const int32_t top_id = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
 
-  int32_t chosen;
-  if (p.temperature == 0.0f) {
-    chosen = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
-  } else {
+  int32_t chosen = top_id;  // greedy; and the draw's answer should rounding leave its target past the end
+  if (p.temperature > 0.0f && logits[top_id] > -INFINITY) {
     // Candidates: all tokens, or the top_k by logit; "higher" is the order of every cut (ties to the lower id).
     std::vector<Candidate> candidates(V);
     for (int64_t i = 0; i < V; ++i) candidates[i] = {logits[i], static_cast<int32_t>(i), 0.0};
@@ -87,11 +89,11 @@ SampledToken sample_token(const float* raw, int64_t vocab_size, const SamplingPa
       std::nth_element(candidates.begin(), candidates.begin() + p.top_k, candidates.end(), higher);
       candidates.resize(p.top_k);
     }
-    // Unnormalized probabilities in float, as on the device; the most likely token's exactly 1.
-    const float inv_temperature = 1.0f / p.temperature;
-    const float top = *std::max_element(logits.begin(), logits.end()) * inv_temperature;
+    // Unnormalized probabilities in float, as on the device; the most likely token's exactly 1 (and
+    // the others 0, not NaN, at a temperature whose inverse overflows).
+    const float top = logits[top_id];
     double total = 0.0;
-    for (Candidate& c : candidates) total += (c.prob = std::exp(c.logit * inv_temperature - top));
+    for (Candidate& c : candidates) total += (c.prob = std::exp((c.logit - top) / p.temperature));
     // min_p drops the tokens below min_p times the most likely; top_p keeps the shortest most-likely set
     // whose mass reaches top_p.
     if (p.min_p > 0.0f)
@@ -110,8 +112,7 @@ SampledToken sample_token(const float* raw, int64_t vocab_size, const SamplingPa
     }
     const double target = uniform01(seed, step) * kept_mass;
     double cumulative = 0.0;
-    chosen = last_kept;  // where rounding leaves the target past the last cumulative sum
-    for (int32_t id = 0; id < last_kept; ++id) {
+    for (int32_t id = 0; id <= last_kept; ++id) {
       if ((cumulative += kept_prob[id]) > target) {
         chosen = id;
         break;

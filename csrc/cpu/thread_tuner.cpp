@@ -29,34 +29,46 @@ double ThreadTuner::Count::median() const {
 void ThreadTuner::Count::back_off(int at_least) { wait = std::min(std::max(2 * wait, at_least), kMaxWait); }
 
 void ThreadTuner::run(size_t index) {
+  if (index != settled_) counts_[index].timed = 0;  // a try is judged on its own steps
   running_ = index;
   steps_running_ = 0;
+  team_resized_ = true;
+}
+
+void ThreadTuner::other_work_ran() {
+  if (running_ != settled_) team_resized_ = true;  // it ran with best() threads, the next step resizes back
 }
 
 void ThreadTuner::record(double seconds) {
   ++step_;
+  ++steps_running_;
+  if (team_resized_) {
+    team_resized_ = false;
+    return;
+  }
   Count& count = counts_[running_];
-  if (++steps_running_ == 1) return;  // the team resized
-  const bool stall = count.threads > 1 && count.timed >= 4 && seconds > kStallFactor * count.median();
-  count.recent[count.timed++ % kWindow] = seconds;
+  const double settled_median = counts_[settled_].median();
 
   if (running_ != settled_) {  // a try
-    if (stall) {
+    count.recent[count.timed++ % kWindow] = seconds;
+    if (seconds > kStallFactor * settled_median) {  // a stall, or far slower: over at once
       count.back_off();
       return run(settled_);
     }
-    const bool slower = count.median() >= kSwitchBelow * counts_[settled_].median();
-    const bool decided = steps_running_ >= kProbeSteps || (slower && steps_running_ > kEarlyVerdict);
+    const bool slower = count.median() >= kSwitchBelow * settled_median;
+    const bool decided = steps_running_ >= kProbeSteps || (slower && count.timed >= kEarlyVerdict);
     if (!decided) return;
-    if (!slower) {
+    if (slower) {
+      count.back_off();
+    } else {
       settled_ = running_;
       last_stall_ = -kStallSpan - 1;
-    } else {
-      count.back_off();
     }
     return run(settled_);
   }
 
+  const bool stall = count.threads > 1 && count.timed >= kEarlyVerdict && seconds > kStallFactor * settled_median;
+  count.recent[count.timed++ % kWindow] = seconds;
   if (stall) {
     if (step_ - last_stall_ <= kStallSpan && settled_ + 1 < counts_.size()) {
       count.back_off(kLeftWait);

@@ -9,12 +9,14 @@
 // - leaves it for the next count down when two of its steps within kStallSpan steps stall (each
 //   over kStallFactor times its median);
 // - tries a neighbour (alternately fewer and more threads) for kProbeSteps steps once `wait` steps
-//   have passed since the last change; the neighbour is settled on when its median is below
-//   kSwitchBelow times the settled count's and it did not stall (a try whose median is already above
-//   that after kEarlyVerdict timed steps ends there); a count that failed a try waits twice
-//   as long before its next try (kFirstWait up to kMaxWait steps), and one left for its stalls at least
-//   kLeftWait (a try that stalls costs the stall, some 50 steps' time).
-// The first step after a change of count is not timed (the thread team resizes).
+//   have passed since the last change, judged on the try's own steps: a step over kStallFactor times
+//   the settled count's median ends it at once, a median at or above kSwitchBelow times the settled
+//   count's after kEarlyVerdict timed steps ends it there, and a median below that at the end settles
+//   on the neighbour. A count that failed a try waits twice as long before its next (kFirstWait up to
+//   kMaxWait steps), and one left for its stalls at least kLeftWait (a try that stalls costs the
+//   stall, some 50 steps' time).
+// The first step after a change of count is not timed (the thread team resizes), nor, during a try,
+// the first after other work (a prefill chunk, run with best() threads).
 #pragma once
 
 #include <array>
@@ -31,10 +33,11 @@ class ThreadTuner {
   int threads() const { return counts_[running_].threads; }  // for the next decode step
   int best() const { return counts_[settled_].threads; }      // the count settled on (for prefill chunks)
   void record(double seconds);  // the decode step just run with threads() threads took this long
+  void other_work_ran();        // work other than a decode step ran, with best() threads
 
   static constexpr int kWindow = 16, kProbeSteps = 16, kEarlyVerdict = 4, kStallSpan = 64;
   static constexpr int kFirstWait = 32, kLeftWait = 512, kMaxWait = 4096;
-  static constexpr double kStallFactor = 4.0, kSwitchBelow = 0.9;
+  static constexpr double kStallFactor = 4.0, kSwitchBelow = 0.8;
 
  private:
   struct Count {
@@ -52,6 +55,7 @@ class ThreadTuner {
   int64_t steps_running_ = 0;        // since running_ last changed
   int64_t last_stall_ = -kStallSpan - 1;  // step of the settled count's last stall
   bool try_fewer_ = true;            // which neighbour is tried first
+  bool team_resized_ = true;         // the next step is not timed
 };
 
 }  // namespace mixtral

@@ -90,7 +90,6 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float* raw, int 
   if (p.temperature == 0.0f) {
     if (tid == 0) chosen_shared = top.index;
   } else {
-    const float inv_temperature = 1.0f / p.temperature, top_scaled = top.value * inv_temperature;
     uint32_t logit_key = 0;  // top_k: keep logits whose key is at least this
     if (p.top_k > 0 && p.top_k < vocab) {
       logit_key = largest_key_reaching(static_cast<float>(p.top_k), [&](uint32_t key) {
@@ -99,8 +98,8 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float* raw, int 
         return block_sum(count);
       });
     }
-    auto prob = [&](int i, float logit) {  // relative to the most likely token (which has 1)
-      return order_key(logit) >= logit_key ? expf(logit * inv_temperature - top_scaled) : 0.0f;
+    auto prob = [&](int i, float logit) {  // relative to the most likely token (which has 1, at any temperature)
+      return order_key(logit) >= logit_key ? expf((logit - top.value) / p.temperature) : 0.0f;
     };
     float mass = 0.0f;
     for (int i = begin; i < end; ++i) mass += prob(i, adjusted(i));

@@ -586,6 +586,7 @@ void Engine::enqueue_forward(int64_t n, int64_t logit_rows) {
   const auto start = std::chrono::steady_clock::now();
   enqueue_model(n, logit_rows);
   if (n == 1) thread_tuner_->record(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+  else thread_tuner_->other_work_ran();
 }
 
 void Engine::enqueue_model(int64_t n, int64_t logit_rows) {

@@ -146,6 +146,10 @@ class ThreadTuner:
     max_wait: typing.ClassVar[int] = 4096
     def __init__(self, max_threads: typing.SupportsInt | typing.SupportsIndex) -> None:
         ...
+    def other_work_ran(self) -> None:
+        """
+        work other than a decode step ran, at `best` threads
+        """
     def record(self, seconds: typing.SupportsFloat | typing.SupportsIndex) -> None:
         """
         the step just run at `threads` took this long

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import pathlib
 import sys
 import tempfile
 import time
@@ -138,14 +139,12 @@ def bench(args: argparse.Namespace) -> dict:
 
 def print_memory(args: argparse.Namespace) -> None:
     """The memory table of `memory`, and its JSON and plot when asked."""
-    model = args.model or args.shape
+    model = pathlib.Path(args.model) if args.model else args.shape  # a directory named like a shape is a directory
     memory_bytes = parse_memory(args.gpu_memory) if args.gpu_memory else None
     try:
         contexts = sorted({int(tokens) for tokens in args.contexts.split(",")})
     except ValueError:
         raise SettingError(f"--contexts must be token counts separated by commas, got {args.contexts!r}") from None
-    if not contexts or contexts[0] < 1:
-        raise SettingError(f"--contexts must be positive token counts, got {args.contexts!r}")
     rows = memory_table(model, memory_bytes=memory_bytes, contexts=contexts)
     config = model_config(model)
     title = f"{model}: {config.num_layers} layers, {config.num_experts} experts, on one GPU"

@@ -11,6 +11,8 @@ model directory, of which only config.json or params.json is read.
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 import re
 from dataclasses import dataclass
@@ -27,8 +29,8 @@ CARDS = {"h100": 81_559 << 20, "h200": 143_771 << 20}
 # The table's rows: label -> (dtype, expert_dtype). int4 joins when its experts land.
 PLAN_DTYPES = {"bf16": ("bfloat16", None), "fp16": ("float16", None), "fp8": ("bfloat16", "float8_e4m3")}
 DEFAULT_CONTEXTS = (4096, 16384, 32768, 65536)
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30,
+          "ti": 1 << 40}  # of bytes, the B left off
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,8 @@ def longest_context(model: MixtralConfig | str | os.PathLike, memory_bytes: int,
     """The longest max_context (up to max_position_embeddings) whose plan_memory(model, **settings)
     fits memory_bytes, with a KV cache for one sequence of it; 0 when not even one token fits."""
     config = model_config(model)
+    if "max_context" in settings or "kv_cache_tokens" in settings:
+        raise SettingError("longest_context searches max_context itself, with a KV cache of one sequence of it")
     fits = lambda tokens: plan_memory(config, max_context=tokens, **settings).total_bytes <= memory_bytes  # noqa: E731
     low, high = 0, config.max_position_embeddings
     while low < high:  # the workspace grows with the context too (its page table), so search the plan itself
@@ -101,16 +105,18 @@ def longest_context(model: MixtralConfig | str | os.PathLike, memory_bytes: int,
 
 
 def parse_memory(text: str | int) -> int:
-    """Bytes of "80GB", "141 GB", "80GiB", "85e9", an int, or a card name (h100, h200)."""
-    if isinstance(text, int) and not isinstance(text, bool) and text > 0:
-        return text
+    """Bytes of "80GB", "80G", "141 GB", "80GiB", "85e9", an integer, or a card name (h100, h200)."""
+    if isinstance(text, numbers.Integral) and not isinstance(text, bool) and text > 0:
+        return int(text)
     if isinstance(text, str):
         key = text.strip().lower()
         if key in CARDS:
             return CARDS[key]
-        match = re.fullmatch(r"([0-9]+(?:\.[0-9]*)?(?:e[0-9]+)?)\s*([kmgt]i?b|b)?", key)
-        if match and float(match.group(1)) > 0:
-            return int(float(match.group(1)) * _UNITS[match.group(2) or ""])
+        match = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmgt]i?b?|b)?", key)
+        if match:
+            size = float(match.group(1)) * _UNITS[(match.group(2) or "").removesuffix("b")]
+            if math.isfinite(size) and size >= 1:
+                return int(size)
     raise SettingError(f"memory must be a size such as 80GB, 80GiB or 85e9 bytes, or one of {sorted(CARDS)}; "
                        f"got {text!r}")
 
@@ -121,6 +127,8 @@ def memory_table(model: MixtralConfig | str | os.PathLike, *, memory_bytes: int 
     context (None past max_position_embeddings) and, given memory_bytes, which contexts fit and the
     longest that does."""
     config = model_config(model)
+    if not contexts or min(contexts) < 1:
+        raise SettingError(f"contexts must be positive token counts, got {contexts!r}")
     rows = []
     for label, (dtype, expert_dtype) in PLAN_DTYPES.items():
         settings = dict(device=device, dtype=dtype, expert_dtype=expert_dtype)
