@@ -137,6 +137,37 @@ def bench(args: argparse.Namespace) -> dict:
     return report
 
 
+def serve_http(args: argparse.Namespace) -> int:
+    """Runs the OpenAI-compatible server until Ctrl-C or SIGTERM."""
+    try:
+        import uvicorn
+
+        from .server import ServerSettings, create_app
+    except ImportError as e:
+        raise SettingError(f"serve needs the server extra: pip install 'mixtral_ext[server]' ({e})") from None
+    if not 1 <= args.max_queue:
+        raise SettingError(f"--max-queue must be >= 1, got {args.max_queue}")
+    demo_dir = None if args.model else tempfile.TemporaryDirectory()
+
+    def load() -> Engine:
+        path = args.model or write_random_checkpoint(demo_dir.name)
+        return Engine.from_pretrained(path, device=args.device, dtype=args.dtype, expert_dtype=args.expert_dtype,
+                                      max_context=args.max_context, cuda_graphs=args.cuda_graphs,
+                                      num_threads=args.num_threads, progress=False)
+
+    settings = ServerSettings(model_name=args.served_model_name or args.model or "demo", api_key=args.api_key,
+                              allowed_origins=[o.strip() for o in args.allowed_origins.split(",") if o.strip()],
+                              max_queue=args.max_queue)
+    print(f"mixtral_ext: serving {settings.model_name!r} at http://{args.host}:{args.port}/v1 "
+          f"(GET /health answers 200 once it has loaded)", file=sys.stderr, flush=True)
+    try:
+        uvicorn.run(create_app(settings, load), host=args.host, port=args.port, log_level="warning")
+    finally:
+        if demo_dir is not None:
+            demo_dir.cleanup()
+    return 0
+
+
 def print_memory(args: argparse.Namespace) -> None:
     """The memory table of `memory`, and its JSON and plot when asked."""
     model = pathlib.Path(args.model) if args.model else args.shape  # a directory named like a shape is a directory
@@ -192,6 +223,22 @@ def main(argv: list[str] | None = None) -> int:
                              help="weight dtype (default: float32 on the CPU, bfloat16 on the GPU)")
         parser_.add_argument("--max-context", type=int, default=None,
                              help="tokens one conversation may hold (default: the model's)")
+    serve = command("serve", "an OpenAI-compatible HTTP server (pip install 'mixtral_ext[server]')")
+    serve.add_argument("--model", default=None, help="a model directory (default: the demo model, random weights)")
+    serve.add_argument("--host", default="127.0.0.1", help="the address to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="the port to listen on")
+    serve.add_argument("--served-model-name", default=None, help="the model's id in the API (default: --model as given)")
+    serve.add_argument("--api-key", default=None, help="require this key (Authorization: Bearer KEY) on every path "
+                                                       "but /health")
+    serve.add_argument("--allowed-origins", default="", help="browser origins allowed to call the server, "
+                                                             "comma-separated (default: none but its own)")
+    serve.add_argument("--max-queue", type=int, default=64, help="requests that may wait for the stream; "
+                                                                 "more are answered 429")
+    serve.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model runs")
+    serve.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                       help="weight dtype (default: float32 on the CPU, bfloat16 on the GPU)")
+    serve.add_argument("--max-context", type=int, default=None, help="tokens one request may hold (default: the model's)")
+    serve.add_argument("--cuda-graphs", action="store_true", help="replay each decode step as a CUDA graph")
     timing = command("bench", "time to first token and tokens/s")
     source = timing.add_mutually_exclusive_group()
     source.add_argument("--model", default=None, help="a model directory")
@@ -200,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     timing.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model runs")
     timing.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="weight dtype (default: float32 on the CPU, bfloat16 on the GPU)")
-    for parser_ in (generate, chat, timing):
+    for parser_ in (generate, chat, timing, serve):
         parser_.add_argument("--expert-dtype", default=None, choices=["float8_e4m3"],
                              help="store the experts' weights in FP8 (default: the dtype)")
         parser_.add_argument("--num-threads", type=int, default=None,
@@ -235,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
                 with open(args.json, "w", encoding="utf-8") as f:
                     json.dump(report, f, indent=2)
             return 0
+        if args.command == "serve":
+            return serve_http(args)
         if args.command == "memory":
             print_memory(args)
             return 0

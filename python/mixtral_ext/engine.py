@@ -37,7 +37,7 @@ from .errors import (
     SettingError,
     TokenError,
 )
-from .generation import Delta, GenerationResult, GenerationSession, Progress, SamplingSettings, Usage
+from .generation import Delta, GenerationResult, GenerationSession, Progress, SamplingSettings
 from .tokenizer import TOKENIZER_FILES, NoTokenizerError, Tokenizer
 from .weights import check_plan, experts_in_fp8, load_into, open_checkpoint, tensor_plan
 
@@ -482,7 +482,7 @@ class Engine:
         return ids
 
     def stream(self, prompt: str | SequenceType[int], **sampling) -> Iterator[Delta]:
-        """Yields a Delta per generated token (text, token_id, logprobs); the last has finish_reason.
+        """Yields a Delta per generated token (text, token_id, logprobs); the last has finish_reason and usage.
 
         Arguments as generate(). The concatenated delta texts equal generate()'s text."""
         return self._stream(prompt, sampling, Progress())
@@ -530,7 +530,7 @@ class Engine:
             text="".join(d.text for d in deltas),
             token_ids=[d.token_id for d in deltas],
             finish_reason=deltas[-1].finish_reason if deltas else None,
-            usage=Usage(progress.prompt_tokens, len(deltas), progress.cached_tokens),
+            usage=progress.usage(),
             time_to_first_token=progress.time_to_first_token,
             tokens_per_second=progress.tokens_per_second,
             logprobs=[d.logprob for d in deltas] if sampling.get("logprobs") is not None else None,
@@ -596,7 +596,7 @@ class Engine:
         return ChatResult(
             message=AssistantMessage(None if tool_calls else "".join(d.text for d in deltas), tool_calls),
             finish_reason=deltas[-1].finish_reason if deltas else None,
-            usage=Usage(progress.prompt_tokens, len(deltas), progress.cached_tokens),
+            usage=progress.usage(),
             time_to_first_token=progress.time_to_first_token,
             tokens_per_second=progress.tokens_per_second,
         )

@@ -126,6 +126,7 @@ class Delta:
     top_logprobs: dict[int, float] | None = None
     finish_reason: str | None = None  # set on the last delta: "stop", "length" or "tool_calls"
     tool_calls: list | None = None  # chat only: the parsed ToolCalls, on the last delta
+    usage: "Usage | None" = None  # on the last delta: the generation's token counts
 
 
 @dataclass
@@ -194,6 +195,9 @@ class Progress:
     @property
     def time_to_first_token(self) -> float:
         return (self.first_token or self.end) - self.start
+
+    def usage(self) -> Usage:
+        return Usage(self.prompt_tokens, len(self.token_ids), self.cached_tokens)
 
     @property
     def tokens_per_second(self) -> float:
@@ -338,7 +342,7 @@ class GenerationSession:
                 top = dict(zip(top_ids, top_lps)) if settings.logprobs else None
                 if token in stop_ids:
                     finished = True
-                    yield Delta(held_back_text(), token, logprob, top, "stop")
+                    yield Delta(held_back_text(), token, logprob, top, "stop", usage=progress.usage())
                     return
                 if token == tool_calls_id and progress.tool_calls_from is None:
                     progress.tool_calls_from = len(progress.token_ids)
@@ -348,13 +352,13 @@ class GenerationSession:
                     text, hit = matcher.feed(decoder.push(token)) if decoder else ("", False)
                 if hit:
                     finished = True
-                    yield Delta(text, token, logprob, top, "stop")
+                    yield Delta(text, token, logprob, top, "stop", usage=progress.usage())
                     return
                 if cancel is not None and cancel.is_set():
                     return
                 if len(progress.token_ids) >= self._token_limit(settings) or len(seq) + 1 >= engine.max_context:
                     finished = True
-                    yield Delta(text + held_back_text(), token, logprob, top, "length")
+                    yield Delta(text + held_back_text(), token, logprob, top, "length", usage=progress.usage())
                     return
                 # The step after this one is queued ahead (on the GPU) to run while the caller
                 # handles the token, unless this token is the last one max_tokens allows.
