@@ -1,7 +1,7 @@
 """The benchmarks' own arithmetic, without a GPU: benchmarks/profile_decode.py reading Nsight
 Compute's CSV (a units row, thousands separators, ncu's messages before it) and its per-step
 summary (steps counted by the sampler's launches); benchmarks/bench_ops.py at small shapes on the
-CPU (its table, JSON and expert-path sweep); benchmarks/bench_cpu.py's three tables, briefly."""
+CPU (its table, JSON and expert-path sweep); benchmarks/bench_cpu.py's three tables and benchmarks/bench_server.py's two paths, briefly."""
 
 from __future__ import annotations
 
@@ -72,3 +72,13 @@ def test_bench_cpu_prints_its_three_tables():
     assert "| mixtral_ext |" in run.stdout and "| HF transformers eager |" in run.stdout
     assert "| temperature=1.0, top_p=0.9 |" in run.stdout
     assert "| measured (default) |" in run.stdout and "beside one busy process" in run.stdout
+
+
+def test_bench_server_prints_both_paths():
+    pytest.importorskip("fastapi")
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_server.py")
+    run = subprocess.run([sys.executable, script, "--runs", "1", "--tokens", "8"], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "| Engine.stream (in process) |" in run.stdout and "| HTTP server (SSE, httpx) |" in run.stdout
+    assert "the server adds" in run.stdout

@@ -36,9 +36,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_dir: str, *extra: str) -> tuple[subprocess.Popen, str]:
+def start_server(model_dir: str | None, *extra: str) -> tuple[subprocess.Popen, str]:
+    """A server of model_dir (None: the demo model) on a free port, once /health answers 200."""
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "mixtral_ext", "serve", "--model", model_dir, "--port", str(port),
+    model = ["--model", model_dir] if model_dir else []
+    process = subprocess.Popen([sys.executable, "-m", "mixtral_ext", "serve", *model, "--port", str(port),
                                 "--served-model-name", "tiny", "--max-context", str(CONTEXT), "--num-threads", "1",
                                 *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"

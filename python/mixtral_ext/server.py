@@ -3,11 +3,12 @@ uvicorn with Prometheus metrics (the `server` extra).
 
 Endpoints: POST /v1/chat/completions and /v1/completions (streamed as server-sent events or not),
 GET /v1/models, POST /tokenize and /detokenize (vLLM's bodies), GET /health (503 while the model
-loads) and GET /metrics. Requests wait in a first-in-first-out queue in front of the one stream (429
-past max_queue); a client that goes away stops its generation within a decode step and its KV pages
-return to the pool. Errors are OpenAI's {"error": {message, type, param, code}} bodies. With an API
-key every endpoint but /health needs it; requests from a browser page of another origin are refused
-unless allowed_origins names it; bodies are size-limited.
+loads), GET /metrics, and GET / (chat_page.html, a chat in the browser). Requests wait in a
+first-in-first-out queue in front of the one stream (429 past max_queue); a client that goes away
+stops its generation within a decode step and its KV pages return to the pool. Errors are OpenAI's
+{"error": {message, type, param, code}} bodies. With an API key every endpoint but /health and the
+page (which holds no data and asks for the key) needs it; requests from a browser page of another
+origin are refused unless allowed_origins names it; bodies are size-limited.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import importlib.resources
 import json
 import threading
 import time
@@ -300,7 +302,7 @@ def create_app(settings: ServerSettings, load_engine: Callable[[], Engine]) -> F
     async def guard(request: Request, call_next):
         try:
             server.check_origin(request)
-            if request.url.path != "/health":
+            if request.url.path not in ("/health", "/"):  # the page holds no data; it asks for the key
                 server.check_key(request)
         except ApiError as e:
             return e.response()
@@ -317,6 +319,13 @@ def create_app(settings: ServerSettings, load_engine: Callable[[], Engine]) -> F
     @app.exception_handler(405)
     async def not_allowed(request: Request, e) -> JSONResponse:
         return ApiError(405, f"{request.method} is not allowed on {request.url.path}").response()
+
+    @app.get("/")
+    async def chat_page() -> Response:
+        page = importlib.resources.files(__package__).joinpath("chat_page.html").read_text(encoding="utf-8")
+        return Response(page, media_type="text/html; charset=utf-8",
+                        headers={"Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; "
+                                                            "style-src 'unsafe-inline'"})
 
     @app.get("/health")
     async def health() -> Response:
