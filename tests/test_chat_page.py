@@ -42,8 +42,12 @@ def test_chat_page_streams_two_turns_and_stops(tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    driver = browser()
     process, url = start_server(None, "--api-key", KEY, "--max-context", "4096")  # the demo model
+    try:
+        driver = browser()
+    except BaseException:
+        stop_server(process)
+        raise
     try:
         driver.get(url + "/")
         driver.find_element(By.ID, "key").send_keys(KEY)
@@ -66,7 +70,7 @@ def test_chat_page_streams_two_turns_and_stops(tmp_path):
         assert all(not e.find_elements(By.XPATH, "./*") for e in driver.find_elements(By.CSS_SELECTOR, ".turn"))
         driver.save_screenshot(os.path.join(os.environ.get("MIXTRAL_EXT_ARTIFACTS", str(tmp_path)), "chat_page.png"))
 
-        # Stop: a 512-token answer, stopped as soon as its first text arrives.
+        # Stop: an answer up to the end of the context, stopped as soon as its first text arrives.
         driver.find_element(By.ID, "reset").click()
         driver.find_element(By.ID, "prompt").send_keys("Tell me a long story.")
         driver.find_element(By.ID, "send").click()

@@ -20,7 +20,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import pathlib
+import socket
 import sys
 import tempfile
 import time
@@ -155,14 +157,28 @@ def serve_http(args: argparse.Namespace) -> int:
                                       max_context=args.max_context, cuda_graphs=args.cuda_graphs,
                                       num_threads=args.num_threads, progress=False)
 
-    settings = ServerSettings(model_name=args.served_model_name or args.model or "demo", api_key=args.api_key,
+    api_key = args.api_key if args.api_key is not None else os.environ.get("MIXTRAL_EXT_API_KEY")
+    if api_key is not None and not api_key.strip():
+        raise SettingError("--api-key (or MIXTRAL_EXT_API_KEY) must not be empty")
+    settings = ServerSettings(model_name=args.served_model_name or args.model or "demo", api_key=api_key,
                               allowed_origins=[o.strip() for o in args.allowed_origins.split(",") if o.strip()],
-                              max_queue=args.max_queue)
-    print(f"mixtral_ext: serving {settings.model_name!r} at http://{args.host}:{args.port}/v1 "
+                              max_queue=args.max_queue,
+                              loopback_only=args.host in ("127.0.0.1", "localhost", "::1"))
+    family, kind, _, _, address = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)[0]
+    listener = socket.socket(family, kind)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind(address)
+        listener.listen(2048)  # connections wait in the backlog until the server has started
+    except OSError as e:
+        raise SettingError(f"cannot listen on {args.host}:{args.port}: {e.strerror}") from None
+    port = listener.getsockname()[1]  # --port 0 takes a free one
+    print(f"mixtral_ext: serving {settings.model_name!r} at http://{args.host}:{port}/v1 "
           f"(GET /health answers 200 once it has loaded)", file=sys.stderr, flush=True)
     try:
-        uvicorn.run(create_app(settings, load), host=args.host, port=args.port, log_level="warning")
+        uvicorn.Server(uvicorn.Config(create_app(settings, load), log_level="warning")).run(sockets=[listener])
     finally:
+        listener.close()
         if demo_dir is not None:
             demo_dir.cleanup()
     return 0
@@ -226,10 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     serve = command("serve", "an OpenAI-compatible HTTP server (pip install 'mixtral_ext[server]')")
     serve.add_argument("--model", default=None, help="a model directory (default: the demo model, random weights)")
     serve.add_argument("--host", default="127.0.0.1", help="the address to listen on")
-    serve.add_argument("--port", type=int, default=8000, help="the port to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="the port to listen on (0: a free one)")
     serve.add_argument("--served-model-name", default=None, help="the model's id in the API (default: --model as given)")
     serve.add_argument("--api-key", default=None, help="require this key (Authorization: Bearer KEY) on every path "
-                                                       "but /health")
+                                                       "but /health and the page (default: $MIXTRAL_EXT_API_KEY)")
     serve.add_argument("--allowed-origins", default="", help="browser origins allowed to call the server, "
                                                              "comma-separated (default: none but its own)")
     serve.add_argument("--max-queue", type=int, default=64, help="requests that may wait for the stream; "

@@ -150,6 +150,6 @@ def parse_tool_calls(text: str, names: set[str]) -> list[ToolCall] | None:
         if not isinstance(arguments, dict):
             return None
         call_id = item.get("id")
-        calls.append(ToolCall(call_id if isinstance(call_id, str) and call_id else new_tool_call_id(),
+        calls.append(ToolCall(call_id if isinstance(call_id, str) and _MISTRAL_ID.fullmatch(call_id) else new_tool_call_id(),
                               item["name"], arguments))
     return calls

@@ -765,4 +765,13 @@ async def _async_deltas(make_stream: Callable[[threading.Event], Iterator[Delta]
             yield item
     finally:
         cancel.set()
-        await asyncio.shield(worker)
+        # Wait until the worker has stopped (it holds the sequence's pages until then), even through
+        # repeated cancellations (anyio cancels again while a task finishes); then cancelled it stays.
+        cancelled = False
+        while not worker.done():
+            try:
+                await asyncio.shield(worker)
+            except asyncio.CancelledError:
+                cancelled = True
+        if cancelled:
+            raise asyncio.CancelledError

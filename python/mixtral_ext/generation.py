@@ -33,6 +33,13 @@ def _plain_number(value):
     return int(value) if isinstance(value, numbers.Integral) else float(value)
 
 
+
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int past the floats
+        return False
+
 @dataclass(frozen=True)
 class SamplingSettings:
     """Sampling knobs, named as in the OpenAI and vLLM APIs."""
@@ -99,7 +106,7 @@ class SamplingSettings:
             integer("seed", 0, 2**64 - 1)
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
                 raise SettingError(f"{name} must be a finite number, got {value!r}")
         try:
             self.core_params().validate()

@@ -25,13 +25,15 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from .engine import Engine
 from .errors import (ChatFormatError, ContextOverflowError, EngineClosedError, KvCacheFullError, MixtralError,
                      SettingError, TokenError)
-from .generation import Delta
+from .chat import encode_chat
+from .generation import Delta, SamplingSettings
 
 # The body fields each endpoint passes to the engine under the engine's name (OpenAI's, and vLLM's extras).
 _SAMPLING_FIELDS = ("temperature", "top_p", "seed", "stop", "presence_penalty", "frequency_penalty", "top_k",
@@ -45,6 +47,7 @@ class ServerSettings:
     allowed_origins: list[str] = field(default_factory=list)
     max_queue: int = 64
     max_body_bytes: int = 4 << 20
+    loopback_only: bool = False  # answer only requests whose Host is a loopback name (a server bound to one)
 
 
 class ApiError(Exception):
@@ -98,7 +101,7 @@ class _Queue:
 
     @contextlib.asynccontextmanager
     async def turn(self) -> AsyncIterator[None]:
-        if self._lock.locked() and self.waiting >= self._max_waiting:
+        if self.waiting >= self._max_waiting:
             raise ApiError(429, f"the server is busy: {self.waiting} requests are waiting", "rate_limit_error",
                            headers={"Retry-After": "1"})
         start = time.perf_counter()
@@ -119,18 +122,59 @@ class _Queue:
 
 
 class _ClosingStreamingResponse(StreamingResponse):
-    """Closes its body generator however the response ends (the client gone included), so that the
-    generation stops and the stream is given back at once, not when the generator is collected."""
+    """Closes its body and the generation behind it however the response ends (the client gone
+    included, or before the body started), so that the generation stops and the stream is given back
+    at once, not when a generator is collected."""
+
+    def __init__(self, body: AsyncIterator[str], generation: AsyncIterator[Delta]) -> None:
+        super().__init__(body, media_type="text/event-stream")
+        self._generation = generation
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             await self.body_iterator.aclose()
+            await self._generation.aclose()
 
 
 def _sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def _event_stream(chunks: AsyncIterator[dict], generation: AsyncIterator[Delta]) -> _ClosingStreamingResponse:
+    """The chunks as server-sent events, then data: [DONE]."""
+    async def events() -> AsyncIterator[str]:
+        async with contextlib.aclosing(chunks):
+            async for chunk in chunks:
+                yield _sse(chunk)
+        yield _sse("[DONE]")
+
+    return _ClosingStreamingResponse(events(), generation)
+
+
+_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
+
+
+class _Guard:
+    """Checks every HTTP request before it reaches the app: its Host (a loopback server answers only to
+    loopback names, which stops DNS rebinding), the origin of a browser page, and the API key. A pure
+    ASGI middleware, so that the endpoints still see a client that disconnects."""
+
+    def __init__(self, app, server: "_Server") -> None:
+        self.app, self.server = app, server
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            request = Request(scope)
+            try:
+                self.server.check_host(request)
+                self.server.check_origin(request)
+                if request.url.path not in ("/health", "/"):  # the page holds no data; it asks for the key
+                    self.server.check_key(request)
+            except ApiError as e:
+                return await e.response()(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 class _Server:
@@ -138,13 +182,16 @@ class _Server:
         self.settings = settings
         self.metrics = _Metrics()
         self.engine: Engine | None = None
+        self.tokenizer = None  # the engine's, read once (the engine's property takes its lock)
         self.load_error: str | None = None
         self._load_engine = load_engine
-        self.queue: _Queue | None = None
+        self.queue = _Queue(settings.max_queue, self.metrics)
 
     def load(self) -> None:
         try:
-            self.engine = self._load_engine()
+            engine = self._load_engine()
+            self.tokenizer = engine.tokenizer_or_none()
+            self.engine = engine
         except Exception as e:  # reported by /health and every request
             self.load_error = f"the model failed to load: {e}"
 
@@ -156,8 +203,22 @@ class _Server:
                            headers={"Retry-After": "5"})
         return self.engine
 
+    def ready_tokenizer(self):
+        self.ready_engine()
+        if self.tokenizer is None:
+            raise ApiError(400, "this model has no tokenizer: send token ids")
+        return self.tokenizer
+
+    def check_host(self, request: Request) -> None:
+        if not self.settings.loopback_only:
+            return
+        host = request.headers.get("host", "")
+        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        if name not in _LOOPBACK_HOSTS:
+            raise ApiError(403, f"this server answers on loopback names only, not {host!r}", "permission_error")
+
     def check_key(self, request: Request) -> None:
-        if self.settings.api_key is None:
+        if self.settings.api_key is None or (request.method == "OPTIONS" and self.settings.allowed_origins):
             return
         given = request.headers.get("authorization", "")
         expected = f"Bearer {self.settings.api_key}"
@@ -170,8 +231,7 @@ class _Server:
         origin = request.headers.get("origin")
         if origin is None or origin in self.settings.allowed_origins:
             return
-        own = {f"{request.url.scheme}://{request.headers.get('host', '')}"}
-        if origin not in own:
+        if origin != f"{request.url.scheme}://{request.headers.get('host', '')}":
             raise ApiError(403, f"cross-origin requests from {origin} are not allowed (see --allowed-origins)",
                            "permission_error")
 
@@ -189,20 +249,18 @@ class _Server:
                 raise ApiError(413, f"the body is larger than {limit} bytes")
         try:
             data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, numbers past int's digits, nesting
             raise ApiError(400, f"the body is not valid JSON: {e}") from None
         if not isinstance(data, dict):
             raise ApiError(400, "the body must be a JSON object")
-        return data
-
-    def check_model(self, body: dict) -> None:
-        model = body.get("model")
+        model = data.get("model")
         if model is not None and model != self.settings.model_name:
             raise ApiError(404, f"the model {model!r} does not exist; this server serves {self.settings.model_name!r}",
                            param="model", code="model_not_found")
+        return data
 
-    def sampling(self, body: dict, engine: Engine) -> dict[str, Any]:
-        """The engine's sampling settings from an OpenAI/vLLM request body."""
+    def sampling(self, body: dict, engine: Engine, logprobs) -> dict[str, Any]:
+        """The engine's sampling settings from an OpenAI/vLLM request body, checked."""
         n = body.get("n")
         if n not in (None, 1):
             raise ApiError(400, f"n must be 1: this server makes one completion per request, got {n!r}", param="n")
@@ -213,7 +271,31 @@ class _Server:
                 raise ApiError(400, f"max_tokens must be an integer in [1, {engine.max_context}] (the context), "
                                     f"got {max_tokens!r}", param="max_tokens")
         settings["max_tokens"] = max_tokens  # None: to the end of the context
+        if logprobs is not None:
+            settings["logprobs"] = logprobs
+        try:
+            SamplingSettings.from_kwargs(**settings)  # checked before the request waits for its turn
+        except MixtralError as e:
+            raise _engine_error(e) from None
         return settings
+
+    @staticmethod
+    def include_usage(body: dict) -> bool:
+        options = body.get("stream_options")
+        if options is not None and not isinstance(options, dict):
+            raise ApiError(400, "stream_options must be an object", param="stream_options")
+        return bool((options or {}).get("include_usage"))
+
+    async def prompt_ids(self, engine: Engine, make_ids: Callable[[], list[int]]) -> list[int]:
+        """The prompt's token ids, made on a thread, checked against the context."""
+        try:
+            ids = await asyncio.to_thread(make_ids)
+        except MixtralError as e:
+            raise _engine_error(e) from None
+        if len(ids) + 1 > engine.max_context:
+            raise ApiError(400, f"the prompt has {len(ids)} tokens; the context of {engine.max_context} leaves no room "
+                                "to generate", code="context_length_exceeded")
+        return ids
 
     # ---- generation ---------------------------------------------------------------------
 
@@ -232,35 +314,66 @@ class _Server:
                     if delta.usage is not None:
                         self.metrics.prompt_tokens.inc(delta.usage.prompt_tokens)
                     yield delta
+            except MixtralError as e:
+                raise _engine_error(e) from None
             finally:
                 await stream.aclose()
 
+    async def start(self, request: Request, deltas: AsyncIterator[Delta]) -> tuple[Delta | None, AsyncIterator[Delta]]:
+        """Waits for the turn and the first delta, so that a bad request is answered with its status before a
+        stream begins; returns it and the generation (which yields it again first). A client that leaves
+        meanwhile, in the queue or the prefill, gives up its place."""
+        try:
+            first = await _unless_disconnected(request, _first(deltas))
+        except BaseException:
+            await deltas.aclose()
+            raise
+        return first, _prepend(first, deltas)
+
     async def collect(self, request: Request, deltas: AsyncIterator[Delta]) -> list[Delta]:
         """All deltas of a non-streamed answer; the generation stops if the client goes away meanwhile."""
-        task = asyncio.ensure_future(_drain(deltas))
+        async with contextlib.aclosing(deltas):
+            return await _unless_disconnected(request, _drain(deltas))
+
+
+async def _unless_disconnected(request: Request, work):
+    """Awaits work, cancelling it (and answering 499) when the client disconnects first."""
+    task = asyncio.ensure_future(work)
+    try:
         while not task.done():
-            done, _ = await asyncio.wait({task}, timeout=0.05)
-            if not done and await request.is_disconnected():
+            await asyncio.wait({task}, timeout=0.05)
+            if not task.done() and await request.is_disconnected():
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
                 raise ApiError(499, "the client closed the request")
         return task.result()
+    finally:
+        if not task.done():  # this request itself was cancelled
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
-    async def first_then_rest(self, deltas: AsyncIterator[Delta]) -> tuple[Delta | None, AsyncIterator[Delta]]:
-        """The first delta (so that a bad request is answered with its status before a stream begins)."""
-        try:
-            first = await deltas.__anext__()
-        except StopAsyncIteration:
-            first = None
-        except BaseException:
-            await deltas.aclose()
-            raise
-        return first, deltas
+
+async def _first(deltas: AsyncIterator[Delta]) -> Delta | None:
+    try:
+        return await deltas.__anext__()
+    except StopAsyncIteration:
+        return None
 
 
 async def _drain(deltas: AsyncIterator[Delta]) -> list[Delta]:
     return [delta async for delta in deltas]
+
+
+async def _prepend(first: Delta | None, rest: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
+    try:
+        if first is not None:
+            yield first
+            async for delta in rest:
+                yield delta
+    finally:
+        await rest.aclose()
 
 
 def _usage(delta: Delta | None) -> dict:
@@ -272,15 +385,25 @@ def _usage(delta: Delta | None) -> dict:
             "total_tokens": usage.total_tokens, "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}
 
 
-def _token_logprobs(engine: Engine, delta: Delta) -> dict:
-    """One token of OpenAI's choices[].logprobs.content."""
+def _piece(tokenizer, token_id: int) -> str:
+    return tokenizer.decode([token_id]) if tokenizer is not None else str(token_id)
+
+
+def _chat_logprobs(tokenizer, deltas: list[Delta]) -> dict:
+    """OpenAI's choices[].logprobs of a chat completion: content, one entry per token."""
     def entry(token_id: int, logprob: float) -> dict:
-        text = engine.tokenizer.decode([token_id]) if engine.tokenizer_or_none() else str(token_id)
+        text = _piece(tokenizer, token_id)
         return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
-    item = entry(delta.token_id, delta.logprob)
-    item["top_logprobs"] = [entry(t, lp) for t, lp in (delta.top_logprobs or {}).items()]
-    return item
+    return {"content": [dict(entry(d.token_id, d.logprob),
+                             top_logprobs=[entry(t, lp) for t, lp in (d.top_logprobs or {}).items()]) for d in deltas]}
+
+
+def _completion_logprobs(tokenizer, deltas: list[Delta]) -> dict:
+    """OpenAI's choices[].logprobs of a (legacy) completion: tokens, their logprobs, the top ones."""
+    return {"tokens": [_piece(tokenizer, d.token_id) for d in deltas],
+            "token_logprobs": [d.logprob for d in deltas],
+            "top_logprobs": [{_piece(tokenizer, t): lp for t, lp in (d.top_logprobs or {}).items()} for d in deltas]}
 
 
 def create_app(settings: ServerSettings, load_engine: Callable[[], Engine]) -> FastAPI:
@@ -289,7 +412,6 @@ def create_app(settings: ServerSettings, load_engine: Callable[[], Engine]) -> F
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        server.queue = _Queue(settings.max_queue, server.metrics)
         threading.Thread(target=server.load, name="mixtral_ext-load", daemon=True).start()
         yield
         if server.engine is not None:
@@ -297,16 +419,10 @@ def create_app(settings: ServerSettings, load_engine: Callable[[], Engine]) -> F
 
     app = FastAPI(title="mixtral_ext", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.server = server
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        try:
-            server.check_origin(request)
-            if request.url.path not in ("/health", "/"):  # the page holds no data; it asks for the key
-                server.check_key(request)
-        except ApiError as e:
-            return e.response()
-        return await call_next(request)
+    app.add_middleware(_Guard, server=server)
+    if settings.allowed_origins:  # outermost: it answers the browsers' preflights
+        app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError) -> JSONResponse:
@@ -319,6 +435,10 @@ def create_app(settings: ServerSettings, load_engine: Callable[[], Engine]) -> F
     @app.exception_handler(405)
     async def not_allowed(request: Request, e) -> JSONResponse:
         return ApiError(405, f"{request.method} is not allowed on {request.url.path}").response()
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, e: Exception) -> JSONResponse:
+        return ApiError(500, f"internal error: {type(e).__name__}: {e}", "server_error").response()
 
     @app.get("/")
     async def chat_page() -> Response:
@@ -336,7 +456,7 @@ def create_app(settings: ServerSettings, load_engine: Callable[[], Engine]) -> F
     @app.get("/metrics")
     async def metrics() -> Response:
         if server.engine is not None and not server.engine.closed:
-            info = server.engine.kv_cache_info()
+            info = await asyncio.to_thread(server.engine.kv_cache_info)  # the engine's lock, off the event loop
             server.metrics.kv_usage.set(1 - info["free_pages"] / info["num_pages"])
         return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -349,14 +469,17 @@ def create_app(settings: ServerSettings, load_engine: Callable[[], Engine]) -> F
     @app.post("/tokenize")
     async def tokenize(request: Request) -> dict:
         engine, body = server.ready_engine(), await server.read_json(request)
-        server.check_model(body)
+        tokenizer = server.ready_tokenizer()
+        if "messages" in body:
+            messages, tools = body["messages"], body.get("tools")
+            make = lambda: encode_chat(tokenizer, messages, tools)  # noqa: E731
+        elif isinstance(body.get("prompt"), str):
+            prompt, bos = body["prompt"], body.get("add_special_tokens", True) is not False
+            make = lambda: tokenizer.encode(prompt, bos=bos)  # noqa: E731
+        else:
+            raise ApiError(400, "give a prompt (a string) or messages", param="prompt")
         try:
-            if "messages" in body:
-                tokens = engine.chat_prompt(body["messages"], body.get("tools"))
-            elif isinstance(body.get("prompt"), str):
-                tokens = engine.tokenizer.encode(body["prompt"], bos=body.get("add_special_tokens", True))
-            else:
-                raise ApiError(400, "give a prompt (a string) or messages", param="prompt")
+            tokens = await asyncio.to_thread(make)
         except MixtralError as e:
             raise _engine_error(e) from None
         return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_context}
@@ -364,19 +487,20 @@ def create_app(settings: ServerSettings, load_engine: Callable[[], Engine]) -> F
     @app.post("/detokenize")
     async def detokenize(request: Request) -> dict:
         engine, body = server.ready_engine(), await server.read_json(request)
-        server.check_model(body)
+        tokenizer = server.ready_tokenizer()
         tokens = body.get("tokens")
         if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
             raise ApiError(400, "tokens must be a list of token ids", param="tokens")
         try:
-            return {"prompt": engine.tokenizer.decode(engine.token_array(tokens).tolist())}
+            ids = engine.token_array(tokens).tolist()
         except MixtralError as e:
             raise _engine_error(e) from None
+        return {"prompt": await asyncio.to_thread(tokenizer.decode, ids)}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         engine, body = server.ready_engine(), await server.read_json(request)
-        server.check_model(body)
+        tokenizer = server.ready_tokenizer()
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise ApiError(400, "messages must be a non-empty list", param="messages")
@@ -384,118 +508,93 @@ def create_app(settings: ServerSettings, load_engine: Callable[[], Engine]) -> F
         if tool_choice not in ("auto", "none"):
             raise ApiError(400, "tool_choice must be 'auto' or 'none'", param="tool_choice")
         tools = body.get("tools") if tool_choice == "auto" else None
-        sampling = server.sampling(body, engine)
-        if body.get("logprobs"):
-            sampling["logprobs"] = body.get("top_logprobs") or 0
-        stream_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        deltas = server.deltas(lambda: engine.achat_stream(messages, tools=tools, **sampling))
-        try:
-            first, deltas = await server.first_then_rest(deltas)
-        except MixtralError as e:
-            raise _engine_error(e) from None
         want_logprobs = bool(body.get("logprobs"))
+        sampling = server.sampling(body, engine, (body.get("top_logprobs") or 0) if want_logprobs else None)
+        stream, include_usage = bool(body.get("stream")), server.include_usage(body)
+        await server.prompt_ids(engine, lambda: encode_chat(tokenizer, messages, tools))  # a bad conversation: 400 now
+        ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        first, deltas = await server.start(
+            request, server.deltas(lambda: engine.achat_stream(messages, tools=tools, **sampling)))
 
         def chunk(delta: dict, finish: str | None = None, logprobs: dict | None = None) -> dict:
             choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
             return {"id": ident, "object": "chat.completion.chunk", "created": created,
                     "model": settings.model_name, "choices": [choice]}
 
-        if body.get("stream"):
-            async def events() -> AsyncIterator[str]:
-                yield _sse(chunk({"role": "assistant", "content": ""}))
+        if stream:
+            async def chunks() -> AsyncIterator[dict]:
+                yield chunk({"role": "assistant", "content": ""})
                 last = None
-                async for delta in _prepend(first, deltas):
+                async for delta in deltas:
                     last = delta
-                    logprobs = {"content": [_token_logprobs(engine, delta)]} if want_logprobs else None
+                    logprobs = _chat_logprobs(tokenizer, [delta]) if want_logprobs else None
                     if delta.text or logprobs:
-                        yield _sse(chunk({"content": delta.text}, logprobs=logprobs))
+                        yield chunk({"content": delta.text}, logprobs=logprobs)
                     if delta.tool_calls:
-                        calls = [dict(call.to_openai(), index=i) for i, call in enumerate(delta.tool_calls)]
-                        yield _sse(chunk({"tool_calls": calls}))
+                        yield chunk({"tool_calls": [dict(call.to_openai(), index=i)
+                                                    for i, call in enumerate(delta.tool_calls)]})
                     if delta.finish_reason:
-                        yield _sse(chunk({}, delta.finish_reason))
-                if stream_usage:
-                    yield _sse({"id": ident, "object": "chat.completion.chunk", "created": created,
-                                "model": settings.model_name, "choices": [], "usage": _usage(last)})
-                yield _sse("[DONE]")
+                        yield chunk({}, delta.finish_reason)
+                if include_usage:
+                    yield dict(chunk({}), choices=[], usage=_usage(last))
 
-            return _ClosingStreamingResponse(events(), media_type="text/event-stream")
+            return _event_stream(chunks(), deltas)
 
-        everything = await server.collect(request, _prepend(first, deltas))
+        everything = await server.collect(request, deltas)
         last = everything[-1] if everything else None
         calls = (last.tool_calls if last else None) or []
         message: dict[str, Any] = {"role": "assistant",
                                    "content": None if calls else "".join(d.text for d in everything)}
         if calls:
             message["tool_calls"] = [call.to_openai() for call in calls]
-        logprobs = {"content": [_token_logprobs(engine, d) for d in everything]} if want_logprobs else None
         return JSONResponse({"id": ident, "object": "chat.completion", "created": created,
                              "model": settings.model_name,
-                             "choices": [{"index": 0, "message": message, "logprobs": logprobs,
+                             "choices": [{"index": 0, "message": message,
+                                          "logprobs": _chat_logprobs(tokenizer, everything) if want_logprobs else None,
                                           "finish_reason": last.finish_reason if last else "length"}],
                              "usage": _usage(last)})
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         engine, body = server.ready_engine(), await server.read_json(request)
-        server.check_model(body)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]  # a batch of one
-        if not (isinstance(prompt, str) and prompt) and not (
-                isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
-                                                            for t in prompt)):
+        if isinstance(prompt, str) and prompt:
+            tokenizer = server.ready_tokenizer()
+            make = lambda: tokenizer.encode(prompt, bos=True)  # noqa: E731
+        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            tokenizer = server.tokenizer
+            make = lambda: engine.token_array(prompt).tolist()  # noqa: E731
+        else:
             raise ApiError(400, "prompt must be a non-empty string or a list of token ids", param="prompt")
-        sampling = server.sampling(body, engine)
-        if body.get("logprobs") is not None:
-            sampling["logprobs"] = body["logprobs"]
-        stream_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        logprobs = body.get("logprobs")
+        sampling = server.sampling(body, engine, logprobs)
+        stream, include_usage = bool(body.get("stream")), server.include_usage(body)
+        ids = await server.prompt_ids(engine, make)
         ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        deltas = server.deltas(lambda: engine.astream(prompt, **sampling))
-        try:
-            first, deltas = await server.first_then_rest(deltas)
-        except MixtralError as e:
-            raise _engine_error(e) from None
+        first, deltas = await server.start(request, server.deltas(lambda: engine.astream(ids, **sampling)))
 
-        def choice(text: str, finish: str | None) -> dict:
-            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        def completion(text: str, finish: str | None, some: list[Delta]) -> dict:
+            choice = {"index": 0, "text": text, "finish_reason": finish,
+                      "logprobs": _completion_logprobs(tokenizer, some) if logprobs is not None else None}
+            return {"id": ident, "object": "text_completion", "created": created, "model": settings.model_name,
+                    "choices": [choice]}
 
-        if body.get("stream"):
-            async def events() -> AsyncIterator[str]:
+        if stream:
+            async def chunks() -> AsyncIterator[dict]:
                 last = None
-                async for delta in _prepend(first, deltas):
+                async for delta in deltas:
                     last = delta
-                    yield _sse({"id": ident, "object": "text_completion", "created": created,
-                                "model": settings.model_name, "choices": [choice(delta.text, delta.finish_reason)]})
-                if stream_usage:
-                    yield _sse({"id": ident, "object": "text_completion", "created": created,
-                                "model": settings.model_name, "choices": [], "usage": _usage(last)})
-                yield _sse("[DONE]")
+                    yield completion(delta.text, delta.finish_reason, [delta])
+                if include_usage:
+                    yield dict(completion("", None, []), choices=[], usage=_usage(last))
 
-            return _ClosingStreamingResponse(events(), media_type="text/event-stream")
+            return _event_stream(chunks(), deltas)
 
-        everything = await server.collect(request, _prepend(first, deltas))
+        everything = await server.collect(request, deltas)
         last = everything[-1] if everything else None
-        result = choice("".join(d.text for d in everything), last.finish_reason if last else "length")
-        if body.get("logprobs") is not None:
-            tokenizer = engine.tokenizer_or_none()
-            text = lambda t: tokenizer.decode([t]) if tokenizer else str(t)  # noqa: E731
-            result["logprobs"] = {"tokens": [text(d.token_id) for d in everything],
-                                  "token_logprobs": [d.logprob for d in everything],
-                                  "top_logprobs": [{text(t): lp for t, lp in (d.top_logprobs or {}).items()}
-                                                   for d in everything]}
-        return JSONResponse({"id": ident, "object": "text_completion", "created": created,
-                             "model": settings.model_name, "choices": [result], "usage": _usage(last)})
+        return JSONResponse(dict(completion("".join(d.text for d in everything), last.finish_reason if last else "length",
+                                            everything), usage=_usage(last)))
 
     return app
-
-
-async def _prepend(first: Delta | None, rest: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
-    try:
-        if first is not None:
-            yield first
-            async for delta in rest:
-                yield delta
-    finally:
-        await rest.aclose()

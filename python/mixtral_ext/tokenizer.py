@@ -97,6 +97,10 @@ class Tokenizer:
     def encode(self, text: str, bos: bool = True) -> list[int]:
         if not isinstance(text, str):
             raise TokenError(f"text must be a str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise TokenError(f"text is not valid Unicode: {e.reason} at index {e.start}") from None
         return self._raw.encode(text, bos=bos, eos=False)
 
     def decode(self, ids: list[int]) -> str:
