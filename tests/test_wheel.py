@@ -48,7 +48,8 @@ def test_wheel_is_manylinux_with_the_cuda_backend_and_without_cublas():
     name = Path(WHEEL).name
     assert re.search(r"-manylinux_2_\d+_x86_64\.whl$", name), name
     files = zipfile.ZipFile(WHEEL).namelist()
-    for expected in ("mixtral_ext/libmixtral_ext_cuda.so", "mixtral_ext/_C.pyi", "mixtral_ext/py.typed"):
+    for expected in ("mixtral_ext/libmixtral_ext_cuda.so", "mixtral_ext/_C.pyi", "mixtral_ext/py.typed",
+                     "mixtral_ext/chat_page.html"):
         assert expected in files
     assert any(re.fullmatch(r"mixtral_ext/_C\.cpython-.*\.so", f) for f in files)
     assert not [f for f in files if "cublas" in f.lower()], "cuBLAS must come from the nvidia-cublas wheel"
