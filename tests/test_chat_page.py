@@ -51,6 +51,7 @@ def test_chat_page_streams_two_turns_and_stops(tmp_path):
     try:
         driver.get(url + "/")
         driver.find_element(By.ID, "key").send_keys(KEY)
+        driver.execute_script("maxTokens = 64")  # short turns (the page's own choice is checked below)
 
         def say(text: str, turns: int) -> str:
             driver.find_element(By.ID, "prompt").send_keys(text)
@@ -70,12 +71,15 @@ def test_chat_page_streams_two_turns_and_stops(tmp_path):
         assert all(not e.find_elements(By.XPATH, "./*") for e in driver.find_elements(By.CSS_SELECTOR, ".turn"))
         driver.save_screenshot(os.path.join(os.environ.get("MIXTRAL_EXT_ARTIFACTS", str(tmp_path)), "chat_page.png"))
 
-        # Stop: an answer up to the end of the context, stopped as soon as its first text arrives.
+        # The page's reply length: 512 tokens, or a quarter of the context when that is shorter.
+        assert driver.execute_script("maxTokens = null; return replyLength({'Authorization': 'Bearer %s'})" % KEY) == 512
+        # Stop: a 3,000-token answer (seconds), stopped as soon as its first text arrives.
         driver.find_element(By.ID, "reset").click()
+        driver.execute_script("maxTokens = 3000")
         driver.find_element(By.ID, "prompt").send_keys("Tell me a long story.")
         driver.find_element(By.ID, "send").click()
-        WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".assistant")
-                                        and d.find_elements(By.CSS_SELECTOR, ".assistant")[0].text)
+        WebDriverWait(driver, 60, poll_frequency=0.02).until(
+            lambda d: d.find_elements(By.CSS_SELECTOR, ".assistant") and d.find_elements(By.CSS_SELECTOR, ".assistant")[0].text)
         driver.find_element(By.ID, "stop").click()
         WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".assistant[data-done='true']"))
         stats = driver.find_element(By.ID, "stats").text
@@ -85,6 +89,10 @@ def test_chat_page_streams_two_turns_and_stops(tmp_path):
             time.sleep(0.05)
         assert metric(url, "mixtral_ext_requests_running") == 0
         assert metric(url, "mixtral_ext_kv_cache_usage_ratio") == 0  # the stopped generation kept no pages
+    except BaseException:
+        print("the page:", driver.find_element(By.TAG_NAME, "body").text[-2000:])
+        driver.save_screenshot(os.path.join(os.environ.get("MIXTRAL_EXT_ARTIFACTS", str(tmp_path)), "chat_page_failed.png"))
+        raise
     finally:
         driver.quit()
         stop_server(process)

@@ -153,9 +153,13 @@ def serve_http(args: argparse.Namespace) -> int:
 
     def load() -> Engine:
         path = args.model or write_random_checkpoint(demo_dir.name)
-        return Engine.from_pretrained(path, device=args.device, dtype=args.dtype, expert_dtype=args.expert_dtype,
-                                      max_context=args.max_context, cuda_graphs=args.cuda_graphs,
-                                      num_threads=args.num_threads, progress=False)
+        engine = Engine.from_pretrained(path, device=args.device, dtype=args.dtype, expert_dtype=args.expert_dtype,
+                                        max_context=args.max_context, cuda_graphs=args.cuda_graphs,
+                                        num_threads=args.num_threads, progress=False)
+        if demo_dir is not None:  # its weights are in the engine now and its tokenizer is mistral-common's
+            engine.tokenizer_or_none()
+            demo_dir.cleanup()
+        return engine
 
     api_key = args.api_key if args.api_key is not None else os.environ.get("MIXTRAL_EXT_API_KEY")
     if api_key is not None and not api_key.strip():
@@ -164,16 +168,9 @@ def serve_http(args: argparse.Namespace) -> int:
                               allowed_origins=[o.strip() for o in args.allowed_origins.split(",") if o.strip()],
                               max_queue=args.max_queue,
                               loopback_only=args.host in ("127.0.0.1", "localhost", "::1"))
-    family, kind, _, _, address = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)[0]
-    listener = socket.socket(family, kind)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        listener.bind(address)
-        listener.listen(2048)  # connections wait in the backlog until the server has started
-    except OSError as e:
-        raise SettingError(f"cannot listen on {args.host}:{args.port}: {e.strerror}") from None
-    port = listener.getsockname()[1]  # --port 0 takes a free one
-    print(f"mixtral_ext: serving {settings.model_name!r} at http://{args.host}:{port}/v1 "
+    listener = listen(args.host, args.port)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"mixtral_ext: serving {settings.model_name!r} at http://{host}:{listener.getsockname()[1]}/v1 "
           f"(GET /health answers 200 once it has loaded)", file=sys.stderr, flush=True)
     try:
         uvicorn.Server(uvicorn.Config(create_app(settings, load), log_level="warning")).run(sockets=[listener])
@@ -182,6 +179,26 @@ def serve_http(args: argparse.Namespace) -> int:
         if demo_dir is not None:
             demo_dir.cleanup()
     return 0
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket on the first of the host's addresses that takes it (port 0: a free port)."""
+    error = None
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, OverflowError) as e:
+        raise SettingError(f"cannot listen on {host}:{port}: {e}") from None
+    for family, kind, _, _, address in addresses:
+        listener = socket.socket(family, kind)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(address)
+            listener.listen(2048)  # connections wait in the backlog until the server has started
+            return listener
+        except OSError as e:
+            listener.close()
+            error = e
+    raise SettingError(f"cannot listen on {host}:{port}: {error}")
 
 
 def print_memory(args: argparse.Namespace) -> None:

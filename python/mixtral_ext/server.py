@@ -27,6 +27,7 @@ from typing import Any, AsyncIterator, Callable
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.requests import ClientDisconnect
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from .engine import Engine
@@ -58,9 +59,11 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.kind, self.param, self.code, self.headers = status, kind, param, code, headers
 
+    def body(self) -> dict:
+        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
+
     def response(self) -> JSONResponse:
-        body = {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def _engine_error(e: MixtralError) -> ApiError:
@@ -121,39 +124,76 @@ class _Queue:
             self._lock.release()
 
 
-class _ClosingStreamingResponse(StreamingResponse):
-    """Closes its body and the generation behind it however the response ends (the client gone
-    included, or before the body started), so that the generation stops and the stream is given back
-    at once, not when a generator is collected."""
+class _Pump:
+    """Runs a generation on its own asyncio task and hands its deltas over, so that the task that sends
+    them can be cancelled (Starlette cancels it when the client leaves, and anyio cancels it again at
+    every await) while the generation is stopped once, by stop(), from a task nobody cancels."""
 
-    def __init__(self, body: AsyncIterator[str], generation: AsyncIterator[Delta]) -> None:
+    _END = object()
+
+    def __init__(self, deltas: AsyncIterator[Delta]) -> None:
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._task = asyncio.ensure_future(self._run(deltas))
+
+    async def _run(self, deltas: AsyncIterator[Delta]) -> None:
+        try:
+            async for delta in deltas:
+                self._queue.put_nowait(delta)
+        except Exception as e:  # handed to the reader
+            self._queue.put_nowait(e)
+        finally:
+            await deltas.aclose()
+            self._queue.put_nowait(self._END)
+
+    async def deltas(self) -> AsyncIterator[Delta]:
+        while (item := await self._queue.get()) is not self._END:
+            if isinstance(item, Exception):
+                raise item
+            yield item
+
+    async def stop(self) -> None:
+        await _cancel(self._task)
+
+
+class _ClosingStreamingResponse(StreamingResponse):
+    """Stops the generation behind its body however the response ends (the client gone included, or
+    before the body started), so that the stream is given back at once."""
+
+    def __init__(self, body: AsyncIterator[str], pump: _Pump) -> None:
         super().__init__(body, media_type="text/event-stream")
-        self._generation = generation
+        self._pump = pump
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             await self.body_iterator.aclose()
-            await self._generation.aclose()
+            await self._pump.stop()
 
 
 def _sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-def _event_stream(chunks: AsyncIterator[dict], generation: AsyncIterator[Delta]) -> _ClosingStreamingResponse:
-    """The chunks as server-sent events, then data: [DONE]."""
+def _event_stream(make_chunks: Callable[[AsyncIterator[Delta]], AsyncIterator[dict]],
+                  generation: AsyncIterator[Delta]) -> _ClosingStreamingResponse:
+    """The chunks that make_chunks makes of the generation's deltas, as server-sent events, then [DONE]."""
+    pump = _Pump(generation)
+
     async def events() -> AsyncIterator[str]:
-        async with contextlib.aclosing(chunks):
-            async for chunk in chunks:
-                yield _sse(chunk)
+        chunks = make_chunks(pump.deltas())
+        try:
+            async with contextlib.aclosing(chunks):
+                async for chunk in chunks:
+                    yield _sse(chunk)
+        except ApiError as e:  # after the status went out: the error as the stream's last event
+            yield _sse(e.body())
         yield _sse("[DONE]")
 
-    return _ClosingStreamingResponse(events(), generation)
+    return _ClosingStreamingResponse(events(), pump)
 
 
-_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
+_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 
 
 class _Guard:
@@ -213,7 +253,7 @@ class _Server:
         if not self.settings.loopback_only:
             return
         host = request.headers.get("host", "")
-        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        name = (host if host.endswith("]") else host.rsplit(":", 1)[0]).lower().rstrip(".")
         if name not in _LOOPBACK_HOSTS:
             raise ApiError(403, f"this server answers on loopback names only, not {host!r}", "permission_error")
 
@@ -243,10 +283,13 @@ class _Server:
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise ApiError(413, f"the body is larger than {limit} bytes")
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise ApiError(413, f"the body is larger than {limit} bytes")
+        try:
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise ApiError(413, f"the body is larger than {limit} bytes")
+        except ClientDisconnect:
+            raise ApiError(499, "the client closed the request") from None
         try:
             data = json.loads(body)
         except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, numbers past int's digits, nesting
@@ -343,16 +386,20 @@ async def _unless_disconnected(request: Request, work):
         while not task.done():
             await asyncio.wait({task}, timeout=0.05)
             if not task.done() and await request.is_disconnected():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                await _cancel(task)
                 raise ApiError(499, "the client closed the request")
         return task.result()
-    finally:
-        if not task.done():  # this request itself was cancelled
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+    except asyncio.CancelledError:  # this request itself was cancelled
+        await _cancel(task)
+        raise
+
+
+async def _cancel(task: asyncio.Future) -> None:
+    """Cancels the task and waits until it has ended, however often the waiting is cancelled."""
+    task.cancel()
+    while not task.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait({task})
 
 
 async def _first(deltas: AsyncIterator[Delta]) -> Delta | None:
@@ -422,7 +469,7 @@ def create_app(settings: ServerSettings, load_engine: Callable[[], Engine]) -> F
     app.add_middleware(_Guard, server=server)
     if settings.allowed_origins:  # outermost: it answers the browsers' preflights
         app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"])
+                           allow_headers=["*"])
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError) -> JSONResponse:
@@ -522,7 +569,7 @@ def create_app(settings: ServerSettings, load_engine: Callable[[], Engine]) -> F
                     "model": settings.model_name, "choices": [choice]}
 
         if stream:
-            async def chunks() -> AsyncIterator[dict]:
+            async def chunks(deltas: AsyncIterator[Delta]) -> AsyncIterator[dict]:
                 yield chunk({"role": "assistant", "content": ""})
                 last = None
                 async for delta in deltas:
@@ -538,7 +585,7 @@ def create_app(settings: ServerSettings, load_engine: Callable[[], Engine]) -> F
                 if include_usage:
                     yield dict(chunk({}), choices=[], usage=_usage(last))
 
-            return _event_stream(chunks(), deltas)
+            return _event_stream(chunks, deltas)
 
         everything = await server.collect(request, deltas)
         last = everything[-1] if everything else None
@@ -582,7 +629,7 @@ def create_app(settings: ServerSettings, load_engine: Callable[[], Engine]) -> F
                     "choices": [choice]}
 
         if stream:
-            async def chunks() -> AsyncIterator[dict]:
+            async def chunks(deltas: AsyncIterator[Delta]) -> AsyncIterator[dict]:
                 last = None
                 async for delta in deltas:
                     last = delta
@@ -590,7 +637,7 @@ def create_app(settings: ServerSettings, load_engine: Callable[[], Engine]) -> F
                 if include_usage:
                     yield dict(completion("", None, []), choices=[], usage=_usage(last))
 
-            return _event_stream(chunks(), deltas)
+            return _event_stream(chunks, deltas)
 
         everything = await server.collect(request, deltas)
         last = everything[-1] if everything else None
