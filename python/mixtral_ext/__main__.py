@@ -188,8 +188,10 @@ def listen(host: str, port: int) -> socket.socket:
         addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (OSError, OverflowError) as e:
         raise SettingError(f"cannot listen on {host}:{port}: {e}") from None
-    for family, kind, _, _, address in addresses:
-        listener = socket.socket(family, kind)
+    for family, kind, protocol, _, address in addresses:
+        # The protocol named (IPPROTO_TCP), so that asyncio turns Nagle off on its connections: small
+        # server-sent events would otherwise wait for the client's delayed ACK (40 ms).
+        listener = socket.socket(family, kind, protocol)
         try:
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             listener.bind(address)
