@@ -467,6 +467,24 @@ def test_sample_draws_equal_the_cpu_draws(ops, settings):
         assert abs(int(np.searchsorted(kept, d)) - int(np.searchsorted(kept, c))) == 1, (d, c)
 
 
+@pytest.mark.parametrize("settings", [dict(temperature=0.0, logprobs=3), dict(temperature=1.0, logprobs=3),
+                                      dict(temperature=0.8, top_p=0.7), dict(temperature=1.0, top_k=5, min_p=0.1)])
+def test_nan_and_infinite_logits_draw_as_on_the_cpu(ops, settings):
+    """NaN logits are never drawn; -inf ones are never drawn unless all are, and then token 0 is."""
+    logits = normal(rng(11), 97, scale=2.0)
+    logits[::7], logits[3::11] = np.nan, -np.inf
+    zeros = np.zeros(len(logits), np.int32)
+    cpu, dev = ([o.sample(logits, sampling_params(**settings), 5, sampler_state(zeros, zeros, step))
+                 for step in range(20)] for o in ops)
+    assert [d[0] for d in dev] == [c[0] for c in cpu]
+    assert all(np.isfinite(logits[d[0]]) for d in dev)
+    hopeless = np.full(33, -np.inf, np.float32)
+    draws = [o.sample(hopeless, sampling_params(**settings), 5, sampler_state(zeros[:33], zeros[:33], 0)) for o in ops]
+    assert [d[0] for d in draws] == [0, 0]
+    if settings.get("logprobs"):
+        assert [list(d[2]) for d in draws] == [[0, 1, 2], [0, 1, 2]]
+
+
 def test_bad_option_is_an_error(ops):
     with pytest.raises(mixtral_ext.MixtralError, match="option"):
         ops[1].set_option("no_such_option", "1")

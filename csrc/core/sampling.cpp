@@ -127,8 +127,10 @@ SampledToken sample_token(const float* raw, int64_t vocab_size, const SamplingPa
     std::vector<int32_t> ids(V);
     std::iota(ids.begin(), ids.end(), 0);
     const int64_t n = std::min<int64_t>(p.logprobs, V);
-    std::partial_sort(ids.begin(), ids.begin() + n, ids.end(),
-                      [&](int32_t a, int32_t b) { return raw[a] > raw[b] || (raw[a] == raw[b] && a < b); });
+    auto rank = [&](int32_t id) { return std::isnan(raw[id]) ? -INFINITY : raw[id]; };  // a strict order
+    std::partial_sort(ids.begin(), ids.begin() + n, ids.end(), [&](int32_t a, int32_t b) {
+      return rank(a) > rank(b) || (rank(a) == rank(b) && a < b);
+    });
     for (int64_t j = 0; j < n; ++j) {
       result.top_tokens.push_back(ids[j]);
       result.top_logprobs.push_back(raw[ids[j]] - log_norm);

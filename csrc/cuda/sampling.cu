@@ -7,7 +7,7 @@
 // become thresholds found by bisection over the order-preserving integer keys
 // of the floats (32 rounds each, exact up to ties); the draw walks the kept
 // tokens in id order.
-#include <cfloat>
+#include <cmath>
 
 #include "cuda/cuda_check.cuh"
 #include "cuda/device_common.cuh"
@@ -44,7 +44,7 @@ __device__ Best block_best(Best v) {
   __syncthreads();
   if (lane == 0) values[warp] = v.value, indices[warp] = v.index;
   __syncthreads();
-  v = lane < kThreads / 32 ? Best{values[lane], indices[lane]} : Best{-FLT_MAX, INT32_MAX};
+  v = lane < kThreads / 32 ? Best{values[lane], indices[lane]} : Best{-INFINITY, INT32_MAX};
   for (int offset = 16; offset > 0; offset /= 2)
     v = better(v, Best{__shfl_xor_sync(0xffffffffu, v.value, offset), __shfl_xor_sync(0xffffffffu, v.index, offset)});
   return v;
@@ -74,20 +74,23 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float* raw, int 
   const int tid = threadIdx.x;
   const int chunk = (vocab + kThreads - 1) / kThreads;
   const int begin = min(vocab, tid * chunk), end = min(vocab, begin + chunk);
-  auto adjusted = [&](int i) { return penalized_logit(raw[i], seen[i], counts[i], p); };
+  auto adjusted = [&](int i) {  // NaN as -inf: never drawn, as on the host
+    const float logit = penalized_logit(raw[i], seen[i], counts[i], p);
+    return logit != logit ? -INFINITY : logit;  // NaN
+  };
 
   // Raw log-softmax normaliser, for the logprobs.
-  Best raw_best{-FLT_MAX, INT32_MAX};
+  Best raw_best{-INFINITY, INT32_MAX};
   for (int i = begin; i < end; ++i) raw_best = better(raw_best, Best{raw[i], i});
   const float raw_max = block_best(raw_best).value;
   float raw_sum = 0.0f;
   for (int i = begin; i < end; ++i) raw_sum += expf(raw[i] - raw_max);
   const float log_norm = raw_max + logf(block_sum(raw_sum));
 
-  Best adjusted_best{-FLT_MAX, INT32_MAX};
+  Best adjusted_best{-INFINITY, INT32_MAX};  // all -inf: token 0, as on the host
   for (int i = begin; i < end; ++i) adjusted_best = better(adjusted_best, Best{adjusted(i), i});
   const Best top = block_best(adjusted_best);
-  if (p.temperature == 0.0f) {
+  if (p.temperature == 0.0f || top.value == -INFINITY) {
     if (tid == 0) chosen_shared = top.index;
   } else {
     uint32_t logit_key = 0;  // top_k: keep logits whose key is at least this
@@ -152,9 +155,9 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float* raw, int 
 
   // The n most likely tokens under the raw logits, most likely first.
   int32_t previous = -1;
-  float previous_value = FLT_MAX;
+  float previous_value = INFINITY;
   for (int j = 0; j < p.logprobs && j < vocab; ++j) {
-    Best best{-FLT_MAX, INT32_MAX};
+    Best best{-INFINITY, INT32_MAX};
     for (int i = begin; i < end; ++i) {
       const bool after = raw[i] < previous_value || (raw[i] == previous_value && i > previous);
       if (after) best = better(best, Best{raw[i], i});
