@@ -39,23 +39,30 @@ def launch(*args: str) -> tuple[subprocess.Popen, str]:
     process = subprocess.Popen([sys.executable, "-m", "mixtral_ext", "serve", "--port", "0", *args],
                                stdout=log, stderr=subprocess.STDOUT, text=True)
     process.log = log.name
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        found = re.search(r"at (http://127\.0\.0\.1:[0-9]+)/v1", open(log.name).read())
-        if found:
-            return process, found.group(1)
-        if process.poll() is not None:
-            break
+    found = wait_for(process, 30, "say its address",
+                     lambda: re.search(r"at (http://127\.0\.0\.1:[0-9]+)/v1", open(log.name).read()))
+    return process, found.group(1)
+
+
+def wait_for(process: subprocess.Popen, seconds: float, what: str, check):
+    """check()'s first true answer, polled while the server runs; else the server is killed and reaped."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and process.poll() is None:
+        answer = check()
+        if answer:
+            return answer
         time.sleep(0.05)
-    output = open(log.name).read()
-    kill(process)
-    raise AssertionError(f"the server did not say its address within 30 s: {output}")
-
-
-def kill(process: subprocess.Popen) -> None:
+    output = open(process.log).read()
     process.kill()
     process.wait(timeout=20)
     os.unlink(process.log)
+    raise AssertionError(f"the server did not {what} within {seconds:.0f} s: {output}")
+
+
+def healthy(url: str) -> bool:
+    with contextlib.suppress(httpx.TransportError):
+        return httpx.get(url + "/health", timeout=5).status_code == 200
+    return False
 
 
 def start_server(model_dir: str | None, *extra: str) -> tuple[subprocess.Popen, str]:
@@ -63,15 +70,8 @@ def start_server(model_dir: str | None, *extra: str) -> tuple[subprocess.Popen, 
     model = ["--model", model_dir] if model_dir else []
     process, url = launch(*model, "--served-model-name", "tiny", "--max-context", str(CONTEXT), "--num-threads", "1",
                           *extra)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and process.poll() is None:
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(url + "/health", timeout=5).status_code == 200:
-                return process, url
-        time.sleep(0.05)
-    output = open(process.log).read()
-    kill(process)
-    raise AssertionError(f"the server did not become healthy within 60 s: {output}")
+    wait_for(process, 60, "become healthy", lambda: healthy(url))
+    return process, url
 
 
 def stop_server(process: subprocess.Popen) -> None:
