@@ -312,7 +312,8 @@ class Engine:
     def num_threads(self) -> int:
         """Threads the CPU's ops use now: num_threads as given, else the count measured fastest so
         far; 0 on the GPU."""
-        return self._core.num_threads
+        with self._lock:  # the tuner changes during a step
+            return self._core.num_threads
 
     @property
     def weight_bytes(self) -> int:
