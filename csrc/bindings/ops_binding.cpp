@@ -210,16 +210,8 @@ class TimingBuffers {
     owned_.push_back(t.data);
     return t;
   }
-  Tensor ints(const std::vector<int32_t>& values) {
-    Tensor t = any(DType::kInt32, {static_cast<int64_t>(values.size())});
-    backend_.copy_from_host(t.data, values.data(), t.nbytes());
-    return t;
-  }
-  Tensor floats(const FloatArray& values) {
-    Tensor t = any(DType::kFloat32, {static_cast<int64_t>(values.size())});
-    backend_.copy_from_host(t.data, values.data(), t.nbytes());
-    return t;
-  }
+  Tensor ints(const std::vector<int32_t>& values) { return copied(DType::kInt32, values.data(), values.size()); }
+  Tensor floats(const FloatArray& values) { return copied(DType::kFloat32, values.data(), values.size()); }
   // Mean seconds per call of fn over `iters` calls, after one warm-up call.
   template <typename Fn>
   double seconds(Fn&& fn, int iters) {
@@ -233,6 +225,11 @@ class TimingBuffers {
   }
 
  private:
+  Tensor copied(DType dtype, const void* values, size_t count) {
+    Tensor t = any(dtype, {static_cast<int64_t>(count)});
+    backend_.copy_from_host(t.data, values, t.nbytes());
+    return t;
+  }
   Backend& backend_;
   std::vector<void*> owned_;
 };
@@ -408,7 +405,7 @@ void bind_ops(py::module_& m) {
         });
       }, "One draw; state [2V + 1] int32 is seen, counts, step. Returns (token, logprob, top_ids, top_logprobs, "
          "state after).")
-      // ---- timing: mean seconds per call, inputs of the given sizes left uninitialised (sampling's given) ----
+      // ---- timing: mean seconds per call; inputs of the given sizes left uninitialised, but sampling's logits ----
       .def("time_matmul", [](Ops& ops, int64_t m, int64_t n, int64_t k, const std::string& dtype,
                              const std::string& out_dtype, int iters) {
         TimingBuffers b(ops.backend());

@@ -362,16 +362,16 @@ class _Server:
             finally:
                 await stream.aclose()
 
-    async def start(self, request: Request, deltas: AsyncIterator[Delta]) -> tuple[Delta | None, AsyncIterator[Delta]]:
+    async def start(self, request: Request, deltas: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
         """Waits for the turn and the first delta, so that a bad request is answered with its status before a
-        stream begins; returns it and the generation (which yields it again first). A client that leaves
+        stream begins; returns the generation (which yields that delta again first). A client that leaves
         meanwhile, in the queue or the prefill, gives up its place."""
         try:
             first = await _unless_disconnected(request, _first(deltas))
         except BaseException:
             await deltas.aclose()
             raise
-        return first, _prepend(first, deltas)
+        return _prepend(first, deltas)
 
     async def collect(self, request: Request, deltas: AsyncIterator[Delta]) -> list[Delta]:
         """All deltas of a non-streamed answer; the generation stops if the client goes away meanwhile."""
@@ -558,9 +558,11 @@ def create_app(settings: ServerSettings, load_engine: Callable[[], Engine]) -> F
         want_logprobs = bool(body.get("logprobs"))
         sampling = server.sampling(body, engine, (body.get("top_logprobs") or 0) if want_logprobs else None)
         stream, include_usage = bool(body.get("stream")), server.include_usage(body)
-        await server.prompt_ids(engine, lambda: encode_chat(tokenizer, messages, tools))  # a bad conversation: 400 now
+        # Encoded here only to check it before it waits (a bad conversation, or one past the context, is a 400 at
+        # once); the engine encodes it again on its worker, as chat_stream takes messages, not ids.
+        await server.prompt_ids(engine, lambda: encode_chat(tokenizer, messages, tools))
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        first, deltas = await server.start(
+        deltas = await server.start(
             request, server.deltas(lambda: engine.achat_stream(messages, tools=tools, **sampling)))
 
         def chunk(delta: dict, finish: str | None = None, logprobs: dict | None = None) -> dict:
@@ -620,7 +622,7 @@ def create_app(settings: ServerSettings, load_engine: Callable[[], Engine]) -> F
         stream, include_usage = bool(body.get("stream")), server.include_usage(body)
         ids = await server.prompt_ids(engine, make)
         ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        first, deltas = await server.start(request, server.deltas(lambda: engine.astream(ids, **sampling)))
+        deltas = await server.start(request, server.deltas(lambda: engine.astream(ids, **sampling)))
 
         def completion(text: str, finish: str | None, some: list[Delta]) -> dict:
             choice = {"index": 0, "text": text, "finish_reason": finish,
