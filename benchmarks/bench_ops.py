@@ -170,7 +170,7 @@ def main() -> None:
     with open(os.path.join(args.out, "bench_ops.json"), "w") as f:
         json.dump(dict(device=args.device, copy_gb_per_s=copy_gbs, matmul_tflop_per_s=matmul_tflops, ops=rows,
                        expert_path_sweep=sweep), f, indent=2)
-    print("\nfastest expert w13 path by rows (auto switches at kBatchedMaxRows, cuda/cuda_backend.cuh): " + "; ".join(
+    print("\nfastest expert w13 path by rows (auto switches at kBatchedMaxRows, cuda/kernels.cuh): " + "; ".join(
             f"{e['rows']} rows/{e['experts']} experts: {e['fastest']} "
             f"({', '.join(f'{p} {ms:.3f}' for p, ms in e['ms'].items())} ms)" for e in sweep))
 

@@ -372,7 +372,7 @@ def test_fp8_expert_gemv_keeps_enough_warps_per_sm():
     table = os.environ.get("MIXTRAL_EXT_KERNEL_RESOURCES")
     if not table:
         pytest.skip("no kernel resource table (tests/run_cuda_emulator.sh names nvcc's)")
-    kernels = [line.split("\t") for line in open(table).read().splitlines() if "e4m3_expert_gemv_kernel<" in line]
+    kernels = [line.split("\t") for line in open(table).read().splitlines() if "expert_gemv_fp8_kernel<" in line]
     assert len(kernels) == 12
     for registers, _, _, name in kernels:
         per_warp = (int(registers) * 32 + 255) // 256 * 256

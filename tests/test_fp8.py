@@ -33,7 +33,7 @@ def test_every_fp8_value_quantizes_to_its_own_byte():
     codes = np.array([c for c in range(256) if c & 0x7F != 0x7F], dtype=np.uint8)  # all but the NaNs
     values = torch.from_numpy(codes).view(torch.float8_e4m3fn).float().numpy()
     rows = np.stack([values, np.full_like(values, 448.0)], axis=1)  # max |row| = 448: scale 1
-    q, scales = _C.quantize_e4m3(rows)
+    q, scales = _C.quantize_fp8(rows)
     np.testing.assert_array_equal(scales, np.ones(len(codes), np.float32))
     np.testing.assert_array_equal(q[:, 0], codes)  # subnormals, -0 and the largest values included
 
@@ -45,7 +45,7 @@ def test_quantizer_rounds_as_torch_does(spread):
     w[5] *= 1e-6  # a row of tiny values: scaled up to the same range
     w[7, :40] = 0.0
     w[11] = 0.0  # an all-zero row: scale 1, all bytes 0
-    q, scales = _C.quantize_e4m3(w)
+    q, scales = _C.quantize_fp8(w)
     expected_q, expected_scales = torch_quantized(torch.from_numpy(w))
     np.testing.assert_array_equal(scales, expected_scales.numpy())
     np.testing.assert_array_equal(q, expected_q.view(torch.uint8).numpy())

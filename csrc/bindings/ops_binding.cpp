@@ -8,7 +8,7 @@
 // float dtype), so a missed write shows. Indices are range-checked on the host
 // before any backend reads them (the CUDA kernels trust the engine's checks).
 // The time_* methods time one op on uninitialised buffers of given sizes, for
-// benchmarks; quantize_e4m3 exposes the quantizer itself.
+// benchmarks; quantize_fp8 exposes the quantizer itself.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -74,7 +74,7 @@ class Buffers {
     const int64_t cols = w.shape(w.ndim() - 1), rows = cols ? w.size() / cols : 0;
     std::vector<uint8_t> values(w.size());
     std::vector<float> scales(rows);
-    quantize_rows_e4m3(w.data(), rows, cols, values.data(), scales.data());
+    quantize_rows_fp8(w.data(), rows, cols, values.data(), scales.data());
     Tensor t = place(values.data(), DType::kFloat8E4M3, shape_of(w));
     t.row_scales = place(scales.data(), DType::kFloat32, {rows}).ptr<const float>();
     return t;
@@ -237,17 +237,25 @@ class TimingBuffers {
 }  // namespace
 
 void bind_ops(py::module_& m) {
-  m.def("quantize_e4m3", [](const FloatArray& w) {
-    MX_CHECK(w.ndim() == 2, ShapeError, "quantize_e4m3: a [rows, cols] array expected");
+  m.def("quantize_fp8", [](const FloatArray& w) {
+    MX_CHECK(w.ndim() == 2, ShapeError, "quantize_fp8: a [rows, cols] array expected");
     py::array_t<uint8_t> values({w.shape(0), w.shape(1)});
     FloatArray scales(w.shape(0));
-    quantize_rows_e4m3(w.data(), w.shape(0), w.shape(1), values.mutable_data(), scales.mutable_data());
+    quantize_rows_fp8(w.data(), w.shape(0), w.shape(1), values.mutable_data(), scales.mutable_data());
     return py::make_tuple(values, scales);
   }, py::arg("w"), "The engine's FP8 quantization of expert weights (core/fp8.h): (E4M3 bytes, row scales).");
   py::class_<Ops>(m, "Ops", "Single operations on one backend, for testing the CUDA ops against their CPU twins.")
       .def(py::init<const std::string&, const std::string&>(), py::arg("device"), py::arg("cuda_library") = "")
       .def("set_option", [](Ops& ops, const std::string& name, const std::string& value) {
         ops.backend().set_option(name, value);
+      })
+      .def("fill_uniform", [](Ops& ops, const std::vector<int64_t>& shape, uint64_t seed, float low, float high,
+                              const std::string& dtype) {
+        return ops.run([&](Buffers& b) {
+          Tensor t = b.output(parse_dtype(dtype), shape);
+          ops.backend().fill_uniform(t, seed, low, high);
+          return b.to_float(t);
+        });
       })
       .def("embedding", [](Ops& ops, const FloatArray& table, const IntArray& ids, const std::string& dtype) {
         check_range(ids, 0, table.shape(0), "token id");

@@ -11,6 +11,21 @@
 //     float dtype, or float8_e4m3 with row_scales [E * N] float32 (core/fp8.h)
 //   KV cache of a layer: k and v pools each [num_pages, Hkv, page_size, D]
 //   page_table [pages of the sequence] int32; positions [T] int32
+// Adding an operation touches, in this order:
+//   1. here: its contract (layouts, rounding) in the group it belongs to; a fusion gets a default
+//      body that runs the primitive operations it fuses (the reference);
+//   2. core/op_checks.{h,cpp}: check_<op>, the argument checks both backends call first;
+//   3. cpu/cpu_backend.{h,cpp}: CpuBackend::<op>, plain loops with float32 accumulation;
+//   4. cuda/kernels.cuh: launch_<op>; cuda/<family>.cu: <op>_kernel and launch_<op>, with the
+//      file's header kept true (grid, block, shared memory, phases);
+//   5. cuda/cuda_backend.{cuh,cu}: CudaBackend::<op> (checks, dtype dispatch, launch);
+//   6. bindings/ops_binding.cpp: Ops.<op> for the tests, and python/mixtral_ext/_C.pyi regenerated
+//      (python -m pybind11_stubgen mixtral_ext._C -o python);
+//   7. tests/test_ops.py: a test in this header's order, the CPU against numpy or transformers and
+//      CUDA against the CPU, on random inputs of odd sizes;
+//   8. benchmarks/bench_ops.py: a row, when the op is on the decode path;
+//   9. engine/forward.cpp: the call.
+// The CUDA sources are globbed (cmake/cuda_sources.cmake): a new .cu file needs no list.
 #pragma once
 
 #include "core/sampling.h"
@@ -58,6 +73,7 @@ struct MemoryInfo {
 
 class MX_EXPORT Backend {
  public:
+  // ==== 1. The runtime: memory, copies, streams' events, graphs ====
   virtual ~Backend() = default;
   virtual Device device() const = 0;
   virtual std::string name() const = 0;
@@ -68,7 +84,7 @@ class MX_EXPORT Backend {
   // How many host threads the ops use (the CPU backend; a device backend has none to set).
   virtual void set_threads(int /*threads*/) {}
 
-  // ---- memory ----
+  // Memory.
   virtual void* allocate(size_t bytes) = 0;  // throws DeviceOutOfMemoryError
   virtual void release(void* ptr) = 0;
   virtual void copy_from_host(void* dst, const void* host_src, size_t bytes) = 0;
@@ -76,7 +92,7 @@ class MX_EXPORT Backend {
   virtual void synchronize() = 0;
   virtual MemoryInfo memory_info() = 0;
 
-  // ---- captured steps ----
+  // Captured steps.
   // Host memory the device may read and write while the host goes on (pinned on the GPU), and
   // copies that return before they are done (synchronize() waits for them).
   virtual void* allocate_host(size_t bytes) = 0;
@@ -104,10 +120,10 @@ class MX_EXPORT Backend {
   virtual void run_graph(int) { throw Error("backend " + name() + " has no graphs"); }
   virtual void release_graph(int) {}
 
+  // ==== 2. The operations, in the model's order; each backend implements every one ====
   // t[i] = uniform_in(seed, i, low, high) (core/random.h), rounded to t's dtype; t contiguous.
   virtual void fill_uniform(Tensor& t, uint64_t seed, float low, float high) = 0;
 
-  // ---- operations ----
   // out[t] = table[ids[t]]; table [V, H], ids [T] int32 (already range-checked), out [T, H].
   virtual void embedding(const Tensor& table, const Tensor& ids, Tensor& out) = 0;
 
@@ -130,14 +146,6 @@ class MX_EXPORT Backend {
   virtual void attention(const Tensor& qkv, const AttentionShape& shape, const Tensor& positions,
                          const KvLayer& kv, const Tensor& page_table, Tensor& out) = 0;
 
-  // rope_kv_append, then attention (qkv is scratch afterwards: its q and k heads may be left
-  // rotated or not). The default runs the two; the CUDA backend fuses them for one token (decode).
-  virtual void rope_attention(Tensor& qkv, const AttentionShape& shape, const Tensor& positions, float rope_theta,
-                              const KvLayer& kv, const Tensor& page_table, Tensor& out) {
-    rope_kv_append(qkv, shape, positions, rope_theta, kv, page_table);
-    attention(qkv, shape, positions, kv, page_table, out);
-  }
-
   // Router: softmax over all experts, top-k (ties to the lower id), renormalise.
   // logits [T, E] float32 -> expert_ids [T, k] int32, weights [T, k] float32.
   virtual void router_topk(const Tensor& logits, Tensor& expert_ids, Tensor& weights) = 0;
@@ -147,6 +155,43 @@ class MX_EXPORT Backend {
   // [offsets[e], offsets[e+1])), permuted_to_expanded [R], expanded_to_permuted [R].
   virtual void moe_permute(const Tensor& expert_ids, Tensor& expert_offsets,
                            Tensor& permuted_to_expanded, Tensor& expanded_to_permuted) = 0;
+
+  // out[r] = x[permuted_to_expanded[r] / k]; x [T, H], out [R, H].
+  virtual void moe_gather(const Tensor& x, const Tensor& permuted_to_expanded, int k,
+                          Tensor& out) = 0;
+
+  // For each expert e: out[rows of e] = x[rows of e] @ w[e]^T.
+  // x [R, K], w [E, N, K], expert_offsets [E + 1], out [R, N]. For float8_e4m3 w, column n of
+  // expert e is the float32 sum over k of x * e4m3(w) times w.row_scales[e * N + n].
+  virtual void expert_matmul(const Tensor& x, const Tensor& w, const Tensor& expert_offsets,
+                             Tensor& out) = 0;
+
+  // out = silu(gate_up[:, :F]) * gate_up[:, F:]; gate_up [R, 2F], out [R, F].
+  virtual void silu_mul(const Tensor& gate_up, Tensor& out) = 0;
+
+  // out[t] = sum_j weights[t, j] * y[expanded_to_permuted[t*k + j]], j ascending.
+  // y [R', H] with R' >= R (the rows of some tokens only may be combined), weights [T, k]
+  // float32, out [T, H].
+  virtual void moe_unpermute(const Tensor& y, const Tensor& expanded_to_permuted,
+                             const Tensor& weights, Tensor& out) = 0;
+
+  // One token from logits [V] float32 by the steps of core/sampling.h with the draw
+  // uniform01(seed, step). state [2V + 1] int32 is the generation's: seen [V], counts [V] (read
+  // for the penalties) and the draw counter step, all updated here, on the device, so a
+  // captured decode step needs no host input. token [1] int32, logprob [1] float32 (raw
+  // log-softmax of the token), top_ids [n] int32, top_logprobs [n] float32, n = params.logprobs.
+  virtual void sample(const Tensor& logits, const SamplingParams& params, uint64_t seed, Tensor& state,
+                      Tensor& token, Tensor& logprob, Tensor& top_ids, Tensor& top_logprobs) = 0;
+
+  // ==== 3. The fusions: several operations in one call. Each default body runs them (the
+  // reference); a backend overrides one where it fuses the work ====
+  // rope_kv_append, then attention (qkv is scratch afterwards: its q and k heads may be left
+  // rotated or not). The default runs the two; the CUDA backend fuses them for one token (decode).
+  virtual void rope_attention(Tensor& qkv, const AttentionShape& shape, const Tensor& positions, float rope_theta,
+                              const KvLayer& kv, const Tensor& page_table, Tensor& out) {
+    rope_kv_append(qkv, shape, positions, rope_theta, kv, page_table);
+    attention(qkv, shape, positions, kv, page_table, out);
+  }
 
   // A layer's routing in one operation: logits = x @ router^T (float32), then router_topk,
   // moe_permute and moe_gather of x, into `routing` (layouts there); router [E, H]. This default
@@ -182,25 +227,6 @@ class MX_EXPORT Backend {
     moe(h, router, w13, w2, routing, experts);
   }
 
-  // out[r] = x[permuted_to_expanded[r] / k]; x [T, H], out [R, H].
-  virtual void moe_gather(const Tensor& x, const Tensor& permuted_to_expanded, int k,
-                          Tensor& out) = 0;
-
-  // For each expert e: out[rows of e] = x[rows of e] @ w[e]^T.
-  // x [R, K], w [E, N, K], expert_offsets [E + 1], out [R, N]. For float8_e4m3 w, column n of
-  // expert e is the float32 sum over k of x * e4m3(w) times w.row_scales[e * N + n].
-  virtual void expert_matmul(const Tensor& x, const Tensor& w, const Tensor& expert_offsets,
-                             Tensor& out) = 0;
-
-  // out = silu(gate_up[:, :F]) * gate_up[:, F:]; gate_up [R, 2F], out [R, F].
-  virtual void silu_mul(const Tensor& gate_up, Tensor& out) = 0;
-
-  // out[t] = sum_j weights[t, j] * y[expanded_to_permuted[t*k + j]], j ascending.
-  // y [R', H] with R' >= R (the rows of some tokens only may be combined), weights [T, k]
-  // float32, out [T, H].
-  virtual void moe_unpermute(const Tensor& y, const Tensor& expanded_to_permuted,
-                             const Tensor& weights, Tensor& out) = 0;
-
   // The experts' outputs combined into the residual stream and its next norm: moe_unpermute into
   // delta [T, H], then add_rmsnorm(residual, &delta, weight, eps, out). The default runs the
   // two; a backend may fuse them (the CUDA backend does, and leaves delta unwritten).
@@ -210,15 +236,6 @@ class MX_EXPORT Backend {
     moe_unpermute(y, expanded_to_permuted, weights, delta);
     add_rmsnorm(residual, &delta, norm_weight, eps, out);
   }
-
-  // ---- sampling ----
-  // One token from logits [V] float32 by the steps of core/sampling.h with the draw
-  // uniform01(seed, step). state [2V + 1] int32 is the generation's: seen [V], counts [V] (read
-  // for the penalties) and the draw counter step, all updated here, on the device, so a
-  // captured decode step needs no host input. token [1] int32, logprob [1] float32 (raw
-  // log-softmax of the token), top_ids [n] int32, top_logprobs [n] float32, n = params.logprobs.
-  virtual void sample(const Tensor& logits, const SamplingParams& params, uint64_t seed, Tensor& state,
-                      Tensor& token, Tensor& logprob, Tensor& top_ids, Tensor& top_logprobs) = 0;
 };
 
 }  // namespace mixtral

@@ -13,7 +13,7 @@
 
 namespace mixtral {
 
-constexpr float kE4M3Max = 448.0f;
+constexpr float kFp8Max = 448.0f;
 
 // The bits of a float32 and back, on the host and the device (also used by core/tensor.h).
 template <typename To, typename From>
@@ -27,7 +27,7 @@ MX_HOST_DEVICE inline uint32_t float_bits(float f) { return bit_cast<uint32_t>(f
 MX_HOST_DEVICE inline float bits_float(uint32_t u) { return bit_cast<float>(u); }
 
 // Rounds to the nearest E4M3 value (ties to even); finite values beyond 448 saturate to +-448.
-MX_HOST_DEVICE inline uint8_t float_to_e4m3(float f) {
+MX_HOST_DEVICE inline uint8_t float_to_fp8(float f) {
   const uint32_t u = float_bits(f);
   const uint8_t sign = static_cast<uint8_t>((u >> 24) & 0x80u);
   const uint32_t magnitude = u & 0x7fffffffu;
@@ -41,7 +41,7 @@ MX_HOST_DEVICE inline uint8_t float_to_e4m3(float f) {
   return sign | static_cast<uint8_t>(r > 0x7eu ? 0x7eu : r);
 }
 
-MX_HOST_DEVICE inline float e4m3_to_float(uint8_t b) {
+MX_HOST_DEVICE inline float fp8_to_float(uint8_t b) {
   const uint32_t exponent = (b >> 3) & 0xfu, mantissa = b & 0x7u;
   float magnitude;
   if (exponent == 0xfu && mantissa == 0x7u) magnitude = NAN;
@@ -51,8 +51,8 @@ MX_HOST_DEVICE inline float e4m3_to_float(uint8_t b) {
 }
 
 // Quantizes rows x cols float32 values row by row into E4M3 bytes and one scale per row (above).
-void quantize_rows_e4m3(const float* src, int64_t rows, int64_t cols, uint8_t* values, float* scales);
+void quantize_rows_fp8(const float* src, int64_t rows, int64_t cols, uint8_t* values, float* scales);
 // The reverse: out[r, c] = e4m3(values[r, c]) * scales[r] in float32.
-void dequantize_rows_e4m3(const uint8_t* values, const float* scales, int64_t rows, int64_t cols, float* out);
+void dequantize_rows_fp8(const uint8_t* values, const float* scales, int64_t rows, int64_t cols, float* out);
 
 }  // namespace mixtral

@@ -1,42 +1,9 @@
-// Argument checks of the operations (see core/op_checks.h), plus the host
-// dtype conversion declared in core/tensor.h and the FP8 row quantization of
-// core/fp8.h.
+// Argument checks of the operations (see core/op_checks.h).
 #include "core/op_checks.h"
 
 #include <algorithm>
 
 namespace mixtral {
-
-void convert_host(const void* src, DType src_dtype, void* dst, DType dst_dtype, int64_t n) {
-  MX_CHECK(is_float(src_dtype) && is_float(dst_dtype), ShapeError,
-           "convert: float dtypes only, got " << dtype_name(src_dtype) << " -> "
-                                              << dtype_name(dst_dtype));
-  if (n == 0) return;  // an empty array's buffer may be null
-  if (src_dtype == dst_dtype) {
-    std::memcpy(dst, src, static_cast<size_t>(n) * dtype_size(src_dtype));
-    return;
-  }
-#pragma omp parallel for schedule(static) if (n > (1 << 16))
-  for (int64_t i = 0; i < n; ++i) store_scalar(dst, dst_dtype, i, load_scalar(src, src_dtype, i));
-}
-
-void quantize_rows_e4m3(const float* src, int64_t rows, int64_t cols, uint8_t* values, float* scales) {
-#pragma omp parallel for schedule(static) if (rows * cols > (1 << 16))
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* row = src + r * cols;
-    float max_abs = 0.0f;
-    for (int64_t c = 0; c < cols; ++c) max_abs = std::max(max_abs, std::fabs(row[c]));
-    const float scale = max_abs > 0.0f ? max_abs / kE4M3Max : 1.0f;
-    scales[r] = scale;
-    for (int64_t c = 0; c < cols; ++c) values[r * cols + c] = float_to_e4m3(row[c] / scale);
-  }
-}
-
-void dequantize_rows_e4m3(const uint8_t* values, const float* scales, int64_t rows, int64_t cols, float* out) {
-#pragma omp parallel for schedule(static) if (rows * cols > (1 << 16))
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) out[r * cols + c] = e4m3_to_float(values[r * cols + c]) * scales[r];
-}
 
 void check_embedding(const Tensor& table, const Tensor& ids, const Tensor& out) {
   expect_float(table, "embedding.table", {-1, -1});

@@ -170,7 +170,7 @@ inline float load_scalar(const void* base, DType dtype, int64_t i) {
     case DType::kBFloat16: return bf16_to_float(static_cast<const uint16_t*>(base)[i]);
     case DType::kFloat16: return fp16_to_float(static_cast<const uint16_t*>(base)[i]);
     case DType::kInt32: return static_cast<float>(static_cast<const int32_t*>(base)[i]);
-    case DType::kFloat8E4M3: return e4m3_to_float(static_cast<const uint8_t*>(base)[i]);
+    case DType::kFloat8E4M3: return fp8_to_float(static_cast<const uint8_t*>(base)[i]);
   }
   return 0.0f;
 }
@@ -181,7 +181,7 @@ inline void store_scalar(void* base, DType dtype, int64_t i, float value) {
     case DType::kBFloat16: static_cast<uint16_t*>(base)[i] = float_to_bf16(value); break;
     case DType::kFloat16: static_cast<uint16_t*>(base)[i] = float_to_fp16(value); break;
     case DType::kInt32: static_cast<int32_t*>(base)[i] = static_cast<int32_t>(value); break;
-    case DType::kFloat8E4M3: static_cast<uint8_t*>(base)[i] = float_to_e4m3(value); break;
+    case DType::kFloat8E4M3: static_cast<uint8_t*>(base)[i] = float_to_fp8(value); break;
   }
 }
 

@@ -31,7 +31,7 @@ struct F16 {
 // float8_e4m3 weights (core/fp8.h), read only: their row scales are applied after the dot products.
 struct E4M3 {
   using storage = uint8_t;
-  static float load(uint8_t v) { return e4m3_to_float(v); }
+  static float load(uint8_t v) { return fp8_to_float(v); }
 };
 
 // Calls fn(F32{}), fn(BF16{}) or fn(F16{}) for a float dtype.

@@ -36,7 +36,7 @@ constexpr size_t shared_bytes() {
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kWarps * 32)
-    attention_tc_kernel(const T* qkv, int64_t width, int64_t tokens, int q_heads, int kv_heads,
+    attention_tensor_cores_kernel(const T* qkv, int64_t width, int64_t tokens, int q_heads, int kv_heads,
                         const int32_t* positions, const T* k_pool, const T* v_pool, const int32_t* page_table,
                         int page_size, float scale_log2, T* out) {
   constexpr int kStride = kPaddedRow<D>;
@@ -182,11 +182,11 @@ template <typename T, int D>
 bool launch_tc(const T* qkv, int64_t tokens, int64_t width, const AttentionShape& shape, const int32_t* positions,
                const T* k_pool, const T* v_pool, const int32_t* page_table, int page_size, T* out, cudaStream_t stream) {
   constexpr size_t bytes = shared_bytes<T, D>();
-  if (bytes > size_t(opt_in_shared_memory<attention_tc_kernel<T, D>>())) return false;
+  if (bytes > size_t(opt_in_shared_memory<attention_tensor_cores_kernel<T, D>>())) return false;
   const int64_t rows = tokens * (shape.num_heads / shape.num_kv_heads);
   const dim3 grid(static_cast<unsigned>((rows + kBlockRows - 1) / kBlockRows), shape.num_kv_heads);
   const float scale_log2 = static_cast<float>(1.4426950408889634 / std::sqrt(double(D)));  // log2(e) / sqrt(D)
-  launch(attention_tc_kernel<T, D>, grid, kWarps * 32, bytes, stream, qkv, width, tokens, shape.num_heads,
+  launch(attention_tensor_cores_kernel<T, D>, grid, kWarps * 32, bytes, stream, qkv, width, tokens, shape.num_heads,
          shape.num_kv_heads, positions, k_pool, v_pool, page_table, page_size, scale_log2, out);
   return true;
 }

@@ -313,7 +313,7 @@ bool CudaBackend::fused_route_fits(const Tensor& x, const Tensor& router) const 
 }
 
 void CudaBackend::launch_fused_route(const Tensor& x, const Tensor& router, Routing& routing,
-                                     const ExpertPointerJobs& jobs, const FusedNorm* norm) {
+                                     const ExpertPointerJobs& jobs, const RouteNorm* norm) {
   if (norm) {
     check_add_rmsnorm(norm->residual, &norm->delta, norm->weight, x);
     check_same_dtype("add_rmsnorm_moe", norm->residual, x);
@@ -328,10 +328,10 @@ void CudaBackend::launch_fused_route(const Tensor& x, const Tensor& router, Rout
   check_same_dtype("route", x, routing.gathered);
   dispatch_device_float(x.dtype, [&](auto tag) {
     using T = decltype(tag);
-    const RouteNorm<T> route_norm =
-        norm ? RouteNorm<T>{norm->residual.ptr<T>(), norm->delta.ptr<const T>(), norm->weight.ptr<const T>(),
+    const RouteNormPointers<T> route_norm =
+        norm ? RouteNormPointers<T>{norm->residual.ptr<T>(), norm->delta.ptr<const T>(), norm->weight.ptr<const T>(),
                             norm->eps, static_cast<T*>(x.data)}
-             : RouteNorm<T>{nullptr, nullptr, nullptr, 0.0f, nullptr};
+             : RouteNormPointers<T>{nullptr, nullptr, nullptr, 0.0f, nullptr};
     launch_route(x.ptr<const T>(), router.ptr<const T>(), x.shape[0], x.shape[1], static_cast<int>(router.shape[0]),
                  static_cast<int>(routing.expert_ids.shape[1]), routing.logits.ptr<float>(),
                  routing.expert_ids.ptr<int32_t>(), routing.weights.ptr<float>(), routing.expert_offsets.ptr<int32_t>(),
@@ -371,7 +371,7 @@ ExpertGemmPath CudaBackend::expert_path(int64_t rows) const {
 std::vector<int32_t> CudaBackend::offsets_on_host(const Tensor& expert_offsets, int64_t rows) {
   MX_CHECK(!capturing_, Error,
            "cuda: a recorded decode step cannot read the expert offsets on the host (the per-expert and grouped "
-           "paths do, and FP8 experts past " << kE4M3GemvMaxRows << " rows)");
+           "paths do, and FP8 experts past " << kExpertGemvFp8MaxRows << " rows)");
   std::vector<int32_t> offsets(expert_offsets.shape[0]);
   runtime_.download(offsets.data(), expert_offsets.data, offsets.size() * sizeof(int32_t));
   MX_CHECK(offsets.front() == 0 && offsets.back() == rows, ShapeError,
@@ -501,8 +501,8 @@ void CudaBackend::expert_matmul(const Tensor& x, const Tensor& w, const Tensor& 
   const int64_t R = x.shape[0];
   if (w.dtype == DType::kFloat8E4M3) {
     check_same_dtype("expert_matmul", x, out);
-    if (R <= kE4M3GemvMaxRows) expert_gemv_e4m3(x, w, expert_offsets, out);
-    else expert_gemm_e4m3_dequantized(x, w, offsets_on_host(expert_offsets, R), out);
+    if (R <= kExpertGemvFp8MaxRows) expert_gemv_fp8(x, w, expert_offsets, out);
+    else expert_gemm_fp8_dequantized(x, w, offsets_on_host(expert_offsets, R), out);
     return;
   }
   const ExpertGemmPath path = expert_path(R);
@@ -515,16 +515,16 @@ void CudaBackend::expert_matmul(const Tensor& x, const Tensor& w, const Tensor& 
   expert_gemm_batched(x, w, out, jobs.gemm[0]);
 }
 
-void CudaBackend::expert_gemv_e4m3(const Tensor& x, const Tensor& w, const Tensor& expert_offsets, Tensor& out) {
+void CudaBackend::expert_gemv_fp8(const Tensor& x, const Tensor& w, const Tensor& expert_offsets, Tensor& out) {
   dispatch_device_float(x.dtype, [&](auto tag) {
     using T = decltype(tag);
-    launch_e4m3_expert_gemv(x.ptr<const T>(), x.shape[0], w.ptr<const uint8_t>(), w.row_scales,
+    launch_expert_gemv_fp8(x.ptr<const T>(), x.shape[0], w.ptr<const uint8_t>(), w.row_scales,
                             static_cast<int>(w.shape[0]), expert_offsets.ptr<const int32_t>(), w.shape[1], w.shape[2],
                             out.ptr<T>(), runtime_.stream());
   });
 }
 
-void CudaBackend::expert_gemm_e4m3_dequantized(const Tensor& x, const Tensor& w, const std::vector<int32_t>& offsets,
+void CudaBackend::expert_gemm_fp8_dequantized(const Tensor& x, const Tensor& w, const std::vector<int32_t>& offsets,
                                                Tensor& out) {
   const int64_t E = w.shape[0], N = w.shape[1], K = w.shape[2];
   const uint8_t* values = w.ptr<const uint8_t>();
@@ -543,7 +543,7 @@ void CudaBackend::expert_gemm_e4m3_dequantized(const Tensor& x, const Tensor& w,
       const int64_t rows = std::min(chunk, N - n0);
       dispatch_device_float(x.dtype, [&](auto tag) {
         using T = decltype(tag);
-        launch_dequantize_e4m3(values + (e * N + n0) * K, w.row_scales + e * N + n0, rows, K,
+        launch_dequantize_fp8(values + (e * N + n0) * K, w.row_scales + e * N + n0, rows, K,
                                static_cast<T*>(scratch), runtime_.stream());
       });
       char* out_columns = static_cast<char*>(out.data) + (begin * N + n0) * element;  // rows begin.., columns n0..
@@ -566,7 +566,7 @@ void check_experts(const Routing& routing, const Tensor& w13, const Tensor& w2, 
 void CudaBackend::moe(const Tensor& x, const Tensor& router, const Tensor& w13, const Tensor& w2, Routing& routing,
                       ExpertBuffers& experts) {
   check_experts(routing, w13, w2, experts);
-  if (w13.dtype == DType::kFloat8E4M3) return moe_e4m3(x, router, w13, w2, routing, experts, nullptr);
+  if (w13.dtype == DType::kFloat8E4M3) return moe_fp8(x, router, w13, w2, routing, experts, nullptr);
   const int64_t R = routing.gathered.shape[0];
   const ExpertGemmPath path = expert_path(R);
   if (path == ExpertGemmPath::kBatched) return moe_batched(x, router, w13, w2, routing, experts, nullptr);
@@ -577,27 +577,27 @@ void CudaBackend::moe(const Tensor& x, const Tensor& router, const Tensor& w13, 
   expert_gemm_on_host_offsets(path, experts.act, w2, offsets, experts.out);
 }
 
-void CudaBackend::moe_e4m3(const Tensor& x, const Tensor& router, const Tensor& w13, const Tensor& w2,
-                           Routing& routing, ExpertBuffers& experts, const FusedNorm* norm) {
+void CudaBackend::moe_fp8(const Tensor& x, const Tensor& router, const Tensor& w13, const Tensor& w2,
+                           Routing& routing, ExpertBuffers& experts, const RouteNorm* norm) {
   if (fused_route_fits(x, router)) launch_fused_route(x, router, routing, ExpertPointerJobs{{}, 0}, norm);
   else Backend::route(x, router, routing);  // norm is only given when the fused kernel fits
   check_same_dtype("moe", routing.gathered, experts.gate_up);
   check_same_dtype("moe", experts.act, experts.out);
   const int64_t R = routing.gathered.shape[0];
-  if (R <= kE4M3GemvMaxRows) {
-    expert_gemv_e4m3(routing.gathered, w13, routing.expert_offsets, experts.gate_up);
+  if (R <= kExpertGemvFp8MaxRows) {
+    expert_gemv_fp8(routing.gathered, w13, routing.expert_offsets, experts.gate_up);
     silu_mul(experts.gate_up, experts.act);
-    expert_gemv_e4m3(experts.act, w2, routing.expert_offsets, experts.out);
+    expert_gemv_fp8(experts.act, w2, routing.expert_offsets, experts.out);
     return;
   }
   const std::vector<int32_t> offsets = offsets_on_host(routing.expert_offsets, R);  // once for both GEMMs
-  expert_gemm_e4m3_dequantized(routing.gathered, w13, offsets, experts.gate_up);
+  expert_gemm_fp8_dequantized(routing.gathered, w13, offsets, experts.gate_up);
   silu_mul(experts.gate_up, experts.act);
-  expert_gemm_e4m3_dequantized(experts.act, w2, offsets, experts.out);
+  expert_gemm_fp8_dequantized(experts.act, w2, offsets, experts.out);
 }
 
 void CudaBackend::moe_batched(const Tensor& x, const Tensor& router, const Tensor& w13, const Tensor& w2,
-                              Routing& routing, ExpertBuffers& experts, const FusedNorm* norm) {
+                              Routing& routing, ExpertBuffers& experts, const RouteNorm* norm) {
   const int64_t R = routing.gathered.shape[0];
   void** arrays = pointer_arrays(6 * R);
   const ExpertPointerJobs jobs{{batched_pointers(routing.gathered, w13, experts.gate_up, arrays),
@@ -624,8 +624,8 @@ void CudaBackend::add_rmsnorm_moe(Tensor& residual, const Tensor& delta, const T
   if ((!fp8 && expert_path(R) != ExpertGemmPath::kBatched) || !fused_route_fits(h, router))
     return Backend::add_rmsnorm_moe(residual, delta, norm_weight, eps, h, router, w13, w2, routing, experts);
   check_experts(routing, w13, w2, experts);
-  const FusedNorm norm{residual, delta, norm_weight, eps};
-  if (fp8) moe_e4m3(h, router, w13, w2, routing, experts, &norm);
+  const RouteNorm norm{residual, delta, norm_weight, eps};
+  if (fp8) moe_fp8(h, router, w13, w2, routing, experts, &norm);
   else moe_batched(h, router, w13, w2, routing, experts, &norm);
 }
 

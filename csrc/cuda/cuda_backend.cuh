@@ -9,7 +9,7 @@
 //   grouped     cublasGemmGroupedBatchedEx, one group per expert with rows (offsets on the host)
 // "auto" picks batched up to kBatchedMaxRows rows (decode) and per_expert above
 // (prefill), the fastest paths the H200 measurements in DESIGN.md found. float8_e4m3
-// experts (core/fp8.h) take none of these: a hand-written kernel up to kE4M3GemvMaxRows
+// experts (core/fp8.h) take none of these: a hand-written kernel up to kExpertGemvFp8MaxRows
 // rows (no host sync), else chunks dequantized for cublasGemmEx per expert.
 // Options: "expert_gemm" = auto|per_expert|batched|grouped; "attention" = auto (prefill in
 // bfloat16/float16 on the tensor cores) or simple (the CUDA-core kernel for everything).
@@ -90,8 +90,6 @@ class CudaBackend final : public Backend {
   void sample(const Tensor& logits, const SamplingParams& params, uint64_t seed, Tensor& state, Tensor& token,
               Tensor& logprob, Tensor& top_ids, Tensor& top_logprobs) override;
 
-  static constexpr int64_t kBatchedMaxRows = 16;
-
  private:
   // out[M, N] = x[M, K] @ w^T for row-major w with leading dimension K (one cublasGemmEx); out's
   // rows are ld_out elements apart.
@@ -112,31 +110,33 @@ class CudaBackend final : public Backend {
   ExpertGemmPointers batched_pointers(const Tensor& x, const Tensor& w, Tensor& out, void** arrays) const;
   void expert_gemm_batched(const Tensor& x, const Tensor& w, Tensor& out, const ExpertGemmPointers& pointers);
   bool fused_route_fits(const Tensor& x, const Tensor& router) const;
-  // The fused routing kernel, also writing the pointer arrays of `jobs`; with `norm`, x is first
-  // made as add_rmsnorm(norm->residual, &norm->delta, norm->weight, eps, x).
-  struct FusedNorm {
+  // The add_rmsnorm that the fused routing kernel may do first: x = add_rmsnorm(residual, &delta,
+  // weight, eps) (the kernel takes it as RouteNormPointers, cuda/kernels.cuh).
+  struct RouteNorm {
     Tensor& residual;
     const Tensor& delta;
     const Tensor& weight;
     float eps;
   };
+  // The fused routing kernel, also writing the pointer arrays of `jobs`; with `norm`, x is first
+  // made by its add_rmsnorm.
   void launch_fused_route(const Tensor& x, const Tensor& router, Routing& routing, const ExpertPointerJobs& jobs,
-                          const FusedNorm* norm = nullptr);
+                          const RouteNorm* norm = nullptr);
   // expert_matmul of float8_e4m3 weights (x and out of one dtype): the hand-written kernel for at
-  // most kE4M3GemvMaxRows rows (decode; offsets read on the device, no host sync), or per expert
+  // most kExpertGemvFp8MaxRows rows (decode; offsets read on the device, no host sync), or per expert
   // with rows, row chunks of w dequantized to x's dtype for cublasGemmEx (prefill).
-  void expert_gemv_e4m3(const Tensor& x, const Tensor& w, const Tensor& expert_offsets, Tensor& out);
-  void expert_gemm_e4m3_dequantized(const Tensor& x, const Tensor& w, const std::vector<int32_t>& offsets,
+  void expert_gemv_fp8(const Tensor& x, const Tensor& w, const Tensor& expert_offsets, Tensor& out);
+  void expert_gemm_fp8_dequantized(const Tensor& x, const Tensor& w, const std::vector<int32_t>& offsets,
                                     Tensor& out);
   // moe() of float8_e4m3 experts: the fused routing kernel (without pointer arrays; with `norm`,
   // if given) when it fits, else the separate routing ops, then the expert ops (offsets read on
   // the host once for both GEMMs when the dequantized path runs).
-  void moe_e4m3(const Tensor& x, const Tensor& router, const Tensor& w13, const Tensor& w2, Routing& routing,
-                ExpertBuffers& experts, const FusedNorm* norm);
+  void moe_fp8(const Tensor& x, const Tensor& router, const Tensor& w13, const Tensor& w2, Routing& routing,
+                ExpertBuffers& experts, const RouteNorm* norm);
   // moe() on the batched path: both GEMMs' pointer arrays written by one launch, the fused routing
   // kernel's when it fits (then with `norm`, if given), else a pointer kernel's after the routing.
   void moe_batched(const Tensor& x, const Tensor& router, const Tensor& w13, const Tensor& w2, Routing& routing,
-                   ExpertBuffers& experts, const FusedNorm* norm);
+                   ExpertBuffers& experts, const RouteNorm* norm);
   // Device memory kept between calls and grown rarely (never while a graph is recorded).
   struct GrowingBuffer {
     void* data = nullptr;

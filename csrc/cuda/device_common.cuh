@@ -23,29 +23,40 @@ __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { retu
 template <>
 __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
 template <>  // uint8_t elements are float8_e4m3 (expert weights, core/fp8.h), the only byte dtype
-__device__ __forceinline__ uint8_t from_f32<uint8_t>(float v) { return float_to_e4m3(v); }
+__device__ __forceinline__ uint8_t from_f32<uint8_t>(float v) { return float_to_fp8(v); }
 
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+// The reductions: combine(a, b) over the warp's 32 lanes or the whole block, every thread getting
+// the result. shuffle_xor moves a value between lanes; a kernel file that reduces a struct of its
+// own adds its overload.
+__device__ __forceinline__ float shuffle_xor(float v, int lane_mask) { return __shfl_xor_sync(0xffffffffu, v, lane_mask); }
+
+template <typename V, typename Combine>
+__device__ __forceinline__ V warp_reduce(V v, Combine combine) {
+  for (int lane_mask = 16; lane_mask > 0; lane_mask /= 2) v = combine(v, shuffle_xor(v, lane_mask));
   return v;
 }
 
-__device__ __forceinline__ float warp_max(float v) {
-  for (int offset = 16; offset > 0; offset /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
-  return v;
-}
-
-// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
-__device__ inline float block_sum(float v) {
-  __shared__ float partial[32];
+// blockDim.x a multiple of 32, at most 1024; `identity` stands for the warps the block lacks.
+template <typename V, typename Combine>
+__device__ V block_reduce(V v, V identity, Combine combine) {
+  __shared__ V partial[32];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
-  v = warp_sum(v);
+  v = warp_reduce(v, combine);
   __syncthreads();  // partial[] may still be read by a previous call
   if (lane == 0) partial[warp] = v;
   __syncthreads();
-  v = lane < warps ? partial[lane] : 0.0f;
-  return warp_sum(v);
+  return warp_reduce(lane < warps ? partial[lane] : identity, combine);
 }
+
+struct Plus {
+  __device__ float operator()(float a, float b) const { return a + b; }
+};
+struct Max {
+  __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+__device__ __forceinline__ float warp_sum(float v) { return warp_reduce(v, Plus{}); }
+__device__ __forceinline__ float warp_max(float v) { return warp_reduce(v, Max{}); }
+__device__ __forceinline__ float block_sum(float v) { return block_reduce(v, 0.0f, Plus{}); }
 
 inline unsigned blocks_for(int64_t items, int threads) { return static_cast<unsigned>((items + threads - 1) / threads); }
 

@@ -22,33 +22,33 @@ __device__ __forceinline__ void load_widened(const T* row, int64_t k, float (&va
   }
 }
 
-// kE4M3GemvWarps warps a block, and registers bounded so that kMinBlocks blocks share an SM: 16
+// kExpertGemvFp8Warps warps a block, and registers bounded so that kMinBlocks blocks share an SM: 16
 // warps for decode (up to 2 rows), enough loads in flight to stream the weights; 12 for up to 16
 // rows, whose sums would spill at 16.
-constexpr int kE4M3GemvWarps = 4;
+constexpr int kExpertGemvFp8Warps = 4;
 template <int kMaxRows>
-constexpr int kE4M3GemvMinBlocks = kMaxRows <= 2 ? 4 : 3;
+constexpr int kExpertGemvFp8MinBlocks = kMaxRows <= 2 ? 4 : 3;
 
-// grid (ceil(N / (warps * kE4M3RowsPerWarp)), E): warp w of block b computes the kE4M3RowsPerWarp
-// output columns from n0 = (b * warps + w) * kE4M3RowsPerWarp for the rows of expert blockIdx.y,
+// grid (ceil(N / (warps * kExpertGemvFp8RowsPerWarp)), E): warp w of block b computes the kExpertGemvFp8RowsPerWarp
+// output columns from n0 = (b * warps + w) * kExpertGemvFp8RowsPerWarp for the rows of expert blockIdx.y,
 // at most kMaxRows of them, found from expert_offsets on the device. Lanes stride over K kWidth
 // weight bytes at a time (16: one 16-byte load per row), each x chunk serving all the warp's
 // columns; the weight bytes stay packed in registers and are widened where they are used. The
 // float sums are reduced over the warp and scaled by the column's row scale.
 template <typename T, int kWidth, int kMaxRows>
-__global__ void __launch_bounds__(kE4M3GemvWarps * 32, kE4M3GemvMinBlocks<kMaxRows>)
-    e4m3_expert_gemv_kernel(const T* x, const uint8_t* w, const float* row_scales, const int32_t* expert_offsets,
+__global__ void __launch_bounds__(kExpertGemvFp8Warps * 32, kExpertGemvFp8MinBlocks<kMaxRows>)
+    expert_gemv_fp8_kernel(const T* x, const uint8_t* w, const float* row_scales, const int32_t* expert_offsets,
                             int64_t N, int64_t K, T* out) {
   const int e = blockIdx.y;
   const int64_t begin = expert_offsets[e], count = expert_offsets[e + 1] - begin;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int64_t n0 = (int64_t(blockIdx.x) * (blockDim.x / 32) + warp) * kE4M3RowsPerWarp;
+  const int64_t n0 = (int64_t(blockIdx.x) * (blockDim.x / 32) + warp) * kExpertGemvFp8RowsPerWarp;
   if (count == 0 || n0 >= N) return;  // the same for the whole warp
-  float acc[kE4M3RowsPerWarp][kMaxRows] = {};  // indexed by unrolled loops only: registers
+  float acc[kExpertGemvFp8RowsPerWarp][kMaxRows] = {};  // indexed by unrolled loops only: registers
   for (int64_t k = int64_t(lane) * kWidth; k < K; k += 32 * kWidth) {
-    Pack<uint8_t, kWidth> bytes[kE4M3RowsPerWarp];
+    Pack<uint8_t, kWidth> bytes[kExpertGemvFp8RowsPerWarp];
 #pragma unroll
-    for (int j = 0; j < kE4M3RowsPerWarp; ++j) {  // a column past N reads column n0's bytes, never stored
+    for (int j = 0; j < kExpertGemvFp8RowsPerWarp; ++j) {  // a column past N reads column n0's bytes, never stored
       bytes[j] = *reinterpret_cast<const Pack<uint8_t, kWidth>*>(w + (int64_t(e) * N + (n0 + j < N ? n0 + j : n0)) * K + k);
     }
 #pragma unroll
@@ -57,9 +57,9 @@ __global__ void __launch_bounds__(kE4M3GemvWarps * 32, kE4M3GemvMinBlocks<kMaxRo
         float xs[kWidth];
         load_widened<T, kWidth>(x + (begin + r) * K, k, xs);
 #pragma unroll
-        for (int j = 0; j < kE4M3RowsPerWarp; ++j)
+        for (int j = 0; j < kExpertGemvFp8RowsPerWarp; ++j)
 #pragma unroll
-          for (int i = 0; i < kWidth; ++i) acc[j][r] += e4m3_to_float(bytes[j].values[i]) * xs[i];
+          for (int i = 0; i < kWidth; ++i) acc[j][r] += fp8_to_float(bytes[j].values[i]) * xs[i];
       }
     }
   }
@@ -67,7 +67,7 @@ __global__ void __launch_bounds__(kE4M3GemvWarps * 32, kE4M3GemvMinBlocks<kMaxRo
   for (int r = 0; r < kMaxRows; ++r) {
     if (r >= count) break;
 #pragma unroll
-    for (int j = 0; j < kE4M3RowsPerWarp; ++j) {
+    for (int j = 0; j < kExpertGemvFp8RowsPerWarp; ++j) {
       const float sum = warp_sum(acc[j][r]);
       if (lane == 0 && n0 + j < N)
         out[(begin + r) * N + n0 + j] = from_f32<T>(sum * row_scales[int64_t(e) * N + n0 + j]);
@@ -77,47 +77,47 @@ __global__ void __launch_bounds__(kE4M3GemvWarps * 32, kE4M3GemvMinBlocks<kMaxRo
 
 // out[r, c] = e4m3(w[r, c]) * row_scales[r], rounded to T.
 template <typename T>
-__global__ void dequantize_e4m3_kernel(const uint8_t* w, const float* row_scales, int64_t rows, int64_t cols, T* out) {
+__global__ void dequantize_fp8_kernel(const uint8_t* w, const float* row_scales, int64_t rows, int64_t cols, T* out) {
   const int64_t n = rows * cols;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-    out[i] = from_f32<T>(e4m3_to_float(w[i]) * row_scales[i / cols]);
+    out[i] = from_f32<T>(fp8_to_float(w[i]) * row_scales[i / cols]);
 }
 
 }  // namespace
 
 template <typename T>
-void launch_e4m3_expert_gemv(const T* x, int64_t rows, const uint8_t* w, const float* row_scales, int num_experts,
+void launch_expert_gemv_fp8(const T* x, int64_t rows, const uint8_t* w, const float* row_scales, int num_experts,
                              const int32_t* expert_offsets, int64_t N, int64_t K, T* out, cudaStream_t stream) {
   if (rows == 0) return;
   // 16 columns a block: 768 blocks of two active experts for an 8x22B w2 (N 6144).
-  constexpr int kWarps = kE4M3GemvWarps;
-  const dim3 grid(blocks_for(N, kWarps * kE4M3RowsPerWarp), static_cast<unsigned>(num_experts));
+  constexpr int kWarps = kExpertGemvFp8Warps;
+  const dim3 grid(blocks_for(N, kWarps * kExpertGemvFp8RowsPerWarp), static_cast<unsigned>(num_experts));
   // 16 weight bytes per lane and row when K and both pointers keep rows of x and w 16-byte aligned.
   dispatch_pack_width<uint8_t>(K, {x, w}, [&](auto width) {
     constexpr int kWidth = decltype(width)::value;
     if (rows <= 2) {  // one token's two experts: a row bound of 2 keeps the sums few
-      launch(e4m3_expert_gemv_kernel<T, kWidth, 2>, grid, kWarps * 32, 0, stream, x, w, row_scales, expert_offsets, N,
+      launch(expert_gemv_fp8_kernel<T, kWidth, 2>, grid, kWarps * 32, 0, stream, x, w, row_scales, expert_offsets, N,
              K, out);
     } else {  // 8 weight bytes per load, so that 16 rows' sums fit the register bound without spilling
       constexpr int kManyRowsWidth = kWidth < 8 ? kWidth : 8;
-      launch(e4m3_expert_gemv_kernel<T, kManyRowsWidth, int(kE4M3GemvMaxRows)>, grid, kWarps * 32, 0, stream, x, w,
+      launch(expert_gemv_fp8_kernel<T, kManyRowsWidth, int(kExpertGemvFp8MaxRows)>, grid, kWarps * 32, 0, stream, x, w,
              row_scales, expert_offsets, N, K, out);
     }
   });
 }
 
 template <typename T>
-void launch_dequantize_e4m3(const uint8_t* w, const float* row_scales, int64_t rows, int64_t cols, T* out,
+void launch_dequantize_fp8(const uint8_t* w, const float* row_scales, int64_t rows, int64_t cols, T* out,
                             cudaStream_t stream) {
   if (rows * cols == 0) return;
-  launch(dequantize_e4m3_kernel<T>, static_cast<unsigned>(std::min<int64_t>(blocks_for(rows * cols, 256), 65536)), 256,
+  launch(dequantize_fp8_kernel<T>, static_cast<unsigned>(std::min<int64_t>(blocks_for(rows * cols, 256), 65536)), 256,
          0, stream, w, row_scales, rows, cols, out);
 }
 
 #define MX_INSTANTIATE(T) \
-  template void launch_e4m3_expert_gemv<T>(const T*, int64_t, const uint8_t*, const float*, int, const int32_t*, \
+  template void launch_expert_gemv_fp8<T>(const T*, int64_t, const uint8_t*, const float*, int, const int32_t*, \
                                            int64_t, int64_t, T*, cudaStream_t); \
-  template void launch_dequantize_e4m3<T>(const uint8_t*, const float*, int64_t, int64_t, T*, cudaStream_t);
+  template void launch_dequantize_fp8<T>(const uint8_t*, const float*, int64_t, int64_t, T*, cudaStream_t);
 
 MX_INSTANTIATE(float)
 MX_INSTANTIATE(__nv_bfloat16)

@@ -18,6 +18,28 @@
 
 namespace mixtral::cuda {
 
+// ---- The decode limits: where the paths for a few tokens stop, and why ----
+// A decode step has 1 token and k = 2 expanded rows; each limit leaves room for 8 tokens (16 rows).
+// Up to kBatchedMaxRows rows, the expert GEMMs take the batched path (cublasGemmBatchedEx with
+// device pointer arrays: no host sync, recordable in a graph). It runs one 1-row GEMM per row, each
+// reading its expert's whole weight, so past a few rows per expert the per-expert GEMMs (each
+// expert's weight read once, offsets read on the host) win.
+constexpr int64_t kBatchedMaxRows = 16;
+// FP8 experts up to this many rows take the hand-written GEMV (no host sync), whose per-row sums
+// live in registers: 16 rows is what its launch bounds hold without spilling.
+constexpr int64_t kExpertGemvFp8MaxRows = 16;
+// The fused routing kernel is one block: its tokens x experts dot products and the per-expert
+// counts live in static shared memory sized by these.
+constexpr int64_t kFusedRouteMaxTokens = 8;
+constexpr int kFusedRouteMaxExperts = 32;
+// Up to kSplitMaxTokens tokens, attention splits the cached positions over several blocks per
+// (token, KV head) (flash-decoding): so few blocks would leave most SMs idle. At most kMaxSplits
+// splits (with Mixtral's 8 KV heads, 512 blocks: every SM busy at 64k positions), each of at
+// least kMinSplitPositions positions. The split scratch is sized for kSplitMaxTokens tokens.
+constexpr int64_t kSplitMaxTokens = 8;
+constexpr int64_t kMaxSplits = 64;
+constexpr int64_t kMinSplitPositions = 128;
+
 // Shared memory a block may take without opting in (static and dynamic together).
 constexpr size_t kDefaultSharedBytes = 48 << 10;
 
@@ -115,9 +137,6 @@ void launch_rope_kv_append(T* qkv, int64_t tokens, int64_t width, const Attentio
 // position (at least kMinSplitPositions, so a short context leaves the later blocks idle), and
 // the last split block of each (token, KV head) to finish merges the splits by their
 // log-sum-exp (one launch, no merge kernel).
-constexpr int64_t kMaxSplits = 64;  // with Mixtral's 8 KV heads, 512 blocks: every SM busy at 64k
-constexpr int64_t kMinSplitPositions = 128;
-constexpr int64_t kSplitMaxTokens = 8;
 struct AttentionScratch {
   float* data;              // [tokens * Hq * splits * (head_dim + 1)] partial outputs and log-sum-exps
   int64_t floats;
@@ -173,7 +192,7 @@ void launch_expert_pointers(const int32_t* expert_offsets, int num_experts, int6
 // The add_rmsnorm a fused routing kernel does first (residual += delta, out = rmsnorm(residual) *
 // weight; out is the routing's x), or none (residual null). residual, delta, out [T, H]; weight [H].
 template <typename T>
-struct RouteNorm {
+struct RouteNormPointers {
   T* residual;
   const T* delta;
   const T* weight;
@@ -187,12 +206,10 @@ struct RouteNorm {
 // pointer arrays of `jobs` (launch_expert_pointers) from the routing just made. With `norm`,
 // x is first made by its add_rmsnorm. The dot products are split over the block's warps and
 // summed in a fixed order.
-constexpr int64_t kFusedRouteMaxTokens = 8;
-constexpr int kFusedRouteMaxExperts = 32;
 template <typename T>
 void launch_route(const T* x, const T* router, int64_t tokens, int64_t hidden, int num_experts, int k, float* logits,
                   int32_t* expert_ids, float* weights, int32_t* expert_offsets, int32_t* permuted_to_expanded,
-                  int32_t* expanded_to_permuted, T* gathered, const ExpertPointerJobs& jobs, const RouteNorm<T>& norm,
+                  int32_t* expanded_to_permuted, T* gathered, const ExpertPointerJobs& jobs, const RouteNormPointers<T>& norm,
                   cudaStream_t stream);
 
 // Groups expanded rows by expert, stable in the row index: offsets [E + 1], both row maps [R].
@@ -221,17 +238,16 @@ void launch_moe_unpermute(const T* y, const int32_t* expanded_to_permuted, const
                           int64_t tokens, int k, int64_t hidden, cudaStream_t stream);
 
 // float8_e4m3 expert weights w [E, N, K] with row scales [E * N] (core/fp8.h).
-// expert_matmul for at most kE4M3GemvMaxRows rows (decode): out [R, N] = x [R, K] @ dequantized w[e]^T per
+// expert_matmul for at most kExpertGemvFp8MaxRows rows (decode): out [R, N] = x [R, K] @ dequantized w[e]^T per
 // expert e, its rows found from expert_offsets on the device (no host sync, graph-capturable); each warp
-// computes kE4M3RowsPerWarp output columns, reading their weights once.
-constexpr int64_t kE4M3GemvMaxRows = 16;
-constexpr int kE4M3RowsPerWarp = 4;
+// computes kExpertGemvFp8RowsPerWarp output columns, reading their weights once.
+constexpr int kExpertGemvFp8RowsPerWarp = 4;
 template <typename T>
-void launch_e4m3_expert_gemv(const T* x, int64_t rows, const uint8_t* w, const float* row_scales, int num_experts,
+void launch_expert_gemv_fp8(const T* x, int64_t rows, const uint8_t* w, const float* row_scales, int num_experts,
                              const int32_t* expert_offsets, int64_t N, int64_t K, T* out, cudaStream_t stream);
 // out [rows, cols] of T = e4m3(w) * row scale, for cuBLAS to multiply (prefill).
 template <typename T>
-void launch_dequantize_e4m3(const uint8_t* w, const float* row_scales, int64_t rows, int64_t cols, T* out,
+void launch_dequantize_fp8(const uint8_t* w, const float* row_scales, int64_t rows, int64_t cols, T* out,
                             cudaStream_t stream);
 
 // One token from logits [V] float32 (core/sampling.h; the Backend::sample contract), one block.

@@ -114,7 +114,7 @@ template <typename T, int kWidth>
 __global__ void __launch_bounds__(kRouteThreads)
     route_kernel(const T* x, const T* router, int tokens, int64_t hidden, int num_experts, int k, float* logits,
                  int32_t* expert_ids, float* weights, int32_t* offsets, int32_t* permuted_to_expanded,
-                 int32_t* expanded_to_permuted, T* gathered, ExpertPointerJobs jobs, RouteNorm<T> norm) {
+                 int32_t* expanded_to_permuted, T* gathered, ExpertPointerJobs jobs, RouteNormPointers<T> norm) {
   if (norm.residual) {
     for (int t = 0; t < tokens; ++t) {
       const T* delta = norm.delta + t * hidden;
@@ -192,7 +192,7 @@ void launch_router_topk(const float* logits, int64_t tokens, int num_experts, in
 template <typename T>
 void launch_route(const T* x, const T* router, int64_t tokens, int64_t hidden, int num_experts, int k, float* logits,
                   int32_t* expert_ids, float* weights, int32_t* expert_offsets, int32_t* permuted_to_expanded,
-                  int32_t* expanded_to_permuted, T* gathered, const ExpertPointerJobs& jobs, const RouteNorm<T>& norm,
+                  int32_t* expanded_to_permuted, T* gathered, const ExpertPointerJobs& jobs, const RouteNormPointers<T>& norm,
                   cudaStream_t stream) {
   MX_CHECK(tokens >= 1 && tokens <= kFusedRouteMaxTokens && num_experts <= kFusedRouteMaxExperts, ShapeError,
            "cuda route: " << tokens << " tokens over " << num_experts << " experts is not for the fused kernel");
@@ -220,7 +220,7 @@ void launch_expert_pointers(const int32_t* expert_offsets, int num_experts, int6
 
 #define MX_INSTANTIATE(T) \
   template void launch_route<T>(const T*, const T*, int64_t, int64_t, int, int, float*, int32_t*, float*, \
-                                int32_t*, int32_t*, int32_t*, T*, const ExpertPointerJobs&, const RouteNorm<T>&, \
+                                int32_t*, int32_t*, int32_t*, T*, const ExpertPointerJobs&, const RouteNormPointers<T>&, \
                                 cudaStream_t);
 
 MX_INSTANTIATE(float)

@@ -35,20 +35,15 @@ __device__ __forceinline__ Best better(Best a, Best b) {
   return (b.value > a.value || (b.value == a.value && b.index < a.index)) ? b : a;
 }
 
-__device__ Best block_best(Best v) {
-  __shared__ float values[32];
-  __shared__ int32_t indices[32];
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  for (int offset = 16; offset > 0; offset /= 2)
-    v = better(v, Best{__shfl_xor_sync(0xffffffffu, v.value, offset), __shfl_xor_sync(0xffffffffu, v.index, offset)});
-  __syncthreads();
-  if (lane == 0) values[warp] = v.value, indices[warp] = v.index;
-  __syncthreads();
-  v = lane < kThreads / 32 ? Best{values[lane], indices[lane]} : Best{-INFINITY, INT32_MAX};
-  for (int offset = 16; offset > 0; offset /= 2)
-    v = better(v, Best{__shfl_xor_sync(0xffffffffu, v.value, offset), __shfl_xor_sync(0xffffffffu, v.index, offset)});
-  return v;
+__device__ __forceinline__ Best shuffle_xor(Best v, int lane_mask) {
+  return Best{__shfl_xor_sync(0xffffffffu, v.value, lane_mask), __shfl_xor_sync(0xffffffffu, v.index, lane_mask)};
 }
+
+struct Better {
+  __device__ Best operator()(Best a, Best b) const { return better(a, b); }
+};
+
+__device__ Best block_best(Best v) { return block_reduce(v, Best{-INFINITY, INT32_MAX}, Better{}); }
 
 // The largest key t with measure(t) >= goal, for a measure that does not grow with t.
 template <typename Measure>

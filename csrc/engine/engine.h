@@ -1,6 +1,10 @@
 // The device-agnostic Mixtral model: configuration, weights in one arena,
 // the KV page pools, a workspace for one chunk of tokens, and the forward pass
-// wired from the operations of core/backend.h.
+// wired from the operations of core/backend.h. Its definitions, by part:
+//   engine/engine.cpp   configuration, memory plan, construction, sequences
+//   engine/weights.cpp  the weight slots: layout, loading, random weights
+//   engine/forward.cpp  the model itself (enqueue_model), chunks of a prompt
+//   engine/decode.cpp   samplers and the pipelined, graph-recorded decode steps
 //
 // Weight slots, each [rows, cols] row-major in the weight dtype (w13 and w2 in
 // the expert dtype, which may be float8_e4m3 with one float32 scale per row:
@@ -76,7 +80,7 @@ class Engine {
   // The threads the CPU's ops use now: num_threads, or the tuner's best; 0 on a GPU.
   int num_threads() const;
 
-  // ---- weights ----
+  // ---- weights (engine/weights.cpp) ----
   // Copies a host block [rows, cols] of dtype src_dtype into rows
   // [row_offset, row_offset + rows) of a slot, converting to the slot's dtype. A float8_e4m3
   // block comes with its src_row_scales [rows] (core/fp8.h); into a float8_e4m3 slot its bytes
@@ -91,7 +95,7 @@ class Engine {
   void init_random(uint64_t seed);
   size_t weight_bytes() const { return weight_bytes_; }
 
-  // ---- sequences ----
+  // ---- sequences (engine/engine.cpp; append: engine/forward.cpp) ----
   int create_sequence() { return kv_.create(); }
   void release_sequence(int sequence);
   void truncate_sequence(int sequence, int64_t length);
@@ -100,7 +104,7 @@ class Engine {
   // out: [n, V] when all_logits, else [V] for the last token. On any error the
   // sequence keeps its previous length.
   void append(int sequence, const int32_t* tokens, int64_t n, bool all_logits, float* out);
-  // ---- sampling on the device (logits stay there; a few bytes come back) ----
+  // ---- sampling on the device (logits stay there; a few bytes come back; engine/decode.cpp) ----
   // A sampler for one generation: settings, seed, and its state (seen, counts, the draw counter,
   // the last token drawn) on the device, with the prompt's tokens marked seen. Returns its handle.
   int create_sampler(const SamplingParams& params, uint64_t seed, const int32_t* prompt, int64_t n);

@@ -7,7 +7,7 @@ import numpy
 import numpy.typing
 import typing
 import typing_extensions
-__all__: list[str] = ['Engine', 'ModelConfig', 'Ops', 'SamplingParams', 'ThreadTuner', 'device_memory', 'probe_cuda', 'quantize_e4m3']
+__all__: list[str] = ['Engine', 'ModelConfig', 'Ops', 'SamplingParams', 'ThreadTuner', 'device_memory', 'probe_cuda', 'quantize_fp8']
 class ModelConfig:
     def __init__(self) -> None:
         ...
@@ -252,6 +252,8 @@ class Ops:
         ...
     def expert_matmul(self, x: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], w: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], offsets: typing.Annotated[numpy.typing.ArrayLike, numpy.int32], dtype: str, out_dtype: str, expert_dtype: str = '') -> numpy.typing.NDArray[numpy.float32]:
         ...
+    def fill_uniform(self, arg0: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], arg1: typing.SupportsInt | typing.SupportsIndex, arg2: typing.SupportsFloat | typing.SupportsIndex, arg3: typing.SupportsFloat | typing.SupportsIndex, arg4: str) -> numpy.typing.NDArray[numpy.float32]:
+        ...
     def matmul(self, arg0: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], arg1: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], arg2: str, arg3: str) -> numpy.typing.NDArray[numpy.float32]:
         ...
     def moe(self, x: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], router: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], w13: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], w2: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], k: typing.SupportsInt | typing.SupportsIndex, dtype: str, expert_dtype: str = '') -> tuple[tuple, numpy.typing.NDArray[numpy.float32], numpy.typing.NDArray[numpy.float32], numpy.typing.NDArray[numpy.float32]]:
@@ -298,7 +300,7 @@ def probe_cuda(library_path: str) -> tuple[int, str]:
     """
     Loads the CUDA backend library and returns (device_count, summary); -1 when unusable.
     """
-def quantize_e4m3(w: typing.Annotated[numpy.typing.ArrayLike, numpy.float32]) -> tuple[numpy.typing.NDArray[numpy.uint8], numpy.typing.NDArray[numpy.float32]]:
+def quantize_fp8(w: typing.Annotated[numpy.typing.ArrayLike, numpy.float32]) -> tuple[numpy.typing.NDArray[numpy.uint8], numpy.typing.NDArray[numpy.float32]]:
     """
     The engine's FP8 quantization of expert weights (core/fp8.h): (E4M3 bytes, row scales).
     """
