@@ -43,7 +43,8 @@ run_for() {
   (cd "$OUT" && timeout -s INT -k 10 $((want < left ? want : left)) "$@") > "$OUT/$log" 2>&1
 }
 pytest_gpu=("$python" -X faulthandler -m pytest -q -rfEs -p no:cacheprovider -o faulthandler_timeout="${FAULT_TIMEOUT:-60}"
-            --maxfail=20 --rootdir "$root" -c "$root/pyproject.toml" "$root/tests/test_cuda.py" -m cuda)
+            --maxfail=20 --rootdir "$root" -c "$root/pyproject.toml"
+            "$root/tests/test_ops.py" "$root/tests/test_cuda_engine.py" -m cuda)
 
 if [ "$dry" = 1 ]; then
   step "build (CPU core) and the CUDA emulator, for the dry run"

@@ -1,6 +1,9 @@
 """Shared fixtures: tiny random Mixtral checkpoints written by Hugging Face
 transformers (the reference nobody here wrote), their logits, and writers for
-the other checkpoint layouts the engine reads."""
+the other checkpoint layouts the engine reads; the sampler's reference
+distribution and draw (uniform01); and the `ops` fixture, the CPU twin and the
+device backend for the device tests (the rest of what they share is in
+device_helpers.py)."""
 
 from __future__ import annotations
 
@@ -91,6 +94,16 @@ def truncated_softmax(logits: np.ndarray, settings: dict) -> tuple[np.ndarray, n
     return expected / expected.sum(), keep
 
 
+def uniform01(seed: int, counter):
+    """The draw for (seed, counter): splitmix64 of the pair, 53 bits (core/random.h). counter may be
+    a numpy uint64 array (their products wrap as the C++ ones do): then an array of draws."""
+    mask = (1 << 64) - 1
+    z = (seed + 0x9E3779B97F4A7C15 * (counter + 1)) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return ((z ^ (z >> 31)) >> 11) / float(1 << 53)
+
+
 def random_tokens(n: int, vocab: int, seed: int = 1) -> list[int]:
     return np.random.default_rng(seed).integers(0, vocab, size=n).tolist()
 
@@ -163,3 +176,17 @@ def tiny_engine(tiny_dir):
     import mixtral_ext
 
     return mixtral_ext.Engine.from_pretrained(tiny_dir, max_context=256)
+
+
+@pytest.fixture(scope="module")
+def ops():
+    """(the CPU twin, the device backend) as mixtral_ext._C.Ops, for the device tests (the device as
+    device_helpers.py chooses it); skipped without one."""
+    from device_helpers import DEVICE, need_gpu
+
+    from mixtral_ext import _C
+    from mixtral_ext.cuda import backend_library
+
+    need_gpu()
+    device = _C.Ops(DEVICE, backend_library() if DEVICE == "cuda" else "")
+    return _C.Ops("cpu"), device

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU tests (tests/test_cuda.py) on the CUDA emulator, for machines without a GPU: builds the
-# CUDA backend's own sources (csrc/cuda) with the host compiler against tests/cuda_emulator, then
-# runs the tests with that library as the device, a grid's blocks on three host threads at once.
+# The GPU tests (the cuda-marked tests of tests/test_ops.py and tests/test_cuda_engine.py) on the CUDA
+# emulator, for machines without a GPU: builds the CUDA backend's own sources (csrc/cuda) with the
+# host compiler against tests/cuda_emulator, then runs the tests with that library as the device, a
+# grid's blocks on three host threads at once.
 # With SANITIZE=1 the emulator build has ASan and UBSan (an out-of-bounds access by a kernel, a bad
 # cuBLAS argument's effect, UB in device code fail the run), its blocks one at a time. CI runs
 # both. Needs cmake, ninja, nvcc (for each kernel's registers and static shared memory) and the
@@ -27,7 +28,7 @@ if [[ "$sanitize" == 1 ]]; then
   export UBSAN_OPTIONS="print_stacktrace=1:log_path=$scratch/report"
 fi
 status=0
-python -m pytest -q -p no:cacheprovider tests/test_cuda.py "$@" || status=$?
+python -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_cuda_engine.py -m cuda "$@" || status=$?
 if [[ "$sanitize" == 1 ]] && compgen -G "$scratch/report*" > /dev/null; then
   cat "$scratch"/report*
   echo "sanitizer reports above" >&2

@@ -2,7 +2,7 @@
 float8_e4m3fn, the CPU expert GEMM against numpy on the dequantized weights, the engine against
 transformers' MixtralForCausalLM whose expert weights went through the same quantization, and FP8
 checkpoints (the layout AutoFP8 and llm-compressor write) against transformers on their weights
-widened by torch. (The CUDA kernels are held to these CPU twins in test_cuda.py.)"""
+widened by torch. (The CUDA kernels are held to these CPU twins in test_ops.py.)"""
 
 from __future__ import annotations
 

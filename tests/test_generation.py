@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from conftest import SAMPLING_LOGITS, SAMPLING_SETTINGS, random_tokens, torch, truncated_softmax
+from conftest import SAMPLING_LOGITS, SAMPLING_SETTINGS, random_tokens, torch, truncated_softmax, uniform01
 
 import mixtral_ext
 from mixtral_ext import _C
@@ -127,15 +127,6 @@ def test_sample_distribution_matches_truncated_softmax(settings):
     counts = np.bincount([s.sample(logits)[0] for _ in range(n)], minlength=len(logits)) / n
     assert np.all(counts[~keep] == 0)
     assert np.max(np.abs(counts - expected)) < 0.015, (counts, expected)
-
-
-def uniform01(seed: int, counter: int) -> float:
-    """The sampler's draw for (seed, counter): splitmix64 of the pair, 53 bits (core/random.h)."""
-    mask = (1 << 64) - 1
-    z = (seed + 0x9E3779B97F4A7C15 * (counter + 1)) & mask
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
-    return ((z ^ (z >> 31)) >> 11) / float(1 << 53)
 
 
 def reference_draw(logits: np.ndarray, settings: dict, u: float) -> int:

@@ -15,6 +15,7 @@ from conftest import assert_close, hf_logits, random_tokens, transformers
 import pytest
 
 import mixtral_ext
+from mixtral_ext import _C
 from mixtral_ext.synthetic import DEMO_CONFIG, write_random_checkpoint
 
 
@@ -23,6 +24,13 @@ def test_cuda_probe_never_crashes():
     assert set(info) == {"built", "device_count", "summary"}
     assert info["device_count"] == -1 or info["device_count"] >= 0
     assert isinstance(info["summary"], str) and info["summary"]
+
+
+def test_a_cuda_library_of_another_interface_is_refused():
+    """The core opens the CUDA library only if it reports the core's version of core/backend.h (a
+    library without the report, here the core's own module, is refused, never called)."""
+    count, summary = _C.probe_cuda(_C.__file__)
+    assert count == -1 and "mixtral_ext_cuda_backend_abi" in summary
 
 
 def test_cuda_backend_is_built_where_nvcc_and_cublas_are():

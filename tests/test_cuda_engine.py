@@ -1,0 +1,198 @@
+"""The engine on the device (marked cuda; skipped without a GPU): its logits against the CPU engine
+and transformers in float32, bfloat16 and float16 weights, incremental decode against a full pass,
+greedy generation token for token against the CPU engine (on every expert GEMM path), seeded
+sampling, decode steps recorded as CUDA graphs against direct ones, pipelined decode (stopped
+anywhere, every KV page given back), a synthetic model, a long context with and without chunked
+prefill, FP8 experts, and a device out-of-memory as a Python exception. The single operations are
+held to their CPU twins in test_ops.py.
+
+    bash tests/run_cuda_emulator.sh -k engine      # without a GPU: on the CUDA emulator
+
+MIXTRAL_EXT_TEST_DEVICE=cpu puts the CPU backend in the device's place (device_helpers.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import assert_close, hf_logits, random_tokens
+from device_helpers import DEVICE, DTYPES, EMULATED, need_gpu
+
+import mixtral_ext
+
+pytestmark = pytest.mark.cuda
+LONG_CONTEXT = 1000 if EMULATED else 3000  # the emulator runs a kernel's threads one after another
+
+# Greedy tokens of the device and the CPU agree except past a near-tie: nvcc's fused multiply-adds,
+# the device's expf and cuBLAS' summation order may break a tie of float32 logits the other way.
+GREEDY_TIE = 1e-3  # far above their logits' difference (~1e-5), far below a typical top-two gap
+
+
+def assert_greedy_agrees(got, expected, reference, prompt):
+    """got equals expected token for token, or up to a first difference where the reference engine's
+    top two logits lie within GREEDY_TIE (the two then go on from different tokens: not compared)."""
+    got, expected = list(got), list(expected)
+    for i, (a, b) in enumerate(zip(got, expected)):
+        if a != b:
+            top_two = np.sort(reference.logits(list(prompt) + expected[:i])[-1])[-2:]
+            assert top_two[1] - top_two[0] <= GREEDY_TIE, f"token {i}: {a} != {b}, clear margin {np.diff(top_two)}"
+            return
+    assert len(got) == len(expected)
+
+
+@pytest.fixture(scope="module")
+def device_engines(tiny_dir):
+    need_gpu()
+    return {dtype: mixtral_ext.Engine.from_pretrained(tiny_dir, device=DEVICE, dtype=dtype, max_context=256,
+                                                      page_size=7, max_batch_tokens=48)
+            for dtype in DTYPES}
+
+
+def test_engine_logits_match_cpu_and_transformers(device_engines, tiny_engine, tiny_model, tiny_dir):
+    ids = random_tokens(100, 101, seed=31)
+    cpu = tiny_engine.logits(ids)
+    assert_close(device_engines["float32"].logits(ids), cpu, 1e-4)
+    assert_close(device_engines["float32"].logits(ids), hf_logits(tiny_model, ids), 1e-4)
+    # Half-precision weights: against the CPU engine on the same rounded weights (which keeps its
+    # activations in float32), over a short prompt so that rounding rarely flips a routing choice.
+    short = ids[:24]
+    for dtype, rel in (("bfloat16", 5e-2), ("float16", 1e-2)):
+        same_weights = mixtral_ext.Engine.from_pretrained(tiny_dir, dtype=dtype, max_context=64)
+        assert_close(device_engines[dtype].logits(short), same_weights.logits(short), rel)
+
+
+def test_engine_incremental_decode_equals_full_pass(device_engines):
+    engine, ids = device_engines["float32"], random_tokens(60, 101, seed=32)
+    full = engine.logits(ids)
+    with engine.new_sequence() as seq:
+        steps = [seq.append(ids[:23])] + [seq.append([t]) for t in ids[23:]]
+    assert_close(np.stack(steps), full[22:], 1e-4)
+
+
+def test_greedy_generation_equals_cpu_and_seeded_sampling_repeats(device_engines, tiny_engine):
+    prompt = random_tokens(11, 101, seed=33)
+    cpu = tiny_engine.generate(prompt, max_tokens=30, temperature=0)
+    assert_greedy_agrees(device_engines["float32"].generate(prompt, max_tokens=30, temperature=0).token_ids,
+                         cpu.token_ids, tiny_engine, prompt)
+    runs = [device_engines["bfloat16"].generate(prompt, max_tokens=20, temperature=0.9, top_p=0.9, seed=5).token_ids
+            for _ in range(2)]
+    assert runs[0] == runs[1]
+    if DEVICE == "cuda":  # each expert GEMM path gives the same greedy tokens
+        engine = device_engines["float32"]
+        for path in ("per_expert", "batched", "grouped", "auto"):
+            engine.set_expert_gemm_path(path)
+            assert_greedy_agrees(engine.generate(prompt, max_tokens=30, temperature=0).token_ids, cpu.token_ids,
+                                 tiny_engine, prompt)
+
+
+def test_recorded_decode_steps_equal_direct_ones(device_engines, tiny_dir):
+    """cuda_graphs=True: the second decode step is recorded as a CUDA graph and replayed for every
+    later token, across page boundaries (page_size 7), for greedy and seeded sampling."""
+    graphs = mixtral_ext.Engine.from_pretrained(tiny_dir, device=DEVICE, dtype="bfloat16", max_context=256,
+                                                page_size=7, max_batch_tokens=48, cuda_graphs=True)
+    prompt = random_tokens(13, 101, seed=36)
+    for settings in (dict(temperature=0), dict(temperature=0.8, top_k=20, seed=9, logprobs=2)):
+        expected = device_engines["bfloat16"].generate(prompt, max_tokens=40, **settings)
+        got = graphs.generate(prompt, max_tokens=40, **settings)
+        assert got.token_ids == expected.token_ids
+    assert graphs.kv_cache_info()["free_pages"] >= 0
+
+
+def test_pipelined_decode_stops_anywhere_and_gives_every_page_back(device_engines, tiny_engine):
+    """On the device each decode step is queued before the host reads the previous token; a
+    generation that stops (stop token, max_tokens, a closed stream) gives back the step queued
+    ahead: the tokens agree with the CPU engine's, a repeated prompt gives the same tokens and
+    reuses exactly the cached prefix, and every KV page comes back."""
+    engine, prompt = device_engines["float32"], random_tokens(9, 101, seed=38)
+    full = engine.generate(prompt, max_tokens=24, temperature=0).token_ids
+    assert_greedy_agrees(full, tiny_engine.generate(prompt, max_tokens=24, temperature=0).token_ids, tiny_engine, prompt)
+    for settings in (dict(max_tokens=24), dict(max_tokens=1), dict(max_tokens=24, stop_token_ids=[full[5]])):
+        got = engine.generate(prompt, temperature=0, **settings)
+        expected = full[: full.index(full[5]) + 1] if "stop_token_ids" in settings else full[: settings["max_tokens"]]
+        assert got.token_ids == expected
+        assert got.finish_reason == ("stop" if "stop_token_ids" in settings else "length")
+        again = engine.generate(prompt, temperature=0, **settings)  # the cached prompt is reused
+        assert again.token_ids == expected and again.usage.cached_tokens == len(prompt) - 1
+    stream = engine.stream(prompt, max_tokens=24, temperature=0)
+    assert [next(stream).token_id for _ in range(4)] == full[:4]
+    stream.close()
+    engine.clear_prefix_cache()
+    info = engine.kv_cache_info()
+    assert info["free_pages"] == info["num_pages"]
+
+
+def test_pipelined_streams_stepped_alternately_equal_their_serial_runs(device_engines):
+    engine = device_engines["bfloat16"]
+    jobs = [(random_tokens(7 + i, 101, seed=40 + i), dict(max_tokens=15, temperature=0.9, seed=i)) for i in range(2)]
+    serial = [engine.generate(p, **s).token_ids for p, s in jobs]
+    a, b = (engine.stream(p, **s) for p, s in jobs)
+    pairs = list(zip(a, b))
+    assert [x.token_id for x, _ in pairs] == serial[0] and [y.token_id for _, y in pairs] == serial[1]
+
+
+def test_synthetic_engine_matches_the_cpu_one(device_engines):
+    from dataclasses import replace
+
+    from mixtral_ext.synthetic import DEMO_CONFIG
+
+    config = replace(DEMO_CONFIG, num_layers=2)
+    ids = random_tokens(40, config.vocab_size, seed=35)
+    cpu = mixtral_ext.Engine.synthetic(config, max_context=64, seed=7).logits(ids)
+    device = mixtral_ext.Engine.synthetic(config, device=DEVICE, dtype="float32", max_context=64, seed=7).logits(ids)
+    assert_close(device, cpu, 1e-4)
+    cpu_fp8 = mixtral_ext.Engine.synthetic(config, expert_dtype="float8_e4m3", max_context=64, seed=7).logits(ids)
+    device_fp8 = mixtral_ext.Engine.synthetic(config, device=DEVICE, dtype="float32", expert_dtype="float8_e4m3",
+                                              max_context=64, seed=7).logits(ids)
+    assert_close(device_fp8, cpu_fp8, 1e-4)  # FP8 experts filled on the device: the same bytes and scales
+
+
+def test_long_context_engine_matches_the_cpu_and_chunking_does_not_matter(device_engines):
+    """A one-layer model (so a routing flip of an earlier token cannot reach the last logits) over
+    LONG_CONTEXT tokens (3,000; 1,000 on the emulator): chunked prefill equals one-shot on the
+    device, and both equal the CPU engine."""
+    from dataclasses import replace
+
+    from mixtral_ext.synthetic import DEMO_CONFIG
+
+    config = replace(DEMO_CONFIG, num_layers=1, head_dim=64, num_heads=6, num_kv_heads=2)
+    ids = random_tokens(LONG_CONTEXT, config.vocab_size, seed=37)
+    for dtype, rel in (("float32", 1e-4), ("bfloat16", 5e-2)):
+        cpu = mixtral_ext.Engine.synthetic(config, dtype=dtype, max_context=LONG_CONTEXT, max_batch_tokens=512, seed=8)
+        with cpu.new_sequence() as seq:
+            expected = seq.append(ids)
+        results = []
+        for chunk in (512, LONG_CONTEXT):
+            engine = mixtral_ext.Engine.synthetic(config, device=DEVICE, dtype=dtype, max_context=LONG_CONTEXT,
+                                                  max_batch_tokens=chunk, seed=8)
+            with engine.new_sequence() as seq:
+                results.append(seq.append(ids))
+        assert_close(results[0], results[1], rel / 4)
+        assert_close(results[1], expected, rel)
+
+
+def test_fp8_expert_engine_matches_the_cpu_one(device_engines, tiny_dir):
+    """expert_dtype="float8_e4m3": prompt chunks of 16 tokens take the dequantized cuBLAS path, decode
+    steps the hand-written kernel (recorded as CUDA graphs too); logits and greedy tokens equal the
+    CPU engine's on the same bytes."""
+    ids = random_tokens(40, 101, seed=41)
+    cpu = mixtral_ext.Engine.from_pretrained(tiny_dir, expert_dtype="float8_e4m3", max_context=64)
+    device = mixtral_ext.Engine.from_pretrained(tiny_dir, device=DEVICE, dtype="float32", expert_dtype="float8_e4m3",
+                                                max_context=64, max_batch_tokens=16)
+    assert_close(device.logits(ids), cpu.logits(ids), 1e-4)
+    prompt = ids[:7]
+    expected = device.generate(prompt, max_tokens=20, temperature=0).token_ids
+    assert_greedy_agrees(expected, cpu.generate(prompt, max_tokens=20, temperature=0).token_ids, cpu, prompt)
+    graphs = mixtral_ext.Engine.from_pretrained(tiny_dir, device=DEVICE, dtype="float32", expert_dtype="float8_e4m3",
+                                                max_context=64, max_batch_tokens=16, cuda_graphs=True)
+    assert graphs.generate(prompt, max_tokens=20, temperature=0).token_ids == expected  # no host sync in a step
+    short = ids[:24]
+    cpu_bf16 = mixtral_ext.Engine.from_pretrained(tiny_dir, dtype="bfloat16", expert_dtype="float8_e4m3", max_context=64)
+    device_bf16 = mixtral_ext.Engine.from_pretrained(tiny_dir, device=DEVICE, dtype="bfloat16",
+                                                     expert_dtype="float8_e4m3", max_context=64, max_batch_tokens=16)
+    assert_close(device_bf16.logits(short), cpu_bf16.logits(short), 5e-2)
+
+
+def test_device_out_of_memory_is_an_exception(tiny_dir, device_engines):
+    with pytest.raises(mixtral_ext.DeviceOutOfMemoryError, match="out of memory"):
+        mixtral_ext.Engine.from_pretrained(tiny_dir, device=DEVICE, max_context=256, kv_cache_tokens=2**31 - 1)
+    assert device_engines["float32"].logits([1, 2, 3]).shape == (3, 101)
