@@ -24,7 +24,8 @@
 //   7. tests/test_ops.py: a test in this header's order, the CPU against numpy or transformers and
 //      CUDA against the CPU, on random inputs of odd sizes;
 //   8. benchmarks/bench_ops.py: a row, when the op is on the decode path;
-//   9. engine/forward.cpp: the call.
+//   9. engine/forward.cpp: the call;
+//  10. kBackendAbi below, one up: the CUDA library is built apart from the core and opened at run time.
 // The CUDA sources are globbed (cmake/cuda_sources.cmake): a new .cu file needs no list.
 #pragma once
 
@@ -32,6 +33,11 @@
 #include "core/tensor.h"
 
 namespace mixtral {
+
+// The version of this header's classes as the CUDA library (opened at run time, core/cuda_library.h)
+// and the core see them: one up with any change to Backend's methods or the structs they take,
+// so that a library built from another version is refused instead of calling the wrong methods.
+constexpr int kBackendAbi = 2;
 
 struct AttentionShape {
   int num_heads;     // Hq

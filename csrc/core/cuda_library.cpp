@@ -16,12 +16,22 @@ void* symbol(const std::string& path, const char* name) {
   return found;
 }
 
+// Throws DeviceError unless the library was built from this core's version of core/backend.h.
+void check_abi(const std::string& path) {
+  using AbiFn = int (*)();
+  const int abi = reinterpret_cast<AbiFn>(symbol(path, "mixtral_ext_cuda_backend_abi"))();
+  if (abi != kBackendAbi)
+    throw DeviceError(path + " was built for backend interface " + std::to_string(abi) + ", this core has " +
+                      std::to_string(kBackendAbi) + ": rebuild the two together");
+}
+
 }  // namespace
 
 CudaProbe probe_cuda_library(const std::string& path) {
   using ProbeFn = int (*)(char*, int);
   ProbeFn probe;
   try {
+    check_abi(path);
     probe = reinterpret_cast<ProbeFn>(symbol(path, "mixtral_ext_cuda_probe"));
   } catch (const DeviceError& e) {
     return {-1, e.what()};
@@ -32,6 +42,7 @@ CudaProbe probe_cuda_library(const std::string& path) {
 }
 
 std::unique_ptr<Backend> create_cuda_backend(const std::string& path, int device) {
+  check_abi(path);
   using CreateFn = Backend* (*)(int);
   auto create = reinterpret_cast<CreateFn>(symbol(path, "mixtral_ext_cuda_create_backend"));
   return std::unique_ptr<Backend>(create(device));

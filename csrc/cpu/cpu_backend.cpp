@@ -381,12 +381,12 @@ void CpuBackend::expert_matmul(const Tensor& x, const Tensor& w, const Tensor& e
       if (count == 0) continue;
       float* out_rows = of.data() + begin * N;
       matmul_f32<W>(xf.data() + begin * K, w.ptr<typename W::storage>() + e * N * K, out_rows, count, N, K, N, threads_);
-      if constexpr (std::is_same_v<W, E4M3>)
+      if constexpr (std::is_same_v<W, FP8>)
         for (int64_t r = 0; r < count; ++r)
           for (int64_t n = 0; n < N; ++n) out_rows[r * N + n] *= w.row_scales[e * N + n];
     }
   };
-  if (w.dtype == DType::kFloat8E4M3) each_expert(E4M3{});
+  if (w.dtype == DType::kFloat8E4M3) each_expert(FP8{});
   else dispatch_float(w.dtype, each_expert);
   of.commit();
 }

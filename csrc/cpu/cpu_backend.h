@@ -29,7 +29,7 @@ struct F16 {
 };
 
 // float8_e4m3 weights (core/fp8.h), read only: their row scales are applied after the dot products.
-struct E4M3 {
+struct FP8 {
   using storage = uint8_t;
   static float load(uint8_t v) { return fp8_to_float(v); }
 };
@@ -72,6 +72,7 @@ class F32Output {
 class CpuBackend final : public Backend {
  public:
   CpuBackend();
+  // ---- the runtime: memory on the host, every copy synchronous; no events or graphs ----
   Device device() const override { return Device::kCpu; }
   std::string name() const override { return "cpu"; }
   void set_threads(int threads) override;  // default: OpenMP's (OMP_NUM_THREADS, else the cores available)
@@ -81,7 +82,6 @@ class CpuBackend final : public Backend {
   void copy_from_host(void* dst, const void* host_src, size_t bytes) override;
   void copy_to_host(void* host_dst, const void* src, size_t bytes) override;
   void synchronize() override {}
-  void fill_uniform(Tensor& t, uint64_t seed, float low, float high) override;
   MemoryInfo memory_info() override;  // the host's available and total memory
   void* allocate_host(size_t bytes) override { return allocate(bytes); }
   void release_host(void* ptr) override { release(ptr); }
@@ -91,6 +91,8 @@ class CpuBackend final : public Backend {
   void copy_to_host_async(void* host_dst, const void* src, size_t bytes) override { copy_to_host(host_dst, src, bytes); }
   void copy_async(void* dst, const void* src, size_t bytes) override { copy_to_host(dst, src, bytes); }
 
+  // ---- the operations; the fusions are Backend's defaults, which run these ----
+  void fill_uniform(Tensor& t, uint64_t seed, float low, float high) override;
   void embedding(const Tensor& table, const Tensor& ids, Tensor& out) override;
   void add_rmsnorm(Tensor& residual, const Tensor* delta, const Tensor& weight, float eps,
                    Tensor& out) override;

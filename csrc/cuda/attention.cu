@@ -1,8 +1,39 @@
-// RoPE and decode attention (launchers declared in cuda/kernels.cuh; layouts in core/backend.h):
-// rotate-half RoPE with the paged KV append, and causal GQA attention over the paged cache, one
-// block per (token, KV head, split), its K/V tiles streamed through shared memory by cp.async,
-// long caches split across blocks and merged by the last of them (flash-decoding). Prefill in half
-// precision goes to the tensor-core kernel (cuda/attention_tc.cu).
+// RoPE + paged KV append and decode attention: rope_kv_append, attention, rope_attention of core/backend.h;
+// launch_rope_kv_append, launch_attention, attention_splits of cuda/kernels.cuh. Layouts as in core/backend.h, plus
+// the split scratch: partials [T, Hq, splits, D] then log-sum-exps [T, Hq, splits] float, counters [T, Hkv] int32.
+// Prefill in bfloat16 or float16 with tensor_cores set goes to cuda/attention_tc.cu when that kernel takes it.
+//
+// rope_kv_append_kernel:
+//   grid:   one block per (token, head of qkv): (T, Hq + 2 Hkv).
+//   block:  min(256, D rounded up to 32) threads, striding over the head's D / 2 pairs or D elements.
+//   shared: none.
+//   phases: 1. q and k heads: rotate-half RoPE of the pairs (i, i + D / 2) at positions[t], in place.
+//           2. q heads stop; k and v heads sync (the rotated k is read back by other threads).
+//           3. k and v heads: the row into cache row pos % page_size of page page_table[pos / page_size].
+//
+// attention_kernel (causal GQA over the paged cache; flash-decoding when split):
+//   grid:   one block per (token, KV head, split): (T, Hkv, splits), splits = attention_splits(T, table_pages *
+//           page_size), 1 unless T <= kSplitMaxTokens; split z covers [z * per_split, (z + 1) * per_split) of
+//           [0, pos + 1), per_split = (pos + 1) / splits rounded up to whole 32-position tiles, at least
+//           kMinSplitPositions (pos read on the device: one launch serves any position).
+//   block:  group * 32 threads (group = Hq / Hkv); warp w is query head g * group + w, lane j scores position j of
+//           a 32-position tile and keeps output elements lane + 32 c; all threads load the tiles.
+//   shared: static bool last_split; dynamic 4 * group * D + sizeof(T) * (4 * 32 * (D + kWidth) + 2 * D): q [group][D]
+//           float (scaled), [2 stages][K, V][32][D + kWidth] T (rows padded: 16-byte reads of different rows hit
+//           different banks), the token's own [K, V][D] T; opted in past 48 KiB (opt_in_shared_memory).
+//   phases: 1. Start tile 0's load (cp.async when D is a multiple of 16 bytes, else plain loads); each warp stores q
+//              scaled by 1/sqrt(D) (rope_theta > 0: rotated and rounded to T first, as rope_kv_append stores it).
+//           2. rope_theta > 0 (one token): the block whose split holds pos rotates the token's k, writes k and v
+//              to the cache and uses them for that row (no other block reads it).
+//           3. Per tile, the next loading meanwhile (two stages): scores, online softmax, acc += p_j * v_j in order.
+//           4. No split: out = acc / denom. Split: partial output and log-sum-exp (-inf: empty) to scratch, counted
+//              in split_counters[t, g]; the last block resets it to 0 and merges in split order, weights
+//              exp(lse_z - max lse) (one launch, no merge kernel).
+//
+// Limits: D even, at most 256; group at most 32, and group * 32 threads within what the kernel's registers allow
+// (no __launch_bounds__: launch() refuses more with a ShapeError); rope_theta > 0 for one token only; dynamic
+// shared memory within the opt-in limit; with splits, scratch of T * Hq * splits * (D + 1) floats and T * Hkv
+// counters, zero between launches.
 #include <algorithm>
 #include <cfloat>
 
@@ -25,8 +56,7 @@ __device__ __forceinline__ void rope_pair(float x1, float x2, int i, int head_di
   y2 = x2 * c + x1 * s;
 }
 
-// grid (tokens, Hq + 2 Hkv): the q and k heads are rotated in place, the k and v heads
-// are written to cache row pos % page_size of page page_table[pos / page_size].
+// rope_kv_append for one (token, head of qkv); see the file header.
 template <typename T>
 __global__ void rope_kv_append_kernel(T* qkv, int64_t width, int q_heads, int kv_heads, int head_dim,
                                       const int32_t* positions, float rope_theta, T* k_pool, T* v_pool,
@@ -100,22 +130,8 @@ __device__ void merge_split_partials(const float* partial_out, const float* part
   }
 }
 
-// grid (tokens, Hkv, splits), block (group * 32): warp w computes query head g * group + w with
-// an online softmax over tiles of 32 cache positions (lane j scores position j of a tile); K and
-// V tiles are shared by the group and stream through shared memory two stages deep (the next
-// tile loads while this one is used). Without splits (gridDim.z 1) a block covers positions
-// [0, pos + 1) and writes out. With splits (flash-decoding, for few tokens over a long cache)
-// block z covers positions [z * per_split, (z + 1) * per_split), per_split = pos + 1 over the
-// splits, rounded up to whole tiles and at least kMinSplitPositions, and writes its normalised
-// partial output and log-sum-exp; the last block of a (token, KV head) to finish (counted in
-// split_counters, which it sets back to 0) merges them into out. With rope_theta > 0 (one token:
-// decode) the kernel also does rope_kv_append's work: q is rotated as it is loaded, and the block
-// whose positions end at the token's writes the token's rotated k and its v into the cache and
-// uses them in place of that cache row (no other block reads it). kChunks =
-// ceil(head_dim / 32) output elements per lane; kWidth elements per load (kPack16<T>, 16 bytes,
-// when head_dim allows, else 1). Shared memory: q [group][head_dim] float (scaled), then
-// [2 stages][K, V][kTile][head_dim + kWidth] T (rows padded so that lanes reading 16 bytes of
-// different rows hit different banks), then the token's own [K, V][head_dim] T.
+// kChunks (2, 4 or 8, at least ceil(D / 32)): output elements per lane, held in registers. kWidth: elements per
+// K/V load, kPack16<T> (16 bytes) when D is a multiple of it, else 1. Grid, block, shared memory: the file header.
 template <typename T, int kChunks, int kWidth>
 __global__ void attention_kernel(const T* qkv, int64_t width, int q_heads, int kv_heads, int head_dim,
                                  const int32_t* positions, float rope_theta, T* k_pool, T* v_pool,

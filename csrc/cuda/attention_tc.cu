@@ -1,16 +1,26 @@
-// Prefill attention on the tensor cores, flash-attention style: mma.sync
-// m16n8k16 (bfloat16 or float16 inputs, float32 accumulation; cuda/ptx.cuh),
-// head_dim 64 or 128 (template). The (token, query head) pairs of one KV group
-// are rows r = token * group + h; a block takes kBlockRows consecutive rows of
-// KV head g, so the group's query heads share every K/V tile, and its warps
-// take 16 rows each. Tiles of kTilePositions cached positions stream through
-// shared memory with cp.async, two stages deep (the next tile loads while this
-// one is used). Per tile each warp computes S = Q K^T in registers, an online
-// softmax with the causal mask (column position > the row's position), and
-// O += P V, with P reused from S's registers as the A operand; Q, O and the
-// softmax state stay in registers. Layouts as in core/backend.h.
-// Shared memory: [2 stages][K, V][kTilePositions][D + 8] T (rows padded by 16
-// bytes so that the 8 rows of an ldmatrix fall on distinct banks).
+// Prefill attention on the tensor cores, flash-attention style: the attention op of core/backend.h for more than
+// kSplitMaxTokens tokens in bfloat16 or float16; launch_attention_tensor_cores of cuda/kernels.cuh (launch_attention
+// calls it when tensor_cores is set). Layouts as in core/backend.h; the (token, query head) pairs of KV head g are
+// rows r = token * group + h, group = Hq / Hkv.
+//
+// attention_tensor_cores_kernel:
+//   grid:   one block per (64 rows, KV head): (ceil(T * group / 64), Hkv), so a group's query heads share every
+//           K/V tile.
+//   block:  4 warps (128 threads), 16 rows each; Q (A fragments), O and the softmax state stay in registers, the
+//           4 lanes of a quad holding a row's columns; all threads load the tiles.
+//   shared: static int32 warp_last[4]; dynamic [2 stages][K, V][64 positions][D + 8] T, 2 * 2 * 64 * (D + 8) *
+//           sizeof(T): 36 KiB (D 64) or 68 KiB (D 128), opted in past 48 KiB; rows padded by 16 bytes so that the
+//           8 rows of an ldmatrix fall on distinct banks.
+//   phases: 1. Q fragments from qkv (rows past the end: position -1, fully masked, never stored); the block's last
+//              attended position sets the tile count.
+//           2. Per 64-position tile, the next loading by cp.async meanwhile (two stages); a warp whose rows all end
+//              before the tile skips it: S = Q K^T by mma.sync m16n8k16 (cuda/ptx.cuh), float32 accumulation.
+//           3. Causal mask (column position > the row's: -inf), online softmax in base 2 (scale log2(e) / sqrt(D)).
+//           4. O += P V, P reused from S's registers as the A operand.
+//           5. Row sums summed over the quad; out = O / row sum, rounded to T.
+//
+// Limits: elements bfloat16 or float16; D 64 or 128, else launch_attention_tensor_cores returns false and
+// launches nothing (as when the tiles pass the opt-in shared memory limit); cache rows 16-byte aligned (cp.async).
 #include <cfloat>
 #include <cmath>
 
@@ -34,6 +44,7 @@ constexpr size_t shared_bytes() {
   return 2 * 2 * kTilePositions * kPaddedRow<D> * sizeof(T);
 }
 
+// D = head_dim at compile time: Q's fragments q[D / 16] and O's tiles o[D / 8] are register arrays sized by it.
 template <typename T, int D>
 __global__ void __launch_bounds__(kWarps * 32)
     attention_tensor_cores_kernel(const T* qkv, int64_t width, int64_t tokens, int q_heads, int kv_heads,

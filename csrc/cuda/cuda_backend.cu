@@ -1,8 +1,8 @@
-// The CUDA backend's operations (see cuda/cuda_backend.cuh): argument checks
-// shared with the CPU backend (core/op_checks), kernels of the csrc/cuda/*.cu files,
-// and the cuBLAS calls. cuBLAS is column-major: a row-major out[M, N] =
-// x[M, K] @ w[N, K]^T is the column-major out^T[N, M] = w^T[N, K] x^T[K, M],
-// i.e. cublasGemmEx(OP_T, OP_N, m=N, n=M, k=K, A=w, lda=K, B=x, ldb=K, C=out, ldc=N).
+// CudaBackend's methods (cuda/cuda_backend.cuh): all of core/backend.h (runtime, operations, fusions) on the GPU;
+// no kernels here. An op runs the argument checks shared with the CPU backend (core/op_checks), dispatches the dtype
+// and calls a launch_* of cuda/kernels.cuh or cuBLAS. cuBLAS is column-major: row-major out[M, N] =
+// x[M, K] @ w[N, K]^T is column-major out^T[N, M] = w^T[N, K] x^T[K, M], so
+//   cublasGemmEx(OP_T, OP_N, m=N, n=M, k=K, A=w, lda=K, B=x, ldb=K, C=out, ldc=N).
 #include "cuda/cuda_backend.cuh"
 
 #include <algorithm>

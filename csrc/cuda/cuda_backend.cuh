@@ -7,10 +7,11 @@
 //               arrays written by a kernel from the offsets (no host sync, graph-capturable);
 //               in moe(), one launch writes both GEMMs' arrays, the routing kernel for decode
 //   grouped     cublasGemmGroupedBatchedEx, one group per expert with rows (offsets on the host)
-// "auto" picks batched up to kBatchedMaxRows rows (decode) and per_expert above
-// (prefill), the fastest paths the H200 measurements in DESIGN.md found. float8_e4m3
-// experts (core/fp8.h) take none of these: a hand-written kernel up to kExpertGemvFp8MaxRows
-// rows (no host sync), else chunks dequantized for cublasGemmEx per expert.
+// "auto" picks batched up to kBatchedMaxRows rows (decode) and per_expert above (prefill):
+// cuBLAS's fastest paths for those shapes when timed alone on an H200 (docs/speed.md), the
+// limits' reasons in cuda/kernels.cuh. FP8 experts (core/fp8.h) take none of these: a
+// hand-written GEMV up to kExpertGemvFp8MaxRows rows (no host sync), else chunks dequantized
+// for cublasGemmEx per expert.
 // Options: "expert_gemm" = auto|per_expert|batched|grouped; "attention" = auto (prefill in
 // bfloat16/float16 on the tensor cores) or simple (the CUDA-core kernel for everything).
 #pragma once
@@ -33,27 +34,26 @@ class CudaBackend final : public Backend {
   explicit CudaBackend(int device);
   ~CudaBackend() override;
 
+  // ---- the runtime: device memory, pinned host memory, one stream, events, CUDA graphs ----
   Device device() const override { return Device::kCuda; }
   std::string name() const override { return "cuda"; }
   void set_option(const std::string& name, const std::string& value) override;
-
   void* allocate(size_t bytes) override;
   void release(void* ptr) override;
   void copy_from_host(void* dst, const void* host_src, size_t bytes) override;
   void copy_to_host(void* host_dst, const void* src, size_t bytes) override;
   void synchronize() override;
-  void fill_uniform(Tensor& t, uint64_t seed, float low, float high) override;
   MemoryInfo memory_info() override;
   void* allocate_host(size_t bytes) override;
   void release_host(void* ptr) override;
   void copy_from_host_async(void* dst, const void* host_src, size_t bytes) override;
   void copy_to_host_async(void* host_dst, const void* src, size_t bytes) override;
   void copy_async(void* dst, const void* src, size_t bytes) override;
+  bool asynchronous() const override { return true; }
   int create_event() override;
   void record_event(int event) override;
   void wait_event(int event) override;
   void release_event(int event) override;
-  bool asynchronous() const override { return true; }
   bool supports_graphs() const override { return true; }
   void begin_graph() override;
   int end_graph() override;
@@ -61,6 +61,8 @@ class CudaBackend final : public Backend {
   void run_graph(int graph) override;
   void release_graph(int graph) override;
 
+  // ---- the operations ----
+  void fill_uniform(Tensor& t, uint64_t seed, float low, float high) override;
   void embedding(const Tensor& table, const Tensor& ids, Tensor& out) override;
   void add_rmsnorm(Tensor& residual, const Tensor* delta, const Tensor& weight, float eps, Tensor& out) override;
   void matmul(const Tensor& x, const Tensor& w, Tensor& out) override;
@@ -68,18 +70,7 @@ class CudaBackend final : public Backend {
                       const KvLayer& kv, const Tensor& page_table) override;
   void attention(const Tensor& qkv, const AttentionShape& shape, const Tensor& positions, const KvLayer& kv,
                  const Tensor& page_table, Tensor& out) override;
-  void rope_attention(Tensor& qkv, const AttentionShape& shape, const Tensor& positions, float rope_theta,
-                      const KvLayer& kv, const Tensor& page_table, Tensor& out) override;
   void router_topk(const Tensor& logits, Tensor& expert_ids, Tensor& weights) override;
-  void moe_unpermute_add_rmsnorm(const Tensor& y, const Tensor& expanded_to_permuted, const Tensor& weights,
-                                 Tensor& delta, Tensor& residual, const Tensor& norm_weight, float eps,
-                                 Tensor& out) override;
-  void route(const Tensor& x, const Tensor& router, Routing& routing) override;
-  void moe(const Tensor& x, const Tensor& router, const Tensor& w13, const Tensor& w2, Routing& routing,
-           ExpertBuffers& experts) override;
-  void add_rmsnorm_moe(Tensor& residual, const Tensor& delta, const Tensor& norm_weight, float eps, Tensor& h,
-                       const Tensor& router, const Tensor& w13, const Tensor& w2, Routing& routing,
-                       ExpertBuffers& experts) override;
   void moe_permute(const Tensor& expert_ids, Tensor& expert_offsets, Tensor& permuted_to_expanded,
                    Tensor& expanded_to_permuted) override;
   void moe_gather(const Tensor& x, const Tensor& permuted_to_expanded, int k, Tensor& out) override;
@@ -89,6 +80,19 @@ class CudaBackend final : public Backend {
                      Tensor& out) override;
   void sample(const Tensor& logits, const SamplingParams& params, uint64_t seed, Tensor& state, Tensor& token,
               Tensor& logprob, Tensor& top_ids, Tensor& top_logprobs) override;
+
+  // ---- the fusions (each runs the default where its fused form does not fit) ----
+  void rope_attention(Tensor& qkv, const AttentionShape& shape, const Tensor& positions, float rope_theta,
+                      const KvLayer& kv, const Tensor& page_table, Tensor& out) override;
+  void route(const Tensor& x, const Tensor& router, Routing& routing) override;
+  void moe(const Tensor& x, const Tensor& router, const Tensor& w13, const Tensor& w2, Routing& routing,
+           ExpertBuffers& experts) override;
+  void add_rmsnorm_moe(Tensor& residual, const Tensor& delta, const Tensor& norm_weight, float eps, Tensor& h,
+                       const Tensor& router, const Tensor& w13, const Tensor& w2, Routing& routing,
+                       ExpertBuffers& experts) override;
+  void moe_unpermute_add_rmsnorm(const Tensor& y, const Tensor& expanded_to_permuted, const Tensor& weights,
+                                 Tensor& delta, Tensor& residual, const Tensor& norm_weight, float eps,
+                                 Tensor& out) override;
 
  private:
   // out[M, N] = x[M, K] @ w^T for row-major w with leading dimension K (one cublasGemmEx); out's

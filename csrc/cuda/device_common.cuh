@@ -6,6 +6,8 @@
 // in csrc/cpu/cpu_backend.cpp do.
 #pragma once
 
+#include <type_traits>
+
 #include "cuda/kernels.cuh"
 
 namespace mixtral::cuda {
@@ -28,7 +30,12 @@ __device__ __forceinline__ uint8_t from_f32<uint8_t>(float v) { return float_to_
 // The reductions: combine(a, b) over the warp's 32 lanes or the whole block, every thread getting
 // the result. shuffle_xor moves a value between lanes; a kernel file that reduces a struct of its
 // own adds its overload.
-__device__ __forceinline__ float shuffle_xor(float v, int lane_mask) { return __shfl_xor_sync(0xffffffffu, v, lane_mask); }
+// Float only: an int would pass through a float and lose its bits past 2^24.
+template <typename V>
+__device__ __forceinline__ V shuffle_xor(V v, int lane_mask) {
+  static_assert(std::is_same_v<V, float>, "shuffle_xor: floats here; a struct's overload beside its kernel");
+  return __shfl_xor_sync(0xffffffffu, v, lane_mask);
+}
 
 template <typename V, typename Combine>
 __device__ __forceinline__ V warp_reduce(V v, Combine combine) {

@@ -1,6 +1,25 @@
-// The expert FFN's elementwise kernels (launchers declared in cuda/kernels.cuh; layouts in
-// core/backend.h): the gather of token rows into expert order, silu(gate) * up between the two
-// expert GEMMs, and the weighted sum of a token's expert outputs back in token order.
+// The expert FFN's elementwise kernels: moe_gather, silu_mul, moe_unpermute of core/backend.h; launch_moe_gather,
+// launch_silu_mul, launch_moe_unpermute of cuda/kernels.cuh. Layouts as in core/backend.h.
+//
+// moe_gather_kernel (token rows into expert order):
+//   grid:   one block per permuted row r: R blocks.
+//   block:  256 threads, striding over the row kWidth elements at a time.
+//   shared: none.
+//   phases: 1. out[r] = x[permuted_to_expanded[r] / k].
+//
+// silu_mul_kernel (between the two expert GEMMs):
+//   grid:   one thread per kWidth elements of out [R, F]: ceil(R * F / kWidth / 256) blocks.
+//   block:  256 threads.
+//   shared: none.
+//   phases: 1. out = silu(gate) * up, gate and up the two halves of the row of gate_up, in float, rounded once.
+//
+// moe_unpermute_kernel (the weighted sum of a token's expert outputs, back in token order):
+//   grid:   one block per token: T blocks.
+//   block:  256 threads, striding over H.
+//   shared: none.
+//   phases: 1. out[t, i] = sum_j weights[t, j] * y[expanded_to_permuted[t * k + j], i], j ascending (deterministic).
+//
+// Limits: none beyond core/op_checks; 16-byte accesses only where widths and pointers allow (kWidth, below).
 #include "cuda/cuda_check.cuh"
 #include "cuda/device_common.cuh"
 #include "cuda/kernels.cuh"

@@ -1,7 +1,26 @@
-// float8_e4m3 expert weights (core/fp8.h; launchers declared in cuda/kernels.cuh): the decode
-// GEMV that reads each weight byte once for every row of its expert, finding the rows on the device,
-// and the dequantization of a chunk of rows for cuBLAS at prefill. Weights [E, N, K] bytes with
-// one float32 scale per output row.
+// float8_e4m3 expert weights (core/fp8.h): expert_matmul of core/backend.h for an fp8 w; launch_expert_gemv_fp8 and
+// launch_dequantize_fp8 of cuda/kernels.cuh. w [E, N, K] bytes with one float32 scale per output row
+// (row_scales [E * N]); x [R, K] and out [R, N] of T.
+//
+// expert_gemv_fp8_kernel (decode: at most kExpertGemvFp8MaxRows rows; reads each weight byte once for all the rows
+// of its expert):
+//   grid:   one block per (16 output columns, expert): (ceil(N / 16), E); an expert without rows returns at once.
+//   block:  kExpertGemvFp8Warps (4) warps; warp w of block b takes the kExpertGemvFp8RowsPerWarp (4) columns from
+//           n0 = (b * 4 + w) * 4 for every row of its expert; lanes stride over K, kWidth weight bytes at a time.
+//   shared: none.
+//   phases: 1. The expert's rows [offsets[e], offsets[e + 1]) read on the device (no host sync, graph-capturable).
+//           2. Per K chunk: the 4 columns' weight bytes loaded once, kept packed in registers and widened where
+//              used; each row's x chunk widened once and used for all 4 columns; float sums per (column, row).
+//           3. Each sum reduced over the warp; lane 0 stores it times the column's row scale, rounded to T.
+//
+// dequantize_fp8_kernel (prefill: a chunk of rows for cuBLAS):
+//   grid:   grid-stride over rows * cols: min(ceil(rows * cols / 256), 65536) blocks.
+//   block:  256 threads, one element per step.
+//   shared: none.
+//   phases: 1. out[r, c] = e4m3(w[r, c]) * row_scales[r], rounded to T.
+//
+// Limits: the GEMV's R at most kExpertGemvFp8MaxRows (an expert's rows past kMaxRows would be left out); kWidth 16
+// bytes only when K is a multiple of 16 and x and w are 16-byte aligned, else 1.
 #include <algorithm>
 
 #include "cuda/cuda_check.cuh"
@@ -29,12 +48,8 @@ constexpr int kExpertGemvFp8Warps = 4;
 template <int kMaxRows>
 constexpr int kExpertGemvFp8MinBlocks = kMaxRows <= 2 ? 4 : 3;
 
-// grid (ceil(N / (warps * kExpertGemvFp8RowsPerWarp)), E): warp w of block b computes the kExpertGemvFp8RowsPerWarp
-// output columns from n0 = (b * warps + w) * kExpertGemvFp8RowsPerWarp for the rows of expert blockIdx.y,
-// at most kMaxRows of them, found from expert_offsets on the device. Lanes stride over K kWidth
-// weight bytes at a time (16: one 16-byte load per row), each x chunk serving all the warp's
-// columns; the weight bytes stay packed in registers and are widened where they are used. The
-// float sums are reduced over the warp and scaled by the column's row scale.
+// kWidth: weight bytes per lane and load (16, or 8 for more than 2 rows, else 1). kMaxRows: the bound of the rows
+// of one expert, which sizes the register sums acc[kExpertGemvFp8RowsPerWarp][kMaxRows] (2 for decode, else 16).
 template <typename T, int kWidth, int kMaxRows>
 __global__ void __launch_bounds__(kExpertGemvFp8Warps * 32, kExpertGemvFp8MinBlocks<kMaxRows>)
     expert_gemv_fp8_kernel(const T* x, const uint8_t* w, const float* row_scales, const int32_t* expert_offsets,

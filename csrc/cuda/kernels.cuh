@@ -155,7 +155,7 @@ void launch_attention(const T* qkv, int64_t tokens, int64_t width, const Attenti
                       cudaStream_t stream);
 
 // Flash-attention style prefill on the tensor cores; false (nothing launched) for a head_dim
-// other than 64 or 128, or a group too large for shared memory.
+// other than 64 or 128, or K/V tiles past the device's opt-in shared memory.
 template <typename T>
 bool launch_attention_tensor_cores(const T* qkv, int64_t tokens, int64_t width, const AttentionShape& shape,
                                    const int32_t* positions, const T* k_pool, const T* v_pool,

@@ -1,7 +1,33 @@
-// Kernels of the residual stream (launchers declared in cuda/kernels.cuh; layouts in
-// core/backend.h): the random fill of synthetic weights, the embedding gather, add_rmsnorm, and the
-// experts' weighted outputs combined straight into the residual stream and its next norm. A row
-// kernel runs one block per token row.
+// Kernels of the residual stream: fill_uniform, embedding, add_rmsnorm, moe_unpermute_add_rmsnorm of
+// core/backend.h; their launch_<op> of cuda/kernels.cuh. Layouts as in core/backend.h (fill_uniform also of
+// float8_e4m3 bytes). A row kernel runs one block per token row.
+//
+// fill_uniform_kernel (synthetic weights):
+//   grid:   grid-stride over n: min(ceil(n / 256), 65536) blocks.
+//   block:  256 threads, one element per step.
+//   shared: none.
+//   phases: 1. data[i] = uniform_in(seed, i, low, high) (core/random.h), rounded to T: a value depends on (seed, i)
+//              only, so any grid writes the same (the CPU twin may differ in the last bits: nvcc fuses the
+//              multiply-add).
+//
+// embedding_kernel:
+//   grid:   one block per token: T blocks.
+//   block:  256 threads, striding over H.
+//   shared: none.
+//   phases: 1. out[t] = table[ids[t]].
+//
+// add_rmsnorm_kernel:
+//   grid:   one block per row: T blocks.
+//   block:  512 threads, striding over H.
+//   shared: block_sum's static float[32] (128 bytes).
+//   phases: 1. residual += delta (when given), stored rounded to T; squares of the stored values summed per thread.
+//           2. block_sum: shuffles in each warp, then over the warps (a fixed order: deterministic).
+//           3. out = residual * (1 / sqrt(mean square + eps)) * weight, rounded to T (as the CPU twin).
+//
+// moe_unpermute_add_rmsnorm_kernel: add_rmsnorm_kernel's grid, block, shared memory and phases, with delta (not
+// written) moe_unpermute's sum for the token, j ascending, rounded to T as moe_unpermute stores it.
+//
+// Limits: none beyond core/op_checks.
 #include <algorithm>
 
 #include "cuda/cuda_check.cuh"

@@ -1,7 +1,50 @@
-// Routing and permutation (launchers declared in cuda/kernels.cuh; layouts in core/backend.h):
-// softmax top-k of the router logits, the grouping of expanded rows by expert (offsets and both
-// row maps), the fused decode routing kernel (norm, router matmul, top-k, grouping, gather and the
-// batched expert GEMMs' pointer arrays in one block), and the pointer arrays alone.
+// Routing and permutation: router_topk, moe_permute and the fused route (also inside moe and add_rmsnorm_moe) of
+// core/backend.h, and the pointer arrays of the batched expert GEMMs; launch_router_topk, launch_moe_permute,
+// launch_route, launch_expert_pointers of cuda/kernels.cuh. Layouts as in core/backend.h (Routing); pointer arrays
+// as in ExpertGemmPointers (cuda/kernels.cuh).
+//
+// router_topk_kernel:
+//   grid:   one thread per token: ceil(T / 128) blocks.
+//   block:  128 threads; thread t routes token t.
+//   shared: none.
+//   phases: 1. Softmax over the E logits (max, then denominator).
+//           2. k rounds: the most probable expert not yet taken (ties to the lower id).
+//           3. The k weights renormalised by their sum.
+//
+// moe_permute_kernel (expanded rows grouped by expert, stable in the row index):
+//   grid:   one block.
+//   block:  32 * min(32, E) threads; warp w takes experts w, w + warps, ...
+//   shared: dynamic counts int32 [E + 1], then, when both fit in 48 KiB (kDefaultSharedBytes), a copy of the expert
+//           ids int32 [R]: 4 * (E + 1) or 4 * (E + 1 + R) bytes.
+//   phases: 1. Staged: the ids copied into shared memory (one coalesced read, where the two passes below would each
+//              wait on global loads).
+//           2. Each warp counts its expert's rows, 32 rows a ballot; thread 0 prefix-sums the counts into offsets.
+//           3. Each warp scans the rows again in order and places its expert's rows by ballot rank, so the order
+//              within an expert is the row order; both row maps written.
+//
+// route_kernel (decode: norm, router matmul, top-k, grouping, gather and pointer arrays in one block):
+//   grid:   one block.
+//   block:  kRouteThreads (1024) threads: 32 warps for the dot products, thread t routes token t.
+//   shared: static partial and logits float [kFusedRouteMaxTokens * kFusedRouteMaxExperts] each (1 KiB each),
+//           counts int32 [kFusedRouteMaxExperts + 1], block_sum's float[32]: about 2.3 KiB; no dynamic.
+//   phases: 1. With a norm (its residual not null): add_rmsnorm of each token's residual row, making x.
+//           2. The T * E dot products x . router[e] (pairs) split into slices of H so that every warp has one (a
+//              pair per warp when pairs outnumber warps); warp sums, then each pair's slices summed in slice order
+//              (a fixed order): logits, written out and kept in shared memory.
+//           3. Thread t routes token t as router_topk_kernel does.
+//           4. The T * k rows grouped by expert as in moe_permute_kernel (ids read from global memory).
+//           5. The rows gathered into `gathered`; the jobs' pointer arrays written per permuted row.
+//
+// expert_pointers_kernel (the pointer arrays alone: expert_matmul's batched path, moe after an unfused route):
+//   grid:   one thread per permuted row: ceil(R / 128) blocks.
+//   block:  128 threads.
+//   shared: none.
+//   phases: 1. Binary search for the last e with offsets[e] <= r (empty experts skipped).
+//           2. a[r], b[r], c[r] of each job written for expert e.
+//
+// Limits: route_kernel at most kFusedRouteMaxTokens (8) tokens and kFusedRouteMaxExperts (32) experts (its static
+// shared arrays are sized by them), kWidth 16 bytes only when H and x, router, gathered allow; moe_permute_kernel
+// is one block for any R (its staging for R up to about 12k).
 #include <algorithm>
 #include <cfloat>
 
@@ -77,8 +120,7 @@ __device__ void permute_rows(const int32_t* expert_ids, int64_t rows, int num_ex
   }
 }
 
-// One block; dynamic shared memory: the counts [E + 1], then, when `staged`, a copy of the expert
-// ids [R] (one coalesced read, where the two passes of permute_rows would each wait on global loads).
+// staged: the expert ids copied after the counts in dynamic shared memory (the launcher decides).
 __global__ void moe_permute_kernel(const int32_t* expert_ids, int64_t rows, int num_experts, bool staged,
                                    int32_t* offsets, int32_t* permuted_to_expanded, int32_t* expanded_to_permuted) {
   int32_t* counts = dynamic_shared_memory<int32_t>();
@@ -105,11 +147,7 @@ __device__ __forceinline__ void write_expert_pointers(const ExpertPointerJobs& j
 constexpr int kRouteThreads = 1024;
 constexpr int kRouteMaxPairs = int(kFusedRouteMaxTokens) * kFusedRouteMaxExperts;
 
-// One block of kRouteThreads: the T * E dot products (pairs) are split into slices of the hidden
-// size so that every warp has one (a pair per warp when there are more pairs than warps); kWidth
-// elements per load (kPack16<T> when H allows). Then thread t routes token t, and the block
-// permutes the expanded rows, gathers them and writes the jobs' pointer arrays. With a norm (its
-// residual not null) the block first makes x itself: add_rmsnorm of each token's residual row.
+// kWidth: elements per load of x, router and gathered, kPack16<T> (16 bytes) when H and the pointers allow, else 1.
 template <typename T, int kWidth>
 __global__ void __launch_bounds__(kRouteThreads)
     route_kernel(const T* x, const T* router, int tokens, int64_t hidden, int num_experts, int k, float* logits,

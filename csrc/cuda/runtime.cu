@@ -1,6 +1,7 @@
-// The CUDA runtime (see cuda/runtime.cuh) and the library's C entry points
-// (csrc/core/cuda_library.h): the probe, and the factory of the CUDA backend,
-// so the core loads this library only when a caller asks for the GPU.
+// Runtime (cuda/runtime.cuh): the stream, cuBLAS handle and workspace, and the staged upload; kernel_limits and
+// throw_launch_error (cuda/cuda_check.cuh); describe_devices; and the library's C entry points
+// (core/cuda_library.h), the probe and the backend factory, so the core loads this library only when a caller
+// asks for the GPU. No kernels here.
 #include "cuda/runtime.cuh"
 
 #include <algorithm>
@@ -120,6 +121,8 @@ extern "C" MX_EXPORT int mixtral_ext_cuda_probe(char* message, int capacity) {
   std::snprintf(message, static_cast<size_t>(capacity), "%s", text.c_str());
   return count;
 }
+
+extern "C" MX_EXPORT int mixtral_ext_cuda_backend_abi() { return mixtral::kBackendAbi; }
 
 extern "C" MX_EXPORT mixtral::Backend* mixtral_ext_cuda_create_backend(int device) {
   return new mixtral::cuda::CudaBackend(device);  // throws DeviceError; the core catches it

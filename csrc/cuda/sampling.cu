@@ -1,12 +1,25 @@
-// Token sampling on the device (the steps of core/sampling.h; the host
-// function sample_token there is its twin). One block of 1024 threads reads
-// logits [V] float32 and the generation's state [2V + 1] int32 (seen, counts,
-// the draw counter), writes the token, its logprob and the top-n logprobs,
-// then records the token and advances the counter, so the logits never leave
-// the GPU and a captured step needs no host input. top_k and top_p
-// become thresholds found by bisection over the order-preserving integer keys
-// of the floats (32 rounds each, exact up to ties); the draw walks the kept
-// tokens in id order.
+// Token sampling on the device: sample of core/backend.h, by the steps of core/sampling.h (its host function
+// sample_token is the twin); launch_sample of cuda/kernels.cuh. logits [V] float32; state [2V + 1] int32: seen [V],
+// counts [V], the draw counter; token [1], logprob [1], top_ids and top_logprobs [min(logprobs, V)].
+//
+// sample_kernel:
+//   grid:   one block.
+//   block:  kThreads (1024) threads; thread i owns the ids [i * chunk, (i + 1) * chunk), chunk = ceil(V / 1024).
+//   shared: static range_mass float[1024], chosen_shared, kept_mass, and block_reduce's float[32] and Best[32]:
+//           about 4.4 KiB; no dynamic.
+//   phases: 1. The raw log-softmax normaliser (block max, block sum), for the logprobs.
+//           2. The penalised logits (NaN as -inf) and their best, ties to the lower id; temperature 0 or all -inf:
+//              that token (all -inf: token 0, as on the host).
+//           3. Else top_k and top_p become thresholds, found by bisection over the order-preserving integer keys of
+//              the floats (32 rounds each, exact up to ties); min_p raises the probability threshold.
+//           4. The draw: thread 0 makes exclusive prefix sums of the threads' kept masses in id order; the thread
+//              whose range holds uniform01(seed, step) * kept mass walks its kept ids in order (rounding past the
+//              end: the most likely token).
+//           5. The top-n raw logprobs, most likely first; thread 0 writes the token and its logprob, records it in
+//              seen and counts and advances the counter: the logits never leave the GPU, a captured step needs no
+//              host input.
+//
+// Limits: V below 2^30 (int indices up to 2V; launch_sample refuses more); params as SamplingParams::validate allows.
 #include <cmath>
 
 #include "cuda/cuda_check.cuh"
@@ -175,6 +188,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float* raw, int 
 
 void launch_sample(const float* logits, int64_t vocab, const SamplingParams& params, uint64_t seed, int32_t* state,
                    int32_t* token, float* logprob, int32_t* top_ids, float* top_logprobs, cudaStream_t stream) {
+  MX_CHECK(vocab < (int64_t(1) << 30), ShapeError, "sample: vocabulary " << vocab << " past 2^30 (int indices)");
   launch(sample_kernel, 1, kThreads, 0, stream, logits, static_cast<int>(vocab), params, seed, state, token, logprob,
          top_ids, top_logprobs);
 }

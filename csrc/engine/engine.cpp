@@ -4,6 +4,9 @@
 // decode steps in engine/decode.cpp.
 #include "engine/engine.h"
 
+#include <algorithm>
+#include <utility>
+
 #include "engine/arena.h"
 
 namespace mixtral {

@@ -141,7 +141,7 @@ class Engine {
   Tensor norm_weight(Slot slot, int64_t layer) const;  // [H]
   KvLayer kv_layer(int64_t layer) const;
   // Runs the tokens in chunks. Logits: all_logits -> [n, V] to host_out; else the last
-  // token's [V] to host_out, or left in logits_ row 0 when host_out is null.
+  // token's [V] to host_out, or left in work_.logits row 0 when host_out is null.
   void forward(int sequence, const int32_t* tokens, int64_t n, bool all_logits, float* host_out);
   // Checks n tokens and the room for them, and grows the sequence by n; returns its old length.
   int64_t grow(int sequence, const int32_t* tokens, int64_t n);
@@ -152,7 +152,7 @@ class Engine {
   void stage_inputs(int sequence, const int32_t* tokens, int64_t n, int64_t start);
   void enqueue_input_copies(int64_t n);
   // The forward pass of n tokens whose ids, positions and page table are on the device already;
-  // leaves float32 logits of the last logit_rows tokens in logits_ rows [0, logit_rows).
+  // leaves float32 logits of the last logit_rows tokens in work_.logits rows [0, logit_rows).
   // enqueue_forward sets the CPU's threads around it (and times decode steps for the tuner).
   void enqueue_forward(int64_t n, int64_t logit_rows);
   void enqueue_model(int64_t n, int64_t logit_rows);
@@ -169,7 +169,7 @@ class Engine {
     int next_slot;      // the slot of the next decode step
   };
   SamplerState& find_sampler(int sampler, const char* caller);
-  // Samples from logits_ row 0 into the sampler's state and copies the results to out (pinned,
+  // Samples from work_.logits row 0 into the sampler's state and copies the results to out (pinned,
   // kOutputWords); read_sample() reads them there once the device is done.
   void enqueue_sample(SamplerState& s, int32_t* out);
   SampledToken read_sample(const SamplerState& s, const int32_t* out) const;
