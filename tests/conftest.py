@@ -7,6 +7,7 @@ device_helpers.py)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -52,6 +53,47 @@ def make_hf_model(seed: int = 0, **overrides):
             else:
                 p.normal_(0.0, 1.0 / math.sqrt(p.shape[-1]))
     return model
+
+
+def quantized_projections(model):
+    """(module name in the per-expert checkpoint layout, float weight [out, in]) of every projection
+    that the quantized checkpoints store quantized: the attention projections and each expert's w1,
+    w3 and w2 (transformers keeps the experts fused)."""
+    c, sd = model.config, {k: v.detach() for k, v in model.state_dict().items()}
+    F = c.intermediate_size
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}."
+        for proj in ("q", "k", "v", "o"):
+            yield f"{p}self_attn.{proj}_proj", sd[f"{p}self_attn.{proj}_proj.weight"]
+        for e in range(c.num_local_experts):
+            gate_up, down = sd[p + "mlp.experts.gate_up_proj"][e], sd[p + "mlp.experts.down_proj"][e]
+            x = f"{p}block_sparse_moe.experts.{e}."
+            yield x + "w1", gate_up[:F]
+            yield x + "w3", gate_up[F:]
+            yield x + "w2", down
+
+
+def unquantized_tensors(model) -> dict:
+    """The model's other tensors (embeddings, norms, router, lm_head) under their checkpoint names."""
+    return {name.replace(".mlp.gate.", ".block_sparse_moe.gate."): tensor.detach().contiguous()
+            for name, tensor in model.state_dict().items()
+            if ".experts." not in name and not (".self_attn." in name and name.endswith("_proj.weight"))}
+
+
+def with_projections(model, weight_of):
+    """A copy of model whose quantized projections (quantized_projections) are weight_of(module name)."""
+    reference = copy.deepcopy(model)
+    sd = reference.state_dict()
+    with torch.no_grad():
+        for i in range(model.config.num_hidden_layers):
+            p = f"model.layers.{i}."
+            for proj in ("q", "k", "v", "o"):
+                sd[f"{p}self_attn.{proj}_proj.weight"].copy_(weight_of(f"{p}self_attn.{proj}_proj"))
+            for e in range(model.config.num_local_experts):
+                x = f"{p}block_sparse_moe.experts.{e}."
+                sd[p + "mlp.experts.gate_up_proj"][e].copy_(torch.cat([weight_of(x + "w1"), weight_of(x + "w3")]))
+                sd[p + "mlp.experts.down_proj"][e].copy_(weight_of(x + "w2"))
+    return reference
 
 
 def hf_logits(model, token_ids) -> np.ndarray:

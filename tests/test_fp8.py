@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, assert_close, hf_logits, make_hf_model, random_tokens
+from conftest import (TINY, assert_close, hf_logits, make_hf_model, quantized_projections, random_tokens,
+                      unquantized_tensors, with_projections)
 
 import mixtral_ext
 from mixtral_ext import _C
@@ -114,8 +115,7 @@ def write_fp8_checkpoint(model, out_dir, per_row: bool) -> None:
 
     from safetensors.torch import save_file
 
-    c, sd = model.config, {k: v.detach() for k, v in model.state_dict().items()}
-    F, out = c.intermediate_size, {}
+    out = unquantized_tensors(model)
 
     def put(name, w):
         scale = w.abs().amax(dim=1, keepdim=True) / 448.0 if per_row else w.abs().amax() / 448.0
@@ -123,24 +123,11 @@ def write_fp8_checkpoint(model, out_dir, per_row: bool) -> None:
         out[name + ".weight_scale"] = scale.float().contiguous()
         out[name + ".input_scale"] = torch.tensor(1.0)  # activation scales: not used by the engine
 
-    for name, tensor in sd.items():
-        if ".experts." in name:
-            continue
-        if ".self_attn." in name and name.endswith("_proj.weight"):
-            put(name.removesuffix(".weight"), tensor)
-        else:
-            out[name.replace(".mlp.gate.", ".block_sparse_moe.gate.")] = tensor.contiguous()
-    for i in range(c.num_hidden_layers):
-        p = f"model.layers.{i}."
-        for e in range(c.num_local_experts):
-            gate_up, down = sd[p + "mlp.experts.gate_up_proj"][e], sd[p + "mlp.experts.down_proj"][e]
-            x = f"{p}block_sparse_moe.experts.{e}."
-            put(x + "w1", gate_up[:F])
-            put(x + "w3", gate_up[F:])
-            put(x + "w2", down)
+    for module, w in quantized_projections(model):
+        put(module, w)
     os.makedirs(out_dir, exist_ok=True)
     save_file(out, os.path.join(out_dir, "model.safetensors"))
-    config = c.to_dict()
+    config = model.config.to_dict()
     config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "static"}
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f)
@@ -148,7 +135,6 @@ def write_fp8_checkpoint(model, out_dir, per_row: bool) -> None:
 
 def widened_reference(model, out_dir):
     """model with the weights of the FP8 checkpoint in out_dir, widened by torch (bytes x scale)."""
-    import copy
     import os
 
     from safetensors.torch import load_file
@@ -158,18 +144,7 @@ def widened_reference(model, out_dir):
     def weight(name):
         return tensors[name + ".weight"].float() * tensors[name + ".weight_scale"]
 
-    reference = copy.deepcopy(model)
-    sd = reference.state_dict()
-    with torch.no_grad():
-        for i in range(model.config.num_hidden_layers):
-            p = f"model.layers.{i}."
-            for proj in ("q", "k", "v", "o"):
-                sd[f"{p}self_attn.{proj}_proj.weight"].copy_(weight(f"{p}self_attn.{proj}_proj"))
-            for e in range(model.config.num_local_experts):
-                x = f"{p}block_sparse_moe.experts.{e}."
-                sd[p + "mlp.experts.gate_up_proj"][e].copy_(torch.cat([weight(x + "w1"), weight(x + "w3")]))
-                sd[p + "mlp.experts.down_proj"][e].copy_(weight(x + "w2"))
-    return reference
+    return with_projections(model, weight)
 
 
 @pytest.mark.parametrize("per_row", [False, True])
@@ -202,8 +177,8 @@ def test_fp8_checkpoint_without_scales_and_other_quantizations_are_refused(tmp_p
         mixtral_ext.Engine.from_pretrained(tmp_path)
     with open(os.path.join(tmp_path, "config.json")) as f:
         config = json.load(f)
-    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
     with open(os.path.join(tmp_path, "config.json"), "w") as f:
         json.dump(config, f)
-    with pytest.raises(mixtral_ext.ModelLoadError, match="'gptq' quantization is not supported"):
+    with pytest.raises(mixtral_ext.ModelLoadError, match="'bitsandbytes' quantization is not supported"):
         mixtral_ext.Engine.from_pretrained(tmp_path)

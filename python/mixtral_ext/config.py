@@ -9,6 +9,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from .errors import ModelLoadError
+from .int4 import Int4Format, parse_int4_format
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class MixtralConfig:
     max_position_embeddings: int
     tie_word_embeddings: bool = False
     checkpoint_dtype: str | None = None  # the dtype the checkpoint declares, if any
+    int4: Int4Format | None = None  # the int4 format of the checkpoint's quantized weights, if any
 
     def parameter_count(self) -> int:
         """Weights the engine holds (lm_head counted even when tied)."""
@@ -39,7 +41,7 @@ class MixtralConfig:
 
         core = _C.ModelConfig()
         for field, value in asdict(self).items():
-            if field not in ("tie_word_embeddings", "checkpoint_dtype"):
+            if field not in ("tie_word_embeddings", "checkpoint_dtype", "int4"):
                 setattr(core, field, value)
         try:
             core.validate()
@@ -78,9 +80,10 @@ def _float(data: dict, key: str, path: str, default=None) -> float:
 
 
 _DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
-# quantization_config.quant_method of the FP8 checkpoints the loader reads (AutoFP8, llm-compressor): their
-# quantized weights are F8_E4M3 tensors, each with a float32 weight_scale (per tensor or per output row).
-FP8_QUANT_METHODS = ("fp8", "compressed-tensors")
+# quantization_config.quant_method of the quantized checkpoints the loader reads: FP8 (AutoFP8, llm-compressor),
+# whose quantized weights are F8_E4M3 tensors, each with a float32 weight_scale (per tensor or per output row),
+# and int4 (AWQ, GPTQ, compressed-tensors pack-quantized: int4.py).
+QUANT_METHODS = ("fp8", "compressed-tensors", "awq", "gptq")
 
 
 def load_hf_config(path: str) -> MixtralConfig:
@@ -108,10 +111,12 @@ def load_hf_config(path: str) -> MixtralConfig:
         raise ModelLoadError(f"{path}: hidden_act {data.get('hidden_act')!r} is not supported (silu)")
     quantization = data.get("quantization_config") or {}
     method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization
-    if method not in (None, *FP8_QUANT_METHODS):
-        raise ModelLoadError(f"{path}: {method!r} quantization is not supported; FP8 checkpoints "
-                             f"(quant_method {' or '.join(FP8_QUANT_METHODS)}, F8_E4M3 weights with their "
-                             "weight_scale) and unquantized ones are")
+    if method is not None and not isinstance(quantization, dict):
+        raise ModelLoadError(f"{path}: quantization_config must be an object, got {quantization!r}")
+    if method not in (None, *QUANT_METHODS):
+        raise ModelLoadError(f"{path}: {method!r} quantization is not supported; FP8 checkpoints (F8_E4M3 weights "
+                             "with their weight_scale), int4 ones (AWQ GEMM, GPTQ, compressed-tensors "
+                             "pack-quantized) and unquantized ones are")
     return MixtralConfig(
         hidden_size=hidden,
         num_layers=_int(data, "num_hidden_layers", path),
@@ -127,6 +132,7 @@ def load_hf_config(path: str) -> MixtralConfig:
         max_position_embeddings=max_positions,
         tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),
         checkpoint_dtype=_DTYPE_NAMES.get(str(data.get("dtype") or data.get("torch_dtype"))),
+        int4=parse_int4_format(quantization, path) if method else None,
     )
 
 

@@ -6,7 +6,8 @@ Format: 8 bytes little-endian header length N, N bytes of JSON
 then the data; offsets are relative to the end of the header. bfloat16 has no
 numpy dtype, so it is viewed as uint16 and tagged "bfloat16"; FP8 E4M3 (an FP8
 checkpoint's weights, each with its weight_scale) is viewed as uint8 and tagged
-"float8_e4m3".
+"float8_e4m3". I32 and I64 tensors (an int4 checkpoint's packed codes, group indices and
+shapes) are read by integers(), never as weights.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ _DTYPES = {
     "BF16": (2, np.uint16, "bfloat16"),
     "F16": (2, np.float16, "float16"),
     "F64": (8, None, None),
-    "I64": (8, None, None),
-    "I32": (4, None, None),
+    "I64": (8, np.int64, None),
+    "I32": (4, np.int32, None),
     "I16": (2, None, None),
     "I8": (1, None, None),
     "U8": (1, None, None),
@@ -114,12 +115,22 @@ class SafetensorsFile:
 
     def tensor(self, name: str) -> tuple[np.ndarray, str]:
         """The tensor as a read-only numpy view of the mapped file, and its engine dtype name."""
-        dtype, shape, begin, end = self._entries[name]
-        _, view_dtype, engine_dtype = _DTYPES[dtype]
-        if engine_dtype is None:
+        dtype = self._entries[name][0]
+        if _DTYPES[dtype][2] is None:
             raise ModelLoadError(
                 f"{self.path}: tensor '{name}' has dtype {dtype}; float32, bfloat16, float16 or F8_E4M3 are supported"
             )
+        return self._view(name), _DTYPES[dtype][2]
+
+    def integers(self, name: str) -> np.ndarray:
+        """An I32 or I64 tensor as a read-only numpy view of the mapped file."""
+        dtype = self._entries[name][0]
+        if dtype not in ("I32", "I64"):
+            raise ModelLoadError(f"{self.path}: tensor '{name}' has dtype {dtype}; I32 or I64 expected")
+        return self._view(name)
+
+    def _view(self, name: str) -> np.ndarray:
+        dtype, shape, begin, end = self._entries[name]
         if self._map is None:
             self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
-        return self._map[self._data_start + begin : self._data_start + end].view(view_dtype).reshape(shape), engine_dtype
+        return self._map[self._data_start + begin : self._data_start + end].view(_DTYPES[dtype][1]).reshape(shape)

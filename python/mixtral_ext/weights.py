@@ -13,6 +13,11 @@ Supported layouts:
     NAME.weight_scale beside it, one per tensor or per output row; the engine keeps FP8
     expert weights as they are and widens the others to its dtype (activation scales are
     not used: activations stay in the engine's dtype).
+  int4 (Hugging Face layout, per-expert names; AWQ GEMM, GPTQ, compressed-tensors
+    pack-quantized, int4.py): a projection stored as int4 codes, scales and zero points
+    instead of NAME.weight is unpacked and dequantized to float32 here, then converted to the
+    engine's dtypes like any float weight; the others (router, norms, embeddings, lm_head)
+    are float as stored.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from tqdm.auto import tqdm
 
 from .config import MixtralConfig, load_hf_config, load_params_json
 from .errors import ModelLoadError
+from .int4 import Int4Reader
 from .safetensors_file import SafetensorsFile
 
 log = logging.getLogger("mixtral_ext")
@@ -58,6 +64,20 @@ class Checkpoint:
 
     def has(self, name: str) -> bool:
         return name in self.files
+
+    def int4_module(self, name: str) -> str | None:
+        """The module of weight `name` when the checkpoint holds it as int4 codes, not as a tensor."""
+        fmt = self.config.int4
+        if fmt is None or name in self.files or not name.endswith(".weight"):
+            return None
+        module = name.removesuffix(".weight")
+        return module if fmt.packed_name(module) in self.files else None
+
+    def has_weight(self, name: str) -> bool:
+        return name in self.files or self.int4_module(name) is not None
+
+    def int4_reader(self) -> Int4Reader:
+        return Int4Reader(self.config.int4, self.files)
 
 
 def read_config(path: str | os.PathLike) -> tuple[str, MixtralConfig]:
@@ -121,7 +141,7 @@ def tensor_plan(checkpoint: Checkpoint) -> list[TensorCopy]:
     def need(name: str) -> str:
         """Stops at the first layer or expert the checkpoint lacks, so a config that claims
         a billion layers fails at once instead of planning a billion copies."""
-        if not checkpoint.has(name):
+        if not checkpoint.has_weight(name):
             raise ModelLoadError(f"missing tensor '{name}' in the checkpoint (the config declares "
                                  f"{c.num_layers} layers of {E} experts)")
         return name
@@ -204,7 +224,8 @@ def is_fp8(checkpoint: Checkpoint, name: str) -> bool:
 
 def experts_in_fp8(checkpoint: Checkpoint, plan: list[TensorCopy]) -> bool:
     """Whether the checkpoint stores its expert weights in FP8."""
-    return any(copy.slot in ("w13", "w2") and is_fp8(checkpoint, copy.name) for copy in plan)
+    return any(copy.slot in ("w13", "w2") and checkpoint.has(copy.name) and is_fp8(checkpoint, copy.name)
+               for copy in plan)
 
 
 def check_plan(checkpoint: Checkpoint, plan: list[TensorCopy]) -> int:
@@ -212,8 +233,15 @@ def check_plan(checkpoint: Checkpoint, plan: list[TensorCopy]) -> int:
     the bytes to copy."""
     total = 0
     for copy in plan:
+        module = checkpoint.int4_module(copy.name)
+        if module is not None:
+            total += checkpoint.int4_reader().check(module, *copy.shape)
+            continue
         if not checkpoint.has(copy.name):
-            raise ModelLoadError(f"missing tensor '{copy.name}' in the checkpoint")
+            int4 = checkpoint.config.int4
+            raise ModelLoadError(f"missing tensor '{copy.name}' in the checkpoint" +
+                                 (f" (nor its int4 '{int4.packed_name(copy.name.removesuffix('.weight'))}')"
+                                  if int4 and copy.name.endswith(".weight") else ""))
         st = checkpoint.files[copy.name]
         if st.shape(copy.name) != copy.shape:
             raise ModelLoadError(
@@ -253,7 +281,13 @@ def load_into(core, checkpoint: Checkpoint, plan: list[TensorCopy], total_bytes:
     show = total_bytes >= _PROGRESS_BYTES if progress is None else progress
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="loading weights", disable=not show) as bar:
         for copy in plan:
-            array, dtype = checkpoint.files[copy.name].tensor(copy.name)
+            module = checkpoint.int4_module(copy.name)
+            if module is not None:
+                reader = checkpoint.int4_reader()
+                stored_bytes = reader.check(module, *copy.shape)
+                array, dtype = reader.read(module, *copy.shape).dequantized(), "float32"
+            else:
+                array, dtype = checkpoint.files[copy.name].tensor(copy.name)
             scales = _row_scales(checkpoint, copy.name, array.shape[0]) if dtype == "float8_e4m3" else None
             if copy.expert_index is not None:
                 array = array[copy.expert_index]
@@ -263,7 +297,7 @@ def load_into(core, checkpoint: Checkpoint, plan: list[TensorCopy], total_bytes:
                 scales = None if scales is None else scales[order]
             core.load_weight(copy.slot, copy.layer, copy.expert, copy.row_offset, np.ascontiguousarray(array), dtype,
                              scales)
-            bar.update(array.nbytes)
+            bar.update(stored_bytes if module is not None else array.nbytes)
     missing = core.missing_weights()
     if missing:
         raise ModelLoadError("weights left unfilled: " + "; ".join(missing[:8]))
