@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 import mixtral_ext
 from mixtral_ext.config import load_hf_config
-from mixtral_ext.int4 import Int4Reader
+from mixtral_ext.int4 import Int4Format, Int4Reader
 from mixtral_ext.safetensors_file import SafetensorsFile
 
 # Widths that every format packs: 8 codes per int32 along the input (GPTQ, compressed-tensors) or the
@@ -210,6 +210,27 @@ def test_unpacked_codes_scales_and_zeros_are_the_quantizer_s(model, tmp_path, va
     np.testing.assert_array_equal(got.groups, g_idx.numpy())
 
 
+def test_known_words_unpack_as_the_formats_define_them(tmp_path):
+    """Fixed words, independent of this file's packers: AWQ's word 0x75316420 holds output columns
+    0..7 = codes 0..7 (nibble i holds column (0, 2, 4, 6, 1, 3, 5, 7)[i]); a GPTQ zero nibble 15 is
+    zero 16 (stored minus one, never masked after the +1)."""
+    from safetensors.numpy import save_file as save_numpy
+
+    word = np.array([[0x75316420]], np.uint32).view(np.int32)
+    save_numpy({"m.qweight": np.repeat(word, 8, axis=0), "m.qzeros": word, "m.scales": np.ones((1, 8), np.float16),
+                "g.qweight": np.full((1, 8), 0x11111111, np.uint32).view(np.int32),
+                "g.qzeros": np.array([[0xFFFFFFFF]], np.uint32).view(np.int32),
+                "g.scales": np.full((1, 8), 0.5, np.float16)}, str(tmp_path / "words.safetensors"))
+    st = SafetensorsFile(tmp_path / "words.safetensors")
+    files = {name: st for name in st.keys()}
+    awq = Int4Reader(Int4Format("awq", 8, False), files).read("m", 8, 8)
+    np.testing.assert_array_equal(awq.codes, np.repeat(np.arange(8)[:, None], 8, axis=1))
+    np.testing.assert_array_equal(awq.zeros[:, 0], np.arange(8))
+    gptq = Int4Reader(Int4Format("gptq", 8, False), files).read("g", 8, 8)
+    np.testing.assert_array_equal(gptq.zeros, np.full((8, 1), 16.0))
+    np.testing.assert_array_equal(gptq.dequantized(), np.full((8, 8), (1 - 16) * 0.5, np.float32))
+
+
 @pytest.mark.parametrize("change,message", [
     (dict(bits=8), "8 bits"), (dict(version="gemv"), "version 'gemv'"), (dict(group_size=7), "does not divide"),
     (dict(quant_method="gptq", checkpoint_format="gptq_v2"), "checkpoint_format 'gptq_v2'"),
@@ -228,11 +249,16 @@ def test_unsupported_int4_schemes_are_refused(model, tmp_path, change, message):
 
 @pytest.mark.parametrize("scheme,message", [
     (dict(num_bits=8, type="int"), "int weights of 8 bits"), (dict(strategy="tensor"), "strategy 'tensor'"),
+    (dict(symmetric="false"), "symmetric 'false'"),
+    ({"transform_config": {"config_groups": {"u": {"type": "hadamard"}}}}, "transform_config"),
+    ({"quantization_status": "frozen"}, "quantization_status 'frozen'"),
 ])
 def test_unsupported_compressed_tensors_schemes_are_refused(model, tmp_path, scheme, message):
     write_int4_checkpoint(model, tmp_path, "ct-sym-group")
     with open(tmp_path / "config.json") as f:
         config = json.load(f)
+    top_level = {key: scheme.pop(key) for key in ("transform_config", "quantization_status") if key in scheme}
+    config["quantization_config"].update(top_level)
     config["quantization_config"]["config_groups"]["group_0"]["weights"].update(scheme)
     with open(tmp_path / "config.json", "w") as f:
         json.dump(config, f)
@@ -249,6 +275,8 @@ def test_unsupported_compressed_tensors_schemes_are_refused(model, tmp_path, sch
     ("ct-asym-channel", "model.layers.0.block_sparse_moe.experts.2.w3.weight_zero_point", None,
      "missing tensor 'model.layers.0.block_sparse_moe.experts.2.w3.weight_zero_point'"),
     ("ct-asym-act-order", "model.layers.0.self_attn.o_proj.weight_g_idx", lambda t: t + 100, "group indices"),
+    ("gptq-asym-act-order", "model.layers.1.self_attn.v_proj.g_idx", None,
+     "missing tensor 'model.layers.1.self_attn.v_proj.g_idx'"),
     ("ct-sym-group", "model.layers.0.self_attn.k_proj.weight_shape", lambda t: t.flip(0), "weight_shape"),
 ])
 def test_malformed_int4_tensors_are_named(model, tmp_path, variant, name, edit, message):

@@ -43,6 +43,7 @@ class Int4Format:
     method: str  # "awq", "gptq" or "compressed-tensors"
     group_size: int  # input columns per group; 0: one group per output row (channel)
     symmetric: bool
+    act_order: bool = False  # the groups come per input column (g_idx), which the checkpoint must hold
 
     def packed_name(self, module: str) -> str:
         """The tensor that holds module's codes. A module without it (the router, and whatever
@@ -58,6 +59,12 @@ def parse_int4_format(quantization: dict, path: str) -> Int4Format | None:
     def fail(what: str):
         raise ModelLoadError(f"{path}: {method} quantization with {what} is not supported")
 
+    def flag(key: str, default: bool, scheme: dict = quantization) -> bool:
+        value = scheme.get(key, default)
+        if not isinstance(value, bool):
+            fail(f"{key} {value!r} (true or false expected)")
+        return value
+
     def group_size(value, channel_value=None) -> int:
         if value == channel_value and channel_value is not None:
             return 0
@@ -72,7 +79,7 @@ def parse_int4_format(quantization: dict, path: str) -> Int4Format | None:
             fail(f"{bits!r} bits (4 are)")
         if version != "gemm":
             fail(f"version {version!r} (gemm is)")
-        if quantization.get("zero_point", True) is not True:
+        if not flag("zero_point", True):
             fail("zero_point false (zero points are expected)")
         size = group_size(quantization.get("group_size", quantization.get("q_group_size")))
         return Int4Format("awq", size, False)
@@ -85,21 +92,27 @@ def parse_int4_format(quantization: dict, path: str) -> Int4Format | None:
             fail(f"checkpoint_format {packing!r}{' (Marlin-repacked)' if quantization.get('is_marlin_format') else ''}"
                  " (gptq is; exllama v2 and Marlin repacks are not)")
         size = group_size(quantization.get("group_size", 128), -1)
-        return Int4Format("gptq", size, bool(quantization.get("sym", True)))
+        return Int4Format("gptq", size, flag("sym", True), flag("desc_act", False))
     if method == "compressed-tensors":
-        return _compressed_tensors_format(quantization, path, group_size, fail)
+        return _compressed_tensors_format(quantization, path, group_size, flag, fail)
     return None
 
 
-def _compressed_tensors_format(quantization: dict, path: str, group_size, fail) -> Int4Format | None:
+def _compressed_tensors_format(quantization: dict, path: str, group_size, flag, fail) -> Int4Format | None:
+    if quantization.get("transform_config"):
+        fail("a transform_config (rotations the engine does not apply)")
     groups = quantization.get("config_groups")
     if not isinstance(groups, dict) or not groups:
         return None  # no scheme stated: FP8 weights are still found by their dtype
     schemes = set()
     for name, group in groups.items():
-        weights = group.get("weights") if isinstance(group, dict) else None
+        if not isinstance(group, dict):
+            raise ModelLoadError(f"{path}: compressed-tensors config group {name!r} is not an object")
+        weights = group.get("weights")
+        if weights is None:
+            continue  # quantizes no weights (activation scales are not used: activations stay in the dtype)
         if not isinstance(weights, dict):
-            raise ModelLoadError(f"{path}: compressed-tensors config group {name!r} has no weights scheme")
+            raise ModelLoadError(f"{path}: compressed-tensors config group {name!r}: weights must be an object")
         if weights.get("type") == "float" and weights.get("num_bits") == 8:
             schemes.add(None)  # FP8: read by its dtype
             continue
@@ -109,17 +122,24 @@ def _compressed_tensors_format(quantization: dict, path: str, group_size, fail) 
                  "(4-bit int weights in pack-quantized are)")
         if group.get("input_activations"):
             fail("quantized input activations (weight-only w4a16 is)")
+        if quantization.get("quantization_status", "compressed") != "compressed":
+            fail(f"quantization_status {quantization.get('quantization_status')!r} (compressed is)")
         strategy = weights.get("strategy")
+        if strategy is None:  # as compressed-tensors infers it from the group size
+            strategy = "channel" if weights.get("group_size") == -1 else "group"
+        strategy = str(strategy).lower()
         if strategy not in ("group", "channel"):
             fail(f"strategy {strategy!r} (group or channel is)")
         size = group_size(weights.get("group_size")) if strategy == "group" else 0
-        schemes.add((size, bool(weights.get("symmetric", True))))
-    if schemes == {None}:
+        # act order "group" stores each column's group (weight_g_idx); "weight" and "static" only change
+        # the order of calibration and store none.
+        act_order = str(weights.get("actorder")).lower() in ("group", "dynamic", "true")
+        schemes.add((size, flag("symmetric", True, weights), act_order))
+    if not schemes or schemes == {None}:
         return None
     if len(schemes) != 1:
         fail("several schemes at once (one int4 scheme for all quantized layers is)")
-    size, symmetric = schemes.pop()
-    return Int4Format("compressed-tensors", size, symmetric)
+    return Int4Format("compressed-tensors", *schemes.pop())
 
 
 def _nibbles(words: np.ndarray) -> np.ndarray:
@@ -186,11 +206,13 @@ class Int4Reader:
         if self.format.method == "gptq":
             return [(f"{m}.qweight", _INTEGERS, (self._words(f"{m}.qweight", inp, "input width"), out), True),
                     (f"{m}.qzeros", _INTEGERS, (groups, self._words(f"{m}.qzeros", out, "output width")), True),
-                    (f"{m}.scales", _FLOATS, (groups, out), True), (f"{m}.g_idx", _INTEGERS, (inp,), False)]
+                    (f"{m}.scales", _FLOATS, (groups, out), True),
+                    (f"{m}.g_idx", _INTEGERS, (inp,), self.format.act_order)]
         return [(f"{m}.weight_packed", _INTEGERS, (out, -(-inp // 8)), True),
                 (f"{m}.weight_scale", _FLOATS, (out, groups), True),
                 (f"{m}.weight_zero_point", _INTEGERS, (-(-out // 8), groups), not self.format.symmetric),
-                (f"{m}.weight_g_idx", _INTEGERS, (inp,), False), (f"{m}.weight_shape", ("I32", "I64"), (2,), False)]
+                (f"{m}.weight_g_idx", _INTEGERS, (inp,), self.format.act_order),
+                (f"{m}.weight_shape", ("I32", "I64"), (2,), False)]
 
     def _group_count(self, module: str, inp: int) -> int:
         size = self.format.group_size
