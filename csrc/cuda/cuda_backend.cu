@@ -519,13 +519,13 @@ void CudaBackend::expert_gemv_fp8(const Tensor& x, const Tensor& w, const Tensor
   dispatch_device_float(x.dtype, [&](auto tag) {
     using T = decltype(tag);
     launch_expert_gemv_fp8(x.ptr<const T>(), x.shape[0], w.ptr<const uint8_t>(), w.row_scales,
-                            static_cast<int>(w.shape[0]), expert_offsets.ptr<const int32_t>(), w.shape[1], w.shape[2],
-                            out.ptr<T>(), runtime_.stream());
+                           static_cast<int>(w.shape[0]), expert_offsets.ptr<const int32_t>(), w.shape[1], w.shape[2],
+                           out.ptr<T>(), runtime_.stream());
   });
 }
 
 void CudaBackend::expert_gemm_fp8_dequantized(const Tensor& x, const Tensor& w, const std::vector<int32_t>& offsets,
-                                               Tensor& out) {
+                                              Tensor& out) {
   const int64_t E = w.shape[0], N = w.shape[1], K = w.shape[2];
   const uint8_t* values = w.ptr<const uint8_t>();
   const size_t element = dtype_size(x.dtype);
@@ -544,7 +544,7 @@ void CudaBackend::expert_gemm_fp8_dequantized(const Tensor& x, const Tensor& w, 
       dispatch_device_float(x.dtype, [&](auto tag) {
         using T = decltype(tag);
         launch_dequantize_fp8(values + (e * N + n0) * K, w.row_scales + e * N + n0, rows, K,
-                               static_cast<T*>(scratch), runtime_.stream());
+                              static_cast<T*>(scratch), runtime_.stream());
       });
       char* out_columns = static_cast<char*>(out.data) + (begin * N + n0) * element;  // rows begin.., columns n0..
       gemm(x.rows(begin, count).data, x.dtype, scratch, x.dtype, out_columns, out.dtype, count, rows, K, N);
@@ -578,7 +578,7 @@ void CudaBackend::moe(const Tensor& x, const Tensor& router, const Tensor& w13, 
 }
 
 void CudaBackend::moe_fp8(const Tensor& x, const Tensor& router, const Tensor& w13, const Tensor& w2,
-                           Routing& routing, ExpertBuffers& experts, const RouteNorm* norm) {
+                          Routing& routing, ExpertBuffers& experts, const RouteNorm* norm) {
   if (fused_route_fits(x, router)) launch_fused_route(x, router, routing, ExpertPointerJobs{{}, 0}, norm);
   else Backend::route(x, router, routing);  // norm is only given when the fused kernel fits
   check_same_dtype("moe", routing.gathered, experts.gate_up);

@@ -131,12 +131,12 @@ class CudaBackend final : public Backend {
   // with rows, row chunks of w dequantized to x's dtype for cublasGemmEx (prefill).
   void expert_gemv_fp8(const Tensor& x, const Tensor& w, const Tensor& expert_offsets, Tensor& out);
   void expert_gemm_fp8_dequantized(const Tensor& x, const Tensor& w, const std::vector<int32_t>& offsets,
-                                    Tensor& out);
+                                   Tensor& out);
   // moe() of float8_e4m3 experts: the fused routing kernel (without pointer arrays; with `norm`,
   // if given) when it fits, else the separate routing ops, then the expert ops (offsets read on
   // the host once for both GEMMs when the dequantized path runs).
   void moe_fp8(const Tensor& x, const Tensor& router, const Tensor& w13, const Tensor& w2, Routing& routing,
-                ExpertBuffers& experts, const RouteNorm* norm);
+               ExpertBuffers& experts, const RouteNorm* norm);
   // moe() on the batched path: both GEMMs' pointer arrays written by one launch, the fused routing
   // kernel's when it fits (then with `norm`, if given), else a pointer kernel's after the routing.
   void moe_batched(const Tensor& x, const Tensor& router, const Tensor& w13, const Tensor& w2, Routing& routing,

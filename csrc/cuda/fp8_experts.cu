@@ -102,7 +102,7 @@ __global__ void dequantize_fp8_kernel(const uint8_t* w, const float* row_scales,
 
 template <typename T>
 void launch_expert_gemv_fp8(const T* x, int64_t rows, const uint8_t* w, const float* row_scales, int num_experts,
-                             const int32_t* expert_offsets, int64_t N, int64_t K, T* out, cudaStream_t stream) {
+                            const int32_t* expert_offsets, int64_t N, int64_t K, T* out, cudaStream_t stream) {
   if (rows == 0) return;
   // 16 columns a block: 768 blocks of two active experts for an 8x22B w2 (N 6144).
   constexpr int kWarps = kExpertGemvFp8Warps;
@@ -123,7 +123,7 @@ void launch_expert_gemv_fp8(const T* x, int64_t rows, const uint8_t* w, const fl
 
 template <typename T>
 void launch_dequantize_fp8(const uint8_t* w, const float* row_scales, int64_t rows, int64_t cols, T* out,
-                            cudaStream_t stream) {
+                           cudaStream_t stream) {
   if (rows * cols == 0) return;
   launch(dequantize_fp8_kernel<T>, static_cast<unsigned>(std::min<int64_t>(blocks_for(rows * cols, 256), 65536)), 256,
          0, stream, w, row_scales, rows, cols, out);
@@ -131,7 +131,7 @@ void launch_dequantize_fp8(const uint8_t* w, const float* row_scales, int64_t ro
 
 #define MX_INSTANTIATE(T) \
   template void launch_expert_gemv_fp8<T>(const T*, int64_t, const uint8_t*, const float*, int, const int32_t*, \
-                                           int64_t, int64_t, T*, cudaStream_t); \
+                                          int64_t, int64_t, T*, cudaStream_t); \
   template void launch_dequantize_fp8<T>(const uint8_t*, const float*, int64_t, int64_t, T*, cudaStream_t);
 
 MX_INSTANTIATE(float)

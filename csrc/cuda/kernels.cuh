@@ -209,8 +209,8 @@ struct RouteNormPointers {
 template <typename T>
 void launch_route(const T* x, const T* router, int64_t tokens, int64_t hidden, int num_experts, int k, float* logits,
                   int32_t* expert_ids, float* weights, int32_t* expert_offsets, int32_t* permuted_to_expanded,
-                  int32_t* expanded_to_permuted, T* gathered, const ExpertPointerJobs& jobs, const RouteNormPointers<T>& norm,
-                  cudaStream_t stream);
+                  int32_t* expanded_to_permuted, T* gathered, const ExpertPointerJobs& jobs,
+                  const RouteNormPointers<T>& norm, cudaStream_t stream);
 
 // Groups expanded rows by expert, stable in the row index: offsets [E + 1], both row maps [R].
 void launch_moe_permute(const int32_t* expert_ids, int64_t rows, int num_experts, int32_t* expert_offsets,
@@ -244,11 +244,11 @@ void launch_moe_unpermute(const T* y, const int32_t* expanded_to_permuted, const
 constexpr int kExpertGemvFp8RowsPerWarp = 4;
 template <typename T>
 void launch_expert_gemv_fp8(const T* x, int64_t rows, const uint8_t* w, const float* row_scales, int num_experts,
-                             const int32_t* expert_offsets, int64_t N, int64_t K, T* out, cudaStream_t stream);
+                            const int32_t* expert_offsets, int64_t N, int64_t K, T* out, cudaStream_t stream);
 // out [rows, cols] of T = e4m3(w) * row scale, for cuBLAS to multiply (prefill).
 template <typename T>
 void launch_dequantize_fp8(const uint8_t* w, const float* row_scales, int64_t rows, int64_t cols, T* out,
-                            cudaStream_t stream);
+                           cudaStream_t stream);
 
 // One token from logits [V] float32 (core/sampling.h; the Backend::sample contract), one block.
 void launch_sample(const float* logits, int64_t vocab, const SamplingParams& params, uint64_t seed, int32_t* state,

@@ -230,8 +230,8 @@ void launch_router_topk(const float* logits, int64_t tokens, int num_experts, in
 template <typename T>
 void launch_route(const T* x, const T* router, int64_t tokens, int64_t hidden, int num_experts, int k, float* logits,
                   int32_t* expert_ids, float* weights, int32_t* expert_offsets, int32_t* permuted_to_expanded,
-                  int32_t* expanded_to_permuted, T* gathered, const ExpertPointerJobs& jobs, const RouteNormPointers<T>& norm,
-                  cudaStream_t stream) {
+                  int32_t* expanded_to_permuted, T* gathered, const ExpertPointerJobs& jobs,
+                  const RouteNormPointers<T>& norm, cudaStream_t stream) {
   MX_CHECK(tokens >= 1 && tokens <= kFusedRouteMaxTokens && num_experts <= kFusedRouteMaxExperts, ShapeError,
            "cuda route: " << tokens << " tokens over " << num_experts << " experts is not for the fused kernel");
   dispatch_pack_width<T>(hidden, {x, router, gathered}, [&](auto pack) {
@@ -258,8 +258,8 @@ void launch_expert_pointers(const int32_t* expert_offsets, int num_experts, int6
 
 #define MX_INSTANTIATE(T) \
   template void launch_route<T>(const T*, const T*, int64_t, int64_t, int, int, float*, int32_t*, float*, \
-                                int32_t*, int32_t*, int32_t*, T*, const ExpertPointerJobs&, const RouteNormPointers<T>&, \
-                                cudaStream_t);
+                                int32_t*, int32_t*, int32_t*, T*, const ExpertPointerJobs&, \
+                                const RouteNormPointers<T>&, cudaStream_t);
 
 MX_INSTANTIATE(float)
 MX_INSTANTIATE(__nv_bfloat16)

@@ -43,18 +43,16 @@ struct Best {
   int32_t index;
 };
 
-// The larger value, ties to the lower index.
-__device__ __forceinline__ Best better(Best a, Best b) {
-  return (b.value > a.value || (b.value == a.value && b.index < a.index)) ? b : a;
-}
+// The larger value, ties to the lower index (a functor, as block_reduce takes it).
+struct Better {
+  __device__ Best operator()(Best a, Best b) const {
+    return (b.value > a.value || (b.value == a.value && b.index < a.index)) ? b : a;
+  }
+};
 
 __device__ __forceinline__ Best shuffle_xor(Best v, int lane_mask) {
   return Best{__shfl_xor_sync(0xffffffffu, v.value, lane_mask), __shfl_xor_sync(0xffffffffu, v.index, lane_mask)};
 }
-
-struct Better {
-  __device__ Best operator()(Best a, Best b) const { return better(a, b); }
-};
 
 __device__ Best block_best(Best v) { return block_reduce(v, Best{-INFINITY, INT32_MAX}, Better{}); }
 
@@ -89,14 +87,14 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float* raw, int 
 
   // Raw log-softmax normaliser, for the logprobs.
   Best raw_best{-INFINITY, INT32_MAX};
-  for (int i = begin; i < end; ++i) raw_best = better(raw_best, Best{raw[i], i});
+  for (int i = begin; i < end; ++i) raw_best = Better{}(raw_best, Best{raw[i], i});
   const float raw_max = block_best(raw_best).value;
   float raw_sum = 0.0f;
   for (int i = begin; i < end; ++i) raw_sum += expf(raw[i] - raw_max);
   const float log_norm = raw_max + logf(block_sum(raw_sum));
 
   Best adjusted_best{-INFINITY, INT32_MAX};  // all -inf: token 0, as on the host
-  for (int i = begin; i < end; ++i) adjusted_best = better(adjusted_best, Best{adjusted(i), i});
+  for (int i = begin; i < end; ++i) adjusted_best = Better{}(adjusted_best, Best{adjusted(i), i});
   const Best top = block_best(adjusted_best);
   if (p.temperature == 0.0f || top.value == -INFINITY) {
     if (tid == 0) chosen_shared = top.index;
@@ -168,7 +166,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float* raw, int 
     Best best{-INFINITY, INT32_MAX};
     for (int i = begin; i < end; ++i) {
       const bool after = raw[i] < previous_value || (raw[i] == previous_value && i > previous);
-      if (after) best = better(best, Best{raw[i], i});
+      if (after) best = Better{}(best, Best{raw[i], i});
     }
     best = block_best(best);
     if (tid == 0) top_ids[j] = best.index, top_logprobs[j] = best.value - log_norm;

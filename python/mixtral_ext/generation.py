@@ -33,12 +33,12 @@ def _plain_number(value):
     return int(value) if isinstance(value, numbers.Integral) else float(value)
 
 
-
 def _finite(value: int | float) -> bool:
     try:
         return math.isfinite(value)
     except OverflowError:  # an int past the floats
         return False
+
 
 @dataclass(frozen=True)
 class SamplingSettings:
