@@ -9,7 +9,8 @@ table (then one line on the expert paths) last and writes JSON.
 Columns: ms per call; GB/s of the bytes the op must move (weights read, plus
 activations); TFLOP/s; the fraction of the copy bandwidth (memory-bound ops)
 or of the matmul rate (compute-bound ones) reached; the expert GEMM rows
-include FP8 weights (expert_dtype="float8_e4m3"); the sampler's rows time one draw under
+include FP8 and int4 weights (expert_dtype "float8_e4m3", "int4"; w2 at decode too); the sampler's rows
+time one draw under
 each cut (greedy, top_k, top_p, min_p). After the table, the
 fastest expert GEMM path for 1 to 32 tokens (where the dispatcher should switch
 from batched to per-expert).
@@ -33,6 +34,15 @@ FULL = dict(hidden=6144, heads=48, kv_heads=8, head_dim=128, ffn=16384, experts=
             prefill=2048, context=2048, page=16)
 SMALL = dict(hidden=256, heads=8, kv_heads=2, head_dim=32, ffn=512, experts=8, k=2, vocab=1024,
              prefill=64, context=128, page=16)
+# int4 experts' groups: input columns per float16 scale and uint8 zero (csrc/core/int4.h, the default).
+INT4_GROUP = 128
+
+
+def int4_bytes(rows: int, cols: int) -> int:
+    """The bytes an int4 weight [rows, cols] streams: codes, scales and zeros."""
+    return rows * (cols // 2 + 3 * -(-cols // INT4_GROUP))
+
+
 # The sampling settings timed: greedy, and each cut alone at temperature 1.
 SAMPLING_BENCH = [dict(temperature=0.0), dict(temperature=1.0), dict(temperature=1.0, top_k=40),
                   dict(temperature=1.0, top_p=0.9), dict(temperature=1.0, min_p=0.05)]
@@ -122,10 +132,21 @@ def main() -> None:
             sec = ops.time_expert_matmul(split, 2 * F, H, "bfloat16", iters)
             add(f"experts w13 {path}", f"{label}: {r} rows, {used} experts", sec,
                 2 * (used * 2 * F * H + r * H + r * 2 * F), 2 * r * 2 * F * H)
-        # FP8 expert weights (expert_dtype="float8_e4m3"): one byte per weight and a float32 scale per row.
+        # FP8 expert weights (expert_dtype="float8_e4m3"): one byte per weight and a float32 scale per row;
+        # int4 ("int4"): half a byte per weight, a float16 scale and a byte of zero per 128 (INT4_GROUP).
         sec = ops.time_expert_matmul(split, 2 * F, H, "bfloat16", iters, "float8_e4m3")
         add("experts w13 fp8", f"{label}: {r} rows, {used} experts", sec,
             used * 2 * F * (H + 4) + 2 * (r * H + r * 2 * F), 2 * r * 2 * F * H)
+        sec = ops.time_expert_matmul(split, 2 * F, H, "bfloat16", iters, "int4")
+        add("experts w13 int4", f"{label}: {r} rows, {used} experts", sec,
+            int4_bytes(used * 2 * F, H) + 2 * (r * H + r * 2 * F), 2 * r * 2 * F * H)
+    # w2 at decode (K = F): the bf16 default path beside FP8 and int4.
+    r, used = sum(decode_rows), sum(1 for c in decode_rows if c)
+    for name, expert_dtype, weight_bytes in (("bf16", "", used * H * F * 2), ("fp8", "float8_e4m3", used * H * (F + 4)),
+                                             ("int4", "int4", int4_bytes(used * H, F))):
+        sec = ops.time_expert_matmul(decode_rows, H, F, "bfloat16", iters, expert_dtype)
+        add(f"experts w2 {name}", f"decode: {r} rows, {used} experts", sec, weight_bytes + 2 * (r * F + r * H),
+            2 * r * H * F)
     # Where the dispatcher should switch paths: w13 for 1 to 32 tokens routed at random (top-k of E,
     # seeded), every path; the fastest per row count goes into the JSON and a line after the table.
     sweep = []

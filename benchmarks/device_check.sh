@@ -58,7 +58,7 @@ if [ "$dry" = 1 ]; then
   shape=(--shape demo --layers 1 --prompt-tokens 24 --new-tokens 4)
   peers=(--shape demo --layers 1 --context 16 --steps 2 --device cpu --no-compile)
   ops=(--small --torch-device cpu)
-  gpu_tests=(-k "test_embedding or test_engine_logits or test_fp8_expert_gemv_keeps")
+  gpu_tests=(-k "test_embedding or test_engine_logits or test_quantized_expert_gemvs_keep")
 else
   step "build (sm_90a, $(nproc) jobs)"
   if ! MIXTRAL_EXT_CUDA=ON MIXTRAL_EXT_CUDA_ARCHS=90a MAX_JOBS=$(nproc) \
@@ -99,12 +99,13 @@ step "op benchmarks"
 run_for 120 bench_ops.log "$python" -X faulthandler "$root/benchmarks/bench_ops.py" --out "$OUT" "${ops[@]}" || status=1
 grep -E "^\|| copy |^fastest expert" "$OUT/bench_ops.log" || tail -20 "$OUT/bench_ops.log"
 
-step "engine: synthetic model (${shape[*]}): plain, CUDA graphs, FP8 experts"
-for variant in plain graphs fp8; do
+step "engine: synthetic model (${shape[*]}): plain, CUDA graphs, FP8 and int4 experts"
+for variant in plain graphs fp8 int4; do
   case $variant in
     plain) flags=() ;;
     graphs) flags=(--cuda-graphs) ;;
     fp8) flags=(--expert-dtype float8_e4m3) ;;
+    int4) flags=(--expert-dtype int4 --cuda-graphs) ;;
   esac
   run_for 90 "bench_engine_$variant.log" "$python" -X faulthandler -m mixtral_ext bench --device cuda "${shape[@]}" \
     "${flags[@]}" --json "$OUT/bench_engine_$variant.json" || status=1

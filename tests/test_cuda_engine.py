@@ -3,7 +3,7 @@ and transformers in float32, bfloat16 and float16 weights, incremental decode ag
 greedy generation token for token against the CPU engine (on every expert GEMM path), seeded
 sampling, decode steps recorded as CUDA graphs against direct ones, pipelined decode (stopped
 anywhere, every KV page given back), a synthetic model, a long context with and without chunked
-prefill, FP8 experts, and a device out-of-memory as a Python exception. The single operations are
+prefill, FP8 and int4 experts, and a device out-of-memory as a Python exception. The single operations are
 held to their CPU twins in test_ops.py.
 
     bash tests/run_cuda_emulator.sh -k engine      # without a GPU: on the CUDA emulator
@@ -144,6 +144,10 @@ def test_synthetic_engine_matches_the_cpu_one(device_engines):
     device_fp8 = mixtral_ext.Engine.synthetic(config, device=DEVICE, dtype="float32", expert_dtype="float8_e4m3",
                                               max_context=64, seed=7).logits(ids)
     assert_close(device_fp8, cpu_fp8, 1e-4)  # FP8 experts filled on the device: the same bytes and scales
+    cpu_int4 = mixtral_ext.Engine.synthetic(config, expert_dtype="int4", max_context=64, seed=7).logits(ids)
+    device_int4 = mixtral_ext.Engine.synthetic(config, device=DEVICE, dtype="float32", expert_dtype="int4",
+                                               max_context=64, seed=7).logits(ids)
+    assert_close(device_int4, cpu_int4, 1e-4)  # int4 codes, scales and zeros alike
 
 
 def test_long_context_engine_matches_the_cpu_and_chunking_does_not_matter(device_engines):
@@ -190,6 +194,32 @@ def test_fp8_expert_engine_matches_the_cpu_one(device_engines, tiny_dir):
     device_bf16 = mixtral_ext.Engine.from_pretrained(tiny_dir, device=DEVICE, dtype="bfloat16",
                                                      expert_dtype="float8_e4m3", max_context=64, max_batch_tokens=16)
     assert_close(device_bf16.logits(short), cpu_bf16.logits(short), 5e-2)
+
+
+def test_int4_expert_engine_matches_the_cpu_one(device_engines, tmp_path):
+    """int4 experts on the device: a GPTQ checkpoint with act order, kept as stored (x gathered into
+    each projection's column order), and a float checkpoint quantized as it loads. Prompt chunks of 16
+    tokens take the dequantized cuBLAS path, decode steps the hand-written kernel (recorded as CUDA
+    graphs too); logits and greedy tokens equal the CPU engine's on the same codes."""
+    from conftest import make_hf_model
+    from test_int4 import SHAPE, write_int4_checkpoint
+
+    model = make_hf_model(seed=13, **SHAPE)
+    write_int4_checkpoint(model, tmp_path / "gptq", "gptq-asym-act-order")
+    model.save_pretrained(tmp_path / "float")
+    ids = random_tokens(40, model.config.vocab_size, seed=43)
+    prompt = ids[:7]
+    for path, expert_dtype in ((tmp_path / "gptq", None), (tmp_path / "float", "int4")):
+        cpu = mixtral_ext.Engine.from_pretrained(path, expert_dtype=expert_dtype, max_context=64)
+        settings = dict(device=DEVICE, dtype="float32", expert_dtype=expert_dtype, max_context=64, max_batch_tokens=16)
+        device = mixtral_ext.Engine.from_pretrained(path, **settings)
+        assert device.weight_bytes == cpu.weight_bytes < mixtral_ext.Engine.from_pretrained(
+            path, expert_dtype="float32", max_context=64).weight_bytes  # the experts are int4 on both
+        assert_close(device.logits(ids), cpu.logits(ids), 1e-4)
+        expected = device.generate(prompt, max_tokens=20, temperature=0).token_ids
+        assert_greedy_agrees(expected, cpu.generate(prompt, max_tokens=20, temperature=0).token_ids, cpu, prompt)
+        graphs = mixtral_ext.Engine.from_pretrained(path, cuda_graphs=True, **settings)
+        assert graphs.generate(prompt, max_tokens=20, temperature=0).token_ids == expected
 
 
 def test_device_out_of_memory_is_an_exception(tiny_dir, device_engines):

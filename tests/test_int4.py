@@ -14,7 +14,6 @@ import os
 import numpy as np
 import pytest
 import torch
-from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
 from conftest import (assert_close, hf_logits, make_hf_model, quantized_projections, random_tokens,
                       unquantized_tensors, with_projections)
 from safetensors.torch import load_file, save_file
@@ -99,6 +98,10 @@ def gptq_tensors(codes, scales, zeros, g_idx, act_order: bool):
 
 def compressed_tensors_tensors(codes, scales, zeros, g_idx, symmetric: bool, act_order: bool):
     """compressed-tensors pack-quantized, packed by its own pack_to_int32 (signed codes)."""
+    # Imported here: test_cuda_engine.py writes AWQ and GPTQ checkpoints with this module on the GPU machine,
+    # which has no compressed-tensors.
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
+
     out, inp = codes.shape
     tensors = {"weight_packed": pack_to_int32((codes.int() - 8).to(torch.int8), 4, packed_dim=1),
                "weight_scale": scales.bfloat16() if symmetric else scales.half(),  # as quantize() rounded them
@@ -183,6 +186,10 @@ def test_int4_checkpoint_logits_equal_transformers_on_the_dequantized_weights(mo
     engine = mixtral_ext.Engine.from_pretrained(tmp_path, dtype="float32", max_context=64)
     ids = random_tokens(30, model.config.vocab_size, seed=12)
     assert_close(engine.logits(ids), hf_logits(reference, ids), 1e-4)
+    assert engine.memory_report()["expert_dtype"] == "int4"  # the experts kept as stored
+    widened = mixtral_ext.Engine.from_pretrained(tmp_path, dtype="float32", expert_dtype="float32", max_context=64)
+    assert widened.memory_report()["expert_dtype"] == "float32" and widened.weight_bytes > engine.weight_bytes
+    assert_close(widened.logits(ids), engine.logits(ids), 1e-5)
     plain = model.state_dict()["model.layers.0.self_attn.q_proj.weight"]  # the quantization is not a no-op
     assert not torch.allclose(reference.state_dict()["model.layers.0.self_attn.q_proj.weight"], plain, atol=1e-3)
 
@@ -208,6 +215,49 @@ def test_unpacked_codes_scales_and_zeros_are_the_quantizer_s(model, tmp_path, va
     np.testing.assert_array_equal(got.scales, scales.numpy())
     np.testing.assert_array_equal(got.zeros, zeros.numpy())
     np.testing.assert_array_equal(got.groups, g_idx.numpy())
+
+
+@pytest.mark.parametrize("cols,group_size", [(256, 128), (200, 128), (96, 7)])
+def test_int4_quantization_on_load_keeps_each_weight_within_half_a_step(cols, group_size):
+    """The engine's quantizer (expert_dtype="int4"; csrc/core/int4.h) on rows whose last group may be
+    short: codes 0..15, integer zeros, float16 scales spanning each group's range with zero, and every
+    weight within half a step of its dequantized value; an all-zero group dequantizes to zeros."""
+    w = np.random.default_rng(3).standard_normal((9, cols)).astype(np.float32)
+    w[4, :group_size] = 0.0
+    codes, scales, zeros = mixtral_ext._C.quantize_int4(w, group_size)
+    groups = -(-cols // group_size)
+    assert codes.shape == (9, cols) and scales.shape == zeros.shape == (9, groups)
+    assert codes.max() <= 15 and np.array_equal(zeros, np.round(zeros)) and 0 <= zeros.min() and zeros.max() <= 15
+    assert np.array_equal(scales, scales.astype(np.float16).astype(np.float32))
+    g = np.arange(cols) // group_size
+    dequantized = (codes - zeros[:, g]) * scales[:, g]
+    assert np.all(np.abs(dequantized - w) <= 0.5 * scales[:, g] * (1 + 1e-3) + 1e-7)
+    assert np.all(dequantized[4, :group_size] == 0.0)
+
+
+def test_int4_quantization_error_is_about_four_times_fp8_s(tmp_path):
+    """expert_dtype="int4" against "float8_e4m3" on the same float checkpoint (hidden 256, expert
+    width 512: two groups of 128 a row of w1 and w3, four of w2): the logits' RMS error relative to
+    the float32 engine's RMS. The figures the README quotes come from this test."""
+    from conftest import make_hf_model
+
+    make_hf_model(seed=17, hidden_size=256, intermediate_size=512, head_dim=32, num_attention_heads=8,
+                  num_key_value_heads=2, vocab_size=512).save_pretrained(tmp_path)
+    ids = random_tokens(64, 512, seed=18)
+    reference = mixtral_ext.Engine.from_pretrained(tmp_path, max_context=128).logits(ids)
+    errors = {}
+    for expert_dtype in ("float8_e4m3", "int4"):
+        logits = mixtral_ext.Engine.from_pretrained(tmp_path, expert_dtype=expert_dtype, max_context=128).logits(ids)
+        errors[expert_dtype] = float(np.sqrt(np.mean((logits - reference) ** 2) / np.mean(reference**2)))
+    print(f"relative RMS error of the logits: {errors}")
+    assert 0.01 < errors["float8_e4m3"] < errors["int4"] < 0.2
+    assert 2 < errors["int4"] / errors["float8_e4m3"] < 8
+
+
+def test_int4_experts_need_even_widths(tiny_dir):
+    with pytest.raises(mixtral_ext.SettingError, match="even widths.*expert width 37"):
+        mixtral_ext.Engine.from_pretrained(tiny_dir, expert_dtype="int4", max_context=64)
+    assert mixtral_ext.Engine.from_pretrained(tiny_dir, max_context=64).logits([1, 2]).shape == (2, 101)
 
 
 def test_known_words_unpack_as_the_formats_define_them(tmp_path):
@@ -278,6 +328,8 @@ def test_unsupported_compressed_tensors_schemes_are_refused(model, tmp_path, sch
     ("gptq-asym-act-order", "model.layers.1.self_attn.v_proj.g_idx", None,
      "missing tensor 'model.layers.1.self_attn.v_proj.g_idx'"),
     ("ct-sym-group", "model.layers.0.self_attn.k_proj.weight_shape", lambda t: t.flip(0), "weight_shape"),
+    ("gptq-asym-act-order", "model.layers.0.block_sparse_moe.experts.1.w2.g_idx", torch.zeros_like,
+     "w2.qweight': w2: act-order groups must hold 8 columns each"),
 ])
 def test_malformed_int4_tensors_are_named(model, tmp_path, variant, name, edit, message):
     write_int4_checkpoint(model, tmp_path, variant)

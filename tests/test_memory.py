@@ -1,6 +1,7 @@
 """Memory planning before loading (mixtral_ext.memory, `python -m mixtral_ext memory`): the plan
 equals what an engine of the same settings allocates, byte for byte; the 8x7B and 8x22B weight
-bytes are their published parameter counts times each dtype's bytes (FP8 with its row scales); the
+bytes are their published parameter counts times each dtype's bytes (FP8 with its row scales, int4
+with its group scales and zeros); 8x22B in int4 fits one H100; the
 longest context that fits is the edge of the plan; bad shapes, configs and sizes say what is wrong."""
 
 from __future__ import annotations
@@ -35,6 +36,19 @@ def test_the_plan_is_what_the_engine_allocates(tiny_dir, dtype, expert_dtype):
     assert plan.total_bytes == plan.weight_bytes + plan.workspace_bytes + plan.reserve_bytes + plan.kv_cache_bytes
 
 
+def test_the_int4_plan_is_what_the_engine_allocates(tmp_path):
+    """int4 experts, quantized as they load (even widths: two codes a byte)."""
+    from conftest import make_hf_model
+
+    make_hf_model(seed=3, intermediate_size=40).save_pretrained(tmp_path)
+    settings = dict(device="cpu", dtype="float32", expert_dtype="int4", max_context=64, page_size=16)
+    plan = plan_memory(tmp_path, **settings)
+    with mixtral_ext.Engine.from_pretrained(tmp_path, **settings) as engine:
+        report = engine.memory_report()
+    assert report["expert_dtype"] == plan.expert_dtype == "int4"
+    assert plan.weight_bytes == report["weight_bytes"] < plan_memory(tmp_path, device="cpu", max_context=64).weight_bytes
+
+
 @pytest.mark.parametrize("shape, published", [("8x7b", 46.7e9), ("8x22b", 140.6e9)])
 def test_weight_bytes_are_the_parameters_times_their_bytes(shape, published):
     c = SHAPES[shape]
@@ -42,8 +56,13 @@ def test_weight_bytes_are_the_parameters_times_their_bytes(shape, published):
     assert abs(params - published) < 0.05e9
     expert_params = c.num_layers * c.num_experts * 3 * c.hidden_size * c.intermediate_size
     expert_rows = c.num_layers * c.num_experts * (2 * c.intermediate_size + c.hidden_size)
+    # int4: half a byte per weight, a float16 scale and a uint8 zero per group of 128 input columns, and
+    # the column orders act order would use (int32, one per input column of w1, w3 and w2: 0.04% of 8x22B's).
+    int4_groups = c.num_layers * c.num_experts * 3 * c.hidden_size * c.intermediate_size // 128
+    int4_orders = 4 * c.num_layers * c.num_experts * (2 * c.hidden_size + c.intermediate_size)
     expected = {("bfloat16", None): 2 * params, ("float16", None): 2 * params,
-                ("bfloat16", "float8_e4m3"): 2 * (params - expert_params) + expert_params + 4 * expert_rows}
+                ("bfloat16", "float8_e4m3"): 2 * (params - expert_params) + expert_params + 4 * expert_rows,
+                ("bfloat16", "int4"): 2 * (params - expert_params) + expert_params // 2 + 3 * int4_groups + int4_orders}
     for (dtype, expert_dtype), exact in expected.items():
         weights = plan_memory(shape, dtype=dtype, expert_dtype=expert_dtype, max_context=4096).weight_bytes
         assert 0 <= weights - exact < 12 * ALIGN, (dtype, expert_dtype)
@@ -64,10 +83,18 @@ def test_longest_context_is_the_edge_of_the_plan():
 def test_table_rows_mark_what_fits():
     rows = memory_table("8x7b", memory_bytes=parse_memory("80GB"), contexts=(4096, 65536))
     assert [row["dtype"] for row in rows] == list(PLAN_DTYPES)
-    bf16, fp8 = rows[0], rows[2]
+    bf16, fp8, int4 = rows[0], rows[2], rows[3]
     assert bf16["total_bytes"][65536] is None  # past the model's 32768 positions
-    assert not bf16["fits"][4096] and bf16["longest_context"] == 0
+    assert not bf16["fits"][4096] and bf16["longest_context"] == 0 and bf16["kv_tokens"] == 0
     assert fp8["fits"][4096] and fp8["longest_context"] == 32768
+    assert int4["weight_bytes"] < fp8["weight_bytes"] and int4["kv_tokens"] > fp8["kv_tokens"] > 32768
+    left = parse_memory("80GB") - int4["weight_bytes"] - int4["workspace_bytes"] - int4["reserve_bytes"]
+    assert int4["kv_tokens"] == left // int4["kv_bytes_per_token"]
+
+
+def test_8x22b_in_int4_fits_one_h100():
+    rows = {row["dtype"]: row for row in memory_table("8x22b", memory_bytes=CARDS["h100"], contexts=(4096,))}
+    assert rows["int4"]["longest_context"] > 8192 and rows["fp8"]["longest_context"] == 0
 
 
 @pytest.mark.parametrize("text, expected", [("80GB", 80 * 10**9), ("80 GiB", 80 << 30), ("1.5tb", 1.5e12),
@@ -112,7 +139,7 @@ def test_memory_command_prints_writes_json_and_plots(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "| fp8 | 136.0 |" in table and "does not fit" in table and "15,4" in table
     data = json.loads(out_json.read_text())
-    assert data["gpu_memory_bytes"] == CARDS["h200"] and len(data["rows"]) == 3
+    assert data["gpu_memory_bytes"] == CARDS["h200"] and len(data["rows"]) == 4
     assert data["rows"][2]["longest_context"] == longest_context("8x22b", CARDS["h200"], expert_dtype="float8_e4m3")
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and os.path.getsize(out_png) > 10_000
 

@@ -13,8 +13,9 @@ after the op). Each test takes a device:
 
 A fusion is held to its operations run one after another on the same backend (its default body),
 and on "cuda" to the CPU too. The checks tied to one op (the attention's register limit, the expert
-GEMM paths and FP8 experts, the sampler's draws) follow its test, marked cuda. (The CPU's FP8 expert
-GEMM and its sampler's draws are held to numpy in test_fp8.py and test_generation.py.) The engine on
+GEMM paths, FP8 and int4 experts, the sampler's draws) follow its test, marked cuda. (The CPU's FP8
+expert GEMM and its sampler's draws are held to numpy in test_fp8.py and test_generation.py; its int4
+GEMM to numpy here.) The engine on
 the device: test_cuda_engine.py.
 
     python -m pytest -q tests/test_ops.py          # the CPU cases; the cuda ones skip without a GPU
@@ -419,15 +420,98 @@ def test_fp8_prefill_chunks_keep_the_gemm_output_aligned(ops, dtype):
         dev_ops.set_option("dequantize_chunk_bytes", str(64 << 20))
 
 
+def int4_parts(r, experts: int, rows: int, width: int, group_size: int, segments: int):
+    """Random int4 expert weights by their parts (csrc/core/int4.h): codes [E, N, K] 0..15, scales
+    (float16 values) and zeros 0..16 [E, N, groups], and with act order (segments > 0) a shuffled
+    column order per expert and row segment [E, segments, K], else None."""
+    groups = -(-width // group_size)
+    codes = r.integers(0, 16, (experts, rows, width)).astype(np.int32)
+    scales = r.uniform(0.005, 0.03, (experts, rows, groups)).astype(np.float16).astype(np.float32)
+    zeros = r.integers(0, 17, (experts, rows, groups)).astype(np.float32)
+    order = None
+    if segments:
+        order = np.stack([[r.permutation(width) for _ in range(segments)] for _ in range(experts)]).astype(np.int32)
+    return codes, scales, zeros, order
+
+
+def int4_expert_product(x, codes, scales, zeros, order, group_size, offsets) -> np.ndarray:
+    """The int4 expert_matmul contract (csrc/core/backend.h) in float64: per expert and row segment,
+    x's columns in the segment's order times (code - zero) * scale of each column's group."""
+    experts, rows, width = codes.shape
+    group = np.arange(width) // group_size
+    weights = (codes - zeros[:, :, group]) * scales[:, :, group]
+    segments = 1 if order is None else order.shape[1]
+    out = np.zeros((x.shape[0], rows))
+    for e in range(experts):
+        for s in range(segments):
+            columns = np.arange(width) if order is None else order[e, s]
+            band = slice(s * rows // segments, (s + 1) * rows // segments)
+            out[offsets[e]:offsets[e + 1], band] = (x[offsets[e]:offsets[e + 1]][:, columns].astype(np.float64)
+                                                    @ weights[e, band].T.astype(np.float64))
+    return out.astype(np.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows_per_expert,width,group_size,segments", [
+    ([1, 0, 1, 0, 0], 224, 32, 0),       # decode, 16 bytes a load, one group a load
+    ([1, 0, 1, 0, 0], 224, 32, 2),       # act order: w1's and w3's rows in their own column orders
+    ([0, 0, 2, 0, 0], 210, 7, 0),        # odd groups: a byte's two codes in two groups (byte loads)
+    ([9, 0, 3, 4, 0], 256, 128, 2),      # up to 16 rows
+    ([9, 0, 3, 4, 0], 210, 30, 1),
+    ([0, 17, 0, 0, 0], 224, 224, 0),     # one group a row (channel); 17 rows: dequantized for cuBLAS
+    ([40, 33, 0, 7, 57], 256, 64, 2),
+    ([40, 33, 0, 7, 57], 210, 7, 1)])
+@pytest.mark.parametrize("device", DEVICES)
+def test_int4_expert_matmul(backends, device, dtype, rows_per_expert, width, group_size, segments):
+    """int4 expert weights given by their parts (the same codes, float16 scales, zeros and column
+    orders on both sides), 118 output columns: up to 16 rows the hand-written kernel (16 bytes a load
+    when the width and the groups are multiples of 32), more dequantized in chunks for cuBLAS."""
+    cpu_ops, dev_ops = backends
+    r = rng(29)
+    offsets = np.concatenate([[0], np.cumsum(rows_per_expert)]).astype(np.int32)
+    x = normal(r, int(offsets[-1]), width)
+    codes, scales, zeros, order = int4_parts(r, len(rows_per_expert), 118, width, group_size, segments)
+    cpu = cpu_ops.expert_matmul_int4(x, codes, scales, zeros, order, group_size, offsets, dtype)
+    if device == "cpu":
+        close(cpu, int4_expert_product(rounded(x, dtype), codes, scales, zeros, order, group_size, offsets), dtype,
+              rel_scale=4.0)
+    else:
+        close(dev_ops.expert_matmul_int4(x, codes, scales, zeros, order, group_size, offsets, dtype), cpu, dtype,
+              rel_scale=4.0)
+
+
 @pytest.mark.cuda
-def test_fp8_expert_gemv_keeps_enough_warps_per_sm():
-    """The decode FP8 kernel only streams weights: its registers (as nvcc compiles it for sm_90a)
-    must leave 16 warps per SM for up to 2 rows and 12 for up to 16 (it had 201 to 240: 8)."""
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_int4_prefill_chunks_stay_in_their_segments(ops, dtype):
+    """int4 experts past 16 rows with act order, dequantized two rows at a time for cuBLAS: every
+    chunk lies in one row segment and multiplies x in that segment's column order."""
+    if DEVICE != "cuda":
+        pytest.skip("a CUDA backend option")
+    cpu_ops, dev_ops = ops
+    r = rng(31)
+    offsets = np.array([0, 19, 19, 40], dtype=np.int32)
+    x = normal(r, 40, 96)
+    codes, scales, zeros, order = int4_parts(r, 3, 32, 96, 32, 2)  # segments of 16 rows: aligned chunks
+    expected = cpu_ops.expert_matmul_int4(x, codes, scales, zeros, order, 32, offsets, dtype)
+    dev_ops.set_option("dequantize_chunk_bytes", "1024")
+    try:
+        close(dev_ops.expert_matmul_int4(x, codes, scales, zeros, order, 32, offsets, dtype), expected, dtype,
+              rel_scale=4.0)
+    finally:
+        dev_ops.set_option("dequantize_chunk_bytes", str(64 << 20))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel", ["expert_gemv_fp8_kernel", "expert_gemv_int4_kernel"])
+def test_quantized_expert_gemvs_keep_enough_warps_per_sm(kernel):
+    """The decode FP8 and int4 kernels only stream weights: their registers (as nvcc compiles them for
+    sm_90a) must leave 16 warps per SM for up to 2 rows and 12 for up to 16 (the FP8 one had 201 to
+    240: 8)."""
     table = os.environ.get("MIXTRAL_EXT_KERNEL_RESOURCES")
     if not table:
         pytest.skip("no kernel resource table (tests/run_cuda_emulator.sh names nvcc's)")
-    kernels = [line.split("\t") for line in open(table).read().splitlines() if "expert_gemv_fp8_kernel<" in line]
-    assert len(kernels) == 12
+    kernels = [line.split("\t") for line in open(table).read().splitlines() if f"{kernel}<" in line]
+    assert len(kernels) == 12  # 3 dtypes x (2 load widths x 2 row bounds)
     for registers, _, _, name in kernels:
         per_warp = (int(registers) * 32 + 255) // 256 * 256
         needed = 16 if ", 2>(" in name else 12
@@ -736,6 +820,34 @@ def test_fp8_moe_and_add_rmsnorm_moe(ops, dtype, tokens):
     for actual, expected in zip(dev_ffn, cpu_ffn):
         close(actual, expected, dtype, rel_scale=4.0)
     unfused = moe_unfused(dev_ops, residual, router, w13, w2, k, dtype, "float8_e4m3")
+    np.testing.assert_array_equal(dev_routing[3], unfused[0][3])
+    for actual, expected in zip(dev_ffn, unfused[1:]):
+        close(actual, expected, dtype, rel_scale=4.0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 8, 12])
+def test_int4_moe_and_add_rmsnorm_moe(ops, dtype, tokens):
+    """A layer's experts in int4 (quantized in groups of 128 as they load: two groups of hidden 160,
+    one short): up to 8 tokens the fused routing kernel (with the norm) and the hand-written int4
+    kernel; 12 tokens the separate routing ops and dequantized weights for cuBLAS."""
+    cpu_ops, dev_ops = ops
+    r = rng(21)
+    hidden, ffn, experts, k = 160, 30, 8, 2
+    residual, delta = normal(r, tokens, hidden), normal(r, tokens, hidden)
+    norm_weight = r.uniform(0.5, 1.5, hidden).astype(np.float32)
+    router = normal(r, experts, hidden, scale=0.5)
+    w13, w2 = normal(r, experts, 2 * ffn, hidden, scale=0.15), normal(r, experts, hidden, ffn, scale=0.15)
+    cpu, dev = (o.add_rmsnorm_moe(residual, delta, norm_weight, 1e-5, router, w13, w2, k, dtype, "int4") for o in ops)
+    close(dev[0], cpu[0], dtype)
+    close(dev[1], cpu[1], dtype)
+    for index in (1, 3, 4, 5):  # ids, offsets, both row maps
+        np.testing.assert_array_equal(dev[2][index], cpu[2][index])
+    for actual, expected in zip(dev[3:], cpu[3:]):  # gate_up, act, out
+        close(actual, expected, dtype, rel_scale=4.0)
+    unfused = moe_unfused(dev_ops, residual, router, w13, w2, k, dtype, "int4")
+    (dev_routing, *dev_ffn) = dev_ops.moe(residual, router, w13, w2, k, dtype, "int4")
     np.testing.assert_array_equal(dev_routing[3], unfused[0][3])
     for actual, expected in zip(dev_ffn, unfused[1:]):
         close(actual, expected, dtype, rel_scale=4.0)

@@ -27,7 +27,8 @@ DType parse_dtype(const std::string& name) {
 
 DType parse_weight_dtype(const std::string& name, DType fallback) {
   if (name.empty()) return fallback;
-  return name == "float8_e4m3" ? DType::kFloat8E4M3 : parse_dtype(name);
+  if (name == "float8_e4m3") return DType::kFloat8E4M3;
+  return name == "int4" ? DType::kInt4 : parse_dtype(name);
 }
 
 std::unique_ptr<Backend> make_backend(const std::string& device, const std::string& cuda_library) {
@@ -79,6 +80,28 @@ void load_weight(Engine& engine, const std::string& slot, int64_t layer, int64_t
   py::gil_scoped_release release;
   engine.load_weight(slot, layer, expert, row_offset, info.ptr, dtype, rows, cols,
                      row_scales ? row_scales->data() : nullptr);
+}
+
+// An int4 block as the checkpoint readers unpack it (python/mixtral_ext/int4.py): codes uint8
+// [rows, cols], scales and zeros float32 [rows, groups], column_groups int32 [cols] or None.
+void load_weight_int4(Engine& engine, const std::string& slot, int64_t layer, int64_t expert, int64_t row_offset,
+                      const py::array_t<uint8_t, py::array::c_style | py::array::forcecast>& codes,
+                      const py::array_t<float, py::array::c_style | py::array::forcecast>& scales,
+                      const py::array_t<float, py::array::c_style | py::array::forcecast>& zeros,
+                      const std::optional<py::array_t<int32_t, py::array::c_style | py::array::forcecast>>& column_groups) {
+  MX_CHECK(codes.ndim() == 2 && scales.ndim() == 2, ShapeError,
+           slot << ": int4 codes and scales must be 2-D, got " << codes.ndim() << " and " << scales.ndim() << " dims");
+  const int64_t rows = codes.shape(0), cols = codes.shape(1);
+  MX_CHECK(scales.shape(0) == rows && zeros.ndim() == 2 && zeros.shape(0) == rows && zeros.shape(1) == scales.shape(1),
+           ShapeError, slot << ": int4 scales and zeros must both be [" << rows << ", groups]");
+  MX_CHECK(scales.shape(1) == engine.int4_groups_of(slot), ShapeError,
+           slot << ": " << scales.shape(1) << " groups a row, the engine's int4 group size makes "
+                << engine.int4_groups_of(slot));
+  MX_CHECK(!column_groups || (column_groups->ndim() == 1 && column_groups->shape(0) == cols), ShapeError,
+           slot << ": column groups must be one per input column (" << cols << ")");
+  py::gil_scoped_release release;
+  engine.load_weight_int4(slot, layer, expert, row_offset, codes.data(), rows, cols, scales.data(), zeros.data(),
+                          column_groups ? column_groups->data() : nullptr);
 }
 
 }  // namespace
@@ -152,8 +175,9 @@ PYBIND11_MODULE(_C, m) {
                        const std::string& weight_dtype, const std::string& activation_dtype,
                        int64_t max_context, int64_t kv_cache_tokens, int page_size,
                        int64_t max_batch_tokens, const std::string& cuda_library, bool graphs,
-                       const std::string& expert_dtype, int num_threads) {
+                       const std::string& expert_dtype, int num_threads, int64_t int4_group_size) {
              EngineOptions options;
+             options.int4_group_size = int4_group_size;
              options.weight_dtype = parse_dtype(weight_dtype);
              options.expert_dtype = parse_weight_dtype(expert_dtype, options.weight_dtype);
              options.activation_dtype = parse_dtype(activation_dtype);
@@ -168,11 +192,14 @@ PYBIND11_MODULE(_C, m) {
            py::arg("config"), py::arg("device"), py::arg("weight_dtype"), py::arg("activation_dtype"),
            py::arg("max_context"), py::arg("kv_cache_tokens"), py::arg("page_size"),
            py::arg("max_batch_tokens"), py::arg("cuda_library") = "", py::arg("graphs") = false,
-           py::arg("expert_dtype") = "", py::arg("num_threads") = 0)
+           py::arg("expert_dtype") = "", py::arg("num_threads") = 0,
+           py::arg("int4_group_size") = kInt4QuantizeGroupSize)
       .def_static("memory_plan", [](const ModelConfig& config, const std::string& weight_dtype,
                                     const std::string& activation_dtype, int64_t max_context, int page_size,
-                                    int64_t max_batch_tokens, const std::string& expert_dtype) {
+                                    int64_t max_batch_tokens, const std::string& expert_dtype,
+                                    int64_t int4_group_size) {
         EngineOptions options;
+        options.int4_group_size = int4_group_size;
         options.weight_dtype = parse_dtype(weight_dtype);
         options.expert_dtype = parse_weight_dtype(expert_dtype, options.weight_dtype);
         options.activation_dtype = parse_dtype(activation_dtype);
@@ -183,18 +210,25 @@ PYBIND11_MODULE(_C, m) {
         return py::make_tuple(plan.weight_bytes, plan.workspace_bytes, plan.kv_bytes_per_token);
       }, py::arg("config"), py::arg("weight_dtype"), py::arg("activation_dtype"), py::arg("max_context"),
          py::arg("page_size"), py::arg("max_batch_tokens"), py::arg("expert_dtype") = "",
+         py::arg("int4_group_size") = kInt4QuantizeGroupSize,
          "(weight bytes, workspace bytes, KV cache bytes per token) of an engine with these settings.")
       .def("set_backend_option", [](Engine& e, const std::string& name, const std::string& value) {
         e.backend().set_option(name, value);
       })
       .def("load_weight", &load_weight, py::arg("slot"), py::arg("layer"), py::arg("expert"),
            py::arg("row_offset"), py::arg("source"), py::arg("source_dtype"), py::arg("row_scales") = py::none())
+      .def("load_weight_int4", &load_weight_int4, py::arg("slot"), py::arg("layer"), py::arg("expert"),
+           py::arg("row_offset"), py::arg("codes"), py::arg("scales"), py::arg("zeros"),
+           py::arg("column_groups") = py::none(),
+           "An int4 block as it is stored (core/int4.h): codes uint8 [rows, cols], scales and zeros [rows, groups], "
+           "each input column's group (act order) or None.")
       .def("missing_weights", &Engine::missing_weights)
       .def("init_random", [](Engine& e, uint64_t seed) {
         py::gil_scoped_release release;
         e.init_random(seed);
       }, py::arg("seed"))
       .def_property_readonly("weight_bytes", &Engine::weight_bytes)
+      .def_property_readonly("expert_dtype", [](const Engine& e) { return std::string(dtype_name(e.options().expert_dtype)); })
       .def_property_readonly("kv_cache_bytes", &Engine::kv_cache_bytes)
       .def_property_readonly("workspace_bytes", &Engine::workspace_bytes)
       .def("memory_info", [](Engine& e) {

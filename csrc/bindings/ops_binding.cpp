@@ -2,13 +2,14 @@
 // on the CPU or the CUDA backend, for the tests that hold every CUDA op to its
 // CPU twin. Inputs come as float32 / int32 numpy arrays and are converted to
 // the requested dtype on the host (expert weights may also be quantized to
-// float8_e4m3 with their row scales, core/fp8.h); outputs come back as float32
+// float8_e4m3 with their row scales, core/fp8.h, or to int4 in groups, core/int4.h, or
+// given as int4 codes, scales and zeros); outputs come back as float32
 // / int32 numpy arrays. Every device buffer has guard bytes on both sides,
 // checked after the op; outputs start filled with 0xFF bytes (NaN in every
 // float dtype), so a missed write shows. Indices are range-checked on the host
 // before any backend reads them (the CUDA kernels trust the engine's checks).
 // The time_* methods time one op on uninitialised buffers of given sizes, for
-// benchmarks; quantize_fp8 exposes the quantizer itself.
+// benchmarks; quantize_fp8 and quantize_int4 expose the quantizers themselves.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -68,8 +69,18 @@ class Buffers {
     return place(converted.data(), dtype, shape_of(a));
   }
   Tensor input(const IntArray& a) { return place(a.data(), DType::kInt32, shape_of(a)); }
-  // Expert weights [E, N, K]: in `dtype`, or quantized to float8_e4m3 with their row scales.
+  // Expert weights [E, N, K]: in `dtype`, quantized to float8_e4m3 with their row scales, or to
+  // int4 in groups of kInt4QuantizeGroupSize columns.
   Tensor expert_weights(const FloatArray& w, DType dtype) {
+    if (dtype == DType::kInt4) {
+      MX_CHECK(w.ndim() == 3, ShapeError, "int4 expert weights must be [E, N, K]");
+      const int64_t rows = w.shape(0) * w.shape(1), cols = w.shape(2);
+      const int64_t groups = int4_groups(cols, kInt4QuantizeGroupSize);
+      std::vector<uint8_t> packed(rows * cols / 2), zeros(rows * groups);
+      std::vector<uint16_t> scales(rows * groups);
+      quantize_rows_int4(w.data(), rows, cols, kInt4QuantizeGroupSize, packed.data(), scales.data(), zeros.data());
+      return place_int4(packed, scales, zeros, nullptr, shape_of(w), kInt4QuantizeGroupSize, 1);
+    }
     if (dtype != DType::kFloat8E4M3) return input(w, dtype);
     const int64_t cols = w.shape(w.ndim() - 1), rows = cols ? w.size() / cols : 0;
     std::vector<uint8_t> values(w.size());
@@ -77,6 +88,21 @@ class Buffers {
     quantize_rows_fp8(w.data(), rows, cols, values.data(), scales.data());
     Tensor t = place(values.data(), DType::kFloat8E4M3, shape_of(w));
     t.row_scales = place(scales.data(), DType::kFloat32, {rows}).ptr<const float>();
+    return t;
+  }
+  // int4 expert weights [E, N, K] from their parts: packed codes, float16 scale bits and zeros
+  // [E * N, groups], and the column orders [E, segments, K] or null (core/int4.h).
+  Tensor place_int4(const std::vector<uint8_t>& packed, const std::vector<uint16_t>& scales,
+                    const std::vector<uint8_t>& zeros, const int32_t* input_order, const std::vector<int64_t>& shape,
+                    int64_t group_size, int64_t segments) {
+    Tensor t = place(packed.data(), DType::kInt4, shape);
+    const int64_t groups = int64_t(scales.size());
+    t.int4.scales = place(scales.data(), DType::kFloat16, {groups}).ptr<const uint16_t>();
+    t.int4.zeros = place(zeros.data(), DType::kInt4, {2 * groups}).ptr<const uint8_t>();  // bytes: 2 int4 each
+    if (input_order)
+      t.int4.input_order = place(input_order, DType::kInt32, {shape[0] * segments * shape[2]}).ptr<const int32_t>();
+    t.int4.group_size = static_cast<int32_t>(group_size);
+    t.int4.segments = static_cast<int32_t>(segments);
     return t;
   }
   Tensor output(DType dtype, const std::vector<int64_t>& shape) { return place(nullptr, dtype, shape); }
@@ -212,6 +238,11 @@ class TimingBuffers {
   }
   Tensor ints(const std::vector<int32_t>& values) { return copied(DType::kInt32, values.data(), values.size()); }
   Tensor floats(const FloatArray& values) { return copied(DType::kFloat32, values.data(), values.size()); }
+  Tensor copied(DType dtype, const void* values, size_t count) {
+    Tensor t = any(dtype, {static_cast<int64_t>(count)});
+    backend_.copy_from_host(t.data, values, t.nbytes());
+    return t;
+  }
   // Mean seconds per call of fn over `iters` calls, after one warm-up call.
   template <typename Fn>
   double seconds(Fn&& fn, int iters) {
@@ -225,11 +256,6 @@ class TimingBuffers {
   }
 
  private:
-  Tensor copied(DType dtype, const void* values, size_t count) {
-    Tensor t = any(dtype, {static_cast<int64_t>(count)});
-    backend_.copy_from_host(t.data, values, t.nbytes());
-    return t;
-  }
   Backend& backend_;
   std::vector<void*> owned_;
 };
@@ -244,6 +270,25 @@ void bind_ops(py::module_& m) {
     quantize_rows_fp8(w.data(), w.shape(0), w.shape(1), values.mutable_data(), scales.mutable_data());
     return py::make_tuple(values, scales);
   }, py::arg("w"), "The engine's FP8 quantization of expert weights (core/fp8.h): (E4M3 bytes, row scales).");
+  m.def("quantize_int4", [](const FloatArray& w, int64_t group_size) {
+    MX_CHECK(w.ndim() == 2 && w.shape(1) % 2 == 0 && group_size >= 1, ShapeError,
+             "quantize_int4: a [rows, cols] array with cols even and a positive group size expected");
+    const int64_t rows = w.shape(0), cols = w.shape(1), groups = int4_groups(cols, group_size);
+    std::vector<uint8_t> packed(rows * cols / 2), zeros(rows * groups);
+    std::vector<uint16_t> scale_bits(rows * groups);
+    quantize_rows_int4(w.data(), rows, cols, group_size, packed.data(), scale_bits.data(), zeros.data());
+    py::array_t<uint8_t> codes({rows, cols});
+    FloatArray scales({rows, groups}), zero_points({rows, groups});
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) codes.mutable_data()[r * cols + c] = uint8_t(int4_code(packed.data() + r * (cols / 2), c));
+    for (int64_t i = 0; i < rows * groups; ++i) {
+      scales.mutable_data()[i] = fp16_to_float(scale_bits[i]);
+      zero_points.mutable_data()[i] = zeros[i];
+    }
+    return py::make_tuple(codes, scales, zero_points);
+  }, py::arg("w"), py::arg("group_size") = kInt4QuantizeGroupSize,
+     "The engine's int4 quantization of expert weights (core/int4.h): (codes uint8 [rows, cols], scales "
+     "(float16 values) and zeros [rows, groups]).");
   py::class_<Ops>(m, "Ops", "Single operations on one backend, for testing the CUDA ops against their CPU twins.")
       .def(py::init<const std::string&, const std::string&>(), py::arg("device"), py::arg("cuda_library") = "")
       .def("set_option", [](Ops& ops, const std::string& name, const std::string& value) {
@@ -392,6 +437,43 @@ void bind_ops(py::module_& m) {
         });
       }, py::arg("x"), py::arg("w"), py::arg("offsets"), py::arg("dtype"), py::arg("out_dtype"),
          py::arg("expert_dtype") = "")
+      .def("expert_matmul_int4", [](Ops& ops, const FloatArray& x, const IntArray& codes, const FloatArray& scales,
+                                    const FloatArray& zeros, std::optional<IntArray> input_order, int64_t group_size,
+                                    const IntArray& offsets, const std::string& dtype) {
+        MX_CHECK(codes.ndim() == 3 && codes.shape(2) % 2 == 0 && group_size >= 1, ShapeError,
+                 "expert_matmul_int4: codes [E, N, K] with K even and a positive group size expected");
+        const int64_t E = codes.shape(0), N = codes.shape(1), K = codes.shape(2), groups = int4_groups(K, group_size);
+        MX_CHECK(scales.ndim() == 3 && scales.shape(0) == E && scales.shape(1) == N && scales.shape(2) == groups &&
+                     zeros.size() == scales.size(), ShapeError,
+                 "expert_matmul_int4: scales and zeros [E, N, " << groups << "] expected");
+        check_range(codes, 0, 16, "code");
+        const int64_t segments = input_order ? input_order->shape(1) : 1;
+        if (input_order) {
+          MX_CHECK(input_order->ndim() == 3 && input_order->shape(0) == E && input_order->shape(2) == K, ShapeError,
+                   "expert_matmul_int4: input_order [E, segments, K] expected");
+          check_range(*input_order, 0, K, "input column");
+        }
+        check_range(offsets, 0, x.shape(0) + 1, "expert offset");
+        const std::vector<uint8_t> code_bytes(codes.data(), codes.data() + E * N * K);  // checked 0..15
+        std::vector<uint8_t> packed(E * N * K / 2), zero_bytes(E * N * groups);
+        std::vector<uint16_t> scale_bits(E * N * groups);
+        pack_int4_rows(code_bytes.data(), E * N, K, nullptr, packed.data());
+        for (int64_t i = 0; i < E * N * groups; ++i) {
+          scale_bits[i] = float_to_fp16(scales.data()[i]);
+          zero_bytes[i] = static_cast<uint8_t>(zeros.data()[i]);
+        }
+        return ops.run([&](Buffers& b) {
+          const DType dt = parse_dtype(dtype);
+          Tensor xt = b.input(x, dt), off = b.input(offsets), out = b.output(dt, {x.shape(0), N});
+          Tensor wt = b.place_int4(packed, scale_bits, zero_bytes, input_order ? input_order->data() : nullptr,
+                                   {E, N, K}, group_size, segments);
+          ops.backend().expert_matmul(xt, wt, off, out);
+          return b.to_float(out);
+        });
+      }, py::arg("x"), py::arg("codes"), py::arg("scales"), py::arg("zeros"), py::arg("input_order"),
+         py::arg("group_size"), py::arg("offsets"), py::arg("dtype"),
+         "expert_matmul of int4 weights given by their parts (core/int4.h): codes [E, N, K] 0..15, scales (rounded "
+         "to float16) and zeros [E, N, groups], input_order [E, segments, K] or None.")
       .def("silu_mul", [](Ops& ops, const FloatArray& gate_up, const std::string& dtype) {
         return ops.run([&](Buffers& b) {
           Tensor g = b.input(gate_up, parse_dtype(dtype));
@@ -430,6 +512,13 @@ void bind_ops(py::module_& m) {
         const DType dt = parse_dtype(dtype), et = parse_weight_dtype(expert_dtype, dt);
         Tensor x = b.any(dt, {offsets.back(), k}), w = b.any(et, {experts, n, k});
         if (et == DType::kFloat8E4M3) w.row_scales = b.any(DType::kFloat32, {experts * n}).ptr<const float>();
+        if (et == DType::kInt4) {  // scales of 1 and zeros of 8 (garbage could be NaN, and NaN may be slower)
+          const int64_t groups = experts * n * int4_groups(k, kInt4QuantizeGroupSize);
+          w.int4.scales = b.copied(DType::kFloat16, std::vector<uint16_t>(groups, float_to_fp16(1.0f)).data(), groups)
+                              .ptr<const uint16_t>();
+          w.int4.zeros = b.copied(DType::kInt4, std::vector<uint8_t>(groups, 8).data(), 2 * groups).ptr<const uint8_t>();
+          w.int4.group_size = kInt4QuantizeGroupSize;
+        }
         Tensor out = b.any(dt, {offsets.back(), n}), off = b.ints(offsets);
         return b.seconds([&] { ops.backend().expert_matmul(x, w, off, out); }, iters);
       }, py::arg("rows_per_expert"), py::arg("n"), py::arg("k"), py::arg("dtype"), py::arg("iters"),

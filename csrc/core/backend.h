@@ -8,7 +8,8 @@
 //   activations  [T, H] row-major; qkv [T, (Hq + 2*Hkv) * D] with q, k, v side by side
 //   linear weights [N, K] row-major (out x in, as nn.Linear): y = x @ w^T
 //   expert weights [E, N, K]: w13 [E, 2F, H] (w1 rows then w3 rows), w2 [E, H, F]; in a
-//     float dtype, or float8_e4m3 with row_scales [E * N] float32 (core/fp8.h)
+//     float dtype, float8_e4m3 with row_scales [E * N] float32 (core/fp8.h), or int4 codes
+//     [E, N, K / 2] bytes with w.int4's group scales and zeros [E * N, groups] (core/int4.h)
 //   KV cache of a layer: k and v pools each [num_pages, Hkv, page_size, D]
 //   page_table [pages of the sequence] int32; positions [T] int32
 // Adding an operation touches, in this order:
@@ -37,7 +38,7 @@ namespace mixtral {
 // The version of this header's classes as the CUDA library (opened at run time, core/cuda_library.h)
 // and the core see them: one up with any change to Backend's methods or the structs they take,
 // so that a library built from another version is refused instead of calling the wrong methods.
-constexpr int kBackendAbi = 2;
+constexpr int kBackendAbi = 3;
 
 struct AttentionShape {
   int num_heads;     // Hq
@@ -70,6 +71,10 @@ struct ExpertBuffers {
   Tensor gate_up;  // [R, 2F]
   Tensor act;      // [R, F]
   Tensor out;      // [R, H]
+  // Scratch for int4 experts with act order, of the activation dtype, [max(2H, F) * R] (x gathered
+  // into the column orders of w1's and w3's rows, or of w2's), or empty: a backend that needs it
+  // then keeps its own.
+  Tensor ordered_inputs;
 };
 
 struct MemoryInfo {
@@ -128,6 +133,7 @@ class MX_EXPORT Backend {
 
   // ==== 2. The operations, in the model's order; each backend implements every one ====
   // t[i] = uniform_in(seed, i, low, high) (core/random.h), rounded to t's dtype; t contiguous.
+  // int4 codes are floored and clamped to 0..15 (int4_uniform_byte, core/int4.h).
   virtual void fill_uniform(Tensor& t, uint64_t seed, float low, float high) = 0;
 
   // out[t] = table[ids[t]]; table [V, H], ids [T] int32 (already range-checked), out [T, H].
@@ -168,7 +174,10 @@ class MX_EXPORT Backend {
 
   // For each expert e: out[rows of e] = x[rows of e] @ w[e]^T.
   // x [R, K], w [E, N, K], expert_offsets [E + 1], out [R, N]. For float8_e4m3 w, column n of
-  // expert e is the float32 sum over k of x * e4m3(w) times w.row_scales[e * N + n].
+  // expert e is the float32 sum over k of x * e4m3(w) times w.row_scales[e * N + n]. For int4 w
+  // (core/int4.h), the float32 sum over k of x[r, order[k]] * (code[e, n, k] - zero) * scale, zero
+  // and scale those of group k / group_size of row e * N + n, order = input_order[e, s] for the
+  // segment s of row n (w.int4.segments of N / segments rows), or the identity without one.
   virtual void expert_matmul(const Tensor& x, const Tensor& w, const Tensor& expert_offsets,
                              Tensor& out) = 0;
 

@@ -68,12 +68,27 @@ void check_moe_gather(const Tensor& x, const Tensor& permuted_to_expanded, int k
   expect_float(out, "moe_gather.out", {x.shape[0] * k, x.shape[1]});
 }
 
+void check_fill_uniform(const Tensor& t) {
+  MX_CHECK((is_float(t.dtype) || t.dtype == DType::kFloat8E4M3 || t.dtype == DType::kInt4) && t.contiguous(),
+           ShapeError, "fill_uniform: a contiguous float, float8_e4m3 or int4 tensor expected, got " << t.describe());
+  MX_CHECK(t.dtype != DType::kInt4 || t.numel() % 2 == 0, ShapeError, "fill_uniform: int4 codes come in pairs");
+}
+
 void check_expert_matmul(const Tensor& x, const Tensor& w, const Tensor& expert_offsets,
                          const Tensor& out) {
   expect_float(x, "expert_matmul.x", {-1, -1});
   if (w.dtype == DType::kFloat8E4M3) {
     expect(w, "expert_matmul.w", DType::kFloat8E4M3, {-1, -1, x.shape[1]});
     MX_CHECK(w.row_scales, ShapeError, "expert_matmul.w: float8_e4m3 weights need their row scales");
+  } else if (w.dtype == DType::kInt4) {
+    expect(w, "expert_matmul.w", DType::kInt4, {-1, -1, x.shape[1]});
+    const Int4Groups& g = w.int4;
+    MX_CHECK(g.scales && g.zeros && g.group_size >= 1, ShapeError,
+             "expert_matmul.w: int4 weights need their group scales, zeros and group size");
+    MX_CHECK(x.shape[1] % 2 == 0, ShapeError, "expert_matmul.w: int4 weights need an even input width, got "
+                                                   << x.shape[1]);
+    MX_CHECK(g.segments >= 1 && w.shape[1] % g.segments == 0, ShapeError,
+             "expert_matmul.w: " << g.segments << " column-order segments do not divide " << w.shape[1] << " rows");
   } else {
     expect_float(w, "expert_matmul.w", {-1, -1, x.shape[1]});
   }

@@ -7,6 +7,7 @@
 
 namespace mixtral {
 
+void check_fill_uniform(const Tensor& t);
 void check_embedding(const Tensor& table, const Tensor& ids, const Tensor& out);
 void check_add_rmsnorm(const Tensor& residual, const Tensor* delta, const Tensor& weight,
                        const Tensor& out);

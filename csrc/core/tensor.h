@@ -1,7 +1,9 @@
 // Tensor views of the C++ core: a pointer, a dtype, a shape of up to 4 dims,
 // element strides and the device that owns the memory. A view never owns its
-// memory (buffers belong to the engine's arenas). A float8_e4m3 tensor (expert
-// weights only, core/fp8.h) also points at its float32 scales, one per row.
+// memory (buffers belong to the engine's arenas). Expert weights may be quantized:
+// a float8_e4m3 tensor (core/fp8.h) also points at its float32 scales, one per row,
+// and an int4 one (core/int4.h; two codes a byte) at its group scales, zeros and
+// column order.
 // Also the host-side scalar conversions between float32, bfloat16 and float16
 // (round to nearest even).
 #pragma once
@@ -14,15 +16,23 @@
 
 #include "core/error.h"
 #include "core/fp8.h"
+#include "core/int4.h"
 
 namespace mixtral {
 
-enum class DType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kInt32 = 3, kFloat8E4M3 = 4 };
+enum class DType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kInt32 = 3, kFloat8E4M3 = 4, kInt4 = 5 };
 enum class Device : int32_t { kCpu = 0, kCuda = 1 };
 
+// Bytes of one element; int4 has none of its own (two codes share a byte: bytes_of).
 inline size_t dtype_size(DType dtype) {
+  MX_CHECK(dtype != DType::kInt4, ShapeError, "int4 elements have no byte size of their own");
   if (dtype == DType::kFloat8E4M3) return 1;
   return (dtype == DType::kFloat32 || dtype == DType::kInt32) ? 4 : 2;
+}
+
+// Bytes of n elements (int4: n even, two a byte).
+inline size_t bytes_of(DType dtype, int64_t n) {
+  return dtype == DType::kInt4 ? static_cast<size_t>(n) / 2 : static_cast<size_t>(n) * dtype_size(dtype);
 }
 
 inline const char* dtype_name(DType dtype) {
@@ -32,6 +42,7 @@ inline const char* dtype_name(DType dtype) {
     case DType::kFloat16: return "float16";
     case DType::kInt32: return "int32";
     case DType::kFloat8E4M3: return "float8_e4m3";
+    case DType::kInt4: return "int4";
   }
   return "unknown";
 }
@@ -51,6 +62,7 @@ struct Tensor {
   std::array<int64_t, kMaxDims> shape{};
   std::array<int64_t, kMaxDims> strides{};  // in elements
   const float* row_scales = nullptr;         // float8_e4m3 only: [numel / shape[ndim - 1]] on the device
+  Int4Groups int4;                           // int4 only: its groups and column order, on the device
 
   Tensor() = default;
   Tensor(void* data_, DType dtype_, Device device_, std::initializer_list<int64_t> dims)
@@ -71,7 +83,7 @@ struct Tensor {
     for (int d = 0; d < ndim; ++d) n *= shape[d];
     return n;
   }
-  size_t nbytes() const { return static_cast<size_t>(numel()) * dtype_size(dtype); }
+  size_t nbytes() const { return bytes_of(dtype, numel()); }
   int64_t size(int d) const { return shape[d < 0 ? d + ndim : d]; }
   bool contiguous() const {
     int64_t stride = 1;
@@ -86,7 +98,7 @@ struct Tensor {
   // Rows [begin, begin + count) of dim 0, still a view of the same memory.
   Tensor rows(int64_t begin, int64_t count) const {
     Tensor t = *this;
-    t.data = static_cast<char*>(data) + begin * strides[0] * dtype_size(dtype);
+    t.data = static_cast<char*>(data) + bytes_of(dtype, begin * strides[0]);
     t.shape[0] = count;
     return t;
   }
@@ -171,8 +183,9 @@ inline float load_scalar(const void* base, DType dtype, int64_t i) {
     case DType::kFloat16: return fp16_to_float(static_cast<const uint16_t*>(base)[i]);
     case DType::kInt32: return static_cast<float>(static_cast<const int32_t*>(base)[i]);
     case DType::kFloat8E4M3: return fp8_to_float(static_cast<const uint8_t*>(base)[i]);
+    case DType::kInt4: break;
   }
-  return 0.0f;
+  throw ShapeError(std::string("no scalar access to ") + dtype_name(dtype) + " (core/int4.h unpacks codes)");
 }
 
 inline void store_scalar(void* base, DType dtype, int64_t i, float value) {
@@ -182,6 +195,7 @@ inline void store_scalar(void* base, DType dtype, int64_t i, float value) {
     case DType::kFloat16: static_cast<uint16_t*>(base)[i] = float_to_fp16(value); break;
     case DType::kInt32: static_cast<int32_t*>(base)[i] = static_cast<int32_t>(value); break;
     case DType::kFloat8E4M3: static_cast<uint8_t*>(base)[i] = float_to_fp8(value); break;
+    case DType::kInt4: throw ShapeError("no scalar access to int4 (core/int4.h packs codes)");
   }
 }
 

@@ -61,6 +61,41 @@ void matmul_f32(const float* x, const typename W::storage* w, float* out, int64_
   }
 }
 
+// expert_matmul of int4 w (core/backend.h) on float32 x [R, K] and out [R, N]: per expert and row
+// segment, x's rows gathered into the segment's column order once, and each weight row
+// dequantized once for all of the expert's rows.
+void expert_matmul_int4(const float* x, const Tensor& w, const int32_t* offsets, float* out, int threads) {
+  const int64_t E = w.shape[0], N = w.shape[1], K = w.shape[2];
+  const Int4Groups& q = w.int4;
+  const int64_t groups = int4_groups(K, q.group_size), segment_rows = N / q.segments;
+  std::vector<float> ordered;
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t begin = offsets[e], count = offsets[e + 1] - begin;
+    if (count == 0) continue;
+    for (int64_t s = 0; s < q.segments; ++s) {
+      const float* xs = x + begin * K;
+      if (q.input_order) {
+        const int32_t* order = q.input_order + (e * q.segments + s) * K;
+        ordered.resize(count * K);
+        for (int64_t r = 0; r < count; ++r)
+          for (int64_t k = 0; k < K; ++k) ordered[r * K + k] = xs[r * K + order[k]];
+        xs = ordered.data();
+      }
+#pragma omp parallel num_threads(threads) if (count * segment_rows * K > kParallelWork)
+      {
+        std::vector<float> row(K);
+#pragma omp for schedule(static)
+        for (int64_t n = s * segment_rows; n < (s + 1) * segment_rows; ++n) {
+          const int64_t w_row = e * N + n;
+          dequantize_rows_int4(w.ptr<uint8_t>() + w_row * (K / 2), q.scales + w_row * groups, q.zeros + w_row * groups,
+                               1, K, q.group_size, row.data());
+          for (int64_t r = 0; r < count; ++r) out[(begin + r) * N + n] = dot<F32>(xs + r * K, row.data(), K);
+        }
+      }
+    }
+  }
+}
+
 int32_t cache_slot(const int32_t* page_table, int64_t num_table_pages, int num_pages,
                    int page_size, int32_t position) {
   MX_CHECK(position >= 0 && position / page_size < num_table_pages, ShapeError,
@@ -141,8 +176,13 @@ MemoryInfo CpuBackend::memory_info() {
 }
 
 void CpuBackend::fill_uniform(Tensor& t, uint64_t seed, float low, float high) {
-  MX_CHECK((is_float(t.dtype) || t.dtype == DType::kFloat8E4M3) && t.contiguous(), ShapeError,
-           "fill_uniform: a contiguous float tensor expected");
+  check_fill_uniform(t);
+  if (t.dtype == DType::kInt4) {
+    const int64_t bytes = t.numel() / 2;
+#pragma omp parallel for schedule(static) num_threads(threads_) if (bytes > kParallelWork)
+    for (int64_t b = 0; b < bytes; ++b) t.ptr<uint8_t>()[b] = int4_uniform_byte(seed, uint64_t(b), low, high);
+    return;
+  }
   const int64_t n = t.numel();
 #pragma omp parallel for schedule(static) num_threads(threads_) if (n > kParallelWork)
   for (int64_t i = 0; i < n; ++i) store_scalar(t.data, t.dtype, i, uniform_in(seed, uint64_t(i), low, high));
@@ -386,7 +426,8 @@ void CpuBackend::expert_matmul(const Tensor& x, const Tensor& w, const Tensor& e
           for (int64_t n = 0; n < N; ++n) out_rows[r * N + n] *= w.row_scales[e * N + n];
     }
   };
-  if (w.dtype == DType::kFloat8E4M3) each_expert(FP8{});
+  if (w.dtype == DType::kInt4) expert_matmul_int4(xf.data(), w, offsets, of.data(), threads_);
+  else if (w.dtype == DType::kFloat8E4M3) each_expert(FP8{});
   else dispatch_float(w.dtype, each_expert);
   of.commit();
 }

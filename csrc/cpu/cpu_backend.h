@@ -1,7 +1,7 @@
 // The CPU backend: reference implementations of every operation of
 // core/backend.h. Plain loops, float32 accumulation, OpenMP threads over
 // independent rows; inputs and outputs in float32, bfloat16 or float16 (expert
-// weights also in float8_e4m3 with row scales).
+// weights also in float8_e4m3 with row scales, or int4 with group scales and zeros).
 // This is the oracle the CUDA backend is tested against.
 #pragma once
 

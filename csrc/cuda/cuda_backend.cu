@@ -38,7 +38,7 @@ CudaBackend::CudaBackend(int device) : runtime_(device) {}
 CudaBackend::~CudaBackend() {
   for (auto& entry : graphs_) cudaGraphExecDestroy(entry.second);
   for (auto& entry : events_) cudaEventDestroy(entry.second);
-  for (const GrowingBuffer* buffer : {&pointers_, &scratch_, &split_counters_, &dequantized_})
+  for (const GrowingBuffer* buffer : {&pointers_, &scratch_, &split_counters_, &dequantized_, &ordered_inputs_})
     if (buffer->data) cudaFree(buffer->data);
   for (void* buffer : retired_) cudaFree(buffer);
 }
@@ -198,8 +198,9 @@ MemoryInfo CudaBackend::memory_info() {
 }
 
 void CudaBackend::fill_uniform(Tensor& t, uint64_t seed, float low, float high) {
-  MX_CHECK((is_float(t.dtype) || t.dtype == DType::kFloat8E4M3) && t.contiguous(), ShapeError,
-           "fill_uniform: a contiguous float tensor expected");
+  check_fill_uniform(t);
+  if (t.dtype == DType::kInt4)
+    return launch_fill_uniform_int4(t.ptr<uint8_t>(), t.numel() / 2, seed, low, high, runtime_.stream());
   if (t.dtype == DType::kFloat8E4M3)
     return launch_fill_uniform(t.ptr<uint8_t>(), t.numel(), seed, low, high, runtime_.stream());
   dispatch_device_float(t.dtype, [&](auto tag) {
@@ -371,7 +372,7 @@ ExpertGemmPath CudaBackend::expert_path(int64_t rows) const {
 std::vector<int32_t> CudaBackend::offsets_on_host(const Tensor& expert_offsets, int64_t rows) {
   MX_CHECK(!capturing_, Error,
            "cuda: a recorded decode step cannot read the expert offsets on the host (the per-expert and grouped "
-           "paths do, and FP8 experts past " << kExpertGemvFp8MaxRows << " rows)");
+           "paths do, and FP8 or int4 experts past " << kExpertGemvFp8MaxRows << " rows)");
   std::vector<int32_t> offsets(expert_offsets.shape[0]);
   runtime_.download(offsets.data(), expert_offsets.data, offsets.size() * sizeof(int32_t));
   MX_CHECK(offsets.front() == 0 && offsets.back() == rows, ShapeError,
@@ -424,6 +425,11 @@ int32_t* CudaBackend::split_counters(int64_t count) {
 void* CudaBackend::dequantized(size_t bytes) {
   grow(dequantized_, bytes, 0);
   return dequantized_.data;
+}
+
+void* CudaBackend::ordered_inputs(size_t bytes) {
+  grow(ordered_inputs_, bytes, 0);
+  return ordered_inputs_.data;
 }
 
 void CudaBackend::expert_gemm_per_expert(const Tensor& x, const Tensor& w, const std::vector<int32_t>& offsets,
@@ -496,13 +502,23 @@ void CudaBackend::expert_gemm_on_host_offsets(ExpertGemmPath path, const Tensor&
   else expert_gemm_per_expert(x, w, offsets, out);
 }
 
+namespace {
+
+bool is_quantized(DType dtype) { return dtype == DType::kFloat8E4M3 || dtype == DType::kInt4; }
+
+int64_t gemv_max_rows(DType dtype) {
+  return dtype == DType::kInt4 ? kExpertGemvInt4MaxRows : kExpertGemvFp8MaxRows;
+}
+
+}  // namespace
+
 void CudaBackend::expert_matmul(const Tensor& x, const Tensor& w, const Tensor& expert_offsets, Tensor& out) {
   check_expert_matmul(x, w, expert_offsets, out);
   const int64_t R = x.shape[0];
-  if (w.dtype == DType::kFloat8E4M3) {
+  if (is_quantized(w.dtype)) {
     check_same_dtype("expert_matmul", x, out);
-    if (R <= kExpertGemvFp8MaxRows) expert_gemv_fp8(x, w, expert_offsets, out);
-    else expert_gemm_fp8_dequantized(x, w, offsets_on_host(expert_offsets, R), out);
+    if (R <= gemv_max_rows(w.dtype)) expert_gemv_quantized(x, w, expert_offsets, out, nullptr);
+    else expert_gemm_dequantized(x, w, expert_offsets, offsets_on_host(expert_offsets, R), out, nullptr);
     return;
   }
   const ExpertGemmPath path = expert_path(R);
@@ -515,39 +531,79 @@ void CudaBackend::expert_matmul(const Tensor& x, const Tensor& w, const Tensor& 
   expert_gemm_batched(x, w, out, jobs.gemm[0]);
 }
 
-void CudaBackend::expert_gemv_fp8(const Tensor& x, const Tensor& w, const Tensor& expert_offsets, Tensor& out) {
+const void* CudaBackend::inputs_in_column_order(const Tensor& x, const Tensor& w, const Tensor& expert_offsets,
+                                                const Tensor* ordered_scratch) {
+  const int64_t R = x.shape[0], K = x.shape[1];
+  if (w.dtype != DType::kInt4 || !w.int4.input_order) return x.data;
+  const size_t bytes = size_t(w.int4.segments) * R * K * dtype_size(x.dtype);
+  const bool fits = ordered_scratch && ordered_scratch->dtype == x.dtype && ordered_scratch->nbytes() >= bytes;
+  void* ordered = fits ? ordered_scratch->data : ordered_inputs(bytes);
   dispatch_device_float(x.dtype, [&](auto tag) {
     using T = decltype(tag);
-    launch_expert_gemv_fp8(x.ptr<const T>(), x.shape[0], w.ptr<const uint8_t>(), w.row_scales,
-                           static_cast<int>(w.shape[0]), expert_offsets.ptr<const int32_t>(), w.shape[1], w.shape[2],
-                           out.ptr<T>(), runtime_.stream());
+    launch_gather_columns(x.ptr<const T>(), R, K, w.int4.input_order, w.int4.segments,
+                          expert_offsets.ptr<const int32_t>(), static_cast<int>(w.shape[0]), static_cast<T*>(ordered),
+                          runtime_.stream());
+  });
+  return ordered;
+}
+
+void CudaBackend::expert_gemv_quantized(const Tensor& x, const Tensor& w, const Tensor& expert_offsets, Tensor& out,
+                                        const Tensor* ordered_scratch) {
+  const int64_t R = x.shape[0], E = w.shape[0], N = w.shape[1], K = w.shape[2];
+  const void* inputs = inputs_in_column_order(x, w, expert_offsets, ordered_scratch);
+  dispatch_device_float(x.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if (w.dtype == DType::kFloat8E4M3) {
+      launch_expert_gemv_fp8(x.ptr<const T>(), R, w.ptr<const uint8_t>(), w.row_scales, static_cast<int>(E),
+                             expert_offsets.ptr<const int32_t>(), N, K, out.ptr<T>(), runtime_.stream());
+      return;
+    }
+    const Int4Groups& q = w.int4;
+    const int segments = q.input_order ? q.segments : 1;  // without column orders, all rows at once
+    for (int s = 0; s < segments; ++s)
+      launch_expert_gemv_int4(static_cast<const T*>(inputs) + s * R * K, R, w.ptr<const uint8_t>(), q.scales, q.zeros,
+                              q.group_size, static_cast<int>(E), expert_offsets.ptr<const int32_t>(), N,
+                              s * N / segments, N / segments, K, out.ptr<T>(), runtime_.stream());
   });
 }
 
-void CudaBackend::expert_gemm_fp8_dequantized(const Tensor& x, const Tensor& w, const std::vector<int32_t>& offsets,
-                                              Tensor& out) {
-  const int64_t E = w.shape[0], N = w.shape[1], K = w.shape[2];
-  const uint8_t* values = w.ptr<const uint8_t>();
+void CudaBackend::expert_gemm_dequantized(const Tensor& x, const Tensor& w, const Tensor& expert_offsets,
+                                          const std::vector<int32_t>& offsets, Tensor& out, const Tensor* ordered_scratch) {
+  const int64_t R = x.shape[0], E = w.shape[0], N = w.shape[1], K = w.shape[2];
   const size_t element = dtype_size(x.dtype);
+  const int segments = w.dtype == DType::kInt4 && w.int4.input_order ? w.int4.segments : 1;
+  const int64_t segment_rows = N / segments;
+  const char* inputs = static_cast<const char*>(inputs_in_column_order(x, w, expert_offsets, ordered_scratch));
   // Rows of w dequantized at a time (about dequantize_chunk_bytes_ of scratch, at least 16 bytes of
   // columns), each chunk one GEMM into its output columns: a multiple of 16 bytes of columns, so every
-  // chunk's output stays as aligned as the first (cuBLAS picks its kernels by alignment).
+  // chunk's output stays as aligned as the first (cuBLAS picks its kernels by alignment) when the row
+  // segments of act order are too (their N / segments rows a multiple of 16 bytes: Mixtral's are).
   const int64_t aligned_rows = 16 / int64_t(element);
-  const int64_t chunk =
-      std::min(N, std::max(aligned_rows, dequantize_chunk_bytes_ / (K * int64_t(element)) / aligned_rows * aligned_rows));
+  const int64_t chunk = std::min(
+      segment_rows, std::max(aligned_rows, dequantize_chunk_bytes_ / (K * int64_t(element)) / aligned_rows * aligned_rows));
   void* scratch = dequantized(size_t(chunk) * K * element);
   for (int64_t e = 0; e < E; ++e) {
     const int64_t begin = offsets[e], count = offsets[e + 1] - begin;
     if (count == 0) continue;
-    for (int64_t n0 = 0; n0 < N; n0 += chunk) {
-      const int64_t rows = std::min(chunk, N - n0);
-      dispatch_device_float(x.dtype, [&](auto tag) {
-        using T = decltype(tag);
-        launch_dequantize_fp8(values + (e * N + n0) * K, w.row_scales + e * N + n0, rows, K,
-                              static_cast<T*>(scratch), runtime_.stream());
-      });
-      char* out_columns = static_cast<char*>(out.data) + (begin * N + n0) * element;  // rows begin.., columns n0..
-      gemm(x.rows(begin, count).data, x.dtype, scratch, x.dtype, out_columns, out.dtype, count, rows, K, N);
+    for (int s = 0; s < segments; ++s) {
+      const char* x_rows = inputs + (s * R + begin) * K * element;  // rows begin.., in segment s's column order
+      for (int64_t n0 = s * segment_rows; n0 < (s + 1) * segment_rows; n0 += chunk) {
+        const int64_t rows = std::min(chunk, (s + 1) * segment_rows - n0), w_row = e * N + n0;
+        dispatch_device_float(x.dtype, [&](auto tag) {
+          using T = decltype(tag);
+          if (w.dtype == DType::kFloat8E4M3) {
+            launch_dequantize_fp8(w.ptr<const uint8_t>() + w_row * K, w.row_scales + w_row, rows, K,
+                                  static_cast<T*>(scratch), runtime_.stream());
+          } else {
+            const int64_t groups = int4_groups(K, w.int4.group_size);
+            launch_dequantize_int4(w.ptr<const uint8_t>() + w_row * (K / 2), w.int4.scales + w_row * groups,
+                                   w.int4.zeros + w_row * groups, w.int4.group_size, rows, K, static_cast<T*>(scratch),
+                                   runtime_.stream());
+          }
+        });
+        char* out_columns = static_cast<char*>(out.data) + (begin * N + n0) * element;  // rows begin.., columns n0..
+        gemm(x_rows, x.dtype, scratch, x.dtype, out_columns, out.dtype, count, rows, K, N);
+      }
     }
   }
 }
@@ -566,7 +622,7 @@ void check_experts(const Routing& routing, const Tensor& w13, const Tensor& w2, 
 void CudaBackend::moe(const Tensor& x, const Tensor& router, const Tensor& w13, const Tensor& w2, Routing& routing,
                       ExpertBuffers& experts) {
   check_experts(routing, w13, w2, experts);
-  if (w13.dtype == DType::kFloat8E4M3) return moe_fp8(x, router, w13, w2, routing, experts, nullptr);
+  if (is_quantized(w13.dtype)) return moe_quantized(x, router, w13, w2, routing, experts, nullptr);
   const int64_t R = routing.gathered.shape[0];
   const ExpertGemmPath path = expert_path(R);
   if (path == ExpertGemmPath::kBatched) return moe_batched(x, router, w13, w2, routing, experts, nullptr);
@@ -577,23 +633,24 @@ void CudaBackend::moe(const Tensor& x, const Tensor& router, const Tensor& w13, 
   expert_gemm_on_host_offsets(path, experts.act, w2, offsets, experts.out);
 }
 
-void CudaBackend::moe_fp8(const Tensor& x, const Tensor& router, const Tensor& w13, const Tensor& w2,
-                          Routing& routing, ExpertBuffers& experts, const RouteNorm* norm) {
+void CudaBackend::moe_quantized(const Tensor& x, const Tensor& router, const Tensor& w13, const Tensor& w2,
+                                Routing& routing, ExpertBuffers& experts, const RouteNorm* norm) {
   if (fused_route_fits(x, router)) launch_fused_route(x, router, routing, ExpertPointerJobs{{}, 0}, norm);
   else Backend::route(x, router, routing);  // norm is only given when the fused kernel fits
   check_same_dtype("moe", routing.gathered, experts.gate_up);
   check_same_dtype("moe", experts.act, experts.out);
   const int64_t R = routing.gathered.shape[0];
-  if (R <= kExpertGemvFp8MaxRows) {
-    expert_gemv_fp8(routing.gathered, w13, routing.expert_offsets, experts.gate_up);
+  if (R <= std::min(gemv_max_rows(w13.dtype), gemv_max_rows(w2.dtype))) {
+    expert_gemv_quantized(routing.gathered, w13, routing.expert_offsets, experts.gate_up, &experts.ordered_inputs);
     silu_mul(experts.gate_up, experts.act);
-    expert_gemv_fp8(experts.act, w2, routing.expert_offsets, experts.out);
+    expert_gemv_quantized(experts.act, w2, routing.expert_offsets, experts.out, &experts.ordered_inputs);
     return;
   }
   const std::vector<int32_t> offsets = offsets_on_host(routing.expert_offsets, R);  // once for both GEMMs
-  expert_gemm_fp8_dequantized(routing.gathered, w13, offsets, experts.gate_up);
+  expert_gemm_dequantized(routing.gathered, w13, routing.expert_offsets, offsets, experts.gate_up,
+                          &experts.ordered_inputs);
   silu_mul(experts.gate_up, experts.act);
-  expert_gemm_fp8_dequantized(experts.act, w2, offsets, experts.out);
+  expert_gemm_dequantized(experts.act, w2, routing.expert_offsets, offsets, experts.out, &experts.ordered_inputs);
 }
 
 void CudaBackend::moe_batched(const Tensor& x, const Tensor& router, const Tensor& w13, const Tensor& w2,
@@ -620,12 +677,12 @@ void CudaBackend::add_rmsnorm_moe(Tensor& residual, const Tensor& delta, const T
                                   Tensor& h, const Tensor& router, const Tensor& w13, const Tensor& w2,
                                   Routing& routing, ExpertBuffers& experts) {
   const int64_t R = routing.gathered.shape[0];
-  const bool fp8 = w13.dtype == DType::kFloat8E4M3;
-  if ((!fp8 && expert_path(R) != ExpertGemmPath::kBatched) || !fused_route_fits(h, router))
+  const bool quantized = is_quantized(w13.dtype);
+  if ((!quantized && expert_path(R) != ExpertGemmPath::kBatched) || !fused_route_fits(h, router))
     return Backend::add_rmsnorm_moe(residual, delta, norm_weight, eps, h, router, w13, w2, routing, experts);
   check_experts(routing, w13, w2, experts);
   const RouteNorm norm{residual, delta, norm_weight, eps};
-  if (fp8) moe_fp8(h, router, w13, w2, routing, experts, &norm);
+  if (quantized) moe_quantized(h, router, w13, w2, routing, experts, &norm);
   else moe_batched(h, router, w13, w2, routing, experts, &norm);
 }
 

@@ -9,9 +9,11 @@
 //   grouped     cublasGemmGroupedBatchedEx, one group per expert with rows (offsets on the host)
 // "auto" picks batched up to kBatchedMaxRows rows (decode) and per_expert above (prefill):
 // cuBLAS's fastest paths for those shapes when timed alone on an H200 (docs/speed.md), the
-// limits' reasons in cuda/kernels.cuh. FP8 experts (core/fp8.h) take none of these: a
-// hand-written GEMV up to kExpertGemvFp8MaxRows rows (no host sync), else chunks dequantized
-// for cublasGemmEx per expert.
+// limits' reasons in cuda/kernels.cuh. FP8 and int4 experts (core/fp8.h, core/int4.h) take none
+// of these: a hand-written GEMV up to 16 rows (no host sync), else chunks dequantized for
+// cublasGemmEx per expert (one kernel each, then cuBLAS's tensor cores: prefill is compute-bound,
+// and a fused int4 GEMM would have to match them). An int4 weight with act order has x gathered
+// into its column orders first, once per call (one kernel).
 // Options: "expert_gemm" = auto|per_expert|batched|grouped; "attention" = auto (prefill in
 // bfloat16/float16 on the tensor cores) or simple (the CUDA-core kernel for everything).
 #pragma once
@@ -126,17 +128,25 @@ class CudaBackend final : public Backend {
   // made by its add_rmsnorm.
   void launch_fused_route(const Tensor& x, const Tensor& router, Routing& routing, const ExpertPointerJobs& jobs,
                           const RouteNorm* norm = nullptr);
-  // expert_matmul of float8_e4m3 weights (x and out of one dtype): the hand-written kernel for at
-  // most kExpertGemvFp8MaxRows rows (decode; offsets read on the device, no host sync), or per expert
-  // with rows, row chunks of w dequantized to x's dtype for cublasGemmEx (prefill).
-  void expert_gemv_fp8(const Tensor& x, const Tensor& w, const Tensor& expert_offsets, Tensor& out);
-  void expert_gemm_fp8_dequantized(const Tensor& x, const Tensor& w, const std::vector<int32_t>& offsets,
-                                   Tensor& out);
-  // moe() of float8_e4m3 experts: the fused routing kernel (without pointer arrays; with `norm`,
-  // if given) when it fits, else the separate routing ops, then the expert ops (offsets read on
-  // the host once for both GEMMs when the dequantized path runs).
-  void moe_fp8(const Tensor& x, const Tensor& router, const Tensor& w13, const Tensor& w2, Routing& routing,
-               ExpertBuffers& experts, const RouteNorm* norm);
+  // expert_matmul of float8_e4m3 or int4 weights (x and out of one dtype): the hand-written kernel
+  // for at most 16 rows (kExpertGemvFp8MaxRows, kExpertGemvInt4MaxRows; decode; offsets read on the
+  // device, no host sync), or per expert with rows, row chunks of w dequantized to x's dtype for
+  // cublasGemmEx (prefill, offsets read on the host).
+  // ordered_scratch (may be null) is moe()'s ExpertBuffers::ordered_inputs.
+  void expert_gemv_quantized(const Tensor& x, const Tensor& w, const Tensor& expert_offsets, Tensor& out,
+                             const Tensor* ordered_scratch);
+  void expert_gemm_dequantized(const Tensor& x, const Tensor& w, const Tensor& expert_offsets,
+                               const std::vector<int32_t>& offsets, Tensor& out, const Tensor* ordered_scratch);
+  // x's rows, for an int4 w with act order, gathered into each row segment's column order ([segments,
+  // R, K]: in ordered_scratch when given and large enough, else in a device buffer kept between calls); else
+  // x itself.
+  const void* inputs_in_column_order(const Tensor& x, const Tensor& w, const Tensor& expert_offsets,
+                                     const Tensor* ordered_scratch);
+  // moe() of float8_e4m3 or int4 experts: the fused routing kernel (without pointer arrays; with
+  // `norm`, if given) when it fits, else the separate routing ops, then the expert ops (offsets read
+  // on the host once for both GEMMs when the dequantized path runs).
+  void moe_quantized(const Tensor& x, const Tensor& router, const Tensor& w13, const Tensor& w2, Routing& routing,
+                     ExpertBuffers& experts, const RouteNorm* norm);
   // moe() on the batched path: both GEMMs' pointer arrays written by one launch, the fused routing
   // kernel's when it fits (then with `norm`, if given), else a pointer kernel's after the routing.
   void moe_batched(const Tensor& x, const Tensor& router, const Tensor& w13, const Tensor& w2, Routing& routing,
@@ -155,8 +165,10 @@ class CudaBackend final : public Backend {
   float* scratch_floats(int64_t floats);
   // Split attention's counters of finished blocks, `count` of them, zero when handed out.
   int32_t* split_counters(int64_t count);
-  // Device memory for `bytes` of dequantized expert weights.
+  // Device memory for `bytes` of dequantized expert weights, and for inputs in column order (the
+  // expert_matmul op alone; moe() has the engine's scratch).
   void* dequantized(size_t bytes);
+  void* ordered_inputs(size_t bytes);
   cudaEvent_t event(int id) const;  // throws for an unknown id
   // Frees a buffer that was outgrown, or keeps it until the backend goes while graphs may use it.
   void retire(void* buffer);
@@ -164,9 +176,9 @@ class CudaBackend final : public Backend {
   Runtime runtime_;
   ExpertGemmPath expert_path_ = ExpertGemmPath::kAuto;
   bool tensor_core_attention_ = true;  // option "attention": auto (tensor cores for prefill) or simple
-  // Option "dequantize_chunk_bytes": the scratch of FP8 experts dequantized for cuBLAS at prefill.
+  // Option "dequantize_chunk_bytes": the scratch of FP8 or int4 experts dequantized for cuBLAS at prefill.
   int64_t dequantize_chunk_bytes_ = int64_t(64) << 20;
-  GrowingBuffer pointers_, scratch_, split_counters_, dequantized_;
+  GrowingBuffer pointers_, scratch_, split_counters_, dequantized_, ordered_inputs_;
   std::vector<void*> retired_;
   bool capturing_ = false;
   std::map<int, cudaGraphExec_t> graphs_;

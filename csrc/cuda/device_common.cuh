@@ -1,8 +1,8 @@
 // Device helpers shared by the CUDA backend's kernel files: widening to float and rounding back
 // (T: float, __nv_bfloat16, __half; uint8_t: float8_e4m3 expert weights, core/fp8.h), warp and
 // block reductions, one row of add_rmsnorm (the norm kernels and the fused routing kernel), the
-// weighted sum of a token's expert outputs (moe_unpermute and its fusion with the next norm), and
-// grid sizes. Every kernel accumulates in float and rounds once when it stores, as the CPU twins
+// weighted sum of a token's expert outputs (moe_unpermute and its fusion with the next norm), rows
+// of x widened for the expert GEMVs, and grid sizes. Every kernel accumulates in float and rounds once when it stores, as the CPU twins
 // in csrc/cpu/cpu_backend.cpp do.
 #pragma once
 
@@ -64,6 +64,16 @@ struct Max {
 __device__ __forceinline__ float warp_sum(float v) { return warp_reduce(v, Plus{}); }
 __device__ __forceinline__ float warp_max(float v) { return warp_reduce(v, Max{}); }
 __device__ __forceinline__ float block_sum(float v) { return block_reduce(v, 0.0f, Plus{}); }
+
+// kWidth elements of `row` from element k on, widened (loads of up to 16 bytes; k and the row keep them aligned).
+template <typename T, int kWidth>
+__device__ __forceinline__ void load_widened(const T* row, int64_t k, float (&values)[kWidth]) {
+  constexpr int kStep = kWidth < kPack16<T> ? kWidth : kPack16<T>;
+  for (int i = 0; i < kWidth; i += kStep) {
+    const Pack<T, kStep> pack = *reinterpret_cast<const Pack<T, kStep>*>(row + k + i);
+    for (int j = 0; j < kStep; ++j) values[i + j] = to_f32(pack.values[j]);
+  }
+}
 
 inline unsigned blocks_for(int64_t items, int threads) { return static_cast<unsigned>((items + threads - 1) / threads); }
 

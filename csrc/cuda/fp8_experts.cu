@@ -31,16 +31,6 @@ namespace mixtral::cuda {
 
 namespace {
 
-// kWidth elements of row `row` of x from element k on, widened (16-byte loads when kWidth > 1).
-template <typename T, int kWidth>
-__device__ __forceinline__ void load_widened(const T* row, int64_t k, float (&values)[kWidth]) {
-  constexpr int kStep = kWidth < kPack16<T> ? kWidth : kPack16<T>;
-  for (int i = 0; i < kWidth; i += kStep) {
-    const Pack<T, kStep> pack = *reinterpret_cast<const Pack<T, kStep>*>(row + k + i);
-    for (int j = 0; j < kStep; ++j) values[i + j] = to_f32(pack.values[j]);
-  }
-}
-
 // kExpertGemvFp8Warps warps a block, and registers bounded so that kMinBlocks blocks share an SM: 16
 // warps for decode (up to 2 rows), enough loads in flight to stream the weights; 12 for up to 16
 // rows, whose sums would spill at 16.

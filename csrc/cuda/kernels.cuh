@@ -1,8 +1,9 @@
 // Launchers of the hand-written CUDA kernels, one op family per file beside its kernels (norm.cu,
-// attention.cu and attention_tc.cu, routing.cu, expert_ffn.cu, fp8_experts.cu, sampling.cu). Each one
+// attention.cu and attention_tc.cu, routing.cu, expert_ffn.cu, fp8_experts.cu, int4_experts.cu,
+// sampling.cu). Each one
 // enqueues on `stream` and checks the launch; layouts are those of
 // core/backend.h, element types float, __nv_bfloat16 or __half (T) (expert
-// weights also float8_e4m3 bytes, core/fp8.h), with float32 accumulation.
+// weights also float8_e4m3 bytes, core/fp8.h, or int4 codes, core/int4.h), with float32 accumulation.
 // Arguments were checked by core/op_checks first.
 #pragma once
 
@@ -25,9 +26,11 @@ namespace mixtral::cuda {
 // reading its expert's whole weight, so past a few rows per expert the per-expert GEMMs (each
 // expert's weight read once, offsets read on the host) win.
 constexpr int64_t kBatchedMaxRows = 16;
-// FP8 experts up to this many rows take the hand-written GEMV (no host sync), whose per-row sums
-// live in registers: 16 rows is what its launch bounds hold without spilling.
+// FP8 and int4 experts up to this many rows take their hand-written GEMVs (no host sync), whose
+// per-row sums live in registers: 16 rows is what their launch bounds hold without spilling on
+// sm_90a (the int4 one at its bound; on sm_100a ptxas spills a few bytes of it).
 constexpr int64_t kExpertGemvFp8MaxRows = 16;
+constexpr int64_t kExpertGemvInt4MaxRows = 16;
 // The fused routing kernel is one block: its tokens x experts dot products and the per-expert
 // counts live in static shared memory sized by these.
 constexpr int64_t kFusedRouteMaxTokens = 8;
@@ -249,6 +252,29 @@ void launch_expert_gemv_fp8(const T* x, int64_t rows, const uint8_t* w, const fl
 template <typename T>
 void launch_dequantize_fp8(const uint8_t* w, const float* row_scales, int64_t rows, int64_t cols, T* out,
                            cudaStream_t stream);
+
+// int4 expert weights (core/int4.h): codes [E, N, K / 2] bytes, float16 scales and uint8 zeros
+// [E * N, groups], groups of group_size input columns.
+// expert_matmul for at most kExpertGemvInt4MaxRows rows (decode) on the columns [n_begin, n_begin +
+// n_count) of out [R, N] = x [R, K] @ dequantized w[e]^T per expert e, its rows found from
+// expert_offsets on the device (no host sync, graph-capturable); each warp computes
+// kExpertGemvInt4ColumnsPerWarp output columns, reading their codes once.
+constexpr int kExpertGemvInt4ColumnsPerWarp = 4;
+template <typename T>
+void launch_expert_gemv_int4(const T* x, int64_t rows, const uint8_t* codes, const uint16_t* scales,
+                             const uint8_t* zeros, int64_t group_size, int num_experts, const int32_t* expert_offsets,
+                             int64_t N, int64_t n_begin, int64_t n_count, int64_t K, T* out, cudaStream_t stream);
+// out [rows, K] of T = (code - zero) * scale of `rows` rows of codes, scales and zeros (prefill, for cuBLAS).
+template <typename T>
+void launch_dequantize_int4(const uint8_t* codes, const uint16_t* scales, const uint8_t* zeros, int64_t group_size,
+                            int64_t rows, int64_t K, T* out, cudaStream_t stream);
+// Act order: out [segments, R, K] = x [R, K] in the column order of each row's expert and segment,
+// out[s, r, k] = x[r, input_order[e, s, k]] (input_order [E, segments, K]); experts from the offsets.
+template <typename T>
+void launch_gather_columns(const T* x, int64_t rows, int64_t K, const int32_t* input_order, int segments,
+                           const int32_t* expert_offsets, int num_experts, T* out, cudaStream_t stream);
+// bytes of random int4 codes: byte b = int4_uniform_byte(seed, b, low, high) (core/int4.h).
+void launch_fill_uniform_int4(uint8_t* data, int64_t bytes, uint64_t seed, float low, float high, cudaStream_t stream);
 
 // One token from logits [V] float32 (core/sampling.h; the Backend::sample contract), one block.
 void launch_sample(const float* logits, int64_t vocab, const SamplingParams& params, uint64_t seed, int32_t* state,

@@ -48,8 +48,11 @@ void validate_options(const EngineOptions& options) {
   MX_CHECK(options.num_threads >= 0, Error, "num_threads must be >= 1 (or 0 to measure), got " << options.num_threads);
   MX_CHECK(is_float(options.weight_dtype) && is_float(options.activation_dtype), Error,
            "weights and activations need a float dtype");
-  MX_CHECK(options.expert_dtype == options.weight_dtype || options.expert_dtype == DType::kFloat8E4M3, Error,
-           "expert weights take the weight dtype or float8_e4m3, not " << dtype_name(options.expert_dtype));
+  MX_CHECK(options.expert_dtype == options.weight_dtype || options.expert_dtype == DType::kFloat8E4M3 ||
+               options.expert_dtype == DType::kInt4,
+           Error, "expert weights take the weight dtype, float8_e4m3 or int4, not " << dtype_name(options.expert_dtype));
+  MX_CHECK(options.int4_group_size >= 0 && options.int4_group_size < (int64_t(1) << 31), Error,
+           "int4_group_size must be >= 1 (or 0: one group per row), got " << options.int4_group_size);
 }
 
 size_t kv_bytes_per_token(const ModelConfig& c, DType activation_dtype) {
@@ -83,6 +86,7 @@ Engine::Workspace Engine::Workspace::plan(const ModelConfig& c, const EngineOpti
   w.experts.gate_up = plan.add(act, {T * k, 2 * F});
   w.experts.act = plan.add(act, {T * k, F});
   w.experts.out = plan.add(act, {T * k, H});
+  if (options.expert_dtype == DType::kInt4) w.experts.ordered_inputs = plan.add(act, {std::max(2 * H, F) * T * k});
   w.logits = plan.add(DType::kFloat32, {T, c.vocab_size});
   w.sampled_logprob = plan.add(DType::kFloat32, {1});
   w.top_ids = plan.add(DType::kInt32, {kMaxLogprobs});
@@ -95,8 +99,8 @@ void Engine::Workspace::place(void* base, Device device) {
   for (Tensor* t : {&ids, &positions, &page_table, &residual, &normed, &qkv, &attn, &delta, &routing.logits,
                     &routing.expert_ids, &routing.weights, &routing.expert_offsets, &routing.permuted_to_expanded,
                     &routing.expanded_to_permuted, &routing.gathered, &experts.gate_up, &experts.act, &experts.out,
-                    &logits, &sampled_logprob, &top_ids, &top_logprobs})
-    ArenaPlan::place(*t, base, device);
+                    &experts.ordered_inputs, &logits, &sampled_logprob, &top_ids, &top_logprobs})
+    if (t->ndim > 0) ArenaPlan::place(*t, base, device);  // a tensor the plan left out stays empty
 }
 
 Engine::MemoryPlan Engine::memory_plan(const ModelConfig& config, const EngineOptions& options) {
@@ -126,6 +130,12 @@ Engine::Engine(const ModelConfig& config, const EngineOptions& options,
   weight_bytes_ = plan_weights(config_, options_, slots_);
   for (int s = 0; s < static_cast<int>(Slot::kCount); ++s) rows_loaded_[s].assign(slots_[s].count, 0);
   weight_arena_ = backend_->allocate(weight_bytes_);
+  try {
+    reset_int4_orders();
+  } catch (...) {
+    backend_->release(weight_arena_);
+    throw;
+  }
 
   // ---- KV pools: [L][k|v][num_pages, Hkv, page_size, D] ----
   kv_bytes_ = kv_bytes_per_token(config_, options_.activation_dtype) * kv_.num_pages() * kv_.page_size();

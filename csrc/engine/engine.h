@@ -7,8 +7,10 @@
 //   engine/decode.cpp   samplers and the pipelined, graph-recorded decode steps
 //
 // Weight slots, each [rows, cols] row-major in the weight dtype (w13 and w2 in
-// the expert dtype, which may be float8_e4m3 with one float32 scale per row:
-// core/fp8.h), per layer and per expert where marked (layouts as in core/backend.h):
+// the expert dtype, which may be float8_e4m3 with one float32 scale per row,
+// core/fp8.h, or int4 with group scales, zeros and, for act order, a column
+// order per row segment: w1's and w3's rows of w13, w2's; core/int4.h), per
+// layer and per expert where marked (layouts as in core/backend.h):
 //   embed [V, H]   lm_head [V, H]   final_norm [1, H]
 //   per layer: attn_norm [1, H]  wqkv [(Hq+2Hkv)*D, H] (q rows, then k, then v)
 //              wo [H, Hq*D]  ffn_norm [1, H]  router [E, H]
@@ -48,7 +50,8 @@ struct ModelConfig {
 
 struct EngineOptions {
   DType weight_dtype = DType::kFloat32;
-  DType expert_dtype = DType::kFloat32;      // of w13 and w2: the weight dtype, or float8_e4m3
+  DType expert_dtype = DType::kFloat32;      // of w13 and w2: the weight dtype, float8_e4m3 or int4
+  int64_t int4_group_size = kInt4QuantizeGroupSize;  // int4 experts' input columns per group; 0: one per row
   DType activation_dtype = DType::kFloat32;  // also the KV cache dtype
   int64_t max_context = 0;                   // tokens one sequence may hold
   int64_t kv_cache_tokens = 0;               // pool capacity over all sequences
@@ -84,11 +87,20 @@ class Engine {
   // Copies a host block [rows, cols] of dtype src_dtype into rows
   // [row_offset, row_offset + rows) of a slot, converting to the slot's dtype. A float8_e4m3
   // block comes with its src_row_scales [rows] (core/fp8.h); into a float8_e4m3 slot its bytes
-  // and scales go as they are, a float block is quantized.
+  // and scales go as they are, a float block is quantized; into an int4 slot a float block is
+  // quantized in groups of options.int4_group_size (core/int4.h).
   void load_weight(const std::string& slot, int64_t layer, int64_t expert, int64_t row_offset,
                    const void* src, DType src_dtype, int64_t rows, int64_t cols,
                    const float* src_row_scales = nullptr);
+  // Copies an int4 block into an int4 slot as it is: codes [rows, cols] (one 0..15 a byte),
+  // scales and zeros [rows, groups] (zeros integers 0..16, scales finite in float16) with the
+  // slot's group size, and column_groups [cols] (each input column's group, act order) or null
+  // for groups of consecutive columns. With act order the block is one whole row segment.
+  void load_weight_int4(const std::string& slot, int64_t layer, int64_t expert, int64_t row_offset,
+                        const uint8_t* codes, int64_t rows, int64_t cols, const float* scales, const float* zeros,
+                        const int32_t* column_groups);
   std::vector<std::string> missing_weights() const;  // slots not fully loaded
+  int64_t int4_groups_of(const std::string& slot) const;  // groups per row of an int4 slot (0 for another dtype)
   // Fills every slot with random weights on the device, no file needed (for benchmarks):
   // linear weights uniform with std 1/sqrt(cols), embedding and router std 1 (decisive
   // routing), norms in [0.5, 1.5).
@@ -135,9 +147,26 @@ class Engine {
     int64_t count;        // instances: layers x experts, 1 for global slots
     DType dtype;
     size_t offset;        // bytes into the weight arena
-    size_t scale_offset;  // float8_e4m3: the [count * rows] float32 row scales, bytes into the arena
+    // float8_e4m3: the [count * rows] float32 row scales; int4: the [count * rows, groups] float16
+    // group scales; bytes into the arena.
+    size_t scale_offset = 0;
+    // int4 only: zeros [count * rows, groups] uint8 and the column orders [count, segments, cols]
+    // int32 (bytes into the arena), read when `ordered` (a block with act order was loaded).
+    size_t zero_offset = 0, order_offset = 0;
+    int64_t group_size = 0, groups = 0, segments = 1;
+    bool ordered = false;
   };
   Tensor weight(Slot slot, int64_t layer) const;  // [rows, cols], or [E, rows, cols] for experts
+  // A slot's index from its name, and the first row of a block (checked to fit) in the slot's rows.
+  int slot_index(const std::string& slot_name) const;
+  size_t block_first_row(int s, int64_t layer, int64_t expert, int64_t row_offset, int64_t rows, int64_t cols) const;
+  // Sets every column order of the int4 slots to the identity (no act order), and `ordered` off.
+  void reset_int4_orders();
+  // Stores an int4 block (codes packed two a byte, float16 scales, zeros) at first_row of slot s,
+  // and `order` as the column order of its row segment (a block with one is one whole segment;
+  // null: the segment keeps its order, the identity unless an earlier block gave another).
+  void store_int4_block(int s, size_t first_row, int64_t rows, const uint8_t* packed, const uint16_t* scales,
+                        const uint8_t* zeros, const int32_t* order);
   Tensor norm_weight(Slot slot, int64_t layer) const;  // [H]
   KvLayer kv_layer(int64_t layer) const;
   // Runs the tokens in chunks. Logits: all_logits -> [n, V] to host_out; else the last
@@ -205,7 +234,7 @@ class Engine {
     Tensor ids, positions, page_table;   // [T], [T], [max pages] int32
     Tensor residual, normed, qkv, attn, delta;   // [T, H] / [T, qkv] / [T, Hq*D] / [T, H]
     Routing routing;        // for T tokens (layouts in core/backend.h)
-    ExpertBuffers experts;  // for T*k rows
+    ExpertBuffers experts;  // for T*k rows (ordered_inputs with int4 experts only)
     Tensor logits;  // [T, V] float32
     Tensor sampled_logprob, top_ids, top_logprobs;  // [1] f32, [20] i32, [20] f32
     size_t bytes = 0;  // of the allocation

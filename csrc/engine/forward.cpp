@@ -27,7 +27,7 @@ void Engine::enqueue_model(int64_t n, int64_t logit_rows) {
                   all_routing.expanded_to_permuted.rows(0, n * k),
                   all_routing.gathered.rows(0, n * k)};
   ExpertBuffers experts{work_.experts.gate_up.rows(0, n * k), work_.experts.act.rows(0, n * k),
-                        work_.experts.out.rows(0, n * k)};
+                        work_.experts.out.rows(0, n * k), work_.experts.ordered_inputs};
 
   // The model, unfused, for the residual stream x of n tokens:
   //   for each layer:  x = x + attention(rmsnorm(x));  x = x + moe(rmsnorm(x))

@@ -7,7 +7,7 @@ import numpy
 import numpy.typing
 import typing
 import typing_extensions
-__all__: list[str] = ['Engine', 'ModelConfig', 'Ops', 'SamplingParams', 'ThreadTuner', 'device_memory', 'probe_cuda', 'quantize_fp8']
+__all__: list[str] = ['Engine', 'ModelConfig', 'Ops', 'SamplingParams', 'ThreadTuner', 'device_memory', 'probe_cuda', 'quantize_fp8', 'quantize_int4']
 class ModelConfig:
     def __init__(self) -> None:
         ...
@@ -166,11 +166,11 @@ class ThreadTuner:
         """
 class Engine:
     @staticmethod
-    def memory_plan(config: ModelConfig, weight_dtype: str, activation_dtype: str, max_context: typing.SupportsInt | typing.SupportsIndex, page_size: typing.SupportsInt | typing.SupportsIndex, max_batch_tokens: typing.SupportsInt | typing.SupportsIndex, expert_dtype: str = '') -> tuple[int, int, int]:
+    def memory_plan(config: ModelConfig, weight_dtype: str, activation_dtype: str, max_context: typing.SupportsInt | typing.SupportsIndex, page_size: typing.SupportsInt | typing.SupportsIndex, max_batch_tokens: typing.SupportsInt | typing.SupportsIndex, expert_dtype: str = '', int4_group_size: typing.SupportsInt | typing.SupportsIndex = 128) -> tuple[int, int, int]:
         """
         (weight bytes, workspace bytes, KV cache bytes per token) of an engine with these settings.
         """
-    def __init__(self, config: ModelConfig, device: str, weight_dtype: str, activation_dtype: str, max_context: typing.SupportsInt | typing.SupportsIndex, kv_cache_tokens: typing.SupportsInt | typing.SupportsIndex, page_size: typing.SupportsInt | typing.SupportsIndex, max_batch_tokens: typing.SupportsInt | typing.SupportsIndex, cuda_library: str = '', graphs: bool = False, expert_dtype: str = '', num_threads: typing.SupportsInt | typing.SupportsIndex = 0) -> None:
+    def __init__(self, config: ModelConfig, device: str, weight_dtype: str, activation_dtype: str, max_context: typing.SupportsInt | typing.SupportsIndex, kv_cache_tokens: typing.SupportsInt | typing.SupportsIndex, page_size: typing.SupportsInt | typing.SupportsIndex, max_batch_tokens: typing.SupportsInt | typing.SupportsIndex, cuda_library: str = '', graphs: bool = False, expert_dtype: str = '', num_threads: typing.SupportsInt | typing.SupportsIndex = 0, int4_group_size: typing.SupportsInt | typing.SupportsIndex = 128) -> None:
         ...
     def append(self, sequence: typing.SupportsInt | typing.SupportsIndex, tokens: typing.Annotated[numpy.typing.ArrayLike, numpy.int32], all_logits: bool) -> numpy.typing.NDArray[numpy.float32]:
         ...
@@ -190,6 +190,10 @@ class Engine:
         ...
     def load_weight(self, slot: str, layer: typing.SupportsInt | typing.SupportsIndex, expert: typing.SupportsInt | typing.SupportsIndex, row_offset: typing.SupportsInt | typing.SupportsIndex, source: typing_extensions.Buffer, source_dtype: str, row_scales: typing.Annotated[numpy.typing.ArrayLike, numpy.float32] | None = None) -> None:
         ...
+    def load_weight_int4(self, slot: str, layer: typing.SupportsInt | typing.SupportsIndex, expert: typing.SupportsInt | typing.SupportsIndex, row_offset: typing.SupportsInt | typing.SupportsIndex, codes: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], scales: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], zeros: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], column_groups: typing.Annotated[numpy.typing.ArrayLike, numpy.int32] | None = None) -> None:
+        """
+        An int4 block as it is stored (core/int4.h): codes uint8 [rows, cols], scales and zeros [rows, groups], each input column's group (act order) or None.
+        """
     def memory_info(self) -> tuple[int, int]:
         """
         (free, total) bytes of the engine's device now
@@ -208,6 +212,9 @@ class Engine:
         ...
     @property
     def device(self) -> str:
+        ...
+    @property
+    def expert_dtype(self) -> str:
         ...
     @property
     def free_pages(self) -> int:
@@ -252,6 +259,10 @@ class Ops:
         ...
     def expert_matmul(self, x: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], w: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], offsets: typing.Annotated[numpy.typing.ArrayLike, numpy.int32], dtype: str, out_dtype: str, expert_dtype: str = '') -> numpy.typing.NDArray[numpy.float32]:
         ...
+    def expert_matmul_int4(self, x: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], codes: typing.Annotated[numpy.typing.ArrayLike, numpy.int32], scales: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], zeros: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], input_order: typing.Annotated[numpy.typing.ArrayLike, numpy.int32] | None, group_size: typing.SupportsInt | typing.SupportsIndex, offsets: typing.Annotated[numpy.typing.ArrayLike, numpy.int32], dtype: str) -> numpy.typing.NDArray[numpy.float32]:
+        """
+        expert_matmul of int4 weights given by their parts (core/int4.h): codes [E, N, K] 0..15, scales (rounded to float16) and zeros [E, N, groups], input_order [E, segments, K] or None.
+        """
     def fill_uniform(self, arg0: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], arg1: typing.SupportsInt | typing.SupportsIndex, arg2: typing.SupportsFloat | typing.SupportsIndex, arg3: typing.SupportsFloat | typing.SupportsIndex, arg4: str) -> numpy.typing.NDArray[numpy.float32]:
         ...
     def matmul(self, arg0: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], arg1: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], arg2: str, arg3: str) -> numpy.typing.NDArray[numpy.float32]:
@@ -303,4 +314,8 @@ def probe_cuda(library_path: str) -> tuple[int, str]:
 def quantize_fp8(w: typing.Annotated[numpy.typing.ArrayLike, numpy.float32]) -> tuple[numpy.typing.NDArray[numpy.uint8], numpy.typing.NDArray[numpy.float32]]:
     """
     The engine's FP8 quantization of expert weights (core/fp8.h): (E4M3 bytes, row scales).
+    """
+def quantize_int4(w: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], group_size: typing.SupportsInt | typing.SupportsIndex = 128) -> tuple[numpy.typing.NDArray[numpy.uint8], numpy.typing.NDArray[numpy.float32], numpy.typing.NDArray[numpy.float32]]:
+    """
+    The engine's int4 quantization of expert weights (core/int4.h): (codes uint8 [rows, cols], scales (float16 values) and zeros [rows, groups]).
     """

@@ -11,8 +11,9 @@
   memory [--model DIR | --shape S]   GPU memory by expert dtype and context, from the config alone;
          [--gpu-memory h200]         marks what fits and the longest context (--json, --plot too)
 
-generate, chat and bench take --device cpu|cuda, --dtype, --num-threads and --expert-dtype float8_e4m3 (the
-experts' weights in FP8, quantized as they load).
+generate, chat and bench take --device cpu|cuda, --dtype, --num-threads and --expert-dtype float8_e4m3 or int4
+(the experts' weights in FP8, or in 4-bit groups of 128, quantized as they load; an FP8 or int4 checkpoint's
+experts stay as stored by default).
 """
 
 from __future__ import annotations
@@ -283,8 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     timing.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="weight dtype (default: float32 on the CPU, bfloat16 on the GPU)")
     for parser_ in (generate, chat, timing, serve):
-        parser_.add_argument("--expert-dtype", default=None, choices=["float8_e4m3"],
-                             help="store the experts' weights in FP8 (default: the dtype)")
+        parser_.add_argument("--expert-dtype", default=None, choices=["float8_e4m3", "int4"],
+                             help="store the experts' weights in FP8 or int4 (default: the dtype, or the checkpoint's "
+                                  "FP8 or int4)")
         parser_.add_argument("--num-threads", type=int, default=None,
                              help="threads on the CPU (default: measured, the fastest count as other load comes and goes)")
     timing.add_argument("--prompt-tokens", type=int, default=128, help="random prompt tokens to prefill")

@@ -39,14 +39,18 @@ from .errors import (
 )
 from .generation import Delta, GenerationResult, GenerationSession, Progress, SamplingSettings
 from .tokenizer import TOKENIZER_FILES, NoTokenizerError, Tokenizer
-from .weights import check_plan, experts_in_fp8, load_into, open_checkpoint, tensor_plan
+from .weights import check_plan, experts_in_fp8, experts_in_int4, load_into, open_checkpoint, tensor_plan
 
 _Result = TypeVar("_Result")
 _DTYPES = ("float32", "bfloat16", "float16")
 # Expert weights (w1, w3, w2: 96% of an 8x22B layer's bytes) may instead be stored in FP8 E4M3 with
 # one float32 scale per output row, quantized as they load: half the bytes of bfloat16, so
 # Mixtral-8x22B (281 GB in bfloat16) fits one H200 (150 GB) and a decode step reads half as much.
-_EXPERT_DTYPES = ("float8_e4m3",)
+# Or in int4: 4-bit codes with a float16 scale and a zero point per group of 128 input columns
+# (or the checkpoint's groups), about a quarter of bfloat16's bytes (csrc/core/int4.h).
+_EXPERT_DTYPES = ("float8_e4m3", "int4")
+# int4 quantization at load: input columns per group (csrc/core/int4.h).
+INT4_GROUP_SIZE = 128
 
 
 # Tokens per forward chunk by default. On the GPU a prompt chunk must give each expert enough rows
@@ -72,6 +76,7 @@ class _EngineOptions:
     cuda_graphs: bool
     expert_dtype: str  # "" for dtype
     num_threads: int  # 0: timed decode steps choose
+    int4_group_size: int = INT4_GROUP_SIZE  # int4 experts' groups: the checkpoint's, or 128 (0: one per row)
 
     @classmethod
     def checked(cls, device, dtype, page_size, max_batch_tokens, cuda_graphs, expert_dtype,
@@ -91,11 +96,13 @@ class _EngineOptions:
                 raise SettingError(f"{name} must be an integer in [1, 2^31), got {value!r}")
         if not isinstance(cuda_graphs, bool):
             raise SettingError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
-        if expert_dtype is not None and expert_dtype not in _EXPERT_DTYPES:
-            raise SettingError(f"expert_dtype must be None (the dtype) or one of {_EXPERT_DTYPES}, got {expert_dtype!r}")
+        if expert_dtype is not None and expert_dtype not in _EXPERT_DTYPES and expert_dtype != dtype:
+            raise SettingError(f"expert_dtype must be None (the checkpoint's, else the dtype), the dtype ({dtype}) "
+                               f"or one of {_EXPERT_DTYPES}, got {expert_dtype!r}")
         if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, numbers.Integral)
                                         or not 1 <= num_threads <= 4096):
             raise SettingError(f"num_threads must be None (measured) or an integer in [1, 4096], got {num_threads!r}")
+        expert_dtype = "" if expert_dtype == dtype else expert_dtype
         return cls(device, dtype, page_size, max_batch_tokens, cuda_graphs, expert_dtype or "", int(num_threads or 0))
 
     @property
@@ -140,7 +147,7 @@ class _EngineOptions:
         free, _ = _C.device_memory(self.device, backend_library() if self.device == "cuda" else "")
         weights, workspace, token_bytes = _C.Engine.memory_plan(
             config.to_core(), self.dtype, self.activation_dtype, config.max_position_embeddings, self.page_size,
-            self.max_batch_tokens, self.expert_dtype)
+            self.max_batch_tokens, self.expert_dtype, self.int4_group_size)
         reserve = workspace + RUNTIME_RESERVE_BYTES
         tokens = int(fraction * (free - weights - reserve)) // token_bytes
         if tokens < 1:
@@ -149,10 +156,13 @@ class _EngineOptions:
         return min(tokens, config.max_position_embeddings)
 
     def make_core(self, config: MixtralConfig, max_context: int, kv_cache_tokens: int):
+        if self.expert_dtype == "int4" and (config.hidden_size % 2 or config.intermediate_size % 2):
+            raise SettingError(f"int4 experts need even widths (two codes a byte); this model's hidden size is "
+                               f"{config.hidden_size} and expert width {config.intermediate_size}")
         cuda_library = backend_library() if self.device == "cuda" else ""
         return _C.Engine(config.to_core(), self.device, self.dtype, self.activation_dtype, max_context,
                          kv_cache_tokens, self.page_size, self.max_batch_tokens, cuda_library, self.cuda_graphs,
-                         self.expert_dtype, self.num_threads)
+                         self.expert_dtype, self.num_threads, self.int4_group_size)
 
 
 class Engine:
@@ -195,8 +205,11 @@ class Engine:
         dtype: weight dtype; default float32 on the CPU (exact numerics), bfloat16 on the GPU.
         expert_dtype: "float8_e4m3" stores the experts' weights in FP8 (E4M3, one float32 scale per
             output row, quantized as they load): half the bytes of bfloat16, for models that would not
-            fit otherwise and a decode step that reads half as much; default: the dtype, or FP8 for a
-            checkpoint whose experts are FP8 already (their bytes and scales are kept as they are).
+            fit otherwise and a decode step that reads half as much; "int4" in 4-bit codes with a float16
+            scale and a zero point per group of 128 input columns, about a quarter; the dtype itself
+            widens them. Default: the checkpoint's for one whose experts are FP8 or int4 already (AWQ,
+            GPTQ, compressed-tensors: their codes, groups and act order are kept as they are), else the
+            dtype.
         max_context: tokens one sequence may hold (default: the model's max_position_embeddings,
             or what the KV cache holds when that is less).
         kv_cache_tokens: KV cache capacity over all open sequences (default: max_context on the CPU).
@@ -222,6 +235,10 @@ class Engine:
         total_bytes = check_plan(checkpoint, plan)
         if expert_dtype is None and experts_in_fp8(checkpoint, plan):  # an FP8 checkpoint's experts stay FP8
             options = replace(options, expert_dtype="float8_e4m3")
+        if experts_in_int4(checkpoint, plan):  # and an int4 one's stay int4, in its groups, unless told otherwise
+            if expert_dtype is None:
+                options = replace(options, expert_dtype="int4")
+            options = replace(options, int4_group_size=config.int4.group_size)
         max_context, kv_cache_tokens = options.context(config, max_context, kv_cache_tokens, kv_cache_fraction)
         tokenizer = None  # a tokenizer file that cannot be read fails the load before the weights, naming it
         if any(glob.glob(os.path.join(glob.escape(path), pattern)) for pattern in TOKENIZER_FILES):
@@ -229,8 +246,8 @@ class Engine:
                 tokenizer = Tokenizer.for_model(path, config.vocab_size)
         try:
             core = options.make_core(config, max_context, kv_cache_tokens)
-            load_into(core, checkpoint, plan, total_bytes, progress)
-        except (ModelLoadError, DeviceError):  # a device error (out of memory included) keeps its type
+            load_into(core, checkpoint, plan, total_bytes, progress, int4_experts=options.expert_dtype == "int4")
+        except (ModelLoadError, DeviceError, SettingError):  # a device error (out of memory included) keeps its type
             raise
         except MixtralError as e:
             raise ModelLoadError(f"{path}: {e}") from e
@@ -333,14 +350,15 @@ class Engine:
             }
 
     def memory_report(self) -> dict:
-        """Where the device memory goes and how many tokens fit: bytes of the weights, the KV cache
-        and the workspace, the KV bytes per token, the KV capacity and what is free of it now, the
+        """Where the device memory goes and how many tokens fit: the experts' dtype, bytes of the
+        weights, the KV cache and the workspace, the KV bytes per token, the KV capacity and what is free of it now, the
         longest sequence (max_context), and the device's free and total bytes."""
         with self._lock:
             core = self._core
             free, total = core.memory_info()
             return {
                 "device": core.device,
+                "expert_dtype": core.expert_dtype,
                 "weight_bytes": core.weight_bytes,
                 "kv_cache_bytes": core.kv_cache_bytes,
                 "workspace_bytes": core.workspace_bytes,

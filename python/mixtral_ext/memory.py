@@ -15,7 +15,7 @@ import math
 import numbers
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from . import _C
 from .config import MixtralConfig
@@ -26,8 +26,9 @@ from .weights import read_config
 
 # Total memory of the cards, as nvidia-smi reports it (MiB): H100 SXM 80GB and H200 141GB.
 CARDS = {"h100": 81_559 << 20, "h200": 143_771 << 20}
-# The table's rows: label -> (dtype, expert_dtype). int4 joins when its experts land.
-PLAN_DTYPES = {"bf16": ("bfloat16", None), "fp16": ("float16", None), "fp8": ("bfloat16", "float8_e4m3")}
+# The table's rows: label -> (dtype, expert_dtype).
+PLAN_DTYPES = {"bf16": ("bfloat16", None), "fp16": ("float16", None), "fp8": ("bfloat16", "float8_e4m3"),
+               "int4": ("bfloat16", "int4")}
 DEFAULT_CONTEXTS = (4096, 16384, 32768, 65536)
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30,
           "ti": 1 << 40}  # of bytes, the B left off
@@ -74,12 +75,14 @@ def plan_memory(model: MixtralConfig | str | os.PathLike, *, device: str = "cuda
     No GPU is needed: the plan is arithmetic on the config."""
     config = model_config(model)
     options = _EngineOptions.checked(device, dtype, page_size, max_batch_tokens, False, expert_dtype, None)
+    if config.int4 is not None:  # int4 experts in the checkpoint's groups
+        options = replace(options, int4_group_size=config.int4.group_size)
     if kv_cache_tokens is None:
         kv_cache_tokens = config.max_position_embeddings if max_context is None else max_context
     max_context, kv_cache_tokens = options.context(config, max_context, kv_cache_tokens, None)
     weights, workspace, token_bytes = _C.Engine.memory_plan(
         config.to_core(), options.dtype, options.activation_dtype, max_context, options.page_size,
-        options.max_batch_tokens, options.expert_dtype)
+        options.max_batch_tokens, options.expert_dtype, options.int4_group_size)
     pages = -(-kv_cache_tokens // options.page_size)
     return MemoryPlan(device=options.device, dtype=options.dtype, expert_dtype=options.expert_dtype or options.dtype,
                       max_context=max_context, kv_cache_tokens=kv_cache_tokens, page_size=options.page_size,
@@ -123,14 +126,17 @@ def parse_memory(text: str | int) -> int:
 
 def memory_table(model: MixtralConfig | str | os.PathLike, *, memory_bytes: int | None = None,
                  contexts=DEFAULT_CONTEXTS, device: str = "cuda") -> list[dict]:
-    """One row per PLAN_DTYPES entry: the plan's fixed bytes, the KV bytes per token, the total at each
-    context (None past max_position_embeddings) and, given memory_bytes, which contexts fit and the
-    longest that does."""
+    """One row per PLAN_DTYPES entry (int4 only for even expert widths): the plan's fixed bytes, the KV bytes per token, the total at each
+    context (None past max_position_embeddings) and, given memory_bytes, which contexts fit, the
+    longest that does, and the KV-cache tokens that the memory left after the weights, the workspace
+    and the reserve holds (over all sequences, however long each may be)."""
     config = model_config(model)
     if not contexts or min(contexts) < 1:
         raise SettingError(f"contexts must be positive token counts, got {contexts!r}")
     rows = []
     for label, (dtype, expert_dtype) in PLAN_DTYPES.items():
+        if expert_dtype == "int4" and (config.hidden_size % 2 or config.intermediate_size % 2):
+            continue  # two codes a byte: int4 experts need even widths
         settings = dict(device=device, dtype=dtype, expert_dtype=expert_dtype)
         base = plan_memory(config, max_context=min(contexts[0], config.max_position_embeddings), **settings)
         totals = {tokens: plan_memory(config, max_context=tokens, **settings).total_bytes
@@ -141,6 +147,8 @@ def memory_table(model: MixtralConfig | str | os.PathLike, *, memory_bytes: int 
         if memory_bytes is not None:
             row["fits"] = {tokens: total is not None and total <= memory_bytes for tokens, total in totals.items()}
             row["longest_context"] = longest_context(config, memory_bytes, **settings)
+            left = memory_bytes - base.weight_bytes - base.workspace_bytes - base.reserve_bytes
+            row["kv_tokens"] = max(0, left) // base.kv_bytes_per_token
         rows.append(row)
     return rows
 
@@ -152,7 +160,7 @@ def format_table(rows: list[dict], memory_bytes: int | None = None) -> str:
     head = ["expert dtype", "weights GiB", "workspace GiB", "reserve GiB", "KV MiB per 1k tokens"]
     head += [f"total at {tokens // 1024}k" if tokens % 1024 == 0 else f"total at {tokens:,}" for tokens in contexts]
     if memory_bytes is not None:
-        head.append(f"longest context in {gib(memory_bytes)} GiB")
+        head += [f"longest context in {gib(memory_bytes)} GiB", "KV-cache tokens left"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [row["dtype"], gib(row["weight_bytes"]), f"{row['workspace_bytes'] / (1 << 30):.2f}",
@@ -162,6 +170,7 @@ def format_table(rows: list[dict], memory_bytes: int | None = None) -> str:
             cells.append("—" if total is None else gib(total) + ("" if fits else " ✗"))
         if memory_bytes is not None:
             cells.append(f"{row['longest_context']:,}" if row["longest_context"] else "does not fit")
+            cells.append(f"{row['kv_tokens']:,}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

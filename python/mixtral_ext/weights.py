@@ -15,9 +15,11 @@ Supported layouts:
     not used: activations stay in the engine's dtype).
   int4 (Hugging Face layout, per-expert names; AWQ GEMM, GPTQ, compressed-tensors
     pack-quantized, int4.py): a projection stored as int4 codes, scales and zero points
-    instead of NAME.weight is unpacked and dequantized to float32 here, then converted to the
-    engine's dtypes like any float weight; the others (router, norms, embeddings, lm_head)
-    are float as stored.
+    instead of NAME.weight is unpacked here. An engine with int4 experts (the default for such
+    a checkpoint) keeps the experts' codes, groups and act order as they are (csrc/core/int4.h,
+    scales rounded to float16); every other int4 projection (attention), and the experts of an
+    engine of another expert dtype, are dequantized to float32 and converted like any float
+    weight. The router, norms, embeddings and lm_head are float as stored.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .config import MixtralConfig, load_hf_config, load_params_json
-from .errors import ModelLoadError
+from .errors import MixtralError, ModelLoadError
 from .int4 import Int4Reader
 from .safetensors_file import SafetensorsFile
 
@@ -228,6 +230,11 @@ def experts_in_fp8(checkpoint: Checkpoint, plan: list[TensorCopy]) -> bool:
                for copy in plan)
 
 
+def experts_in_int4(checkpoint: Checkpoint, plan: list[TensorCopy]) -> bool:
+    """Whether the checkpoint stores its expert weights as int4 codes."""
+    return any(copy.slot in ("w13", "w2") and checkpoint.int4_module(copy.name) is not None for copy in plan)
+
+
 def check_plan(checkpoint: Checkpoint, plan: list[TensorCopy]) -> int:
     """Checks that every planned tensor exists with its shape (and an FP8 one its scale); returns
     the bytes to copy."""
@@ -276,8 +283,10 @@ def _row_scales(checkpoint: Checkpoint, name: str, rows: int) -> np.ndarray:
     return np.ascontiguousarray(np.broadcast_to(scale.reshape(-1), (rows,)), dtype=np.float32)
 
 
-def load_into(core, checkpoint: Checkpoint, plan: list[TensorCopy], total_bytes: int, progress: bool | None) -> None:
-    """Copies every planned tensor into the engine core."""
+def load_into(core, checkpoint: Checkpoint, plan: list[TensorCopy], total_bytes: int, progress: bool | None,
+              int4_experts: bool = False) -> None:
+    """Copies every planned tensor into the engine core; int4 expert weights as they are when the
+    engine keeps its experts in int4."""
     show = total_bytes >= _PROGRESS_BYTES if progress is None else progress
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="loading weights", disable=not show) as bar:
         for copy in plan:
@@ -285,7 +294,16 @@ def load_into(core, checkpoint: Checkpoint, plan: list[TensorCopy], total_bytes:
             if module is not None:
                 reader = checkpoint.int4_reader()
                 stored_bytes = reader.check(module, *copy.shape)
-                array, dtype = reader.read(module, *copy.shape).dequantized(), "float32"
+                weight = reader.read(module, *copy.shape)
+                if int4_experts and copy.slot in ("w13", "w2"):
+                    try:
+                        core.load_weight_int4(copy.slot, copy.layer, copy.expert, copy.row_offset, weight.codes,
+                                              weight.scales, weight.zeros, weight.groups)
+                    except MixtralError as e:  # codes, zeros or groups the engine's int4 cannot hold
+                        raise ModelLoadError(f"'{checkpoint.config.int4.packed_name(module)}': {e}") from e
+                    bar.update(stored_bytes)
+                    continue
+                array, dtype = weight.dequantized(), "float32"
             else:
                 array, dtype = checkpoint.files[copy.name].tensor(copy.name)
             scales = _row_scales(checkpoint, copy.name, array.shape[0]) if dtype == "float8_e4m3" else None

@@ -13,3 +13,8 @@ inline unsigned short __half_as_ushort(__half value) {
   std::memcpy(&bits, &value, sizeof(bits));
   return bits;
 }
+inline __half __ushort_as_half(unsigned short bits) {
+  __half value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+}
