@@ -82,16 +82,17 @@ void load_weight(Engine& engine, const std::string& slot, int64_t layer, int64_t
                      row_scales ? row_scales->data() : nullptr);
 }
 
-// An int4 block as the checkpoint readers unpack it (python/mixtral_ext/int4.py): codes uint8
-// [rows, cols], scales and zeros float32 [rows, groups], column_groups int32 [cols] or None.
+// An int4 block as the checkpoint readers give it (python/mixtral_ext/int4.py): packed codes uint8
+// [rows, cols / 2], scales and zeros float32 [rows, groups], column_groups int32 [cols] or None.
 void load_weight_int4(Engine& engine, const std::string& slot, int64_t layer, int64_t expert, int64_t row_offset,
-                      const py::array_t<uint8_t, py::array::c_style | py::array::forcecast>& codes,
+                      const py::array_t<uint8_t, py::array::c_style>& packed,
                       const py::array_t<float, py::array::c_style | py::array::forcecast>& scales,
                       const py::array_t<float, py::array::c_style | py::array::forcecast>& zeros,
                       const std::optional<py::array_t<int32_t, py::array::c_style | py::array::forcecast>>& column_groups) {
-  MX_CHECK(codes.ndim() == 2 && scales.ndim() == 2, ShapeError,
-           slot << ": int4 codes and scales must be 2-D, got " << codes.ndim() << " and " << scales.ndim() << " dims");
-  const int64_t rows = codes.shape(0), cols = codes.shape(1);
+  MX_CHECK(packed.ndim() == 2 && scales.ndim() == 2, ShapeError,
+           slot << ": int4 packed codes and scales must be 2-D, got " << packed.ndim() << " and " << scales.ndim()
+                << " dims");
+  const int64_t rows = packed.shape(0), cols = 2 * packed.shape(1);
   MX_CHECK(scales.shape(0) == rows && zeros.ndim() == 2 && zeros.shape(0) == rows && zeros.shape(1) == scales.shape(1),
            ShapeError, slot << ": int4 scales and zeros must both be [" << rows << ", groups]");
   MX_CHECK(scales.shape(1) == engine.int4_groups_of(slot), ShapeError,
@@ -100,7 +101,7 @@ void load_weight_int4(Engine& engine, const std::string& slot, int64_t layer, in
   MX_CHECK(!column_groups || (column_groups->ndim() == 1 && column_groups->shape(0) == cols), ShapeError,
            slot << ": column groups must be one per input column (" << cols << ")");
   py::gil_scoped_release release;
-  engine.load_weight_int4(slot, layer, expert, row_offset, codes.data(), rows, cols, scales.data(), zeros.data(),
+  engine.load_weight_int4(slot, layer, expert, row_offset, packed.data(), rows, cols, scales.data(), zeros.data(),
                           column_groups ? column_groups->data() : nullptr);
 }
 
@@ -218,10 +219,10 @@ PYBIND11_MODULE(_C, m) {
       .def("load_weight", &load_weight, py::arg("slot"), py::arg("layer"), py::arg("expert"),
            py::arg("row_offset"), py::arg("source"), py::arg("source_dtype"), py::arg("row_scales") = py::none())
       .def("load_weight_int4", &load_weight_int4, py::arg("slot"), py::arg("layer"), py::arg("expert"),
-           py::arg("row_offset"), py::arg("codes"), py::arg("scales"), py::arg("zeros"),
+           py::arg("row_offset"), py::arg("packed"), py::arg("scales"), py::arg("zeros"),
            py::arg("column_groups") = py::none(),
-           "An int4 block as it is stored (core/int4.h): codes uint8 [rows, cols], scales and zeros [rows, groups], "
-           "each input column's group (act order) or None.")
+           "An int4 block as it is stored (core/int4.h): packed codes uint8 [rows, cols / 2], scales and zeros "
+           "[rows, groups], each input column's group (act order) or None.")
       .def("missing_weights", &Engine::missing_weights)
       .def("init_random", [](Engine& e, uint64_t seed) {
         py::gil_scoped_release release;

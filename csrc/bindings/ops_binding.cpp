@@ -437,16 +437,17 @@ void bind_ops(py::module_& m) {
         });
       }, py::arg("x"), py::arg("w"), py::arg("offsets"), py::arg("dtype"), py::arg("out_dtype"),
          py::arg("expert_dtype") = "")
-      .def("expert_matmul_int4", [](Ops& ops, const FloatArray& x, const IntArray& codes, const FloatArray& scales,
+      .def("expert_matmul_int4", [](Ops& ops, const FloatArray& x,
+                                    const py::array_t<uint8_t, py::array::c_style>& packed, const FloatArray& scales,
                                     const FloatArray& zeros, std::optional<IntArray> input_order, int64_t group_size,
                                     const IntArray& offsets, const std::string& dtype) {
-        MX_CHECK(codes.ndim() == 3 && codes.shape(2) % 2 == 0 && group_size >= 1, ShapeError,
-                 "expert_matmul_int4: codes [E, N, K] with K even and a positive group size expected");
-        const int64_t E = codes.shape(0), N = codes.shape(1), K = codes.shape(2), groups = int4_groups(K, group_size);
+        MX_CHECK(packed.ndim() == 3 && group_size >= 1, ShapeError,
+                 "expert_matmul_int4: packed codes [E, N, K / 2] and a positive group size expected");
+        const int64_t E = packed.shape(0), N = packed.shape(1), K = 2 * packed.shape(2);
+        const int64_t groups = int4_groups(K, group_size);
         MX_CHECK(scales.ndim() == 3 && scales.shape(0) == E && scales.shape(1) == N && scales.shape(2) == groups &&
                      zeros.size() == scales.size(), ShapeError,
                  "expert_matmul_int4: scales and zeros [E, N, " << groups << "] expected");
-        check_range(codes, 0, 16, "code");
         const int64_t segments = input_order ? input_order->shape(1) : 1;
         if (input_order) {
           MX_CHECK(input_order->ndim() == 3 && input_order->shape(0) == E && input_order->shape(2) == K, ShapeError,
@@ -454,10 +455,9 @@ void bind_ops(py::module_& m) {
           check_range(*input_order, 0, K, "input column");
         }
         check_range(offsets, 0, x.shape(0) + 1, "expert offset");
-        const std::vector<uint8_t> code_bytes(codes.data(), codes.data() + E * N * K);  // checked 0..15
-        std::vector<uint8_t> packed(E * N * K / 2), zero_bytes(E * N * groups);
+        const std::vector<uint8_t> code_bytes(packed.data(), packed.data() + E * N * K / 2);
+        std::vector<uint8_t> zero_bytes(E * N * groups);
         std::vector<uint16_t> scale_bits(E * N * groups);
-        pack_int4_rows(code_bytes.data(), E * N, K, nullptr, packed.data());
         for (int64_t i = 0; i < E * N * groups; ++i) {
           scale_bits[i] = float_to_fp16(scales.data()[i]);
           zero_bytes[i] = static_cast<uint8_t>(zeros.data()[i]);
@@ -465,15 +465,15 @@ void bind_ops(py::module_& m) {
         return ops.run([&](Buffers& b) {
           const DType dt = parse_dtype(dtype);
           Tensor xt = b.input(x, dt), off = b.input(offsets), out = b.output(dt, {x.shape(0), N});
-          Tensor wt = b.place_int4(packed, scale_bits, zero_bytes, input_order ? input_order->data() : nullptr,
+          Tensor wt = b.place_int4(code_bytes, scale_bits, zero_bytes, input_order ? input_order->data() : nullptr,
                                    {E, N, K}, group_size, segments);
           ops.backend().expert_matmul(xt, wt, off, out);
           return b.to_float(out);
         });
-      }, py::arg("x"), py::arg("codes"), py::arg("scales"), py::arg("zeros"), py::arg("input_order"),
+      }, py::arg("x"), py::arg("packed"), py::arg("scales"), py::arg("zeros"), py::arg("input_order"),
          py::arg("group_size"), py::arg("offsets"), py::arg("dtype"),
-         "expert_matmul of int4 weights given by their parts (core/int4.h): codes [E, N, K] 0..15, scales (rounded "
-         "to float16) and zeros [E, N, groups], input_order [E, segments, K] or None.")
+         "expert_matmul of int4 weights given by their parts (core/int4.h): packed codes [E, N, K / 2], scales "
+         "(rounded to float16) and zeros [E, N, groups], input_order [E, segments, K] or None.")
       .def("silu_mul", [](Ops& ops, const FloatArray& gate_up, const std::string& dtype) {
         return ops.run([&](Buffers& b) {
           Tensor g = b.input(gate_up, parse_dtype(dtype));

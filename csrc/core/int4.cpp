@@ -8,13 +8,15 @@
 
 namespace mixtral {
 
-void pack_int4_rows(const uint8_t* codes, int64_t rows, int64_t cols, const int32_t* column_order, uint8_t* packed) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t j = 0; j < cols; j += 2) {
-      const uint8_t* row = codes + r * cols;
-      const int64_t low = column_order ? column_order[j] : j, high = column_order ? column_order[j + 1] : j + 1;
-      packed[(r * cols + j) / 2] = static_cast<uint8_t>(row[low] | (row[high] << 4));
-    }
+void permute_int4_columns(const uint8_t* packed, int64_t rows, int64_t cols, const int32_t* column_order,
+                          uint8_t* out) {
+#pragma omp parallel for schedule(static) if (rows * cols > (1 << 16))
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* row = packed + r * (cols / 2);
+    for (int64_t j = 0; j < cols; j += 2)
+      out[r * (cols / 2) + j / 2] =
+          static_cast<uint8_t>(int4_code(row, column_order[j]) | (int4_code(row, column_order[j + 1]) << 4));
+  }
 }
 
 void quantize_rows_int4(const float* src, int64_t rows, int64_t cols, int64_t group_size, uint8_t* codes,

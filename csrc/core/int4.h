@@ -46,9 +46,9 @@ MX_HOST_DEVICE inline uint8_t int4_uniform_byte(uint64_t seed, uint64_t b, float
   return static_cast<uint8_t>(codes[0] | (codes[1] << 4));
 }
 
-// Packs rows x cols codes (one 0..15 a byte) two a byte, stored column j taking input column
-// column_order[j] (null: j).
-void pack_int4_rows(const uint8_t* codes, int64_t rows, int64_t cols, const int32_t* column_order, uint8_t* packed);
+// Reorders the columns of rows x cols packed codes: column j of out is column column_order[j] of packed.
+void permute_int4_columns(const uint8_t* packed, int64_t rows, int64_t cols, const int32_t* column_order,
+                          uint8_t* out);
 
 // Quantizes rows x cols float32 values (cols even) group by group: the range [min(w, 0), max(w, 0)]
 // of each group in 15 steps, the scale rounded to float16 first and the zero to an integer, each

@@ -22,9 +22,12 @@ MX_HOST_DEVICE inline double uniform01(uint64_t seed, uint64_t counter) {
   return static_cast<double>(z >> 11) * (1.0 / 9007199254740992.0);
 }
 
-// Element i of a random fill: uniform in [low, high).
+// Element i of a random fill: uniform in [low, high), computed in double and rounded once to float.
+// A device compiler may fuse the multiply-add, which changes the double's last bit and so the float
+// in about one value of 2^29: the host and the device fill the same bytes (quantized dtypes too,
+// whose rounding would turn a float's last-bit difference into a whole step).
 MX_HOST_DEVICE inline float uniform_in(uint64_t seed, uint64_t i, float low, float high) {
-  return low + (high - low) * static_cast<float>(uniform01(seed, i));
+  return static_cast<float>(low + (static_cast<double>(high) - low) * uniform01(seed, i));
 }
 
 }  // namespace mixtral

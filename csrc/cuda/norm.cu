@@ -7,8 +7,8 @@
 //   block:  256 threads, one element per step.
 //   shared: none.
 //   phases: 1. data[i] = uniform_in(seed, i, low, high) (core/random.h), rounded to T: a value depends on (seed, i)
-//              only, so any grid writes the same (the CPU twin may differ in the last bits: nvcc fuses the
-//              multiply-add).
+//              only, so any grid writes the same, and the CPU twin too (but in about one value of 2^29: nvcc
+//              may fuse the multiply-add, in double).
 //
 // embedding_kernel:
 //   grid:   one block per token: T blocks.

@@ -92,12 +92,12 @@ class Engine {
   void load_weight(const std::string& slot, int64_t layer, int64_t expert, int64_t row_offset,
                    const void* src, DType src_dtype, int64_t rows, int64_t cols,
                    const float* src_row_scales = nullptr);
-  // Copies an int4 block into an int4 slot as it is: codes [rows, cols] (one 0..15 a byte),
+  // Copies an int4 block into an int4 slot as it is: packed codes [rows, cols / 2] (core/int4.h),
   // scales and zeros [rows, groups] (zeros integers 0..16, scales finite in float16) with the
   // slot's group size, and column_groups [cols] (each input column's group, act order) or null
   // for groups of consecutive columns. With act order the block is one whole row segment.
   void load_weight_int4(const std::string& slot, int64_t layer, int64_t expert, int64_t row_offset,
-                        const uint8_t* codes, int64_t rows, int64_t cols, const float* scales, const float* zeros,
+                        const uint8_t* packed, int64_t rows, int64_t cols, const float* scales, const float* zeros,
                         const int32_t* column_groups);
   std::vector<std::string> missing_weights() const;  // slots not fully loaded
   int64_t int4_groups_of(const std::string& slot) const;  // groups per row of an int4 slot (0 for another dtype)

@@ -122,7 +122,7 @@ void Engine::load_weight(const std::string& slot_name, int64_t layer, int64_t ex
 }
 
 void Engine::load_weight_int4(const std::string& slot_name, int64_t layer, int64_t expert, int64_t row_offset,
-                              const uint8_t* codes, int64_t rows, int64_t cols, const float* scales,
+                              const uint8_t* packed, int64_t rows, int64_t cols, const float* scales,
                               const float* zeros, const int32_t* column_groups) {
   const int s = slot_index(slot_name);
   const SlotLayout& slot = slots_[s];
@@ -155,12 +155,13 @@ void Engine::load_weight_int4(const std::string& slot_name, int64_t layer, int64
                  slot_name << ": act-order groups must hold " << group_size << " columns each");
     }
   }
-  for (int64_t i = 0; i < rows * cols; ++i)
-    MX_CHECK(codes[i] < 16, ShapeError,
-             slot_name << ": code " << int(codes[i]) << " at row " << i / cols << " is not 4-bit");
-  std::vector<uint8_t> packed(size_t(rows) * cols / 2), zero_bytes(size_t(rows) * groups);
+  std::vector<uint8_t> ordered;  // the codes in the column order, with act order
+  if (!order.empty()) {
+    ordered.resize(size_t(rows) * cols / 2);
+    permute_int4_columns(packed, rows, cols, order.data(), ordered.data());
+  }
+  std::vector<uint8_t> zero_bytes(size_t(rows) * groups);
   std::vector<uint16_t> scale_bits(zero_bytes.size());
-  pack_int4_rows(codes, rows, cols, order.empty() ? nullptr : order.data(), packed.data());
   for (size_t i = 0; i < zero_bytes.size(); ++i) {
     MX_CHECK(zeros[i] >= 0.0f && zeros[i] <= 16.0f && zeros[i] == std::nearbyint(zeros[i]), ShapeError,
              slot_name << ": zero point " << zeros[i] << " is not an integer in [0, 16]");
@@ -169,7 +170,7 @@ void Engine::load_weight_int4(const std::string& slot_name, int64_t layer, int64
              slot_name << ": scale " << scales[i] << " is not finite in float16");
     zero_bytes[i] = static_cast<uint8_t>(zeros[i]);
   }
-  store_int4_block(s, first_row, rows, packed.data(), scale_bits.data(), zero_bytes.data(),
+  store_int4_block(s, first_row, rows, order.empty() ? packed : ordered.data(), scale_bits.data(), zero_bytes.data(),
                    order.empty() ? nullptr : order.data());
   rows_loaded_[s][first_row / slot.rows] += rows;
 }

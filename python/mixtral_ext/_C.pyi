@@ -190,9 +190,9 @@ class Engine:
         ...
     def load_weight(self, slot: str, layer: typing.SupportsInt | typing.SupportsIndex, expert: typing.SupportsInt | typing.SupportsIndex, row_offset: typing.SupportsInt | typing.SupportsIndex, source: typing_extensions.Buffer, source_dtype: str, row_scales: typing.Annotated[numpy.typing.ArrayLike, numpy.float32] | None = None) -> None:
         ...
-    def load_weight_int4(self, slot: str, layer: typing.SupportsInt | typing.SupportsIndex, expert: typing.SupportsInt | typing.SupportsIndex, row_offset: typing.SupportsInt | typing.SupportsIndex, codes: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], scales: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], zeros: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], column_groups: typing.Annotated[numpy.typing.ArrayLike, numpy.int32] | None = None) -> None:
+    def load_weight_int4(self, slot: str, layer: typing.SupportsInt | typing.SupportsIndex, expert: typing.SupportsInt | typing.SupportsIndex, row_offset: typing.SupportsInt | typing.SupportsIndex, packed: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], scales: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], zeros: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], column_groups: typing.Annotated[numpy.typing.ArrayLike, numpy.int32] | None = None) -> None:
         """
-        An int4 block as it is stored (core/int4.h): codes uint8 [rows, cols], scales and zeros [rows, groups], each input column's group (act order) or None.
+        An int4 block as it is stored (core/int4.h): packed codes uint8 [rows, cols / 2], scales and zeros [rows, groups], each input column's group (act order) or None.
         """
     def memory_info(self) -> tuple[int, int]:
         """
@@ -259,9 +259,9 @@ class Ops:
         ...
     def expert_matmul(self, x: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], w: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], offsets: typing.Annotated[numpy.typing.ArrayLike, numpy.int32], dtype: str, out_dtype: str, expert_dtype: str = '') -> numpy.typing.NDArray[numpy.float32]:
         ...
-    def expert_matmul_int4(self, x: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], codes: typing.Annotated[numpy.typing.ArrayLike, numpy.int32], scales: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], zeros: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], input_order: typing.Annotated[numpy.typing.ArrayLike, numpy.int32] | None, group_size: typing.SupportsInt | typing.SupportsIndex, offsets: typing.Annotated[numpy.typing.ArrayLike, numpy.int32], dtype: str) -> numpy.typing.NDArray[numpy.float32]:
+    def expert_matmul_int4(self, x: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], packed: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], scales: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], zeros: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], input_order: typing.Annotated[numpy.typing.ArrayLike, numpy.int32] | None, group_size: typing.SupportsInt | typing.SupportsIndex, offsets: typing.Annotated[numpy.typing.ArrayLike, numpy.int32], dtype: str) -> numpy.typing.NDArray[numpy.float32]:
         """
-        expert_matmul of int4 weights given by their parts (core/int4.h): codes [E, N, K] 0..15, scales (rounded to float16) and zeros [E, N, groups], input_order [E, segments, K] or None.
+        expert_matmul of int4 weights given by their parts (core/int4.h): packed codes [E, N, K / 2], scales (rounded to float16) and zeros [E, N, groups], input_order [E, segments, K] or None.
         """
     def fill_uniform(self, arg0: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], arg1: typing.SupportsInt | typing.SupportsIndex, arg2: typing.SupportsFloat | typing.SupportsIndex, arg3: typing.SupportsFloat | typing.SupportsIndex, arg4: str) -> numpy.typing.NDArray[numpy.float32]:
         ...

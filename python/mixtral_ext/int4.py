@@ -1,14 +1,17 @@
 """int4 checkpoints: the weight-only, group-quantized 4-bit formats of the published Mixtral
-checkpoints (AWQ, GPTQ, compressed-tensors pack-quantized), read as they are stored and
-dequantized on the host.
+checkpoints (AWQ, GPTQ, compressed-tensors pack-quantized), read as they are stored, for the
+engine to keep as int4 or to widen (dequantized on the host).
 
-A quantized projection w [out, in] (nn.Linear's layout) unpacks to
-  codes   uint8 [out, in]         4-bit codes 0..15
+A quantized projection w [out, in] (nn.Linear's layout) is read as
+  packed  uint8 [out, ceil(in / 2)]  its 4-bit codes 0..15 two a byte along the input, column 2b in
+                                     the low nibble of byte b (the engine's layout, csrc/core/int4.h)
   scales  float32 [out, groups]
-  zeros   float32 [out, groups]   in code units
-  groups  int32 [in]              the group of each input column (act order: any order)
-and w[o, i] = (codes[o, i] - zeros[o, g]) * scales[o, g] with g = groups[i]. Every packed int32
-word holds 8 codes, the lowest nibble first. Per format, beside module M (e.g.
+  zeros   float32 [out, groups]      in code units
+  groups  int32 [in]                 the group of each input column (act order: any order)
+and w[o, i] = (code[o, i] - zeros[o, g]) * scales[o, g] with g = groups[i]. Every packed int32
+word holds 8 codes, the lowest nibble first, so GPTQ's words (along the input) transposed, and
+compressed-tensors' as they are, are already the engine's bytes; AWQ's (along the output) are
+regrouped. Per format, beside module M (e.g.
 model.layers.0.self_attn.q_proj):
   AWQ GEMM   M.qweight I32 [in, out/8], packed along the output, output column 8j + o of word j
              in nibble (0, 4, 1, 5, 2, 6, 3, 7)[o] (AWQ's order 0, 2, 4, 6, 1, 3, 5, 7);
@@ -21,7 +24,7 @@ model.layers.0.self_attn.q_proj):
              M.weight_scale [out, groups]; M.weight_zero_point I32 [out/8, groups], along the
              output, plus 8, when asymmetric (else zero 0: 8 here); M.weight_shape [2];
              M.weight_g_idx I32 [in] (act order "group")
-The engine widens these weights to its own dtypes at load (weights.py).
+The engine keeps the experts' bytes as they are, and widens the other projections (weights.py).
 """
 
 from __future__ import annotations
@@ -32,8 +35,9 @@ import numpy as np
 
 from .errors import ModelLoadError
 
-# The nibble that holds output column 8j + o of AWQ's word j.
+# The nibble that holds output column 8j + o of AWQ's word j, and the column that nibble n holds.
 _AWQ_NIBBLE_OF_COLUMN = np.array([0, 4, 1, 5, 2, 6, 3, 7])
+_AWQ_COLUMN_OF_NIBBLE = np.argsort(_AWQ_NIBBLE_OF_COLUMN)
 
 
 @dataclass(frozen=True)
@@ -148,14 +152,28 @@ def _nibbles(words: np.ndarray) -> np.ndarray:
     return ((unsigned[..., None] >> (4 * np.arange(8, dtype=np.uint32))) & 0xF).astype(np.uint8)
 
 
+def _word_bytes(words: np.ndarray, inp: int) -> np.ndarray:
+    """int32 words [out, n] packed along the input, lowest nibble first -> the engine's bytes
+    [out, ceil(inp / 2)]: a word's 4 bytes in memory order (little-endian, as safetensors stores them
+    and x86 and ARM hold them) hold its codes 2b, 2b + 1 in byte b."""
+    return np.ascontiguousarray(words).view(np.uint8)[:, :(inp + 1) // 2]
+
+
 @dataclass
 class Int4Weight:
-    """One projection's unpacked int4 weight (layouts in this module's docstring)."""
+    """One projection's int4 weight (layouts in this module's docstring)."""
 
-    codes: np.ndarray
+    packed: np.ndarray
     scales: np.ndarray
     zeros: np.ndarray
     groups: np.ndarray
+
+    @property
+    def codes(self) -> np.ndarray:
+        """uint8 [out, in]: one code a byte."""
+        codes = np.empty((self.packed.shape[0], 2 * self.packed.shape[1]), np.uint8)
+        codes[:, 0::2], codes[:, 1::2] = self.packed & 0xF, self.packed >> 4
+        return codes[:, :len(self.groups)]
 
     def dequantized(self) -> np.ndarray:
         """w [out, in] float32: (code - zero) * scale of each element's group."""
@@ -248,26 +266,33 @@ class Int4Reader:
         return index.astype(np.int32)
 
     def _awq(self, module: str, out: int, inp: int, groups: int) -> Int4Weight:
-        codes = _nibbles(self._integers(f"{module}.qweight"))[..., _AWQ_NIBBLE_OF_COLUMN].reshape(inp, out)
+        # Words along the output: nibble n of word (i, j) is column 8j + _AWQ_COLUMN_OF_NIBBLE[n] of input
+        # row i. Each nibble plane [inp, out/8] is paired along the input into bytes, then transposed.
+        words = np.ascontiguousarray(self._integers(f"{module}.qweight")).view(np.uint32)
+        packed = np.zeros(((inp + 1) // 2, out), np.uint8)  # [in/2, out] first, transposed at the end
+        for nibble, column in enumerate(_AWQ_COLUMN_OF_NIBBLE):
+            plane = ((words >> np.uint32(4 * nibble)) & 0xF).astype(np.uint8)
+            packed[:, column::8] = plane[0::2]
+            packed[:inp // 2, column::8] |= plane[1::2] << 4
         zeros = _nibbles(self._integers(f"{module}.qzeros"))[..., _AWQ_NIBBLE_OF_COLUMN].reshape(groups, out)
-        return Int4Weight(codes.T, self._floats(f"{module}.scales").T, zeros.T.astype(np.float32),
-                          (np.arange(inp) // (inp // groups)).astype(np.int32))
+        return Int4Weight(np.ascontiguousarray(packed.T), self._floats(f"{module}.scales").T,
+                          zeros.T.astype(np.float32), (np.arange(inp) // (inp // groups)).astype(np.int32))
 
     def _gptq(self, module: str, out: int, inp: int, groups: int) -> Int4Weight:
-        codes = _nibbles(self._integers(f"{module}.qweight")).transpose(0, 2, 1).reshape(inp, out)
+        packed = _word_bytes(self._integers(f"{module}.qweight").T, inp)  # [in/8, out] words, along the input
         zeros = _nibbles(self._integers(f"{module}.qzeros")).reshape(groups, out) + 1.0  # stored minus one
-        return Int4Weight(codes.T, self._floats(f"{module}.scales").T, zeros.T.astype(np.float32),
+        return Int4Weight(packed, self._floats(f"{module}.scales").T, zeros.T.astype(np.float32),
                           self._group_index(f"{module}.g_idx", inp, groups))
 
     def _compressed_tensors(self, module: str, out: int, inp: int, groups: int) -> Int4Weight:
         shape_name = f"{module}.weight_shape"
         if shape_name in self.files and [int(d) for d in self._integers(shape_name)] != [out, inp]:
             raise ModelLoadError(f"'{shape_name}' holds {self._integers(shape_name).tolist()}, expected [{out}, {inp}]")
-        codes = _nibbles(self._integers(f"{module}.weight_packed")).reshape(out, -1)[:, :inp]
+        packed = _word_bytes(self._integers(f"{module}.weight_packed"), inp)
         if self.format.symmetric:
             zeros = np.full((out, groups), 8.0, np.float32)
         else:
-            packed = self._integers(f"{module}.weight_zero_point")
-            zeros = _nibbles(packed).transpose(0, 2, 1).reshape(-1, groups)[:out].astype(np.float32)
-        return Int4Weight(codes, self._floats(f"{module}.weight_scale"), zeros,
+            zero_words = self._integers(f"{module}.weight_zero_point")
+            zeros = _nibbles(zero_words).transpose(0, 2, 1).reshape(-1, groups)[:out].astype(np.float32)
+        return Int4Weight(packed, self._floats(f"{module}.weight_scale"), zeros,
                           self._group_index(f"{module}.weight_g_idx", inp, groups))

@@ -297,7 +297,7 @@ def load_into(core, checkpoint: Checkpoint, plan: list[TensorCopy], total_bytes:
                 weight = reader.read(module, *copy.shape)
                 if int4_experts and copy.slot in ("w13", "w2"):
                     try:
-                        core.load_weight_int4(copy.slot, copy.layer, copy.expert, copy.row_offset, weight.codes,
+                        core.load_weight_int4(copy.slot, copy.layer, copy.expert, copy.row_offset, weight.packed,
                                               weight.scales, weight.zeros, weight.groups)
                     except MixtralError as e:  # codes, zeros or groups the engine's int4 cannot hold
                         raise ModelLoadError(f"'{checkpoint.config.int4.packed_name(module)}': {e}") from e
