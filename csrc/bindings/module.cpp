@@ -1,7 +1,8 @@
 // pybind11 bindings: the private module mixtral_ext._C. The only place that
 // converts Python objects; mixtral_ext/ wraps it in the public API.
 // C++ errors become the classes of mixtral_ext.errors (looked up at raise time).
-// Long calls (weight copies, forward passes) release the GIL.
+// Long calls (weight copies, forward passes) release the GIL; a CPU engine's collectives take it
+// back to call torch.distributed (PythonCommunicator).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -41,6 +42,35 @@ std::unique_ptr<Backend> make_backend(const std::string& device, const std::stri
 }  // namespace mixtral
 
 namespace {
+
+// A CPU engine's communicator: all_reduce(array) of a Python object (mixtral_ext/parallel.py: gloo
+// through torch.distributed) sums a float32 numpy view of the tensor, in place, over the ranks.
+class PythonCommunicator : public Communicator {
+ public:
+  PythonCommunicator(int rank, int world_size, py::object all_reduce)
+      : rank_(rank), world_size_(world_size), all_reduce_(std::move(all_reduce)) {}
+  ~PythonCommunicator() override {
+    py::gil_scoped_acquire gil;
+    all_reduce_ = py::object();
+  }
+  int rank() const override { return rank_; }
+  int world_size() const override { return world_size_; }
+  void all_reduce_sum(Tensor& t) override {
+    MX_CHECK(t.device == Device::kCpu && t.dtype == DType::kFloat32 && t.contiguous(), ShapeError,
+             "all_reduce_sum: the CPU communicator sums contiguous float32 host tensors, got " << t.describe());
+    py::gil_scoped_acquire gil;
+    try {
+      all_reduce_(py::array_t<float>({t.numel()}, {sizeof(float)}, t.ptr<float>(), py::none()));
+    } catch (py::error_already_set& e) {  // its message, without the traceback what() appends
+      throw CollectiveError("all-reduce over " + std::to_string(world_size_) + " ranks failed on rank " +
+                            std::to_string(rank_) + ": " + py::str(e.value()).cast<std::string>());
+    }
+  }
+
+ private:
+  int rank_, world_size_;
+  py::object all_reduce_;
+};
 
 void raise_as(const char* python_class, const std::exception& error) {
   py::object cls = py::module_::import("mixtral_ext.errors").attr(python_class);
@@ -125,6 +155,8 @@ PYBIND11_MODULE(_C, m) {
       raise_as("DeviceOutOfMemoryError", e);
     } catch (const DeviceError& e) {
       raise_as("DeviceError", e);
+    } catch (const CollectiveError& e) {
+      raise_as("WorkerError", e);
     } catch (const Error& e) {
       raise_as("MixtralError", e);
     } catch (const std::bad_alloc& e) {
@@ -159,7 +191,25 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("presence_penalty", &SamplingParams::presence_penalty)
       .def_readwrite("frequency_penalty", &SamplingParams::frequency_penalty)
       .def_readwrite("logprobs", &SamplingParams::logprobs)
-      .def("validate", &SamplingParams::validate);
+      .def("validate", &SamplingParams::validate)
+      .def(py::pickle(  // a sharded engine's ranks receive their samplers' settings pickled
+          [](const SamplingParams& p) {
+            return py::make_tuple(p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty, p.presence_penalty,
+                                  p.frequency_penalty, p.logprobs);
+          },
+          [](const py::tuple& t) {
+            MX_CHECK(t.size() == 8, Error, "SamplingParams: 8 pickled fields expected, got " << t.size());
+            SamplingParams p;
+            p.temperature = t[0].cast<float>();
+            p.top_k = t[1].cast<int>();
+            p.top_p = t[2].cast<float>();
+            p.min_p = t[3].cast<float>();
+            p.repetition_penalty = t[4].cast<float>();
+            p.presence_penalty = t[5].cast<float>();
+            p.frequency_penalty = t[6].cast<float>();
+            p.logprobs = t[7].cast<int>();
+            return p;
+          }));
 
   py::class_<ThreadTuner>(m, "ThreadTuner", "The CPU's thread count chosen by timing decode steps (cpu/thread_tuner.h).")
       .def(py::init<int>(), py::arg("max_threads"))
@@ -213,6 +263,13 @@ PYBIND11_MODULE(_C, m) {
          py::arg("page_size"), py::arg("max_batch_tokens"), py::arg("expert_dtype") = "",
          py::arg("int4_group_size") = kInt4QuantizeGroupSize,
          "(weight bytes, workspace bytes, KV cache bytes per token) of an engine with these settings.")
+      .def("set_communicator", [](Engine& e, int rank, int world_size, py::object all_reduce) {
+        MX_CHECK(e.backend().device() == Device::kCpu, Error,
+                 "set_communicator: a Python all-reduce serves CPU engines; a GPU one joins NCCL (join_nccl)");
+        e.set_communicator(std::make_shared<PythonCommunicator>(rank, world_size, std::move(all_reduce)));
+      }, py::arg("rank"), py::arg("world_size"), py::arg("all_reduce"),
+         "Makes this CPU engine rank `rank` of a sharded model: all_reduce(float32 array) sums the array over "
+         "the ranks in place.")
       .def("set_backend_option", [](Engine& e, const std::string& name, const std::string& value) {
         e.backend().set_option(name, value);
       })

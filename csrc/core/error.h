@@ -47,6 +47,11 @@ class MX_EXPORT DeviceOutOfMemoryError : public DeviceError {
  public:
   using DeviceError::DeviceError;
 };
+// A collective between the ranks of a sharded engine failed: a rank died, or stopped answering.
+class MX_EXPORT CollectiveError : public Error {
+ public:
+  using Error::Error;
+};
 
 }  // namespace mixtral
 

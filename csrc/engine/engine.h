@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "core/backend.h"
+#include "core/communicator.h"
 #include "cpu/thread_tuner.h"
 #include "engine/kv_cache.h"
 
@@ -76,6 +77,12 @@ class Engine {
     size_t weight_bytes, workspace_bytes, kv_bytes_per_token;
   };
   static MemoryPlan memory_plan(const ModelConfig& config, const EngineOptions& options);
+
+  // Makes this engine one rank of a sharded model: its config is its own slice (heads, expert width),
+  // and after attention's output projection and after the experts' combine the ranks' partial
+  // outputs are summed through the communicator (engine/forward.cpp). Set before the first forward
+  // pass; null, or a world of one, runs unsharded.
+  void set_communicator(std::shared_ptr<Communicator> communicator);
 
   const ModelConfig& config() const { return config_; }
   const EngineOptions& options() const { return options_; }
@@ -219,6 +226,7 @@ class Engine {
   ModelConfig config_;
   EngineOptions options_;
   std::unique_ptr<Backend> backend_;
+  std::shared_ptr<Communicator> communicator_;  // null: one rank
   std::unique_ptr<ThreadTuner> thread_tuner_;  // on the CPU with num_threads 0
   KvCacheManager kv_;
 

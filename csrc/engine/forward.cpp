@@ -1,8 +1,10 @@
-// The forward pass: the model over the operations of core/backend.h (enqueue_model, first), the
-// CPU thread tuner's timing around it (enqueue_forward), and a prompt run in chunks of at most
-// max_batch_tokens tokens with their inputs staged in pinned memory (forward, run_chunk).
+// The forward pass: the model over the operations of core/backend.h (enqueue_model, first), sharded
+// over the ranks of a communicator when there is one, the CPU thread tuner's timing around it
+// (enqueue_forward), and a prompt run in chunks of at most max_batch_tokens tokens with their inputs
+// staged in pinned memory (forward, run_chunk).
 #include <algorithm>
 #include <chrono>
+#include <utility>
 
 #include "engine/engine.h"
 
@@ -38,17 +40,33 @@ void Engine::enqueue_model(int64_t n, int64_t logit_rows) {
   // to their rows of output (routing, permutation, expert GEMMs), unweighted; and the combine of
   // layer i's experts (weighted sum, unpermute, add into x) is done by moe_unpermute_add_rmsnorm
   // together with the next norm: layer i+1's attention norm, or the final norm.
+  //
+  // Sharded (tensor parallel over the communicator's ranks): each rank holds its heads of wqkv,
+  // wo's columns for them, and its slice of every expert's F (w1's and w3's rows, w2's columns),
+  // and everything else whole. Attention's output projection and the experts' combine then give
+  // each rank a partial sum of delta, which the ranks sum (all_reduce_sum) before it is added to
+  // x: the combine and the next norm run apart around the sum. x, and so the logits, are the same
+  // bytes on every rank, and each rank samples the same token.
+  const bool sharded = communicator_ && communicator_->world_size() > 1;
+  auto combine_experts = [&](const Tensor& e2p, const Tensor& weights, Tensor& delta_rows, Tensor& x_rows,
+                             const Tensor& norm, Tensor& h_rows) {
+    if (!sharded)
+      return b.moe_unpermute_add_rmsnorm(experts.out, e2p, weights, delta_rows, x_rows, norm, c.rms_norm_eps, h_rows);
+    b.moe_unpermute(experts.out, e2p, weights, delta_rows);
+    communicator_->all_reduce_sum(delta_rows);
+    b.add_rmsnorm(x_rows, &delta_rows, norm, c.rms_norm_eps, h_rows);
+  };
   b.embedding(weight(Slot::kEmbed, 0), ids, x);
   for (int64_t layer = 0; layer < c.num_layers; ++layer) {
     const KvLayer kv = kv_layer(layer);
     if (layer == 0)
       b.add_rmsnorm(x, nullptr, norm_weight(Slot::kAttnNorm, 0), c.rms_norm_eps, h);
     else  // x += the previous layer's experts, combined
-      b.moe_unpermute_add_rmsnorm(experts.out, routing.expanded_to_permuted, routing.weights, delta, x,
-                                  norm_weight(Slot::kAttnNorm, layer), c.rms_norm_eps, h);
+      combine_experts(routing.expanded_to_permuted, routing.weights, delta, x, norm_weight(Slot::kAttnNorm, layer), h);
     b.matmul(h, weight(Slot::kWqkv, layer), qkv);
     b.rope_attention(qkv, shape, pos, c.rope_theta, kv, table, attn);
     b.matmul(attn, weight(Slot::kWo, layer), delta);
+    if (sharded) communicator_->all_reduce_sum(delta);
     b.add_rmsnorm_moe(x, delta, norm_weight(Slot::kFfnNorm, layer), c.rms_norm_eps, h, weight(Slot::kRouter, layer),
                       weight(Slot::kW13, layer), weight(Slot::kW2, layer), routing, experts);
   }
@@ -59,9 +77,16 @@ void Engine::enqueue_model(int64_t n, int64_t logit_rows) {
   Tensor e2p_out = routing.expanded_to_permuted.rows(first * k, logit_rows * k);
   Tensor weights_out = routing.weights.rows(first, logit_rows);
   Tensor h_out = h.rows(first, logit_rows), logits = work_.logits.rows(0, logit_rows);
-  b.moe_unpermute_add_rmsnorm(experts.out, e2p_out, weights_out, delta_out, x_out, norm_weight(Slot::kFinalNorm, 0),
-                              c.rms_norm_eps, h_out);
+  combine_experts(e2p_out, weights_out, delta_out, x_out, norm_weight(Slot::kFinalNorm, 0), h_out);
   b.matmul(h_out, weight(Slot::kLmHead, 0), logits);
+}
+
+void Engine::set_communicator(std::shared_ptr<Communicator> communicator) {
+  MX_CHECK(!communicator || (communicator->world_size() >= 1 && communicator->rank() >= 0 &&
+                             communicator->rank() < communicator->world_size()),
+           Error, "set_communicator: rank " << communicator->rank() << " outside a world of "
+                                            << communicator->world_size());
+  communicator_ = std::move(communicator);
 }
 
 void Engine::enqueue_forward(int64_t n, int64_t logit_rows) {

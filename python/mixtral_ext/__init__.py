@@ -28,6 +28,7 @@ from .errors import (
     SettingError,
     ShapeError,
     TokenError,
+    WorkerError,
 )
 
 __version__ = "0.1.0"
@@ -60,4 +61,5 @@ __all__ = [
     "DeviceOutOfMemoryError",
     "SequenceClosedError",
     "EngineClosedError",
+    "WorkerError",
 ]

@@ -13,7 +13,9 @@
 
 generate, chat and bench take --device cpu|cuda, --dtype, --num-threads and --expert-dtype float8_e4m3 or int4
 (the experts' weights in FP8, or in 4-bit groups of 128, quantized as they load; an FP8 or int4 checkpoint's
-experts stay as stored by default).
+experts stay as stored by default). generate, chat, bench and serve take --tensor-parallel N: the model split
+over N processes (ranks) that this one starts, or that torchrun started, this command running in each:
+  torchrun --nproc-per-node 2 -m mixtral_ext generate --model DIR --prompt TEXT --tensor-parallel 2
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import numpy as np
 
 from .engine import Engine
 from .errors import MixtralError, SettingError
+from .parallel import follow_torchrun, torchrun_rank
 from .memory import DEFAULT_CONTEXTS, format_table, memory_table, model_config, parse_memory, plot_table
 from .synthetic import SHAPES, write_random_checkpoint
 
@@ -108,7 +111,7 @@ def bench(args: argparse.Namespace) -> dict:
         engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
                                         expert_dtype=args.expert_dtype,
                                         max_context=args.prompt_tokens + args.new_tokens, cuda_graphs=args.cuda_graphs,
-                                        num_threads=args.num_threads)
+                                        num_threads=args.num_threads, tensor_parallel=args.tensor_parallel)
         name = args.model
     else:
         config = SHAPES[args.shape]
@@ -116,25 +119,30 @@ def bench(args: argparse.Namespace) -> dict:
             config = dataclasses.replace(config, num_layers=args.layers)
         engine = Engine.synthetic(config, device=args.device, dtype=args.dtype, expert_dtype=args.expert_dtype,
                                   max_context=args.prompt_tokens + args.new_tokens, max_batch_tokens=args.prompt_tokens,
-                                  cuda_graphs=args.cuda_graphs, num_threads=args.num_threads)
+                                  cuda_graphs=args.cuda_graphs, num_threads=args.num_threads,
+                                  tensor_parallel=args.tensor_parallel)
         name = f"synthetic {args.shape}, {config.num_layers} layers"
     if args.expert_dtype:
         name += f", experts in {args.expert_dtype}"
+    if args.tensor_parallel > 1:
+        name += f", tensor parallel over {args.tensor_parallel} ranks"
     prompt = np.random.default_rng(0).integers(3, engine.config.vocab_size, args.prompt_tokens).tolist()
-    engine.generate(prompt[:8], max_tokens=2, temperature=0, ignore_eos=True)  # warm-up
-    engine.clear_prefix_cache()
-    result = engine.generate(prompt, max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
+    with engine:
+        engine.generate(prompt[:8], max_tokens=2, temperature=0, ignore_eos=True)  # warm-up
+        engine.clear_prefix_cache()
+        result = engine.generate(prompt, max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
+        device = engine.device
     layers = engine.config.num_layers
     ms_per_token = 1e3 / result.tokens_per_second
-    report = dict(model=name, device=engine.device, expert_dtype=args.expert_dtype, cuda_graphs=args.cuda_graphs,
-                  layers=layers,
+    report = dict(model=name, device=device, expert_dtype=args.expert_dtype, cuda_graphs=args.cuda_graphs,
+                  tensor_parallel=args.tensor_parallel, layers=layers,
                   prompt_tokens=args.prompt_tokens,
                   new_tokens=len(result.token_ids), time_to_first_token_ms=1e3 * result.time_to_first_token,
                   prefill_tokens_per_s=args.prompt_tokens / result.time_to_first_token,
                   decode_tokens_per_s=result.tokens_per_second, decode_ms_per_token=ms_per_token,
                   decode_ms_per_layer=ms_per_token / layers)
-    graphs = " with CUDA graphs" if args.cuda_graphs and engine.device == "cuda" else ""
-    print(f"{name} on {engine.device}{graphs}: first token after {report['time_to_first_token_ms']:.1f} ms "
+    graphs = " with CUDA graphs" if args.cuda_graphs and device == "cuda" else ""
+    print(f"{name} on {device}{graphs}: first token after {report['time_to_first_token_ms']:.1f} ms "
           f"({report['prefill_tokens_per_s']:.0f} prompt tokens/s); decode {report['decode_tokens_per_s']:.1f} "
           f"tokens/s = {ms_per_token:.2f} ms/token, {report['decode_ms_per_layer']:.3f} ms per layer")
     return report
@@ -156,7 +164,8 @@ def serve_http(args: argparse.Namespace) -> int:
         path = args.model or write_random_checkpoint(demo_dir.name)
         engine = Engine.from_pretrained(path, device=args.device, dtype=args.dtype, expert_dtype=args.expert_dtype,
                                         max_context=args.max_context, cuda_graphs=args.cuda_graphs,
-                                        num_threads=args.num_threads, progress=False)
+                                        num_threads=args.num_threads, progress=False,
+                                        tensor_parallel=args.tensor_parallel)
         if demo_dir is not None:  # its weights are in the engine now and its tokenizer is mistral-common's
             engine.tokenizer_or_none()
             demo_dir.cleanup()
@@ -228,7 +237,8 @@ def print_memory(args: argparse.Namespace) -> None:
 def open_model(args: argparse.Namespace) -> Engine:
     """The model directory of `generate` and `chat`, with their settings."""
     return Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, expert_dtype=args.expert_dtype,
-                                  max_context=args.max_context, num_threads=args.num_threads)
+                                  max_context=args.max_context, num_threads=args.num_threads,
+                                  tensor_parallel=args.tensor_parallel)
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -289,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
                                   "FP8 or int4)")
         parser_.add_argument("--num-threads", type=int, default=None,
                              help="threads on the CPU (default: measured, the fastest count as other load comes and goes)")
+        parser_.add_argument("--tensor-parallel", type=int, default=1,
+                             help="split the model over this many ranks, one process each (under torchrun: its "
+                                  "world size)")
     timing.add_argument("--prompt-tokens", type=int, default=128, help="random prompt tokens to prefill")
     timing.add_argument("--new-tokens", type=int, default=32, help="tokens to decode greedily, past EOS")
     timing.add_argument("--cuda-graphs", action="store_true", help="replay each decode step as a CUDA graph")
@@ -312,6 +325,10 @@ def main(argv: list[str] | None = None) -> int:
                                                                          "tokens holding this probability")
         parser_.add_argument("--seed", type=int, default=None, help="seed of the sampler (default: random)")
     args = parser.parse_args(argv)
+    launched = torchrun_rank()
+    if launched is not None and launched[0] > 0:  # torchrun's other ranks follow rank 0's engine
+        follow_torchrun()
+        return 0
     try:
         if args.command == "bench":
             report = bench(args)
@@ -325,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
             print_memory(args)
             return 0
         if args.command == "chat":
-            chat_loop(open_model(args), args)
+            with open_model(args) as engine:
+                chat_loop(engine, args)
             return 0
         if args.command == "demo":
             with tempfile.TemporaryDirectory() as tmp:
@@ -337,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(prompt, end="", flush=True)
                 stream_to_stdout(engine, prompt, args)
         else:
-            stream_to_stdout(open_model(args), args.prompt, args)
+            with open_model(args) as engine:
+                stream_to_stdout(engine, args.prompt, args)
     except (MixtralError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -38,6 +38,8 @@ from .errors import (
     TokenError,
 )
 from .generation import Delta, GenerationResult, GenerationSession, Progress, SamplingSettings
+from .parallel import RankSetup, ShardedCore
+from .sharding import check_tensor_parallel, shard_config, shard_plan
 from .tokenizer import TOKENIZER_FILES, NoTokenizerError, Tokenizer
 from .weights import check_plan, experts_in_fp8, experts_in_int4, load_into, open_checkpoint, tensor_plan
 
@@ -155,6 +157,16 @@ class _EngineOptions:
                 f"{self.device}: {free} bytes free cannot hold the weights ({weights} bytes) and a KV cache")
         return min(tokens, config.max_position_embeddings)
 
+    def check_tensor_parallel(self, config: MixtralConfig, world: int) -> None:
+        """SettingError naming the limit when `world` ranks cannot hold this model on this device."""
+        check_tensor_parallel(config, world)
+        if world > 1 and self.device == "cuda":
+            raise SettingError("tensor_parallel > 1 runs on the CPU (gloo) so far: the GPU's NCCL communicator is "
+                               "not built yet")
+
+    def rank_setup(self, world: int, source, seed: int, max_context: int, kv_cache_tokens: int) -> RankSetup:
+        return RankSetup(world, source, seed, self, max_context, kv_cache_tokens)
+
     def make_core(self, config: MixtralConfig, max_context: int, kv_cache_tokens: int):
         if self.expert_dtype == "int4" and (config.hidden_size % 2 or config.intermediate_size % 2):
             raise SettingError(f"int4 experts need even widths (two codes a byte); this model's hidden size is "
@@ -163,6 +175,29 @@ class _EngineOptions:
         return _C.Engine(config.to_core(), self.device, self.dtype, self.activation_dtype, max_context,
                          kv_cache_tokens, self.page_size, self.max_batch_tokens, cuda_library, self.cuda_graphs,
                          self.expert_dtype, self.num_threads, self.int4_group_size)
+
+
+def build_rank(setup: RankSetup, rank: int, progress: bool | None):
+    """The core of rank `rank` of setup.world (of the whole model for one): its slice of the checkpoint,
+    loaded, or random weights of its shape."""
+    options: _EngineOptions = setup.options
+    if isinstance(setup.source, MixtralConfig):
+        core = options.make_core(shard_config(setup.source, rank, setup.world), setup.max_context, setup.kv_cache_tokens)
+        core.init_random(setup.seed)
+        return core
+    checkpoint = open_checkpoint(setup.source)
+    plan = tensor_plan(checkpoint)
+    total_bytes = check_plan(checkpoint, plan)
+    config = checkpoint.config
+    try:
+        core = options.make_core(shard_config(config, rank, setup.world), setup.max_context, setup.kv_cache_tokens)
+        load_into(core, checkpoint, shard_plan(plan, config, rank, setup.world), total_bytes // setup.world, progress,
+                  int4_experts=options.expert_dtype == "int4")
+    except (ModelLoadError, DeviceError, SettingError):  # a device error (out of memory included) keeps its type
+        raise
+    except MixtralError as e:
+        raise ModelLoadError(f"{setup.source}: {e}") from e
+    return core
 
 
 class Engine:
@@ -198,6 +233,7 @@ class Engine:
         cuda_graphs: bool = False,
         num_threads: int | None = None,
         progress: bool | None = None,
+        tensor_parallel: int = 1,
     ) -> "Engine":
         """Loads a Hugging Face or consolidated Mistral Mixtral directory.
 
@@ -224,6 +260,10 @@ class Engine:
             trying the neighbouring counts now and then, so it follows other processes that take
             cores (each op waits for its slowest thread). OMP_NUM_THREADS bounds it.
         progress: show a loading bar (default: for checkpoints of 256 MiB or more).
+        tensor_parallel: ranks the model is split over, one process and one GPU each (sharding.py:
+            heads and expert width; parallel.py: rank 0 is this process, the others are started here and
+            shut down by close(), or were started by torchrun). Everything else behaves as with one;
+            the memory settings are per rank.
         """
         path = os.fspath(path)
         options = _EngineOptions.checked(device, dtype, page_size, max_batch_tokens, cuda_graphs, expert_dtype,
@@ -231,6 +271,7 @@ class Engine:
         checkpoint = open_checkpoint(path)
         config = checkpoint.config
         config.to_core()  # validates the config before any tensor is read
+        options.check_tensor_parallel(config, tensor_parallel)
         plan = tensor_plan(checkpoint)
         total_bytes = check_plan(checkpoint, plan)
         if expert_dtype is None and experts_in_fp8(checkpoint, plan):  # an FP8 checkpoint's experts stay FP8
@@ -239,18 +280,14 @@ class Engine:
             if expert_dtype is None:
                 options = replace(options, expert_dtype="int4")
             options = replace(options, int4_group_size=config.int4.group_size)
-        max_context, kv_cache_tokens = options.context(config, max_context, kv_cache_tokens, kv_cache_fraction)
+        max_context, kv_cache_tokens = options.context(shard_config(config, 0, tensor_parallel), max_context,
+                                                       kv_cache_tokens, kv_cache_fraction)
         tokenizer = None  # a tokenizer file that cannot be read fails the load before the weights, naming it
         if any(glob.glob(os.path.join(glob.escape(path), pattern)) for pattern in TOKENIZER_FILES):
             with contextlib.suppress(NoTokenizerError):  # without mistral-common, token ids still work
                 tokenizer = Tokenizer.for_model(path, config.vocab_size)
-        try:
-            core = options.make_core(config, max_context, kv_cache_tokens)
-            load_into(core, checkpoint, plan, total_bytes, progress, int4_experts=options.expert_dtype == "int4")
-        except (ModelLoadError, DeviceError, SettingError):  # a device error (out of memory included) keeps its type
-            raise
-        except MixtralError as e:
-            raise ModelLoadError(f"{path}: {e}") from e
+        setup = options.rank_setup(tensor_parallel, path, 0, max_context, kv_cache_tokens)
+        core = build_rank(setup, 0, progress) if tensor_parallel == 1 else ShardedCore.start(setup, progress)
         engine = cls(core, config, path=path, max_context=max_context)
         engine.loaded_bytes = total_bytes
         engine._tokenizer = tokenizer
@@ -272,18 +309,23 @@ class Engine:
         cuda_graphs: bool = False,
         num_threads: int | None = None,
         seed: int = 0,
+        tensor_parallel: int = 1,
     ) -> "Engine":
         """A model of `config` with random weights made on the device itself (no file is read or
         written): for benchmarks at real widths. Other arguments as from_pretrained(); its text
-        tokenizer is the one mistral-common ships for the vocabulary size."""
+        tokenizer is the one mistral-common ships for the vocabulary size. With tensor_parallel > 1
+        each rank draws its slices as random weights of its own shape (the tensors held whole are the
+        same on every rank), so the model is another random model than the one rank would make."""
         options = _EngineOptions.checked(device, dtype, page_size, max_batch_tokens, cuda_graphs, expert_dtype,
                                          num_threads)
         config.to_core()
-        max_context, kv_cache_tokens = options.context(config, max_context, kv_cache_tokens, kv_cache_fraction)
+        options.check_tensor_parallel(config, tensor_parallel)
+        max_context, kv_cache_tokens = options.context(shard_config(config, 0, tensor_parallel), max_context,
+                                                       kv_cache_tokens, kv_cache_fraction)
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**60:
             raise SettingError(f"seed must be an integer in [0, 2^60), got {seed!r}")
-        core = options.make_core(config, max_context, kv_cache_tokens)
-        core.init_random(seed)
+        setup = options.rank_setup(tensor_parallel, config, seed, max_context, kv_cache_tokens)
+        core = build_rank(setup, 0, None) if tensor_parallel == 1 else ShardedCore.start(setup, None)
         return cls(core, config, path=None, max_context=max_context)
 
     # ---- lifetime --------------------------------------------------------------
@@ -304,8 +346,10 @@ class Engine:
         afterwards, and its sequences are closed with it. Closing twice is fine."""
         self._generation.drop_idle()
         with self._lock:
-            self._open_core = None
+            core, self._open_core = self._open_core, None
             self._pages_freed.notify_all()  # generations waiting for pages find the engine closed
+            if isinstance(core, ShardedCore):
+                core.close()  # and its workers with it
 
     def __enter__(self) -> "Engine":
         return self

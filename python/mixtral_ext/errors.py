@@ -52,3 +52,8 @@ class SequenceClosedError(MixtralError, RuntimeError):
 
 class EngineClosedError(MixtralError, RuntimeError):
     """An engine was used after close() (or after its with block)."""
+
+
+class WorkerError(MixtralError, RuntimeError):
+    """A rank of a sharded engine (tensor_parallel > 1) died, failed or stopped answering; the engine
+    cannot go on, and raises this until it is closed."""

@@ -179,6 +179,25 @@ class Int4Weight:
         """w [out, in] float32: (code - zero) * scale of each element's group."""
         return (self.codes.astype(np.float32) - self.zeros[:, self.groups]) * self.scales[:, self.groups]
 
+    def rows(self, first: int, stop: int) -> "Int4Weight":
+        """Output rows [first, stop): a rank's slice of w1 or w3 (sharding.py)."""
+        return Int4Weight(self.packed[first:stop], self.scales[first:stop], self.zeros[first:stop], self.groups)
+
+    def columns(self, first: int, stop: int, group_size: int, name: str) -> "Int4Weight":
+        """Input columns [first, stop) as a weight of their own, in groups of group_size (0: one a row)
+        from its first column: a rank's slice of w2 (sharding.py). ModelLoadError when the slice does not
+        start on a code pair and a group of the checkpoint, or its columns are in act order."""
+        local = self.groups[first:stop]
+        expected = np.arange(stop - first) // group_size if group_size > 0 else np.zeros(stop - first, np.int64)
+        if first % 2 or not np.array_equal(local - local[0], expected):
+            raise ModelLoadError(f"'{name}': int4 input columns [{first}, {stop}) of one rank do not start a group of "
+                                 f"{group_size or 'one row'} in column order; such a checkpoint cannot be split along "
+                                 f"the expert width over this many ranks")
+        groups = slice(int(local[0]), int(local[-1]) + 1)
+        return Int4Weight(np.ascontiguousarray(self.packed[:, first // 2:(stop + 1) // 2]),
+                          np.ascontiguousarray(self.scales[:, groups]), np.ascontiguousarray(self.zeros[:, groups]),
+                          expected.astype(self.groups.dtype))
+
 
 _INTEGERS, _FLOATS = ("I32",), ("F16", "BF16", "F32")
 

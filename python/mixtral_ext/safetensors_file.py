@@ -78,7 +78,7 @@ class SafetensorsFile:
         if not isinstance(entry, dict):
             raise ModelLoadError(f"{where}: header entry is not an object")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in _DTYPES:
+        if not isinstance(dtype, str) or dtype not in _DTYPES:  # a list or an object is no dtype name
             raise ModelLoadError(f"{where}: unknown dtype {dtype!r}")
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
             raise ModelLoadError(f"{where}: bad shape {shape!r}")

@@ -56,6 +56,10 @@ class TensorCopy:
     row_offset: int = 0
     expert_index: int | None = None  # for fused [E, ...] tensors: which expert to take
     interleaved_heads: int = 0  # > 0: rows come in interleaved RoPE pairs, this many heads
+    # A rank of a sharded engine takes a slice (sharding.py): rows [first, stop) or columns [first, stop)
+    # of the tensor (of its expert, its rows in rotate-half order); None: all.
+    rows: tuple[int, int] | None = None
+    cols: tuple[int, int] | None = None
 
 
 @dataclass
@@ -295,7 +299,11 @@ def load_into(core, checkpoint: Checkpoint, plan: list[TensorCopy], total_bytes:
                 reader = checkpoint.int4_reader()
                 stored_bytes = reader.check(module, *copy.shape)
                 weight = reader.read(module, *copy.shape)
+                if copy.rows:
+                    weight = weight.rows(*copy.rows)
                 if int4_experts and copy.slot in ("w13", "w2"):
+                    if copy.cols:
+                        weight = weight.columns(*copy.cols, checkpoint.config.int4.group_size, copy.name)
                     try:
                         core.load_weight_int4(copy.slot, copy.layer, copy.expert, copy.row_offset, weight.packed,
                                               weight.scales, weight.zeros, weight.groups)
@@ -304,15 +312,21 @@ def load_into(core, checkpoint: Checkpoint, plan: list[TensorCopy], total_bytes:
                     bar.update(stored_bytes)
                     continue
                 array, dtype = weight.dequantized(), "float32"
+                scales = None
             else:
                 array, dtype = checkpoint.files[copy.name].tensor(copy.name)
-            scales = _row_scales(checkpoint, copy.name, array.shape[0]) if dtype == "float8_e4m3" else None
-            if copy.expert_index is not None:
-                array = array[copy.expert_index]
-            if copy.interleaved_heads:
-                order = rotate_half_rows(copy.interleaved_heads, array.shape[0] // copy.interleaved_heads)
-                array = array[order]
-                scales = None if scales is None else scales[order]
+                scales = _row_scales(checkpoint, copy.name, array.shape[0]) if dtype == "float8_e4m3" else None
+                if copy.expert_index is not None:
+                    array = array[copy.expert_index]
+                if copy.interleaved_heads:
+                    order = rotate_half_rows(copy.interleaved_heads, array.shape[0] // copy.interleaved_heads)
+                    array = array[order]
+                    scales = None if scales is None else scales[order]
+                if copy.rows:
+                    array = array[slice(*copy.rows)]
+                    scales = None if scales is None else scales[slice(*copy.rows)]
+            if copy.cols:
+                array = array[:, slice(*copy.cols)]
             core.load_weight(copy.slot, copy.layer, copy.expert, copy.row_offset, np.ascontiguousarray(array), dtype,
                              scales)
             bar.update(stored_bytes if module is not None else array.nbytes)
