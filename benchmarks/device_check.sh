@@ -58,6 +58,7 @@ if [ "$dry" = 1 ]; then
   shape=(--shape demo --layers 1 --prompt-tokens 24 --new-tokens 4)
   peers=(--shape demo --layers 1 --context 16 --steps 2 --device cpu --no-compile)
   ops=(--small --torch-device cpu)
+  parallel=(--small)
   gpu_tests=(-k "test_embedding or test_engine_logits or test_quantized_expert_gemvs_keep")
 else
   step "build (sm_90a, $(nproc) jobs)"
@@ -69,6 +70,7 @@ else
   shape=(--shape 8x22b --layers 4 --prompt-tokens 2048 --new-tokens 64)
   peers=(--layers 2 --context 2048)
   ops=()
+  parallel=()
   gpu_tests=()
 fi
 (cd "$OUT" && "$python" -c "import mixtral_ext; print(mixtral_ext.cuda_info()['summary'])") | tee "$OUT/device.txt"
@@ -111,6 +113,10 @@ for variant in plain graphs fp8 int4; do
     "${flags[@]}" --json "$OUT/bench_engine_$variant.json" || status=1
   tail -1 "$OUT/bench_engine_$variant.log"
 done
+
+step "tensor parallel at N = 1: NCCL's all-reduce, and the engine through a one-rank NCCL group"
+run_for 90 bench_parallel.log "$python" -X faulthandler "$root/benchmarks/bench_parallel.py" "${parallel[@]}" || status=1
+grep -E "^\|" "$OUT/bench_parallel.log" || tail -20 "$OUT/bench_parallel.log"
 
 if [ "${PROFILE:-0}" = 1 ]; then
   step "Nsight Compute: the kernels of a decode step (8x22B widths, 1 layer, 2048-token context)"

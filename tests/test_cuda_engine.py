@@ -3,7 +3,8 @@ and transformers in float32, bfloat16 and float16 weights, incremental decode ag
 greedy generation token for token against the CPU engine (on every expert GEMM path), seeded
 sampling, decode steps recorded as CUDA graphs against direct ones, pipelined decode (stopped
 anywhere, every KV page given back), a synthetic model, a long context with and without chunked
-prefill, FP8 and int4 experts, and a device out-of-memory as a Python exception. The single operations are
+prefill, FP8 and int4 experts, a device out-of-memory as a Python exception, and an engine sharded
+over two GPU ranks whose all-reduces are NCCL's (on the emulator, its NCCL stand-in). The single operations are
 held to their CPU twins in test_ops.py.
 
     bash tests/run_cuda_emulator.sh -k engine      # without a GPU: on the CUDA emulator
@@ -12,6 +13,11 @@ MIXTRAL_EXT_TEST_DEVICE=cpu puts the CPU backend in the device's place (device_h
 """
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -226,3 +232,64 @@ def test_device_out_of_memory_is_an_exception(tiny_dir, device_engines):
     with pytest.raises(mixtral_ext.DeviceOutOfMemoryError, match="out of memory"):
         mixtral_ext.Engine.from_pretrained(tiny_dir, device=DEVICE, max_context=256, kv_cache_tokens=2**31 - 1)
     assert device_engines["float32"].logits([1, 2, 3]).shape == (3, 101)
+
+
+@pytest.fixture
+def two_gpus(monkeypatch, tmp_path):
+    """A checkpoint whose heads and expert width split over two ranks; on the emulator, two emulated
+    GPUs and NCCL's stand-in (in the emulator's library)."""
+    from conftest import make_hf_model
+
+    need_gpu()
+    if EMULATED:
+        monkeypatch.setenv("CUDA_EMULATOR_DEVICES", "2")
+        monkeypatch.setenv("MIXTRAL_EXT_NCCL_LIBRARY", os.environ["MIXTRAL_EXT_CUDA_LIBRARY"])
+    elif DEVICE == "cuda" and mixtral_ext.cuda_info()["device_count"] < 2:
+        pytest.skip("one GPU: a sharded engine needs two")
+    make_hf_model(seed=3, num_attention_heads=8, num_key_value_heads=2, head_dim=6,
+                  intermediate_size=44).save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_sharded_engine_over_nccl_matches_the_cpu_one(two_gpus):
+    """Two ranks, a process and a GPU each, sum their partial outputs with NCCL on their streams: the
+    logits and greedy tokens equal the one-rank CPU engine's, and with CUDA graphs (the all-reduces
+    recorded in each decode step's graph) equal the direct steps'."""
+    cpu = mixtral_ext.Engine.from_pretrained(two_gpus, max_context=64)
+    ids = random_tokens(30, cpu.config.vocab_size, seed=44)
+    prompt = ids[:6]
+    expected = cpu.generate(prompt, max_tokens=12, temperature=0, ignore_eos=True).token_ids
+    settings = dict(device=DEVICE, dtype="float32", max_context=64, max_batch_tokens=16, tensor_parallel=2)
+    with mixtral_ext.Engine.from_pretrained(two_gpus, **settings) as sharded:
+        assert_close(sharded.logits(ids), cpu.logits(ids), 1e-4)
+        direct = sharded.generate(prompt, max_tokens=12, temperature=0, ignore_eos=True).token_ids
+        assert_greedy_agrees(direct, expected, cpu, prompt)
+    with mixtral_ext.Engine.from_pretrained(two_gpus, cuda_graphs=True, **settings) as sharded:
+        assert sharded.generate(prompt, max_tokens=12, temperature=0, ignore_eos=True).token_ids == direct
+
+
+def test_a_dead_gpu_rank_is_an_error_not_a_hang(two_gpus):
+    """A worker killed mid-generation: rank 0's watchdog aborts the NCCL group, so its step ends and the
+    generation raises WorkerError. In a process of its own, as the aborted group's device error stays
+    with the process (as a GPU context's would)."""
+    script = textwrap.dedent(f"""
+        import os, signal, sys, time
+        import mixtral_ext
+        engine = mixtral_ext.Engine.from_pretrained({str(two_gpus)!r}, device={DEVICE!r}, dtype="float32",
+                                                    max_context=256, tensor_parallel=2)
+        stream = engine.stream([1, 2, 3], max_tokens=200, temperature=0, ignore_eos=True)
+        next(stream)
+        os.kill(engine._core._workers[0].pid, signal.SIGKILL)
+        start = time.monotonic()
+        try:
+            for _ in stream:
+                pass
+        except mixtral_ext.WorkerError as e:
+            print("WorkerError after", round(time.monotonic() - start, 1), "s:", e)
+        engine.close()
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "WorkerError after" in done.stdout and "killed by SIGKILL" in done.stdout, done.stdout
+    assert float(done.stdout.split("after")[1].split("s:")[0]) < 10
+

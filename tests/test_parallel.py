@@ -174,3 +174,15 @@ def test_torchrun_starts_the_ranks(model_dir):
     done = subprocess.run(command, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "tensor parallel over 2 ranks" in done.stdout
+
+
+def test_fused_expert_tensors_shard_their_gate_and_up_rows(model, one_rank, tmp_path):
+    """Experts stored as transformers 5 holds them (mlp.experts.gate_up_proj [E, 2F, H]): each rank takes
+    its F/N rows of the gate half and of the up half."""
+    from safetensors.torch import save_file
+
+    model.config.save_pretrained(tmp_path)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    with mixtral_ext.Engine.from_pretrained(tmp_path, max_context=128, tensor_parallel=2) as sharded:
+        ids = random_tokens(15, one_rank.config.vocab_size, seed=8)
+        assert_close(sharded.logits(ids), one_rank.logits(ids), 1e-5)

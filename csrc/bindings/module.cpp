@@ -270,6 +270,20 @@ PYBIND11_MODULE(_C, m) {
       }, py::arg("rank"), py::arg("world_size"), py::arg("all_reduce"),
          "Makes this CPU engine rank `rank` of a sharded model: all_reduce(float32 array) sums the array over "
          "the ranks in place.")
+      .def("new_communicator_id", [](Engine& e, const std::string& nccl_library) {
+        return py::bytes(e.backend().new_communicator_id(nccl_library));
+      }, py::arg("nccl_library"), "A new group id of the backend's collectives (NCCL's), made by rank 0.")
+      .def("join_communicator", [](Engine& e, const std::string& nccl_library, const py::bytes& id, int rank,
+                                   int world_size) {
+        const std::string id_bytes = id;
+        py::gil_scoped_release release;
+        e.set_communicator(e.backend().create_communicator(nccl_library, id_bytes, rank, world_size));
+      }, py::arg("nccl_library"), py::arg("id"), py::arg("rank"), py::arg("world_size"),
+         "Makes this GPU engine rank `rank` of a sharded model in the group of `id`; returns once all ranks joined.")
+      .def("abort_communicator", [](Engine& e) {
+        if (const std::shared_ptr<Communicator> communicator = e.communicator()) communicator->abort();
+      }, py::call_guard<py::gil_scoped_release>(),
+         "From any thread, when a rank is gone: the collectives waiting for it fail instead of hanging.")
       .def("set_backend_option", [](Engine& e, const std::string& name, const std::string& value) {
         e.backend().set_option(name, value);
       })

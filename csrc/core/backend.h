@@ -30,6 +30,9 @@
 // The CUDA sources are globbed (cmake/cuda_sources.cmake): a new .cu file needs no list.
 #pragma once
 
+#include <memory>
+
+#include "core/communicator.h"
 #include "core/sampling.h"
 #include "core/tensor.h"
 
@@ -38,7 +41,7 @@ namespace mixtral {
 // The version of this header's classes as the CUDA library (opened at run time, core/cuda_library.h)
 // and the core see them: one up with any change to Backend's methods or the structs they take,
 // so that a library built from another version is refused instead of calling the wrong methods.
-constexpr int kBackendAbi = 3;
+constexpr int kBackendAbi = 4;
 
 struct AttentionShape {
   int num_heads;     // Hq
@@ -130,6 +133,20 @@ class MX_EXPORT Backend {
   virtual void abort_graph() {}  // ends a capture that failed midway, recording nothing
   virtual void run_graph(int) { throw Error("backend " + name() + " has no graphs"); }
   virtual void release_graph(int) {}
+
+  // Collectives of a sharded engine (core/communicator.h): rank 0's backend makes a new group id,
+  // the ranks hand it round, and each rank's backend joins the group with it as rank `rank` of
+  // `world_size` (a call that returns once every rank has joined). The communicator enqueues on
+  // this backend's stream. nccl_library: NCCL's library, a path or a name dlopen finds. A backend
+  // without collectives of its own (the CPU's: its engines get PythonCommunicator) throws.
+  virtual std::string new_communicator_id(const std::string& /*nccl_library*/) {
+    throw Error("backend " + name() + " has no communicator of its own");
+  }
+  virtual std::shared_ptr<Communicator> create_communicator(const std::string& /*nccl_library*/,
+                                                            const std::string& /*id*/, int /*rank*/,
+                                                            int /*world_size*/) {
+    throw Error("backend " + name() + " has no communicator of its own");
+  }
 
   // ==== 2. The operations, in the model's order; each backend implements every one ====
   // t[i] = uniform_in(seed, i, low, high) (core/random.h), rounded to t's dtype; t contiguous.

@@ -10,6 +10,7 @@
 
 #include "core/op_checks.h"
 #include "cuda/kernels.cuh"
+#include "cuda/nccl_communicator.cuh"
 
 namespace mixtral::cuda {
 
@@ -189,6 +190,14 @@ void CudaBackend::release_graph(int graph) {
   if (found == graphs_.end()) return;
   cudaGraphExecDestroy(found->second);
   graphs_.erase(found);
+}
+
+std::string CudaBackend::new_communicator_id(const std::string& nccl_library) { return nccl_unique_id(nccl_library); }
+
+std::shared_ptr<Communicator> CudaBackend::create_communicator(const std::string& nccl_library, const std::string& id,
+                                                               int rank, int world_size) {
+  CUDA_CHECK(cudaSetDevice(runtime_.device()));  // NCCL binds its communicator to the current device
+  return make_nccl_communicator(nccl_library, id, rank, world_size, runtime_.stream());
 }
 
 MemoryInfo CudaBackend::memory_info() {

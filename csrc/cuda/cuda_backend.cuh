@@ -62,6 +62,10 @@ class CudaBackend final : public Backend {
   void abort_graph() override;
   void run_graph(int graph) override;
   void release_graph(int graph) override;
+  // NCCL (cuda/nccl_communicator.cu) on this backend's stream.
+  std::string new_communicator_id(const std::string& nccl_library) override;
+  std::shared_ptr<Communicator> create_communicator(const std::string& nccl_library, const std::string& id, int rank,
+                                                    int world_size) override;
 
   // ---- the operations ----
   void fill_uniform(Tensor& t, uint64_t seed, float low, float high) override;

@@ -81,8 +81,10 @@ class Engine {
   // Makes this engine one rank of a sharded model: its config is its own slice (heads, expert width),
   // and after attention's output projection and after the experts' combine the ranks' partial
   // outputs are summed through the communicator (engine/forward.cpp). Set before the first forward
-  // pass; null, or a world of one, runs unsharded.
+  // pass; null runs unsharded (a world of one runs the sharded data flow with sums of one rank, for
+  // benchmarks/bench_parallel.py to measure what they cost).
   void set_communicator(std::shared_ptr<Communicator> communicator);
+  const std::shared_ptr<Communicator>& communicator() const { return communicator_; }
 
   const ModelConfig& config() const { return config_; }
   const EngineOptions& options() const { return options_; }

@@ -176,6 +176,10 @@ class Engine:
         """
     def __init__(self, config: ModelConfig, device: str, weight_dtype: str, activation_dtype: str, max_context: typing.SupportsInt | typing.SupportsIndex, kv_cache_tokens: typing.SupportsInt | typing.SupportsIndex, page_size: typing.SupportsInt | typing.SupportsIndex, max_batch_tokens: typing.SupportsInt | typing.SupportsIndex, cuda_library: str = '', graphs: bool = False, expert_dtype: str = '', num_threads: typing.SupportsInt | typing.SupportsIndex = 0, int4_group_size: typing.SupportsInt | typing.SupportsIndex = 128) -> None:
         ...
+    def abort_communicator(self) -> None:
+        """
+        From any thread, when a rank is gone: the collectives waiting for it fail instead of hanging.
+        """
     def append(self, sequence: typing.SupportsInt | typing.SupportsIndex, tokens: typing.Annotated[numpy.typing.ArrayLike, numpy.int32], all_logits: bool) -> numpy.typing.NDArray[numpy.float32]:
         ...
     def append_sample(self, sequence: typing.SupportsInt | typing.SupportsIndex, tokens: typing.Annotated[numpy.typing.ArrayLike, numpy.int32], sampler: typing.SupportsInt | typing.SupportsIndex) -> tuple[int, float, list[int], list[float]]:
@@ -192,6 +196,10 @@ class Engine:
         """
     def init_random(self, seed: typing.SupportsInt | typing.SupportsIndex) -> None:
         ...
+    def join_communicator(self, nccl_library: str, id: bytes, rank: typing.SupportsInt | typing.SupportsIndex, world_size: typing.SupportsInt | typing.SupportsIndex) -> None:
+        """
+        Makes this GPU engine rank `rank` of a sharded model in the group of `id`; returns once all ranks joined.
+        """
     def load_weight(self, slot: str, layer: typing.SupportsInt | typing.SupportsIndex, expert: typing.SupportsInt | typing.SupportsIndex, row_offset: typing.SupportsInt | typing.SupportsIndex, source: typing_extensions.Buffer, source_dtype: str, row_scales: typing.Annotated[numpy.typing.ArrayLike, numpy.float32] | None = None) -> None:
         ...
     def load_weight_int4(self, slot: str, layer: typing.SupportsInt | typing.SupportsIndex, expert: typing.SupportsInt | typing.SupportsIndex, row_offset: typing.SupportsInt | typing.SupportsIndex, packed: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], scales: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], zeros: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], column_groups: typing.Annotated[numpy.typing.ArrayLike, numpy.int32] | None = None) -> None:
@@ -204,6 +212,10 @@ class Engine:
         """
     def missing_weights(self) -> list[str]:
         ...
+    def new_communicator_id(self, nccl_library: str) -> bytes:
+        """
+        A new group id of the backend's collectives (NCCL's), made by rank 0.
+        """
     def release_sampler(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
         ...
     def release_sequence(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:

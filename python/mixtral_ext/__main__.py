@@ -326,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
         parser_.add_argument("--seed", type=int, default=None, help="seed of the sampler (default: random)")
     args = parser.parse_args(argv)
     launched = torchrun_rank()
+    if launched is not None and getattr(args, "tensor_parallel", 1) != launched[1]:  # said by every rank
+        print(f"error: under torchrun, --tensor-parallel must equal its world size {launched[1]}", file=sys.stderr)
+        return 1
     if launched is not None and launched[0] > 0:  # torchrun's other ranks follow rank 0's engine
         follow_torchrun()
         return 0

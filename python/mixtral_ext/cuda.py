@@ -1,7 +1,8 @@
 """Finding and probing the CUDA backend library (libmixtral_ext_cuda.so),
 which is loaded only when asked for, so the package works without a GPU.
 cuBLAS comes from the toolkit or from the nvidia-cublas wheel; the wheel's
-libraries are preloaded so the backend library finds them."""
+libraries are preloaded so the backend library finds them. NCCL, for sharded
+GPU engines, from the nvidia-nccl wheel or the system (nccl_library)."""
 
 from __future__ import annotations
 
@@ -19,21 +20,36 @@ _LIBRARY = os.environ.get("MIXTRAL_EXT_CUDA_LIBRARY") or os.path.join(os.path.di
                                                                        "libmixtral_ext_cuda.so")
 
 
+def _wheel_libraries(package: str, pattern: str) -> list[str]:
+    """The files matching `pattern` in the lib directory of an nvidia-* wheel's package."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except ImportError:
+        return []
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    return sorted(glob.glob(os.path.join(list(spec.submodule_search_locations)[0], "lib", pattern)))
+
+
 def _preload_cublas_wheel() -> None:
     for package in ("nvidia.cu13", "nvidia.cublas"):
-        try:
-            spec = importlib.util.find_spec(package)
-        except ImportError:
-            continue
-        if spec is None or not spec.submodule_search_locations:
-            continue
-        lib_dir = os.path.join(list(spec.submodule_search_locations)[0], "lib")
         for name in ("libcublasLt.so.*", "libcublas.so.*"):
-            for path in sorted(glob.glob(os.path.join(lib_dir, name))):
+            for path in _wheel_libraries(package, name):
                 try:
                     ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
                 except OSError:
                     pass
+
+
+def nccl_library() -> str:
+    """NCCL's library for the communicator of a sharded GPU engine: $MIXTRAL_EXT_NCCL_LIBRARY (the
+    tests name the CUDA emulator's stand-in), else the nvidia-nccl wheel's (pip install
+    'mixtral_ext[parallel]'; torch brings it too), else the system's libnccl.so.2."""
+    named = os.environ.get("MIXTRAL_EXT_NCCL_LIBRARY")
+    if named:
+        return named
+    found = _wheel_libraries("nvidia.nccl", "libnccl.so.*") or _wheel_libraries("nvidia.cu13", "libnccl.so.*")
+    return found[0] if found else "libnccl.so.2"
 
 
 def cuda_info() -> dict:

@@ -24,7 +24,7 @@ from . import _C
 from .chat import (TOOL_CALLS_TOKEN, AssistantMessage, ChatResult, encode_chat, foreign_call_ids, parse_tool_calls,
                    tool_names)
 from .config import MixtralConfig
-from .cuda import backend_library
+from .cuda import backend_library, nccl_library
 from .errors import (
     ContextOverflowError,
     DeviceError,
@@ -38,7 +38,7 @@ from .errors import (
     TokenError,
 )
 from .generation import Delta, GenerationResult, GenerationSession, Progress, SamplingSettings
-from .parallel import RankSetup, ShardedCore
+from .parallel import RankSetup, ShardedCore, torchrun_rank, visible_gpus
 from .sharding import check_tensor_parallel, shard_config, shard_plan
 from .tokenizer import TOKENIZER_FILES, NoTokenizerError, Tokenizer
 from .weights import check_plan, experts_in_fp8, experts_in_int4, load_into, open_checkpoint, tensor_plan
@@ -160,12 +160,14 @@ class _EngineOptions:
     def check_tensor_parallel(self, config: MixtralConfig, world: int) -> None:
         """SettingError naming the limit when `world` ranks cannot hold this model on this device."""
         check_tensor_parallel(config, world)
-        if world > 1 and self.device == "cuda":
-            raise SettingError("tensor_parallel > 1 runs on the CPU (gloo) so far: the GPU's NCCL communicator is "
-                               "not built yet")
+        if world > 1 and self.device == "cuda" and torchrun_rank() is None:  # torchrun's ranks: a GPU per node rank
+            visible_gpus(world, _C.probe_cuda(backend_library())[0])
 
     def rank_setup(self, world: int, source, seed: int, max_context: int, kv_cache_tokens: int) -> RankSetup:
-        return RankSetup(world, source, seed, self, max_context, kv_cache_tokens)
+        if world == 1 or self.device == "cpu":
+            return RankSetup(world, source, seed, self, max_context, kv_cache_tokens)
+        gpus = () if torchrun_rank() else visible_gpus(world, _C.probe_cuda(backend_library())[0])
+        return RankSetup(world, source, seed, self, max_context, kv_cache_tokens, nccl_library(), gpus)
 
     def make_core(self, config: MixtralConfig, max_context: int, kv_cache_tokens: int):
         if self.expert_dtype == "int4" and (config.hidden_size % 2 or config.intermediate_size % 2):
@@ -260,7 +262,7 @@ class Engine:
             trying the neighbouring counts now and then, so it follows other processes that take
             cores (each op waits for its slowest thread). OMP_NUM_THREADS bounds it.
         progress: show a loading bar (default: for checkpoints of 256 MiB or more).
-        tensor_parallel: ranks the model is split over, one process and one GPU each (sharding.py:
+        tensor_parallel: ranks the model is split over, one process (and GPU) each (sharding.py:
             heads and expert width; parallel.py: rank 0 is this process, the others are started here and
             shut down by close(), or were started by torchrun). Everything else behaves as with one;
             the memory settings are per rank.

@@ -68,6 +68,10 @@ def shard_plan(plan: list[TensorCopy], config: MixtralConfig, rank: int, world: 
             copy = replace(copy, rows=(first_kv, first_kv + local_kv), row_offset=offset)
         elif copy.slot == "wo":
             copy = replace(copy, cols=(first_q, first_q + local_q))
+        elif copy.slot == "w13" and copy.expert_index is not None:  # a fused [E, 2F, H]: w1's rows, then w3's
+            sharded.append(replace(copy, rows=(first_f, first_f + local_f)))
+            first_up = config.intermediate_size + first_f
+            copy = replace(copy, rows=(first_up, first_up + local_f), row_offset=local_f)
         elif copy.slot == "w13":
             copy = replace(copy, rows=(first_f, first_f + local_f), row_offset=0 if copy.row_offset == 0 else local_f)
         elif copy.slot == "w2":

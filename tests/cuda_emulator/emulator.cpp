@@ -19,6 +19,7 @@
 #include <sanitizer/asan_interface.h>
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cctype>
 #include <condition_variable>
@@ -42,6 +43,7 @@
 #include "cuda_bf16.h"
 #include "cuda_fp16.h"
 #include "cuda_runtime.h"
+#include "emulator_hooks.h"
 
 
 extern "C" void cuda_emulator_switch(void** save_sp, void* load_sp);
@@ -581,6 +583,11 @@ void fault(cudaError_t error, const char* what) {
                std::to_string(t.block_idx.z) + ")";
 }
 
+void device_fault(cudaError_t error, const char* what) {
+  std::fprintf(stderr, "cuda emulator: %s\n", what);
+  sticky_error() = error;
+}
+
 cudaError_t enqueue(cudaStream_t stream, std::function<void()> fn) {
   std::lock_guard<std::recursive_mutex> lock(device_mutex());
   if (!stream) {
@@ -837,8 +844,11 @@ cudaError_t cudaGetLastError() {
   return error;
 }
 
+// One device, or CUDA_EMULATOR_DEVICES (the tests of sharded engines run a process per "GPU", each
+// using its device 0 as a GPU of CUDA_VISIBLE_DEVICES would).
 cudaError_t cudaGetDeviceCount(int* count) {
-  *count = 1;
+  const char* devices = std::getenv("CUDA_EMULATOR_DEVICES");
+  *count = devices ? std::max(1, std::atoi(devices)) : 1;
   return cudaSuccess;
 }
 
