@@ -151,6 +151,16 @@ def test_a_killed_worker_is_an_error_within_seconds(model_dir):
     assert engine.closed
 
 
+def test_ranks_out_of_step_are_an_error_not_wrong_text(model_dir):
+    """A sequence rank 0 made alone (as if a call had reached rank 0 only): the next handle differs
+    from the workers', and they say so instead of going on with another sequence."""
+    with mixtral_ext.Engine.from_pretrained(model_dir, max_context=64, tensor_parallel=2) as engine:
+        engine._core._local.create_sequence()
+        with pytest.raises(WorkerError, match="out of step"):
+            with engine.new_sequence() as seq:
+                seq.append([1, 2, 3])
+
+
 def test_impossible_tensor_parallel_settings_name_the_limit(model_dir):
     for ranks, message in [(3, "8 attention heads"), (8, "expert width"), (0, "integer >= 1"), (True, "integer")]:
         with pytest.raises(SettingError, match=message):

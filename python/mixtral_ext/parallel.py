@@ -55,6 +55,9 @@ _WATCH_INTERVAL = 0.25
 # The core calls that change state: rank 0 sends each to the workers before making it.
 FOLLOWED_CALLS = frozenset({"create_sequence", "release_sequence", "truncate_sequence", "append", "append_sample",
                             "create_sampler", "release_sampler", "decode_next", "set_backend_option"})
+# Calls that return a handle: rank 0 sends the one it got after them, and a worker that got another
+# (the ranks out of step) fails loudly rather than going on with the wrong sequence or sampler.
+_HANDLE_CALLS = frozenset({"create_sequence", "create_sampler"})
 
 
 @dataclass(frozen=True)
@@ -242,6 +245,8 @@ class ShardedCore:
             result = call(*args)
             if self._aborted.is_set():  # NCCL's kernels returned early: what they computed is garbage
                 raise WorkerError("a rank ended during the call")
+            if name in _HANDLE_CALLS:
+                self._send("expect_handle", (result,))
             return result
         except (WorkerError, DeviceError) as e:  # a collective failed (or was aborted): a rank is gone or stuck
             self._check_workers()
@@ -371,6 +376,7 @@ def _wait_for(store, key: str) -> bytes | None:
 
 
 def _make_calls(store, core, world: int) -> None:
+    result = None  # of the last call
     for command in range(sys.maxsize):
         key = f"command/{command}"
         value = _wait_for(store, key)
@@ -382,8 +388,13 @@ def _make_calls(store, core, world: int) -> None:
             store.delete_key(f"read/{command}")
         if name == "close":
             return
+        if name == "expect_handle":
+            if args[0] != result:
+                raise WorkerError(f"this rank's handle {result} is not rank 0's {args[0]}: the ranks are out of step")
+            continue
+        result = None
         try:
-            getattr(core, name)(*args)
+            result = getattr(core, name)(*args)
         except (DeviceError, WorkerError):
             raise
         except MixtralError:  # its checks failed here as they did on rank 0
