@@ -265,7 +265,7 @@ PYBIND11_MODULE(_C, m) {
          "(weight bytes, workspace bytes, KV cache bytes per token) of an engine with these settings.")
       .def("set_communicator", [](Engine& e, int rank, int world_size, py::object all_reduce) {
         MX_CHECK(e.backend().device() == Device::kCpu, Error,
-                 "set_communicator: a Python all-reduce serves CPU engines; a GPU one joins NCCL (join_nccl)");
+                 "set_communicator: a Python all-reduce serves CPU engines; a GPU one joins NCCL (join_communicator)");
         e.set_communicator(std::make_shared<PythonCommunicator>(rank, world_size, std::move(all_reduce)));
       }, py::arg("rank"), py::arg("world_size"), py::arg("all_reduce"),
          "Makes this CPU engine rank `rank` of a sharded model: all_reduce(float32 array) sums the array over "

@@ -1,5 +1,5 @@
-// Collectives between the ranks of a sharded engine (tensor or expert parallel): each rank holds a
-// slice of every layer and the ranks sum their partial outputs twice a layer (engine/forward.cpp).
+// Collectives between the ranks of a sharded (tensor-parallel) engine: each rank holds a slice of
+// every layer and the ranks sum their partial outputs twice a layer (engine/forward.cpp).
 // A communicator lives beside a backend and works on that backend's device: the CPU's is a callback
 // into torch.distributed's gloo group (bindings/module.cpp, PythonCommunicator); the GPU's is NCCL
 // enqueued on the backend's stream, so that a recorded decode step records its all-reduces too
