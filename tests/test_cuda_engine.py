@@ -25,6 +25,7 @@ from conftest import assert_close, hf_logits, random_tokens
 from device_helpers import DEVICE, DTYPES, EMULATED, need_gpu
 
 import mixtral_ext
+from mixtral_ext.errors import SettingError
 
 pytestmark = pytest.mark.cuda
 LONG_CONTEXT = 1000 if EMULATED else 3000  # the emulator runs a kernel's threads one after another
@@ -266,6 +267,30 @@ def test_sharded_engine_over_nccl_matches_the_cpu_one(two_gpus):
         assert_greedy_agrees(direct, expected, cpu, prompt)
     with mixtral_ext.Engine.from_pretrained(two_gpus, cuda_graphs=True, **settings) as sharded:
         assert sharded.generate(prompt, max_tokens=12, temperature=0, ignore_eos=True).token_ids == direct
+
+
+def test_expert_parallel_engine_over_nccl_matches_the_cpu_one(two_gpus):
+    """Two ranks of two whole experts each: float32 experts (the per-expert GEMMs, offsets read on the
+    host, so no CUDA graphs: refused by name) equal the CPU engine; FP8 experts (the GEMV reads the
+    offsets on the device) equal the CPU's FP8 engine, and with CUDA graphs their own direct steps."""
+    ids = random_tokens(30, 101, seed=45)
+    prompt = ids[:6]
+    greedy = dict(max_tokens=12, temperature=0, ignore_eos=True)
+    settings = dict(device=DEVICE, dtype="float32", max_context=64, max_batch_tokens=16, tensor_parallel=2,
+                    expert_parallel=True)
+    for expert_dtype in (None, "float8_e4m3"):
+        cpu = mixtral_ext.Engine.from_pretrained(two_gpus, max_context=64, expert_dtype=expert_dtype)
+        with mixtral_ext.Engine.from_pretrained(two_gpus, expert_dtype=expert_dtype, **settings) as sharded:
+            assert_close(sharded.logits(ids), cpu.logits(ids), 1e-4)
+            direct = sharded.generate(prompt, **greedy).token_ids
+            assert_greedy_agrees(direct, cpu.generate(prompt, **greedy).token_ids, cpu, prompt)
+        if expert_dtype is None:
+            with pytest.raises(SettingError, match="cuda_graphs cannot record an expert-parallel decode step"):
+                mixtral_ext.Engine.from_pretrained(two_gpus, cuda_graphs=True, **settings)
+        else:
+            with mixtral_ext.Engine.from_pretrained(two_gpus, expert_dtype=expert_dtype, cuda_graphs=True,
+                                                    **settings) as sharded:
+                assert sharded.generate(prompt, **greedy).token_ids == direct
 
 
 def test_a_dead_gpu_rank_is_an_error_not_a_hang(two_gpus):

@@ -835,6 +835,59 @@ def test_quantized_moe_and_add_rmsnorm_moe(ops, dtype, tokens, expert_dtype, hid
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 12])
+@pytest.mark.parametrize("expert_dtype,hidden,ffn", [("", 56, 23), ("float8_e4m3", 48, 29), ("int4", 160, 30)])
+@pytest.mark.parametrize("device", DEVICES)
+def test_moe_over_a_slice_of_the_experts(backends, device, dtype, tokens, expert_dtype, hidden, ffn):
+    """An expert-parallel rank's moe and add_rmsnorm_moe: w13 and w2 hold experts [first, first + 3) of
+    the router's 9, the routing is the whole layer's, the rows of those experts equal the whole
+    layer's and every other row of out is zero; the slices' outputs add up to the layer's. On the GPU
+    for every expert GEMM path setting (a slice never takes the batched one): 1 token the fused
+    routing kernel (with the norm) and, FP8 and int4, the GEMV that reads the offsets on the device;
+    12 tokens the separate routing ops and offsets read on the host."""
+    cpu_ops, dev_ops = backends
+    r = rng(21)
+    experts, held, k = 9, 3, 2
+    x, delta = normal(r, tokens, hidden), normal(r, tokens, hidden)
+    norm_weight = r.uniform(0.5, 1.5, hidden).astype(np.float32)
+    router = normal(r, experts, hidden, scale=0.5)
+    w13, w2 = normal(r, experts, 2 * ffn, hidden, scale=0.15), normal(r, experts, hidden, ffn, scale=0.15)
+    on_gpu = device == "cuda" and DEVICE == "cuda"
+    try:
+        for path in ["auto", "batched", "grouped"] if on_gpu and not expert_dtype else ["auto"]:
+            if on_gpu:
+                dev_ops.set_option("expert_gemm", path)
+            routing, *layer = cpu_ops.moe(x, router, w13, w2, k, dtype, expert_dtype)
+            owner = np.repeat(np.arange(experts), np.diff(routing[3]))  # each permuted row's expert
+            summed = np.zeros_like(layer[2])
+            for first in range(0, experts, held):
+                part = slice(first, first + held)
+                mine = (owner >= first) & (owner < first + held)
+                slice_routing, *ffn_out = dev_ops.moe(x, router, w13[part], w2[part], k, dtype, expert_dtype,
+                                                      first_expert=first)
+                for index in (1, 3, 4, 5):  # ids, offsets, both row maps: the whole layer's
+                    np.testing.assert_array_equal(slice_routing[index], routing[index])
+                for actual, expected in zip(ffn_out if mine.any() else [], layer):  # this slice's rows
+                    close(actual[mine], expected[mine], dtype, rel_scale=4.0)
+                np.testing.assert_array_equal(ffn_out[2][~mine], 0)
+                summed += ffn_out[2]
+                normed = dev_ops.add_rmsnorm_moe(x, delta, norm_weight, 1e-5, router, w13[part], w2[part], k, dtype,
+                                                 expert_dtype, first_expert=first)
+                whole = cpu_ops.add_rmsnorm_moe(x, delta, norm_weight, 1e-5, router, w13, w2, k, dtype, expert_dtype)
+                mine_normed = np.repeat(np.arange(experts), np.diff(whole[2][3]))
+                mine_normed = (mine_normed >= first) & (mine_normed < first + held)
+                if mine_normed.any():
+                    close(normed[5][mine_normed], whole[5][mine_normed], dtype, rel_scale=4.0)
+                np.testing.assert_array_equal(normed[5][~mine_normed], 0)
+            close(summed, layer[2], dtype, rel_scale=4.0)
+    finally:
+        if on_gpu:
+            dev_ops.set_option("expert_gemm", "auto")
+    with pytest.raises(mixtral_ext.errors.ShapeError, match="outside the router's 9"):
+        dev_ops.moe(x, router, w13[:3], w2[:3], k, dtype, expert_dtype, first_expert=7)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hidden", [93, 96])  # single elements; 16 bytes at a time on the GPU
 @pytest.mark.parametrize("first", [0, 16])  # all 19 tokens, or the last 3 (y keeps every token's rows)
 @pytest.mark.parametrize("device", DEVICES)

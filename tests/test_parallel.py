@@ -1,7 +1,7 @@
-"""Tensor-parallel engines on the CPU (sharding.py, parallel.py): N ranks over gloo against one rank on
-tiny random checkpoints whose heads and expert widths divide (and one whose KV heads N exceeds, so
-they are replicated), the consolidated and int4 layouts, generation, chat and cancellation, a killed
-worker, impossible settings, and torchrun."""
+"""Tensor- and expert-parallel engines on the CPU (sharding.py, parallel.py): N ranks over gloo against
+one rank on tiny random checkpoints whose heads, expert widths and experts divide (and one whose KV
+heads N exceeds, so they are replicated), the consolidated, fused and int4 layouts, generation, chat and
+cancellation, a killed worker, impossible settings, and torchrun."""
 
 from __future__ import annotations
 
@@ -19,14 +19,14 @@ from conftest import assert_close, make_hf_model, random_tokens, write_consolida
 from test_int4 import write_int4_checkpoint
 
 import mixtral_ext
-from mixtral_ext.errors import ModelLoadError, SettingError, WorkerError
+from mixtral_ext.errors import ModelLoadError, SettingError, ShapeError, WorkerError
 from mixtral_ext.int4 import Int4Weight
 from mixtral_ext.synthetic import DEMO_CONFIG, write_random_checkpoint
 
 pytest.importorskip("torch.distributed")
 
 # 8 query heads over 2 KV heads: 2 ranks split both, 4 ranks hold a KV head each for two of them.
-# The expert width 44 splits into 22 and 11 columns.
+# The expert width 44 splits into 22 and 11 columns; the 4 experts into 2 or 1 per rank.
 SHAPE = dict(num_attention_heads=8, num_key_value_heads=2, head_dim=6, intermediate_size=44)
 
 
@@ -64,26 +64,47 @@ def assert_same_model(sharded, one_rank, vocab: int) -> None:
     np.testing.assert_allclose(result.logprobs, expected.logprobs, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("expert_parallel", [False, True], ids=["tensor", "expert"])
 @pytest.mark.parametrize("ranks", [2, 4])
-def test_sharded_engine_equals_one_rank(model_dir, one_rank, ranks):
-    with mixtral_ext.Engine.from_pretrained(model_dir, max_context=128, tensor_parallel=ranks) as sharded:
+def test_sharded_engine_equals_one_rank(model_dir, one_rank, ranks, expert_parallel):
+    with mixtral_ext.Engine.from_pretrained(model_dir, max_context=128, tensor_parallel=ranks,
+                                            expert_parallel=expert_parallel) as sharded:
         assert sharded.weight_bytes < one_rank.weight_bytes  # rank 0 holds its slice only
         assert_same_model(sharded, one_rank, one_rank.config.vocab_size)
 
 
-def test_consolidated_checkpoint_shards_its_interleaved_heads(model, one_rank, tmp_path):
+def test_expert_parallel_rank_holds_its_whole_experts_only(model_dir, one_rank):
+    """Rank 0 of 4 holds expert 0 whole (as many bytes as a quarter of every expert) and no other."""
+    with mixtral_ext.Engine.from_pretrained(model_dir, max_context=128, tensor_parallel=4) as tensor_parallel:
+        quarter_bytes = tensor_parallel.weight_bytes
+    with mixtral_ext.Engine.from_pretrained(model_dir, max_context=128, tensor_parallel=4,
+                                            expert_parallel=True) as sharded:
+        local = sharded._core._local
+        assert local.missing_weights() == [] and local.weight_bytes == quarter_bytes
+        w2 = np.ones((one_rank.config.hidden_size, one_rank.config.intermediate_size), np.float32)  # [H, F] whole
+        local.load_weight("w2", 0, 0, 0, w2, "float32")
+        with pytest.raises(ShapeError, match=r"expert 1 is not held here \(this engine holds experts \[0, 1\)\)"):
+            local.load_weight("w2", 0, 1, 0, w2, "float32")
+
+
+@pytest.mark.parametrize("expert_parallel", [False, True], ids=["tensor", "expert"])
+def test_consolidated_checkpoint_shards_its_interleaved_heads(model, one_rank, tmp_path, expert_parallel):
     write_consolidated(model, tmp_path)
-    with mixtral_ext.Engine.from_pretrained(tmp_path, max_context=128, tensor_parallel=2) as sharded:
+    with mixtral_ext.Engine.from_pretrained(tmp_path, max_context=128, tensor_parallel=2,
+                                            expert_parallel=expert_parallel) as sharded:
         ids = random_tokens(17, one_rank.config.vocab_size, seed=6)
         assert_close(sharded.logits(ids), one_rank.logits(ids), 1e-5)
 
 
-@pytest.mark.parametrize("variant", ["awq", "gptq-channel"])
-def test_int4_checkpoint_shards_its_codes(tmp_path, variant):
-    """int4 experts stay int4 on every rank (w1's rows split); attention is widened, then split."""
+@pytest.mark.parametrize("variant,expert_parallel", [("awq", False), ("gptq-channel", False), ("awq", True),
+                                                     ("gptq-asym-act-order", True)])
+def test_int4_checkpoint_shards_its_codes(tmp_path, variant, expert_parallel):
+    """int4 experts stay int4 on every rank (w1's rows split, or whole experts; act order, whose columns
+    cannot be split, whole only); attention is widened, then split."""
     write_int4_checkpoint(make_hf_model(seed=11, intermediate_size=32, head_dim=8), tmp_path, variant)
     one = mixtral_ext.Engine.from_pretrained(tmp_path, max_context=64)
-    with mixtral_ext.Engine.from_pretrained(tmp_path, max_context=64, tensor_parallel=2) as sharded:
+    with mixtral_ext.Engine.from_pretrained(tmp_path, max_context=64, tensor_parallel=2,
+                                            expert_parallel=expert_parallel) as sharded:
         assert sharded.memory_report()["expert_dtype"] == "int4"
         ids = random_tokens(19, one.config.vocab_size, seed=12)
         assert_close(sharded.logits(ids), one.logits(ids), 1e-5)
@@ -167,32 +188,41 @@ def test_impossible_tensor_parallel_settings_name_the_limit(model_dir):
             mixtral_ext.Engine.from_pretrained(model_dir, max_context=64, tensor_parallel=ranks)
     with pytest.raises(SettingError, match="tensor_parallel"):
         mixtral_ext.Engine.from_pretrained(model_dir, device="cuda", max_context=64, tensor_parallel=2)
+    for ranks, expert_parallel, message in [(8, True, "divide the 4 experts"), (2, "yes", "True or False")]:
+        with pytest.raises(SettingError, match=message):
+            mixtral_ext.Engine.from_pretrained(model_dir, max_context=64, tensor_parallel=ranks,
+                                               expert_parallel=expert_parallel)
 
 
-def test_synthetic_sharded_engine_generates(model_dir):
+@pytest.mark.parametrize("expert_parallel", [False, True], ids=["tensor", "expert"])
+def test_synthetic_sharded_engine_generates(model_dir, expert_parallel):
     config = replace(DEMO_CONFIG, hidden_size=64, num_layers=2, head_dim=16, intermediate_size=96, vocab_size=300)
-    with mixtral_ext.Engine.synthetic(config, max_context=64, tensor_parallel=2, seed=1) as engine:
+    with mixtral_ext.Engine.synthetic(config, max_context=64, tensor_parallel=2, seed=1,
+                                      expert_parallel=expert_parallel) as engine:
         result = engine.generate([1, 2, 3], max_tokens=5, temperature=0, ignore_eos=True)
         assert len(result.token_ids) == 5
 
 
-def test_torchrun_starts_the_ranks(model_dir):
+@pytest.mark.parametrize("split", ["tensor", "expert"])
+def test_torchrun_starts_the_ranks(model_dir, split):
     """torchrun runs the command in every rank; rank 0 holds the engine, the others follow it."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     command = torchrun + ["-m", "mixtral_ext", "bench", "--model", model_dir, "--tensor-parallel", "2",
-                          "--prompt-tokens", "8", "--new-tokens", "4"]
+                          "--prompt-tokens", "8", "--new-tokens", "4"] + ["--expert-parallel"] * (split == "expert")
     done = subprocess.run(command, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "tensor parallel over 2 ranks" in done.stdout
+    assert f"{split} parallel over 2 ranks" in done.stdout
 
 
-def test_fused_expert_tensors_shard_their_gate_and_up_rows(model, one_rank, tmp_path):
+@pytest.mark.parametrize("expert_parallel", [False, True], ids=["tensor", "expert"])
+def test_fused_expert_tensors_shard_their_gate_and_up_rows(model, one_rank, tmp_path, expert_parallel):
     """Experts stored as transformers 5 holds them (mlp.experts.gate_up_proj [E, 2F, H]): each rank takes
-    its F/N rows of the gate half and of the up half."""
+    its F/N rows of the gate half and of the up half, or its experts of the E."""
     from safetensors.torch import save_file
 
     model.config.save_pretrained(tmp_path)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "model.safetensors"))
-    with mixtral_ext.Engine.from_pretrained(tmp_path, max_context=128, tensor_parallel=2) as sharded:
+    with mixtral_ext.Engine.from_pretrained(tmp_path, max_context=128, tensor_parallel=2,
+                                            expert_parallel=expert_parallel) as sharded:
         ids = random_tokens(15, one_rank.config.vocab_size, seed=8)
         assert_close(sharded.logits(ids), one_rank.logits(ids), 1e-5)

@@ -383,7 +383,8 @@ void bind_ops(py::module_& m) {
         });
       })
       .def("moe", [](Ops& ops, const FloatArray& x, const FloatArray& router, const FloatArray& w13,
-                     const FloatArray& w2, int k, const std::string& dtype, const std::string& expert_dtype) {
+                     const FloatArray& w2, int k, const std::string& dtype, const std::string& expert_dtype,
+                     int64_t first_expert) {
         return ops.run([&](Buffers& b) {
           const DType dt = parse_dtype(dtype), et = parse_weight_dtype(expert_dtype, dt);
           const int64_t rows = x.shape(0) * int64_t(k), ffn = w2.shape(2);
@@ -391,17 +392,18 @@ void bind_ops(py::module_& m) {
           Tensor w13t = b.expert_weights(w13, et), w2t = b.expert_weights(w2, et);
           Routing routing = routing_outputs(b, x.shape(0), x.shape(1), router.shape(0), k, dt);
           ExpertBuffers experts{b.output(dt, {rows, 2 * ffn}), b.output(dt, {rows, ffn}),
-                                b.output(dt, {rows, w2.shape(1)})};
+                                b.output(dt, {rows, w2.shape(1)}), Tensor{}, first_expert};
           ops.backend().moe(xt, rt, w13t, w2t, routing, experts);
           return py::make_tuple(routing_to_tuple(b, routing), b.to_float(experts.gate_up), b.to_float(experts.act),
                                 b.to_float(experts.out));
         });
       }, py::arg("x"), py::arg("router"), py::arg("w13"), py::arg("w2"), py::arg("k"), py::arg("dtype"),
-         py::arg("expert_dtype") = "")
+         py::arg("expert_dtype") = "", py::arg("first_expert") = 0,
+         "w13 and w2 may hold a slice of the router's experts, from first_expert (an expert-parallel rank's)")
       .def("add_rmsnorm_moe", [](Ops& ops, const FloatArray& residual, const FloatArray& delta,
                                  const FloatArray& norm_weight, float eps, const FloatArray& router,
                                  const FloatArray& w13, const FloatArray& w2, int k, const std::string& dtype,
-                                 const std::string& expert_dtype) {
+                                 const std::string& expert_dtype, int64_t first_expert) {
         return ops.run([&](Buffers& b) {
           const DType dt = parse_dtype(dtype), et = parse_weight_dtype(expert_dtype, dt);
           const int64_t tokens = residual.shape(0), hidden = residual.shape(1), rows = tokens * k, ffn = w2.shape(2);
@@ -409,13 +411,15 @@ void bind_ops(py::module_& m) {
           Tensor rt = b.input(router, dt), w13t = b.expert_weights(w13, et), w2t = b.expert_weights(w2, et);
           Tensor h = b.output(dt, {tokens, hidden});
           Routing routing = routing_outputs(b, tokens, hidden, router.shape(0), k, dt);
-          ExpertBuffers experts{b.output(dt, {rows, 2 * ffn}), b.output(dt, {rows, ffn}), b.output(dt, {rows, hidden})};
+          ExpertBuffers experts{b.output(dt, {rows, 2 * ffn}), b.output(dt, {rows, ffn}), b.output(dt, {rows, hidden}),
+                                Tensor{}, first_expert};
           ops.backend().add_rmsnorm_moe(res, dl, nw, eps, h, rt, w13t, w2t, routing, experts);
           return py::make_tuple(b.to_float(res), b.to_float(h), routing_to_tuple(b, routing),
                                 b.to_float(experts.gate_up), b.to_float(experts.act), b.to_float(experts.out));
         });
       }, py::arg("residual"), py::arg("delta"), py::arg("norm_weight"), py::arg("eps"), py::arg("router"),
-         py::arg("w13"), py::arg("w2"), py::arg("k"), py::arg("dtype"), py::arg("expert_dtype") = "")
+         py::arg("w13"), py::arg("w2"), py::arg("k"), py::arg("dtype"), py::arg("expert_dtype") = "",
+         py::arg("first_expert") = 0)
       .def("moe_gather", [](Ops& ops, const FloatArray& x, const IntArray& permuted_to_expanded, int k,
                             const std::string& dtype) {
         check_range(permuted_to_expanded, 0, x.shape(0) * int64_t(k), "expanded row");
@@ -428,6 +432,7 @@ void bind_ops(py::module_& m) {
       })
       .def("expert_matmul", [](Ops& ops, const FloatArray& x, const FloatArray& w, const IntArray& offsets,
                                const std::string& dtype, const std::string& out_dtype, const std::string& expert_dtype) {
+        check_range(offsets, 0, x.shape(0) + 1, "expert offset");
         return ops.run([&](Buffers& b) {
           const DType dt = parse_dtype(dtype);
           Tensor xt = b.input(x, dt), wt = b.expert_weights(w, parse_weight_dtype(expert_dtype, dt));

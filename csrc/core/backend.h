@@ -41,7 +41,7 @@ namespace mixtral {
 // The version of this header's classes as the CUDA library (opened at run time, core/cuda_library.h)
 // and the core see them: one up with any change to Backend's methods or the structs they take,
 // so that a library built from another version is refused instead of calling the wrong methods.
-constexpr int kBackendAbi = 4;
+constexpr int kBackendAbi = 5;
 
 struct AttentionShape {
   int num_heads;     // Hq
@@ -78,7 +78,28 @@ struct ExpertBuffers {
   // into the column orders of w1's and w3's rows, or of w2's), or empty: a backend that needs it
   // then keeps its own.
   Tensor ordered_inputs;
+  // The first of the router's experts that the expert weights hold: w13 [El, 2F, H] and w2 [El, H, F]
+  // hold experts [first_expert, first_expert + El) of the router's E (an expert-parallel rank's
+  // slice; all of them, from 0, otherwise).
+  int64_t first_expert = 0;
 };
+
+// The expert offsets of the experts the weights hold (the expert GEMMs' offsets): the router's
+// routing.expert_offsets [E + 1] whole, or its view [first_expert, first_expert + El] for a slice of
+// El of the router's E experts (router [E, H], w13 [El, 2F, H]). ShapeError when the slice does not
+// lie within the router's experts.
+inline Tensor held_expert_offsets(const Routing& routing, const Tensor& router, const Tensor& w13,
+                                  const ExpertBuffers& experts) {
+  const int64_t E = router.shape[0], held = w13.shape[0], first = experts.first_expert;
+  MX_CHECK(router.ndim == 2 && w13.ndim == 3 && routing.expert_offsets.ndim == 1 &&
+               routing.expert_offsets.shape[0] == E + 1,
+           ShapeError, "moe: router " << router.describe() << ", w13 " << w13.describe() << " and expert offsets "
+                                      << routing.expert_offsets.describe() << " do not go together");
+  MX_CHECK(first >= 0 && held >= 1 && first + held <= E, ShapeError,
+           "moe: the expert weights hold experts [" << first << ", " << first + held << "), outside the router's "
+                                                    << E);
+  return routing.expert_offsets.rows(first, held + 1);
+}
 
 struct MemoryInfo {
   size_t free_bytes;   // what the device could still allocate
@@ -190,7 +211,12 @@ class MX_EXPORT Backend {
                           Tensor& out) = 0;
 
   // For each expert e: out[rows of e] = x[rows of e] @ w[e]^T.
-  // x [R, K], w [E, N, K], expert_offsets [E + 1], out [R, N]. For float8_e4m3 w, column n of
+  // x [R, K], w [E, N, K], expert_offsets [E + 1], out [R, N]. The experts' rows are the span
+  // [offsets[0], offsets[E]): every row, or the rows of an expert-parallel rank's slice of the
+  // router's experts (offsets a view into the router's); rows outside it are left as they are, but
+  // for the CUDA backend's batched path (expert_gemm "batched", or "auto" for few rows), whose
+  // pointer arrays cover every row and so need offsets[0] = 0 and offsets[E] = R (moe() over a slice
+  // never takes it). For float8_e4m3 w, column n of
   // expert e is the float32 sum over k of x * e4m3(w) times w.row_scales[e * N + n]. For int4 w
   // (core/int4.h), the float32 sum over k of x[r, order[k]] * (code[e, n, k] - zero) * scale, zero
   // and scale those of group k / group_size of row e * N + n, order = input_order[e, s] for the
@@ -237,16 +263,22 @@ class MX_EXPORT Backend {
   }
 
   // A layer's mixture of experts up to the combine: route(x, router, routing), then on the
-  // gathered rows expert_matmul by w13 [E, 2F, H] into experts.gate_up, silu_mul into
-  // experts.act and expert_matmul by w2 [E, H, F] into experts.out (moe_unpermute combines them).
-  // This default runs those operations; the CUDA backend reads the expert offsets once for both
-  // expert GEMMs, and for decode writes the batched GEMMs' pointer arrays in the routing kernel.
+  // gathered rows expert_matmul by w13 [El, 2F, H] into experts.gate_up, silu_mul into
+  // experts.act and expert_matmul by w2 [El, H, F] into experts.out (moe_unpermute combines them).
+  // When the weights hold a slice of the router's experts (El < E, from experts.first_expert), the
+  // GEMMs take the slice's offsets (held_expert_offsets) and the rows routed to other experts come
+  // out zero in experts.out, so that the combine sums this slice's share (their rows of gate_up and
+  // act are scratch). This default runs those operations; the CUDA backend reads the expert offsets
+  // once for both expert GEMMs, and for decode writes the batched GEMMs' pointer arrays in the
+  // routing kernel (all experts held) or reads the offsets on the device (quantized experts).
   virtual void moe(const Tensor& x, const Tensor& router, const Tensor& w13, const Tensor& w2, Routing& routing,
                    ExpertBuffers& experts) {
+    const Tensor offsets = held_expert_offsets(routing, router, w13, experts);
     route(x, router, routing);
-    expert_matmul(routing.gathered, w13, routing.expert_offsets, experts.gate_up);
+    if (w13.shape[0] < router.shape[0]) fill_uniform(experts.out, 0, 0.0f, 0.0f);  // every draw in [0, 0]: zeros
+    expert_matmul(routing.gathered, w13, offsets, experts.gate_up);
     silu_mul(experts.gate_up, experts.act);
-    expert_matmul(experts.act, w2, routing.expert_offsets, experts.out);
+    expert_matmul(experts.act, w2, offsets, experts.out);
   }
 
   // The FFN half of a layer up to the combine: add_rmsnorm(residual, &delta, norm_weight, eps, h),

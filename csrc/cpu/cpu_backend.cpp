@@ -132,6 +132,13 @@ void F32Output::commit() {
   if (!owned_.empty()) convert_host(owned_.data(), DType::kFloat32, target_.data, target_.dtype, target_.numel());
 }
 
+void F32Output::commit_rows(int64_t begin, int64_t count) {
+  if (owned_.empty() || count == 0) return;
+  const int64_t width = target_.numel() / target_.shape[0];
+  convert_host(owned_.data() + begin * width, DType::kFloat32, target_.rows(begin, count).data, target_.dtype,
+               count * width);
+}
+
 // ---- memory -------------------------------------------------------------------
 
 CpuBackend::CpuBackend() : threads_(omp_get_max_threads()) {}
@@ -407,9 +414,9 @@ void CpuBackend::expert_matmul(const Tensor& x, const Tensor& w, const Tensor& e
   check_expert_matmul(x, w, expert_offsets, out);
   const int64_t E = w.shape[0], N = w.shape[1], K = w.shape[2], R = x.shape[0];
   const int32_t* offsets = expert_offsets.ptr<int32_t>();
-  MX_CHECK(offsets[0] == 0 && offsets[E] == R, ShapeError,
-           "expert_matmul: offsets must span [0, " << R << "], got [" << offsets[0] << ", "
-                                                   << offsets[E] << "]");
+  MX_CHECK(offsets[0] >= 0 && offsets[E] <= R, ShapeError,
+           "expert_matmul: offsets must lie within [0, " << R << "], got [" << offsets[0] << ", "
+                                                        << offsets[E] << "]");
   for (int64_t e = 0; e < E; ++e)
     MX_CHECK(offsets[e] <= offsets[e + 1], ShapeError, "expert_matmul: offsets must not decrease");
   F32Input xf(x);
@@ -429,7 +436,7 @@ void CpuBackend::expert_matmul(const Tensor& x, const Tensor& w, const Tensor& e
   if (w.dtype == DType::kInt4) expert_matmul_int4(xf.data(), w, offsets, of.data(), threads_);
   else if (w.dtype == DType::kFloat8E4M3) each_expert(FP8{});
   else dispatch_float(w.dtype, each_expert);
-  of.commit();
+  of.commit_rows(offsets[0], offsets[E] - offsets[0]);  // rows of other experts stay as they are
 }
 
 void CpuBackend::silu_mul(const Tensor& gate_up, Tensor& out) {

@@ -56,12 +56,14 @@ class F32Input {
   const float* ptr_;
 };
 
-// A float32 buffer for an output; commit() writes it to the tensor in its dtype.
+// A float32 buffer for an output; commit() writes it to the tensor in its dtype, commit_rows() only
+// rows [begin, begin + count) of it (when the others are not the op's to write).
 class F32Output {
  public:
   explicit F32Output(Tensor& t);
   float* data() { return ptr_; }
   void commit();
+  void commit_rows(int64_t begin, int64_t count);
 
  private:
   Tensor& target_;

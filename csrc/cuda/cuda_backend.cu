@@ -384,9 +384,9 @@ std::vector<int32_t> CudaBackend::offsets_on_host(const Tensor& expert_offsets, 
            "paths do, and FP8 or int4 experts past " << kExpertGemvFp8MaxRows << " rows)");
   std::vector<int32_t> offsets(expert_offsets.shape[0]);
   runtime_.download(offsets.data(), expert_offsets.data, offsets.size() * sizeof(int32_t));
-  MX_CHECK(offsets.front() == 0 && offsets.back() == rows, ShapeError,
-           "expert_matmul: offsets must span [0, " << rows << "], got [" << offsets.front() << ", " << offsets.back()
-                                                   << "]");
+  MX_CHECK(offsets.front() >= 0 && offsets.back() <= rows, ShapeError,
+           "expert_matmul: offsets must lie within [0, " << rows << "], got [" << offsets.front() << ", "
+                                                        << offsets.back() << "]");
   for (size_t e = 0; e + 1 < offsets.size(); ++e)
     MX_CHECK(offsets[e] <= offsets[e + 1], ShapeError, "expert_matmul: offsets must not decrease");
   return offsets;
@@ -619,24 +619,31 @@ void CudaBackend::expert_gemm_dequantized(const Tensor& x, const Tensor& w, cons
 
 namespace {
 
-// The checks of moe()'s expert half: both expert GEMMs and the silu-mul between them.
-void check_experts(const Routing& routing, const Tensor& w13, const Tensor& w2, const ExpertBuffers& experts) {
-  check_expert_matmul(routing.gathered, w13, routing.expert_offsets, experts.gate_up);
+// The checks of moe()'s expert half: both expert GEMMs (on the held experts' offsets) and the
+// silu-mul between them.
+void check_experts(const Routing& routing, const Tensor& held_offsets, const Tensor& w13, const Tensor& w2,
+                   const ExpertBuffers& experts) {
+  check_expert_matmul(routing.gathered, w13, held_offsets, experts.gate_up);
   check_silu_mul(experts.gate_up, experts.act);
-  check_expert_matmul(experts.act, w2, routing.expert_offsets, experts.out);
+  check_expert_matmul(experts.act, w2, held_offsets, experts.out);
 }
 
 }  // namespace
 
 void CudaBackend::moe(const Tensor& x, const Tensor& router, const Tensor& w13, const Tensor& w2, Routing& routing,
                       ExpertBuffers& experts) {
-  check_experts(routing, w13, w2, experts);
+  const Tensor held_offsets = held_expert_offsets(routing, router, w13, experts);
+  check_experts(routing, held_offsets, w13, w2, experts);
   if (is_quantized(w13.dtype)) return moe_quantized(x, router, w13, w2, routing, experts, nullptr);
   const int64_t R = routing.gathered.shape[0];
+  const bool all_experts = w13.shape[0] == router.shape[0];
+  // The batched path's pointer arrays cover every row: a slice of the experts takes the per-expert
+  // path instead (or the grouped one when set), which skips the other experts' rows.
   const ExpertGemmPath path = expert_path(R);
-  if (path == ExpertGemmPath::kBatched) return moe_batched(x, router, w13, w2, routing, experts, nullptr);
+  if (path == ExpertGemmPath::kBatched && all_experts) return moe_batched(x, router, w13, w2, routing, experts, nullptr);
   route(x, router, routing);
-  const std::vector<int32_t> offsets = offsets_on_host(routing.expert_offsets, R);  // once for both GEMMs
+  if (!all_experts) fill_uniform(experts.out, 0, 0.0f, 0.0f);  // zeros, under the held experts' rows too
+  const std::vector<int32_t> offsets = offsets_on_host(held_offsets, R);  // once for both GEMMs
   expert_gemm_on_host_offsets(path, routing.gathered, w13, offsets, experts.gate_up);
   silu_mul(experts.gate_up, experts.act);
   expert_gemm_on_host_offsets(path, experts.act, w2, offsets, experts.out);
@@ -648,18 +655,20 @@ void CudaBackend::moe_quantized(const Tensor& x, const Tensor& router, const Ten
   else Backend::route(x, router, routing);  // norm is only given when the fused kernel fits
   check_same_dtype("moe", routing.gathered, experts.gate_up);
   check_same_dtype("moe", experts.act, experts.out);
+  if (w13.shape[0] < router.shape[0]) fill_uniform(experts.out, 0, 0.0f, 0.0f);  // zeros (every draw in [0, 0])
+  // The GEMVs and the dequantizing GEMMs both skip the rows of experts the weights do not hold.
+  const Tensor held_offsets = held_expert_offsets(routing, router, w13, experts);
   const int64_t R = routing.gathered.shape[0];
   if (R <= std::min(gemv_max_rows(w13.dtype), gemv_max_rows(w2.dtype))) {
-    expert_gemv_quantized(routing.gathered, w13, routing.expert_offsets, experts.gate_up, &experts.ordered_inputs);
+    expert_gemv_quantized(routing.gathered, w13, held_offsets, experts.gate_up, &experts.ordered_inputs);
     silu_mul(experts.gate_up, experts.act);
-    expert_gemv_quantized(experts.act, w2, routing.expert_offsets, experts.out, &experts.ordered_inputs);
+    expert_gemv_quantized(experts.act, w2, held_offsets, experts.out, &experts.ordered_inputs);
     return;
   }
-  const std::vector<int32_t> offsets = offsets_on_host(routing.expert_offsets, R);  // once for both GEMMs
-  expert_gemm_dequantized(routing.gathered, w13, routing.expert_offsets, offsets, experts.gate_up,
-                          &experts.ordered_inputs);
+  const std::vector<int32_t> offsets = offsets_on_host(held_offsets, R);  // once for both GEMMs
+  expert_gemm_dequantized(routing.gathered, w13, held_offsets, offsets, experts.gate_up, &experts.ordered_inputs);
   silu_mul(experts.gate_up, experts.act);
-  expert_gemm_dequantized(experts.act, w2, routing.expert_offsets, offsets, experts.out, &experts.ordered_inputs);
+  expert_gemm_dequantized(experts.act, w2, held_offsets, offsets, experts.out, &experts.ordered_inputs);
 }
 
 void CudaBackend::moe_batched(const Tensor& x, const Tensor& router, const Tensor& w13, const Tensor& w2,
@@ -686,10 +695,10 @@ void CudaBackend::add_rmsnorm_moe(Tensor& residual, const Tensor& delta, const T
                                   Tensor& h, const Tensor& router, const Tensor& w13, const Tensor& w2,
                                   Routing& routing, ExpertBuffers& experts) {
   const int64_t R = routing.gathered.shape[0];
-  const bool quantized = is_quantized(w13.dtype);
-  if ((!quantized && expert_path(R) != ExpertGemmPath::kBatched) || !fused_route_fits(h, router))
+  const bool quantized = is_quantized(w13.dtype), all_experts = w13.shape[0] == router.shape[0];
+  if ((!quantized && (expert_path(R) != ExpertGemmPath::kBatched || !all_experts)) || !fused_route_fits(h, router))
     return Backend::add_rmsnorm_moe(residual, delta, norm_weight, eps, h, router, w13, w2, routing, experts);
-  check_experts(routing, w13, w2, experts);
+  check_experts(routing, held_expert_offsets(routing, router, w13, experts), w13, w2, experts);
   const RouteNorm norm{residual, delta, norm_weight, eps};
   if (quantized) moe_quantized(h, router, w13, w2, routing, experts, &norm);
   else moe_batched(h, router, w13, w2, routing, experts, &norm);

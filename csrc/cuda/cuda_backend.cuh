@@ -13,7 +13,10 @@
 // of these: a hand-written GEMV up to 16 rows (no host sync), else chunks dequantized for
 // cublasGemmEx per expert (one kernel each, then cuBLAS's tensor cores: prefill is compute-bound,
 // and a fused int4 GEMM would have to match them). An int4 weight with act order has x gathered
-// into its column orders first, once per call (one kernel).
+// into its column orders first, once per call (one kernel). An expert-parallel rank's moe() over a
+// slice of the experts never takes the batched path (its arrays cover every row): its float experts
+// run per expert (or grouped), offsets on the host, so its decode steps cannot be recorded; its FP8
+// and int4 experts take the GEMV, which reads the offsets on the device, as with all experts.
 // Options: "expert_gemm" = auto|per_expert|batched|grouped; "attention" = auto (prefill in
 // bfloat16/float16 on the tensor cores) or simple (the CUDA-core kernel for everything).
 #pragma once

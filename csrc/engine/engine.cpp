@@ -39,7 +39,7 @@ void ModelConfig::validate() const {
 
 namespace {
 
-void validate_options(const EngineOptions& options) {
+void validate_options(const ModelConfig& config, const EngineOptions& options) {
   MX_CHECK(options.max_context >= 1, Error, "max_context must be >= 1");
   MX_CHECK(options.kv_cache_tokens >= 1 && options.kv_cache_tokens < (int64_t(1) << 31), Error,
            "kv_cache_tokens must be in [1, 2^31), got " << options.kv_cache_tokens);
@@ -53,6 +53,10 @@ void validate_options(const EngineOptions& options) {
            Error, "expert weights take the weight dtype, float8_e4m3 or int4, not " << dtype_name(options.expert_dtype));
   MX_CHECK(options.int4_group_size >= 0 && options.int4_group_size < (int64_t(1) << 31), Error,
            "int4_group_size must be >= 1 (or 0: one group per row), got " << options.int4_group_size);
+  MX_CHECK(options.first_expert >= 0 && options.held_experts >= 0 &&
+               options.first_expert + options.experts_held(config) <= config.num_experts,
+           Error, "held experts [" << options.first_expert << ", " << options.first_expert + options.experts_held(config)
+                                   << ") are not among the model's " << config.num_experts);
 }
 
 size_t kv_bytes_per_token(const ModelConfig& c, DType activation_dtype) {
@@ -105,7 +109,7 @@ void Engine::Workspace::place(void* base, Device device) {
 
 Engine::MemoryPlan Engine::memory_plan(const ModelConfig& config, const EngineOptions& options) {
   config.validate();
-  validate_options(options);
+  validate_options(config, options);
   SlotLayout slots[static_cast<int>(Slot::kCount)];
   return MemoryPlan{plan_weights(config, options, slots), Workspace::plan(config, options).bytes,
                     kv_bytes_per_token(config, options.activation_dtype)};
@@ -120,7 +124,7 @@ Engine::Engine(const ModelConfig& config, const EngineOptions& options,
                                                    std::max(options.page_size, 1))),
           options.page_size) {
   config_.validate();
-  validate_options(options_);
+  validate_options(config_, options_);
   if (backend_->device() == Device::kCpu) {
     if (options_.num_threads > 0) backend_->set_threads(options_.num_threads);
     else thread_tuner_ = std::make_unique<ThreadTuner>(ThreadTuner::available_threads());

@@ -14,7 +14,9 @@
 //   embed [V, H]   lm_head [V, H]   final_norm [1, H]
 //   per layer: attn_norm [1, H]  wqkv [(Hq+2Hkv)*D, H] (q rows, then k, then v)
 //              wo [H, Hq*D]  ffn_norm [1, H]  router [E, H]
-//   per layer and expert: w13 [2F, H] (w1 rows, then w3)  w2 [H, F]
+//   per layer and held expert: w13 [2F, H] (w1 rows, then w3)  w2 [H, F]
+// The held experts are all E of them, or an expert-parallel rank's slice of options.held_experts
+// from options.first_expert (the router still scores all E; engine/forward.cpp).
 // q and k rows use the rotate-half RoPE layout (Hugging Face's); loaders
 // permute interleaved checkpoints before calling load_weight.
 #pragma once
@@ -60,6 +62,11 @@ struct EngineOptions {
   int64_t max_batch_tokens = 256;            // tokens per forward chunk
   bool graphs = false;                       // record each sampler's decode step once, replay it
   int num_threads = 0;                       // the CPU's threads; 0: timed decode steps choose (cpu/thread_tuner.h)
+  // The experts whose weights this engine holds: [first_expert, first_expert + held_experts) of the
+  // model's num_experts (an expert-parallel rank's slice); held_experts 0: all of them.
+  int64_t first_expert = 0;
+  int64_t held_experts = 0;
+  int64_t experts_held(const ModelConfig& c) const { return held_experts > 0 ? held_experts : c.num_experts; }
 };
 
 enum class Slot { kEmbed, kLmHead, kFinalNorm, kAttnNorm, kWqkv, kWo, kFfnNorm, kRouter, kW13, kW2, kCount };

@@ -29,7 +29,7 @@ void Engine::enqueue_model(int64_t n, int64_t logit_rows) {
                   all_routing.expanded_to_permuted.rows(0, n * k),
                   all_routing.gathered.rows(0, n * k)};
   ExpertBuffers experts{work_.experts.gate_up.rows(0, n * k), work_.experts.act.rows(0, n * k),
-                        work_.experts.out.rows(0, n * k), work_.experts.ordered_inputs};
+                        work_.experts.out.rows(0, n * k), work_.experts.ordered_inputs, options_.first_expert};
 
   // The model, unfused, for the residual stream x of n tokens:
   //   for each layer:  x = x + attention(rmsnorm(x));  x = x + moe(rmsnorm(x))
@@ -42,11 +42,13 @@ void Engine::enqueue_model(int64_t n, int64_t logit_rows) {
   // together with the next norm: layer i+1's attention norm, or the final norm.
   //
   // Sharded (tensor parallel over the communicator's ranks): each rank holds its heads of wqkv,
-  // wo's columns for them, and its slice of every expert's F (w1's and w3's rows, w2's columns),
-  // and everything else whole. Attention's output projection and the experts' combine then give
-  // each rank a partial sum of delta, which the ranks sum (all_reduce_sum) before it is added to
-  // x: the combine and the next norm run apart around the sum. x, and so the logits, are the same
-  // bytes on every rank, and each rank samples the same token.
+  // wo's columns for them, and its slice of every expert's F (w1's and w3's rows, w2's columns), or
+  // expert parallel, whole experts of its own (options.first_expert on: every rank routes over all
+  // of them, and its moe leaves the rows of the experts it does not hold zero), and everything else
+  // whole. Attention's output projection and the experts' combine then give each rank a partial
+  // sum of delta, which the ranks sum (all_reduce_sum) before it is added to x: the combine and the
+  // next norm run apart around the sum. x, and so the logits, are the same bytes on every rank,
+  // and each rank samples the same token.
   const bool sharded = communicator_ != nullptr;  // a world of one too: what the sums cost, measured
   auto combine_experts = [&](const Tensor& e2p, const Tensor& weights, Tensor& delta_rows, Tensor& x_rows,
                              const Tensor& norm, Tensor& h_rows) {

@@ -20,10 +20,11 @@ const char* const kSlotNames[] = {"embed",    "lm_head", "final_norm", "attn_nor
 
 size_t Engine::plan_weights(const ModelConfig& c, const EngineOptions& options, SlotLayout* slots) {
   const int64_t H = c.hidden_size, E = c.num_experts, L = c.num_layers, F = c.intermediate_size;
+  const int64_t held = options.experts_held(c);  // the router scores all E; the experts held have weights
   const int64_t shapes[][3] = {
       {c.vocab_size, H, 1},          {c.vocab_size, H, 1}, {1, H, 1},     {1, H, L},
       {c.qkv_width(), H, L},         {H, c.num_heads * c.head_dim, L},    {1, H, L},
-      {E, H, L},                     {2 * F, H, L * E},   {H, F, L * E}};
+      {E, H, L},                     {2 * F, H, L * held}, {H, F, L * held}};
   size_t total = 0;
   for (int s = 0; s < static_cast<int>(Slot::kCount); ++s) {
     const bool expert = s == int(Slot::kW13) || s == int(Slot::kW2);
@@ -67,11 +68,17 @@ size_t Engine::block_first_row(int s, int64_t layer, int64_t expert, int64_t row
   MX_CHECK(layer >= 0 && layer < layers && expert >= 0 && expert < experts, ShapeError,
            kSlotNames[s] << ": layer " << layer << " / expert " << expert << " outside " << layers
                          << " layers / " << experts << " experts");
+  // Experts by the model's ids; this engine's slots hold its slice of them.
+  const int64_t first_held = per_expert ? options_.first_expert : 0;
+  const int64_t held = per_expert ? options_.experts_held(config_) : 1;
+  MX_CHECK(expert >= first_held && expert < first_held + held, ShapeError,
+           kSlotNames[s] << ": expert " << expert << " is not held here (this engine holds experts [" << first_held
+                         << ", " << first_held + held << "))");
   MX_CHECK(cols == slot.cols && rows >= 1 && row_offset >= 0 && row_offset + rows <= slot.rows,
            ShapeError,
            kSlotNames[s] << ": block [" << rows << ", " << cols << "] at row " << row_offset
                          << " does not fit the slot's [" << slot.rows << ", " << slot.cols << "]");
-  return size_t(layer * experts + expert) * slot.rows + row_offset;
+  return size_t(layer * held + expert - first_held) * slot.rows + row_offset;
 }
 
 void Engine::load_weight(const std::string& slot_name, int64_t layer, int64_t expert,
@@ -256,10 +263,11 @@ void Engine::init_random(uint64_t seed) {
 Tensor Engine::weight(Slot slot, int64_t layer) const {
   const SlotLayout& s = slots_[static_cast<int>(slot)];
   const bool per_expert = slot == Slot::kW13 || slot == Slot::kW2;
-  const int64_t instance = per_expert ? layer * config_.num_experts : (s.count == 1 ? 0 : layer);
+  const int64_t held = options_.experts_held(config_);
+  const int64_t instance = per_expert ? layer * held : (s.count == 1 ? 0 : layer);
   char* arena = static_cast<char*>(weight_arena_);
   void* data = arena + s.offset + bytes_of(s.dtype, instance * s.rows * s.cols);
-  Tensor t = per_expert ? Tensor(data, s.dtype, backend_->device(), {config_.num_experts, s.rows, s.cols})
+  Tensor t = per_expert ? Tensor(data, s.dtype, backend_->device(), {held, s.rows, s.cols})
                         : Tensor(data, s.dtype, backend_->device(), {s.rows, s.cols});
   if (s.dtype == DType::kFloat8E4M3)
     t.row_scales = reinterpret_cast<const float*>(arena + s.scale_offset) + size_t(instance) * s.rows;

@@ -170,12 +170,15 @@ class ThreadTuner:
         """
 class Engine:
     @staticmethod
-    def memory_plan(config: ModelConfig, weight_dtype: str, activation_dtype: str, max_context: typing.SupportsInt | typing.SupportsIndex, page_size: typing.SupportsInt | typing.SupportsIndex, max_batch_tokens: typing.SupportsInt | typing.SupportsIndex, expert_dtype: str = '', int4_group_size: typing.SupportsInt | typing.SupportsIndex = 128) -> tuple[int, int, int]:
+    def memory_plan(config: ModelConfig, weight_dtype: str, activation_dtype: str, max_context: typing.SupportsInt | typing.SupportsIndex, page_size: typing.SupportsInt | typing.SupportsIndex, max_batch_tokens: typing.SupportsInt | typing.SupportsIndex, expert_dtype: str = '', int4_group_size: typing.SupportsInt | typing.SupportsIndex = 128, held_experts: typing.SupportsInt | typing.SupportsIndex = 0) -> tuple[int, int, int]:
         """
         (weight bytes, workspace bytes, KV cache bytes per token) of an engine with these settings.
         """
-    def __init__(self, config: ModelConfig, device: str, weight_dtype: str, activation_dtype: str, max_context: typing.SupportsInt | typing.SupportsIndex, kv_cache_tokens: typing.SupportsInt | typing.SupportsIndex, page_size: typing.SupportsInt | typing.SupportsIndex, max_batch_tokens: typing.SupportsInt | typing.SupportsIndex, cuda_library: str = '', graphs: bool = False, expert_dtype: str = '', num_threads: typing.SupportsInt | typing.SupportsIndex = 0, int4_group_size: typing.SupportsInt | typing.SupportsIndex = 128) -> None:
-        ...
+    def __init__(self, config: ModelConfig, device: str, weight_dtype: str, activation_dtype: str, max_context: typing.SupportsInt | typing.SupportsIndex, kv_cache_tokens: typing.SupportsInt | typing.SupportsIndex, page_size: typing.SupportsInt | typing.SupportsIndex, max_batch_tokens: typing.SupportsInt | typing.SupportsIndex, cuda_library: str = '', graphs: bool = False, expert_dtype: str = '', num_threads: typing.SupportsInt | typing.SupportsIndex = 0, int4_group_size: typing.SupportsInt | typing.SupportsIndex = 128, first_expert: typing.SupportsInt | typing.SupportsIndex = 0, held_experts: typing.SupportsInt | typing.SupportsIndex = 0) -> None:
+        """
+        held_experts > 0: the engine holds experts [first_expert, first_expert + held_experts) only (an
+        expert-parallel rank); load_weight takes the model's expert ids.
+        """
     def abort_communicator(self) -> None:
         """
         From any thread, when a rank is gone: the collectives waiting for it fail instead of hanging.
@@ -271,7 +274,7 @@ class Ops:
         ...
     def add_rmsnorm(self, arg0: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], arg1: typing.Annotated[numpy.typing.ArrayLike, numpy.float32] | None, arg2: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], arg3: typing.SupportsFloat | typing.SupportsIndex, arg4: str) -> tuple[numpy.typing.NDArray[numpy.float32], numpy.typing.NDArray[numpy.float32]]:
         ...
-    def add_rmsnorm_moe(self, residual: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], delta: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], norm_weight: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], eps: typing.SupportsFloat | typing.SupportsIndex, router: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], w13: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], w2: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], k: typing.SupportsInt | typing.SupportsIndex, dtype: str, expert_dtype: str = '') -> tuple[numpy.typing.NDArray[numpy.float32], numpy.typing.NDArray[numpy.float32], tuple, numpy.typing.NDArray[numpy.float32], numpy.typing.NDArray[numpy.float32], numpy.typing.NDArray[numpy.float32]]:
+    def add_rmsnorm_moe(self, residual: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], delta: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], norm_weight: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], eps: typing.SupportsFloat | typing.SupportsIndex, router: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], w13: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], w2: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], k: typing.SupportsInt | typing.SupportsIndex, dtype: str, expert_dtype: str = '', first_expert: typing.SupportsInt | typing.SupportsIndex = 0) -> tuple[numpy.typing.NDArray[numpy.float32], numpy.typing.NDArray[numpy.float32], tuple, numpy.typing.NDArray[numpy.float32], numpy.typing.NDArray[numpy.float32], numpy.typing.NDArray[numpy.float32]]:
         ...
     def attention(self, arg0: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], arg1: typing.SupportsInt | typing.SupportsIndex, arg2: typing.SupportsInt | typing.SupportsIndex, arg3: typing.SupportsInt | typing.SupportsIndex, arg4: typing.Annotated[numpy.typing.ArrayLike, numpy.int32], arg5: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], arg6: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], arg7: typing.Annotated[numpy.typing.ArrayLike, numpy.int32], arg8: str) -> numpy.typing.NDArray[numpy.float32]:
         ...
@@ -287,8 +290,10 @@ class Ops:
         ...
     def matmul(self, arg0: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], arg1: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], arg2: str, arg3: str) -> numpy.typing.NDArray[numpy.float32]:
         ...
-    def moe(self, x: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], router: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], w13: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], w2: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], k: typing.SupportsInt | typing.SupportsIndex, dtype: str, expert_dtype: str = '') -> tuple[tuple, numpy.typing.NDArray[numpy.float32], numpy.typing.NDArray[numpy.float32], numpy.typing.NDArray[numpy.float32]]:
-        ...
+    def moe(self, x: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], router: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], w13: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], w2: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], k: typing.SupportsInt | typing.SupportsIndex, dtype: str, expert_dtype: str = '', first_expert: typing.SupportsInt | typing.SupportsIndex = 0) -> tuple[tuple, numpy.typing.NDArray[numpy.float32], numpy.typing.NDArray[numpy.float32], numpy.typing.NDArray[numpy.float32]]:
+        """
+        w13 and w2 may hold a slice of the router's experts, from first_expert (an expert-parallel rank's)
+        """
     def moe_gather(self, arg0: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], arg1: typing.Annotated[numpy.typing.ArrayLike, numpy.int32], arg2: typing.SupportsInt | typing.SupportsIndex, arg3: str) -> numpy.typing.NDArray[numpy.float32]:
         ...
     def moe_permute(self, arg0: typing.Annotated[numpy.typing.ArrayLike, numpy.int32], arg1: typing.SupportsInt | typing.SupportsIndex) -> tuple[numpy.typing.NDArray[numpy.int32], numpy.typing.NDArray[numpy.int32], numpy.typing.NDArray[numpy.int32]]:

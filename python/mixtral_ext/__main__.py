@@ -14,7 +14,8 @@
 generate, chat and bench take --device cpu|cuda, --dtype, --num-threads and --expert-dtype float8_e4m3 or int4
 (the experts' weights in FP8, or in 4-bit groups of 128, quantized as they load; an FP8 or int4 checkpoint's
 experts stay as stored by default). generate, chat, bench and serve take --tensor-parallel N: the model split
-over N processes (ranks) that this one starts, or that torchrun started, this command running in each:
+over N processes (ranks) that this one starts, or that torchrun started, this command running in each, and
+--expert-parallel: the experts split whole, E/N to a rank, instead of each expert's width:
   torchrun --nproc-per-node 2 -m mixtral_ext generate --model DIR --prompt TEXT --tensor-parallel 2
 """
 
@@ -111,7 +112,8 @@ def bench(args: argparse.Namespace) -> dict:
         engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
                                         expert_dtype=args.expert_dtype,
                                         max_context=args.prompt_tokens + args.new_tokens, cuda_graphs=args.cuda_graphs,
-                                        num_threads=args.num_threads, tensor_parallel=args.tensor_parallel)
+                                        num_threads=args.num_threads, tensor_parallel=args.tensor_parallel,
+                                        expert_parallel=args.expert_parallel)
         name = args.model
     else:
         config = SHAPES[args.shape]
@@ -120,12 +122,12 @@ def bench(args: argparse.Namespace) -> dict:
         engine = Engine.synthetic(config, device=args.device, dtype=args.dtype, expert_dtype=args.expert_dtype,
                                   max_context=args.prompt_tokens + args.new_tokens, max_batch_tokens=args.prompt_tokens,
                                   cuda_graphs=args.cuda_graphs, num_threads=args.num_threads,
-                                  tensor_parallel=args.tensor_parallel)
+                                  tensor_parallel=args.tensor_parallel, expert_parallel=args.expert_parallel)
         name = f"synthetic {args.shape}, {config.num_layers} layers"
     if args.expert_dtype:
         name += f", experts in {args.expert_dtype}"
     if args.tensor_parallel > 1:
-        name += f", tensor parallel over {args.tensor_parallel} ranks"
+        name += f", {'expert' if args.expert_parallel else 'tensor'} parallel over {args.tensor_parallel} ranks"
     prompt = np.random.default_rng(0).integers(3, engine.config.vocab_size, args.prompt_tokens).tolist()
     with engine:
         engine.generate(prompt[:8], max_tokens=2, temperature=0, ignore_eos=True)  # warm-up
@@ -135,7 +137,7 @@ def bench(args: argparse.Namespace) -> dict:
     layers = engine.config.num_layers
     ms_per_token = 1e3 / result.tokens_per_second
     report = dict(model=name, device=device, expert_dtype=args.expert_dtype, cuda_graphs=args.cuda_graphs,
-                  tensor_parallel=args.tensor_parallel, layers=layers,
+                  tensor_parallel=args.tensor_parallel, expert_parallel=args.expert_parallel, layers=layers,
                   prompt_tokens=args.prompt_tokens,
                   new_tokens=len(result.token_ids), time_to_first_token_ms=1e3 * result.time_to_first_token,
                   prefill_tokens_per_s=args.prompt_tokens / result.time_to_first_token,
@@ -165,7 +167,7 @@ def serve_http(args: argparse.Namespace) -> int:
         engine = Engine.from_pretrained(path, device=args.device, dtype=args.dtype, expert_dtype=args.expert_dtype,
                                         max_context=args.max_context, cuda_graphs=args.cuda_graphs,
                                         num_threads=args.num_threads, progress=False,
-                                        tensor_parallel=args.tensor_parallel)
+                                        tensor_parallel=args.tensor_parallel, expert_parallel=args.expert_parallel)
         if demo_dir is not None:  # its weights are in the engine now and its tokenizer is mistral-common's
             engine.tokenizer_or_none()
             demo_dir.cleanup()
@@ -238,7 +240,7 @@ def open_model(args: argparse.Namespace) -> Engine:
     """The model directory of `generate` and `chat`, with their settings."""
     return Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, expert_dtype=args.expert_dtype,
                                   max_context=args.max_context, num_threads=args.num_threads,
-                                  tensor_parallel=args.tensor_parallel)
+                                  tensor_parallel=args.tensor_parallel, expert_parallel=args.expert_parallel)
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -302,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
         parser_.add_argument("--tensor-parallel", type=int, default=1,
                              help="split the model over this many ranks, one process each (under torchrun: its "
                                   "world size)")
+        parser_.add_argument("--expert-parallel", action="store_true",
+                             help="with --tensor-parallel: whole experts per rank instead of a slice of each "
+                                  "(attention still split by heads)")
     timing.add_argument("--prompt-tokens", type=int, default=128, help="random prompt tokens to prefill")
     timing.add_argument("--new-tokens", type=int, default=32, help="tokens to decode greedily, past EOS")
     timing.add_argument("--cuda-graphs", action="store_true", help="replay each decode step as a CUDA graph")

@@ -39,7 +39,7 @@ from .errors import (
 )
 from .generation import Delta, GenerationResult, GenerationSession, Progress, SamplingSettings
 from .parallel import RankSetup, ShardedCore, torchrun_rank, visible_gpus
-from .sharding import check_tensor_parallel, shard_config, shard_plan
+from .sharding import Sharding
 from .tokenizer import TOKENIZER_FILES, NoTokenizerError, Tokenizer
 from .weights import check_plan, experts_in_fp8, experts_in_int4, load_into, open_checkpoint, tensor_plan
 
@@ -112,8 +112,10 @@ class _EngineOptions:
         # The CPU computes in float32 whatever the weights; the GPU in the weight dtype.
         return "float32" if self.device == "cpu" else self.dtype
 
-    def context(self, config: MixtralConfig, max_context, kv_cache_tokens, kv_cache_fraction) -> tuple[int, int]:
-        """max_context and kv_cache_tokens, defaulted and checked against the model and the device.
+    def context(self, config: MixtralConfig, max_context, kv_cache_tokens, kv_cache_fraction,
+                held_experts: int = 0) -> tuple[int, int]:
+        """max_context and kv_cache_tokens, defaulted and checked against the model (a rank's slice of
+        it, holding held_experts of its experts, 0: all) and the device.
 
         With a kv_cache_fraction (the default on the GPU: 0.9), the KV cache takes that fraction of
         the device memory left after the weights and the workspace, up to max_position_embeddings
@@ -131,7 +133,7 @@ class _EngineOptions:
             if isinstance(kv_cache_fraction, bool) or not isinstance(kv_cache_fraction, (int, float)) \
                     or not 0 < kv_cache_fraction <= 1:
                 raise SettingError(f"kv_cache_fraction must be a number in (0, 1], got {kv_cache_fraction!r}")
-            kv_cache_tokens = self._tokens_that_fit(config, kv_cache_fraction)
+            kv_cache_tokens = self._tokens_that_fit(config, kv_cache_fraction, held_experts)
             if max_context is not None and kv_cache_tokens < max_context:
                 raise DeviceOutOfMemoryError(
                     f"max_context {max_context} does not fit: {kv_cache_fraction} of the {self.device} memory left "
@@ -145,11 +147,11 @@ class _EngineOptions:
             raise SettingError(f"kv_cache_tokens must be an integer in [1, 2^31), got {kv_cache_tokens!r}")
         return max_context, kv_cache_tokens
 
-    def _tokens_that_fit(self, config: MixtralConfig, fraction: float) -> int:
+    def _tokens_that_fit(self, config: MixtralConfig, fraction: float, held_experts: int) -> int:
         free, _ = _C.device_memory(self.device, backend_library() if self.device == "cuda" else "")
         weights, workspace, token_bytes = _C.Engine.memory_plan(
             config.to_core(), self.dtype, self.activation_dtype, config.max_position_embeddings, self.page_size,
-            self.max_batch_tokens, self.expert_dtype, self.int4_group_size)
+            self.max_batch_tokens, self.expert_dtype, self.int4_group_size, held_experts)
         reserve = workspace + RUNTIME_RESERVE_BYTES
         tokens = int(fraction * (free - weights - reserve)) // token_bytes
         if tokens < 1:
@@ -157,34 +159,44 @@ class _EngineOptions:
                 f"{self.device}: {free} bytes free cannot hold the weights ({weights} bytes) and a KV cache")
         return min(tokens, config.max_position_embeddings)
 
-    def check_tensor_parallel(self, config: MixtralConfig, world: int) -> None:
-        """SettingError naming the limit when `world` ranks cannot hold this model on this device."""
-        check_tensor_parallel(config, world)
+    def sharding(self, config: MixtralConfig, world: int, expert_parallel: bool) -> Sharding:
+        """The split over `world` ranks; SettingError naming the limit when they cannot hold this model
+        on this device."""
+        sharding = Sharding.checked(config, world, expert_parallel)
         if world > 1 and self.device == "cuda" and torchrun_rank() is None:  # torchrun's ranks: a GPU per node rank
             visible_gpus(world, _C.probe_cuda(backend_library())[0])
+        return sharding
 
-    def rank_setup(self, world: int, source, seed: int, max_context: int, kv_cache_tokens: int) -> RankSetup:
-        if world == 1 or self.device == "cpu":
-            return RankSetup(world, source, seed, self, max_context, kv_cache_tokens)
-        gpus = () if torchrun_rank() else visible_gpus(world, _C.probe_cuda(backend_library())[0])
-        return RankSetup(world, source, seed, self, max_context, kv_cache_tokens, nccl_library(), gpus)
+    def rank_setup(self, sharding: Sharding, source, seed: int, max_context: int, kv_cache_tokens: int) -> RankSetup:
+        if sharding.expert_parallel and self.device == "cuda" and self.cuda_graphs and not self.expert_dtype:
+            raise SettingError("cuda_graphs cannot record an expert-parallel decode step with bfloat16 or float16 "
+                               "experts (their GEMMs read the expert offsets on the host); use FP8 or int4 experts "
+                               "(expert_dtype) or cuda_graphs=False")
+        if sharding.world == 1 or self.device == "cpu":
+            return RankSetup(sharding, source, seed, self, max_context, kv_cache_tokens)
+        gpus = () if torchrun_rank() else visible_gpus(sharding.world, _C.probe_cuda(backend_library())[0])
+        return RankSetup(sharding, source, seed, self, max_context, kv_cache_tokens, nccl_library(), gpus)
 
-    def make_core(self, config: MixtralConfig, max_context: int, kv_cache_tokens: int):
+    def make_core(self, config: MixtralConfig, max_context: int, kv_cache_tokens: int,
+                  held_experts: tuple[int, int] | None = None):
         if self.expert_dtype == "int4" and (config.hidden_size % 2 or config.intermediate_size % 2):
             raise SettingError(f"int4 experts need even widths (two codes a byte); this model's hidden size is "
                                f"{config.hidden_size} and expert width {config.intermediate_size}")
         cuda_library = backend_library() if self.device == "cuda" else ""
+        first_expert, held = held_experts or (0, config.num_experts)
         return _C.Engine(config.to_core(), self.device, self.dtype, self.activation_dtype, max_context,
                          kv_cache_tokens, self.page_size, self.max_batch_tokens, cuda_library, self.cuda_graphs,
-                         self.expert_dtype, self.num_threads, self.int4_group_size)
+                         self.expert_dtype, self.num_threads, self.int4_group_size, first_expert, held)
 
 
 def build_rank(setup: RankSetup, rank: int, progress: bool | None):
     """The core of rank `rank` of setup.world (of the whole model for one): its slice of the checkpoint,
     loaded, or random weights of its shape."""
     options: _EngineOptions = setup.options
+    sharding = setup.sharding
     if isinstance(setup.source, MixtralConfig):
-        core = options.make_core(shard_config(setup.source, rank, setup.world), setup.max_context, setup.kv_cache_tokens)
+        core = options.make_core(sharding.config(setup.source), setup.max_context, setup.kv_cache_tokens,
+                                 sharding.held_experts(setup.source, rank))
         core.init_random(setup.seed)
         return core
     checkpoint = open_checkpoint(setup.source)
@@ -192,8 +204,9 @@ def build_rank(setup: RankSetup, rank: int, progress: bool | None):
     total_bytes = check_plan(checkpoint, plan)
     config = checkpoint.config
     try:
-        core = options.make_core(shard_config(config, rank, setup.world), setup.max_context, setup.kv_cache_tokens)
-        load_into(core, checkpoint, shard_plan(plan, config, rank, setup.world), total_bytes // setup.world, progress,
+        core = options.make_core(sharding.config(config), setup.max_context, setup.kv_cache_tokens,
+                                 sharding.held_experts(config, rank))
+        load_into(core, checkpoint, sharding.plan(plan, config, rank), total_bytes // setup.world, progress,
                   int4_experts=options.expert_dtype == "int4")
     except (ModelLoadError, DeviceError, SettingError):  # a device error (out of memory included) keeps its type
         raise
@@ -236,6 +249,7 @@ class Engine:
         num_threads: int | None = None,
         progress: bool | None = None,
         tensor_parallel: int = 1,
+        expert_parallel: bool = False,
     ) -> "Engine":
         """Loads a Hugging Face or consolidated Mistral Mixtral directory.
 
@@ -266,6 +280,11 @@ class Engine:
             heads and expert width; parallel.py: rank 0 is this process, the others are started here and
             shut down by close(), or were started by torchrun). Everything else behaves as with one;
             the memory settings are per rank.
+        expert_parallel: with tensor_parallel > 1, each rank holds E/N whole experts instead of every
+            expert's 1/N of the width (attention is split by heads either way). For long prompts and
+            for quantized checkpoints whose groups do not split along the width; a decode step is
+            faster tensor parallel (sharding.py). On the GPU with bfloat16 or float16 experts its
+            decode steps cannot be recorded (cuda_graphs).
         """
         path = os.fspath(path)
         options = _EngineOptions.checked(device, dtype, page_size, max_batch_tokens, cuda_graphs, expert_dtype,
@@ -273,7 +292,7 @@ class Engine:
         checkpoint = open_checkpoint(path)
         config = checkpoint.config
         config.to_core()  # validates the config before any tensor is read
-        options.check_tensor_parallel(config, tensor_parallel)
+        sharding = options.sharding(config, tensor_parallel, expert_parallel)
         plan = tensor_plan(checkpoint)
         total_bytes = check_plan(checkpoint, plan)
         if expert_dtype is None and experts_in_fp8(checkpoint, plan):  # an FP8 checkpoint's experts stay FP8
@@ -282,13 +301,13 @@ class Engine:
             if expert_dtype is None:
                 options = replace(options, expert_dtype="int4")
             options = replace(options, int4_group_size=config.int4.group_size)
-        max_context, kv_cache_tokens = options.context(shard_config(config, 0, tensor_parallel), max_context,
-                                                       kv_cache_tokens, kv_cache_fraction)
+        max_context, kv_cache_tokens = options.context(sharding.config(config), max_context, kv_cache_tokens,
+                                                       kv_cache_fraction, sharding.held_experts(config, 0)[1])
         tokenizer = None  # a tokenizer file that cannot be read fails the load before the weights, naming it
         if any(glob.glob(os.path.join(glob.escape(path), pattern)) for pattern in TOKENIZER_FILES):
             with contextlib.suppress(NoTokenizerError):  # without mistral-common, token ids still work
                 tokenizer = Tokenizer.for_model(path, config.vocab_size)
-        setup = options.rank_setup(tensor_parallel, path, 0, max_context, kv_cache_tokens)
+        setup = options.rank_setup(sharding, path, 0, max_context, kv_cache_tokens)
         core = build_rank(setup, 0, progress) if tensor_parallel == 1 else ShardedCore.start(setup, progress)
         engine = cls(core, config, path=path, max_context=max_context)
         engine.loaded_bytes = total_bytes
@@ -312,6 +331,7 @@ class Engine:
         num_threads: int | None = None,
         seed: int = 0,
         tensor_parallel: int = 1,
+        expert_parallel: bool = False,
     ) -> "Engine":
         """A model of `config` with random weights made on the device itself (no file is read or
         written): for benchmarks at real widths. Other arguments as from_pretrained(); its text
@@ -321,12 +341,12 @@ class Engine:
         options = _EngineOptions.checked(device, dtype, page_size, max_batch_tokens, cuda_graphs, expert_dtype,
                                          num_threads)
         config.to_core()
-        options.check_tensor_parallel(config, tensor_parallel)
-        max_context, kv_cache_tokens = options.context(shard_config(config, 0, tensor_parallel), max_context,
-                                                       kv_cache_tokens, kv_cache_fraction)
+        sharding = options.sharding(config, tensor_parallel, expert_parallel)
+        max_context, kv_cache_tokens = options.context(sharding.config(config), max_context, kv_cache_tokens,
+                                                       kv_cache_fraction, sharding.held_experts(config, 0)[1])
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**60:
             raise SettingError(f"seed must be an integer in [0, 2^60), got {seed!r}")
-        setup = options.rank_setup(tensor_parallel, config, seed, max_context, kv_cache_tokens)
+        setup = options.rank_setup(sharding, config, seed, max_context, kv_cache_tokens)
         core = build_rank(setup, 0, None) if tensor_parallel == 1 else ShardedCore.start(setup, None)
         return cls(core, config, path=None, max_context=max_context)
 

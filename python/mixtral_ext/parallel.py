@@ -1,5 +1,5 @@
-"""Sharded engines: one model over N ranks (tensor parallel; sharding.py says which slice each holds),
-one process per rank.
+"""Sharded engines: one model over N ranks (tensor or expert parallel; sharding.py says which slice
+each holds), one process per rank.
 
 Rank 0 is the caller's process and holds the API. It starts ranks 1..N-1 as worker processes
 (running main() here), or finds them started by torchrun, and they follow it:
@@ -64,7 +64,7 @@ _HANDLE_CALLS = frozenset({"create_sequence", "create_sampler"})
 class RankSetup:
     """What every rank builds: a checkpoint's slice, or random weights of a config."""
 
-    world: int
+    sharding: object  # sharding.Sharding: the ranks, and how they split the model
     source: str | MixtralConfig  # a checkpoint directory, or the config of random weights
     seed: int  # of random weights (every rank draws the replicated tensors alike)
     options: object  # engine._EngineOptions, as rank 0 settled them (expert dtype, group size)
@@ -74,6 +74,10 @@ class RankSetup:
     # On the GPU, each rank's GPU as CUDA_VISIBLE_DEVICES names it; () under torchrun, whose ranks take
     # the GPU of their LOCAL_RANK on their node.
     gpus: tuple[str, ...] = ()
+
+    @property
+    def world(self) -> int:
+        return self.sharding.world
 
 
 def visible_gpus(world: int, device_count: int) -> tuple[str, ...]:
