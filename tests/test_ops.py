@@ -842,9 +842,10 @@ def test_moe_over_a_slice_of_the_experts(backends, device, dtype, tokens, expert
     """An expert-parallel rank's moe and add_rmsnorm_moe: w13 and w2 hold experts [first, first + 3) of
     the router's 9, the routing is the whole layer's, the rows of those experts equal the whole
     layer's and every other row of out is zero; the slices' outputs add up to the layer's. On the GPU
-    for every expert GEMM path setting (a slice never takes the batched one): 1 token the fused
-    routing kernel (with the norm) and, FP8 and int4, the GEMV that reads the offsets on the device;
-    12 tokens the separate routing ops and offsets read on the host."""
+    for every expert GEMM path setting (a slice never takes the batched one): float experts one GEMM
+    per expert, offsets read on the host; FP8 and int4 for 1 token the fused routing kernel (with the
+    norm in add_rmsnorm_moe) and the GEMV that reads the offsets on the device, for 12 tokens the
+    separate routing ops and offsets read on the host."""
     cpu_ops, dev_ops = backends
     r = rng(21)
     experts, held, k = 9, 3, 2
@@ -859,6 +860,8 @@ def test_moe_over_a_slice_of_the_experts(backends, device, dtype, tokens, expert
                 dev_ops.set_option("expert_gemm", path)
             routing, *layer = cpu_ops.moe(x, router, w13, w2, k, dtype, expert_dtype)
             owner = np.repeat(np.arange(experts), np.diff(routing[3]))  # each permuted row's expert
+            whole = cpu_ops.add_rmsnorm_moe(x, delta, norm_weight, 1e-5, router, w13, w2, k, dtype, expert_dtype)
+            owner_normed = np.repeat(np.arange(experts), np.diff(whole[2][3]))
             summed = np.zeros_like(layer[2])
             for first in range(0, experts, held):
                 part = slice(first, first + held)
@@ -873,9 +876,7 @@ def test_moe_over_a_slice_of_the_experts(backends, device, dtype, tokens, expert
                 summed += ffn_out[2]
                 normed = dev_ops.add_rmsnorm_moe(x, delta, norm_weight, 1e-5, router, w13[part], w2[part], k, dtype,
                                                  expert_dtype, first_expert=first)
-                whole = cpu_ops.add_rmsnorm_moe(x, delta, norm_weight, 1e-5, router, w13, w2, k, dtype, expert_dtype)
-                mine_normed = np.repeat(np.arange(experts), np.diff(whole[2][3]))
-                mine_normed = (mine_normed >= first) & (mine_normed < first + held)
+                mine_normed = (owner_normed >= first) & (owner_normed < first + held)
                 if mine_normed.any():
                     close(normed[5][mine_normed], whole[5][mine_normed], dtype, rel_scale=4.0)
                 np.testing.assert_array_equal(normed[5][~mine_normed], 0)

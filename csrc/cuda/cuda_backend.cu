@@ -545,8 +545,13 @@ const void* CudaBackend::inputs_in_column_order(const Tensor& x, const Tensor& w
   const int64_t R = x.shape[0], K = x.shape[1];
   if (w.dtype != DType::kInt4 || !w.int4.input_order) return x.data;
   const size_t bytes = size_t(w.int4.segments) * R * K * dtype_size(x.dtype);
-  const bool fits = ordered_scratch && ordered_scratch->dtype == x.dtype && ordered_scratch->nbytes() >= bytes;
-  void* ordered = fits ? ordered_scratch->data : ordered_inputs(bytes);
+  // The engine's workspace plans the scratch (a buffer grown here would sit outside its memory plan);
+  // without one (single ops) the backend keeps its own.
+  const bool given = ordered_scratch && ordered_scratch->ndim > 0;
+  MX_CHECK(!given || (ordered_scratch->dtype == x.dtype && ordered_scratch->nbytes() >= bytes), ShapeError,
+           "moe: ordered_inputs " << ordered_scratch->describe() << " cannot hold the " << bytes << " bytes of "
+                                  << x.describe() << " in " << w.int4.segments << " column orders");
+  void* ordered = given ? ordered_scratch->data : ordered_inputs(bytes);
   dispatch_device_float(x.dtype, [&](auto tag) {
     using T = decltype(tag);
     launch_gather_columns(x.ptr<const T>(), R, K, w.int4.input_order, w.int4.segments,

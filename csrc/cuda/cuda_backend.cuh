@@ -145,8 +145,8 @@ class CudaBackend final : public Backend {
   void expert_gemm_dequantized(const Tensor& x, const Tensor& w, const Tensor& expert_offsets,
                                const std::vector<int32_t>& offsets, Tensor& out, const Tensor* ordered_scratch);
   // x's rows, for an int4 w with act order, gathered into each row segment's column order ([segments,
-  // R, K]: in ordered_scratch when given and large enough, else in a device buffer kept between calls); else
-  // x itself.
+  // R, K]: in ordered_scratch when given, a ShapeError when it is too small, else in a device buffer kept
+  // between calls); else x itself.
   const void* inputs_in_column_order(const Tensor& x, const Tensor& w, const Tensor& expert_offsets,
                                      const Tensor* ordered_scratch);
   // moe() of float8_e4m3 or int4 experts: the fused routing kernel (without pointer arrays; with

@@ -213,12 +213,17 @@ int64_t Engine::int4_groups_of(const std::string& slot) const { return slots_[sl
 
 std::vector<std::string> Engine::missing_weights() const {
   std::vector<std::string> missing;
+  const int64_t held = options_.experts_held(config_);
   for (int s = 0; s < static_cast<int>(Slot::kCount); ++s) {
+    const bool per_expert = s == int(Slot::kW13) || s == int(Slot::kW2);
     for (size_t i = 0; i < rows_loaded_[s].size(); ++i) {
-      if (rows_loaded_[s][i] != slots_[s].rows)
-        missing.push_back(std::string(kSlotNames[s]) + "[" + std::to_string(i) + "]: " +
-                          std::to_string(rows_loaded_[s][i]) + " of " +
-                          std::to_string(slots_[s].rows) + " rows loaded");
+      if (rows_loaded_[s][i] == slots_[s].rows) continue;
+      // Instance i: layer i, or of an expert slot layer i / held and the model's expert first + i % held.
+      const std::string instance =
+          per_expert ? "layer " + std::to_string(i / held) + ", expert " + std::to_string(options_.first_expert + i % held)
+                     : std::to_string(i);
+      missing.push_back(std::string(kSlotNames[s]) + "[" + instance + "]: " + std::to_string(rows_loaded_[s][i]) +
+                        " of " + std::to_string(slots_[s].rows) + " rows loaded");
     }
   }
   return missing;
