@@ -229,6 +229,28 @@ def test_int4_expert_engine_matches_the_cpu_one(device_engines, tmp_path):
         assert graphs.generate(prompt, max_tokens=20, temperature=0).token_ids == expected
 
 
+def test_int4_act_order_in_bfloat16_with_experts_wider_than_twice_the_hidden_size(tmp_path):
+    """w2's inputs in its column order (F a row) outgrow w1's and w3's (2H) when F > 2H: the engine's
+    workspace holds them (a scratch too small would be a ShapeError), for prompt chunks (dequantized
+    GEMMs) and decode steps (the GEMV), in bfloat16 (the CPU engine computes in float32: within 5e-2)."""
+    from conftest import make_hf_model
+    from test_int4 import write_int4_checkpoint
+
+    need_gpu()
+    model = make_hf_model(seed=14, intermediate_size=104, head_dim=8)  # F = 104 > 2H = 96
+    write_int4_checkpoint(model, tmp_path, "gptq-asym-act-order")
+    ids = random_tokens(20, model.config.vocab_size, seed=47)
+    cpu = mixtral_ext.Engine.from_pretrained(tmp_path, dtype="bfloat16", max_context=64)
+    device = mixtral_ext.Engine.from_pretrained(tmp_path, device=DEVICE, dtype="bfloat16", max_context=64,
+                                                max_batch_tokens=16)
+    assert device.memory_report()["expert_dtype"] == "int4"
+    assert_close(device.logits(ids), cpu.logits(ids), 5e-2)
+    with device.new_sequence() as seq, cpu.new_sequence() as reference:
+        seq.append(ids[:5]), reference.append(ids[:5])
+        for token in ids[5:8]:  # decode steps: one token, two expanded rows
+            assert_close(seq.append([token]), reference.append([token]), 5e-2)
+
+
 def test_device_out_of_memory_is_an_exception(tiny_dir, device_engines):
     with pytest.raises(mixtral_ext.DeviceOutOfMemoryError, match="out of memory"):
         mixtral_ext.Engine.from_pretrained(tiny_dir, device=DEVICE, max_context=256, kv_cache_tokens=2**31 - 1)

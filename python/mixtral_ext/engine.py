@@ -169,8 +169,8 @@ class _EngineOptions:
 
     def rank_setup(self, sharding: Sharding, source, seed: int, max_context: int, kv_cache_tokens: int) -> RankSetup:
         if sharding.expert_parallel and self.device == "cuda" and self.cuda_graphs and not self.expert_dtype:
-            raise SettingError("cuda_graphs cannot record an expert-parallel decode step with bfloat16 or float16 "
-                               "experts (their GEMMs read the expert offsets on the host); use FP8 or int4 experts "
+            raise SettingError(f"cuda_graphs cannot record an expert-parallel decode step with {self.dtype} experts "
+                               "(their GEMMs read the expert offsets on the host); use FP8 or int4 experts "
                                "(expert_dtype) or cuda_graphs=False")
         if sharding.world == 1 or self.device == "cpu":
             return RankSetup(sharding, source, seed, self, max_context, kv_cache_tokens)
@@ -283,7 +283,7 @@ class Engine:
         expert_parallel: with tensor_parallel > 1, each rank holds E/N whole experts instead of every
             expert's 1/N of the width (attention is split by heads either way). For long prompts and
             for quantized checkpoints whose groups do not split along the width; a decode step is
-            faster tensor parallel (sharding.py). On the GPU with bfloat16 or float16 experts its
+            faster tensor parallel (sharding.py). On the GPU, unless the experts are FP8 or int4, its
             decode steps cannot be recorded (cuda_graphs).
         """
         path = os.fspath(path)
