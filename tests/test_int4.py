@@ -260,6 +260,31 @@ def test_int4_experts_need_even_widths(tiny_dir):
     assert mixtral_ext.Engine.from_pretrained(tiny_dir, max_context=64).logits([1, 2]).shape == (2, 101)
 
 
+def test_act_order_blocks_need_an_engine_made_for_them():
+    """The workspace has room for the experts' inputs in their column orders only in an engine made
+    with int4_act_order (from_pretrained sets it from the checkpoint's config): without it a block in
+    act order is refused by name, not given a buffer outside the memory plan."""
+    from dataclasses import replace
+
+    from mixtral_ext import _C
+    from mixtral_ext.errors import ShapeError
+    from mixtral_ext.synthetic import DEMO_CONFIG
+
+    H, F, group = 32, 16, 8
+    config = replace(DEMO_CONFIG, hidden_size=H, num_layers=1, head_dim=8, intermediate_size=F, vocab_size=64)
+    plain, act_order = (_C.Engine(config.to_core(), "cpu", "float32", "float32", 16, 16, 16, 8, expert_dtype="int4",
+                                  int4_group_size=group, int4_act_order=flag) for flag in (False, True))
+    room = max(2 * H, F) * 8 * config.experts_per_token * 4  # float32 inputs of 8 tokens' expanded rows
+    assert act_order.workspace_bytes - plain.workspace_bytes >= room
+    rng = np.random.default_rng(0)
+    packed = rng.integers(0, 256, (F, H // 2), dtype=np.uint8)  # w1's rows of w13, one whole segment
+    scales, zeros = np.ones((F, H // group), np.float32), np.full((F, H // group), 8, np.float32)
+    column_groups = rng.permutation(np.arange(H) // group).astype(np.int32)
+    with pytest.raises(ShapeError, match="int4_act_order"):
+        plain.load_weight_int4("w13", 0, 0, 0, packed, scales, zeros, column_groups)
+    act_order.load_weight_int4("w13", 0, 0, 0, packed, scales, zeros, column_groups)
+
+
 def test_known_words_unpack_as_the_formats_define_them(tmp_path):
     """Fixed words, independent of this file's packers: AWQ's word 0x75316420 holds output columns
     0..7 = codes 0..7 (nibble i holds column (0, 2, 4, 6, 1, 3, 5, 7)[i]); a GPTQ zero nibble 15 is

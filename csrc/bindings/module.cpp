@@ -227,8 +227,9 @@ PYBIND11_MODULE(_C, m) {
                        int64_t max_context, int64_t kv_cache_tokens, int page_size,
                        int64_t max_batch_tokens, const std::string& cuda_library, bool graphs,
                        const std::string& expert_dtype, int num_threads, int64_t int4_group_size,
-                       int64_t first_expert, int64_t held_experts) {
+                       int64_t first_expert, int64_t held_experts, bool int4_act_order) {
              EngineOptions options;
+             options.int4_act_order = int4_act_order;
              options.first_expert = first_expert;
              options.held_experts = held_experts;
              options.int4_group_size = int4_group_size;
@@ -248,14 +249,16 @@ PYBIND11_MODULE(_C, m) {
            py::arg("max_batch_tokens"), py::arg("cuda_library") = "", py::arg("graphs") = false,
            py::arg("expert_dtype") = "", py::arg("num_threads") = 0,
            py::arg("int4_group_size") = kInt4QuantizeGroupSize, py::arg("first_expert") = 0,
-           py::arg("held_experts") = 0,
+           py::arg("held_experts") = 0, py::arg("int4_act_order") = false,
            "held_experts > 0: the engine holds experts [first_expert, first_expert + held_experts) only (an\n"
-           "expert-parallel rank); load_weight takes the model's expert ids.")
+           "expert-parallel rank); load_weight takes the model's expert ids. int4_act_order: int4 blocks\n"
+           "may come with act order (the workspace holds inputs in column order).")
       .def_static("memory_plan", [](const ModelConfig& config, const std::string& weight_dtype,
                                     const std::string& activation_dtype, int64_t max_context, int page_size,
                                     int64_t max_batch_tokens, const std::string& expert_dtype,
-                                    int64_t int4_group_size, int64_t held_experts) {
+                                    int64_t int4_group_size, int64_t held_experts, bool int4_act_order) {
         EngineOptions options;
+        options.int4_act_order = int4_act_order;
         options.held_experts = held_experts;
         options.int4_group_size = int4_group_size;
         options.weight_dtype = parse_dtype(weight_dtype);
@@ -269,6 +272,7 @@ PYBIND11_MODULE(_C, m) {
       }, py::arg("config"), py::arg("weight_dtype"), py::arg("activation_dtype"), py::arg("max_context"),
          py::arg("page_size"), py::arg("max_batch_tokens"), py::arg("expert_dtype") = "",
          py::arg("int4_group_size") = kInt4QuantizeGroupSize, py::arg("held_experts") = 0,
+         py::arg("int4_act_order") = false,
          "(weight bytes, workspace bytes, KV cache bytes per token) of an engine with these settings.")
       .def("set_communicator", [](Engine& e, int rank, int world_size, py::object all_reduce) {
         MX_CHECK(e.backend().device() == Device::kCpu, Error,

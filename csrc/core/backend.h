@@ -76,7 +76,7 @@ struct ExpertBuffers {
   Tensor out;      // [R, H]
   // Scratch for int4 experts with act order, of the activation dtype, [max(2H, F) * R] (x gathered
   // into the column orders of w1's and w3's rows, or of w2's), or empty: a backend that needs it
-  // then keeps its own.
+  // then keeps its own (the engine's is empty only when it loads no act order).
   Tensor ordered_inputs;
   // The first of the router's experts that the expert weights hold: w13 [El, 2F, H] and w2 [El, H, F]
   // hold experts [first_expert, first_expert + El) of the router's E (an expert-parallel rank's

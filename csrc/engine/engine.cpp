@@ -90,7 +90,8 @@ Engine::Workspace Engine::Workspace::plan(const ModelConfig& c, const EngineOpti
   w.experts.gate_up = plan.add(act, {T * k, 2 * F});
   w.experts.act = plan.add(act, {T * k, F});
   w.experts.out = plan.add(act, {T * k, H});
-  if (options.expert_dtype == DType::kInt4) w.experts.ordered_inputs = plan.add(act, {std::max(2 * H, F) * T * k});
+  if (options.expert_dtype == DType::kInt4 && options.int4_act_order)
+    w.experts.ordered_inputs = plan.add(act, {std::max(2 * H, F) * T * k});
   w.logits = plan.add(DType::kFloat32, {T, c.vocab_size});
   w.sampled_logprob = plan.add(DType::kFloat32, {1});
   w.top_ids = plan.add(DType::kInt32, {kMaxLogprobs});

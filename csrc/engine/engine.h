@@ -55,6 +55,9 @@ struct EngineOptions {
   DType weight_dtype = DType::kFloat32;
   DType expert_dtype = DType::kFloat32;      // of w13 and w2: the weight dtype, float8_e4m3 or int4
   int64_t int4_group_size = kInt4QuantizeGroupSize;  // int4 experts' input columns per group; 0: one per row
+  // int4 blocks may come with act order (load_weight_int4's column_groups): the workspace then holds
+  // the experts' inputs in their column orders (ExpertBuffers::ordered_inputs), else it has no room.
+  bool int4_act_order = false;
   DType activation_dtype = DType::kFloat32;  // also the KV cache dtype
   int64_t max_context = 0;                   // tokens one sequence may hold
   int64_t kv_cache_tokens = 0;               // pool capacity over all sequences
@@ -251,7 +254,7 @@ class Engine {
     Tensor ids, positions, page_table;   // [T], [T], [max pages] int32
     Tensor residual, normed, qkv, attn, delta;   // [T, H] / [T, qkv] / [T, Hq*D] / [T, H]
     Routing routing;        // for T tokens (layouts in core/backend.h)
-    ExpertBuffers experts;  // for T*k rows (ordered_inputs with int4 experts only)
+    ExpertBuffers experts;  // for T*k rows (ordered_inputs with int4 experts with act order only)
     Tensor logits;  // [T, V] float32
     Tensor sampled_logprob, top_ids, top_logprobs;  // [1] f32, [20] i32, [20] f32
     size_t bytes = 0;  // of the allocation

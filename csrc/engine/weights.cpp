@@ -149,6 +149,9 @@ void Engine::load_weight_int4(const std::string& slot_name, int64_t layer, int64
       consecutive = consecutive && column_groups[c] == c / group_size;
     }
     if (!consecutive) {
+      MX_CHECK(options_.int4_act_order, ShapeError,
+               slot_name << ": a block with act order (its columns' groups not in column order) needs an engine "
+                            "made with int4_act_order, whose workspace holds the inputs in column order");
       const int64_t segment_rows = slot.rows / slot.segments;
       MX_CHECK(row_offset % segment_rows == 0 && rows == segment_rows, ShapeError,
                slot_name << ": a block with its own column order fills one whole projection of " << segment_rows

@@ -170,14 +170,15 @@ class ThreadTuner:
         """
 class Engine:
     @staticmethod
-    def memory_plan(config: ModelConfig, weight_dtype: str, activation_dtype: str, max_context: typing.SupportsInt | typing.SupportsIndex, page_size: typing.SupportsInt | typing.SupportsIndex, max_batch_tokens: typing.SupportsInt | typing.SupportsIndex, expert_dtype: str = '', int4_group_size: typing.SupportsInt | typing.SupportsIndex = 128, held_experts: typing.SupportsInt | typing.SupportsIndex = 0) -> tuple[int, int, int]:
+    def memory_plan(config: ModelConfig, weight_dtype: str, activation_dtype: str, max_context: typing.SupportsInt | typing.SupportsIndex, page_size: typing.SupportsInt | typing.SupportsIndex, max_batch_tokens: typing.SupportsInt | typing.SupportsIndex, expert_dtype: str = '', int4_group_size: typing.SupportsInt | typing.SupportsIndex = 128, held_experts: typing.SupportsInt | typing.SupportsIndex = 0, int4_act_order: bool = False) -> tuple[int, int, int]:
         """
         (weight bytes, workspace bytes, KV cache bytes per token) of an engine with these settings.
         """
-    def __init__(self, config: ModelConfig, device: str, weight_dtype: str, activation_dtype: str, max_context: typing.SupportsInt | typing.SupportsIndex, kv_cache_tokens: typing.SupportsInt | typing.SupportsIndex, page_size: typing.SupportsInt | typing.SupportsIndex, max_batch_tokens: typing.SupportsInt | typing.SupportsIndex, cuda_library: str = '', graphs: bool = False, expert_dtype: str = '', num_threads: typing.SupportsInt | typing.SupportsIndex = 0, int4_group_size: typing.SupportsInt | typing.SupportsIndex = 128, first_expert: typing.SupportsInt | typing.SupportsIndex = 0, held_experts: typing.SupportsInt | typing.SupportsIndex = 0) -> None:
+    def __init__(self, config: ModelConfig, device: str, weight_dtype: str, activation_dtype: str, max_context: typing.SupportsInt | typing.SupportsIndex, kv_cache_tokens: typing.SupportsInt | typing.SupportsIndex, page_size: typing.SupportsInt | typing.SupportsIndex, max_batch_tokens: typing.SupportsInt | typing.SupportsIndex, cuda_library: str = '', graphs: bool = False, expert_dtype: str = '', num_threads: typing.SupportsInt | typing.SupportsIndex = 0, int4_group_size: typing.SupportsInt | typing.SupportsIndex = 128, first_expert: typing.SupportsInt | typing.SupportsIndex = 0, held_experts: typing.SupportsInt | typing.SupportsIndex = 0, int4_act_order: bool = False) -> None:
         """
         held_experts > 0: the engine holds experts [first_expert, first_expert + held_experts) only (an
-        expert-parallel rank); load_weight takes the model's expert ids.
+        expert-parallel rank); load_weight takes the model's expert ids. int4_act_order: int4 blocks
+        may come with act order (the workspace holds inputs in column order).
         """
     def abort_communicator(self) -> None:
         """

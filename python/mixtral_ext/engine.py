@@ -79,6 +79,7 @@ class _EngineOptions:
     expert_dtype: str  # "" for dtype
     num_threads: int  # 0: timed decode steps choose
     int4_group_size: int = INT4_GROUP_SIZE  # int4 experts' groups: the checkpoint's, or 128 (0: one per row)
+    int4_act_order: bool = False  # the checkpoint's int4 experts come in act order (room for their column orders)
 
     @classmethod
     def checked(cls, device, dtype, page_size, max_batch_tokens, cuda_graphs, expert_dtype,
@@ -151,7 +152,7 @@ class _EngineOptions:
         free, _ = _C.device_memory(self.device, backend_library() if self.device == "cuda" else "")
         weights, workspace, token_bytes = _C.Engine.memory_plan(
             config.to_core(), self.dtype, self.activation_dtype, config.max_position_embeddings, self.page_size,
-            self.max_batch_tokens, self.expert_dtype, self.int4_group_size, held_experts)
+            self.max_batch_tokens, self.expert_dtype, self.int4_group_size, held_experts, self.int4_act_order)
         reserve = workspace + RUNTIME_RESERVE_BYTES
         tokens = int(fraction * (free - weights - reserve)) // token_bytes
         if tokens < 1:
@@ -186,7 +187,8 @@ class _EngineOptions:
         first_expert, held = held_experts or (0, config.num_experts)
         return _C.Engine(config.to_core(), self.device, self.dtype, self.activation_dtype, max_context,
                          kv_cache_tokens, self.page_size, self.max_batch_tokens, cuda_library, self.cuda_graphs,
-                         self.expert_dtype, self.num_threads, self.int4_group_size, first_expert, held)
+                         self.expert_dtype, self.num_threads, self.int4_group_size, first_expert, held,
+                         self.int4_act_order)
 
 
 def build_rank(setup: RankSetup, rank: int, progress: bool | None):
@@ -300,7 +302,7 @@ class Engine:
         if experts_in_int4(checkpoint, plan):  # and an int4 one's stay int4, in its groups, unless told otherwise
             if expert_dtype is None:
                 options = replace(options, expert_dtype="int4")
-            options = replace(options, int4_group_size=config.int4.group_size)
+            options = replace(options, int4_group_size=config.int4.group_size, int4_act_order=config.int4.act_order)
         max_context, kv_cache_tokens = options.context(sharding.config(config), max_context, kv_cache_tokens,
                                                        kv_cache_fraction, sharding.held_experts(config, 0)[1])
         tokenizer = None  # a tokenizer file that cannot be read fails the load before the weights, naming it

@@ -76,13 +76,13 @@ def plan_memory(model: MixtralConfig | str | os.PathLike, *, device: str = "cuda
     config = model_config(model)
     options = _EngineOptions.checked(device, dtype, page_size, max_batch_tokens, False, expert_dtype, None)
     if config.int4 is not None:  # int4 experts in the checkpoint's groups
-        options = replace(options, int4_group_size=config.int4.group_size)
+        options = replace(options, int4_group_size=config.int4.group_size, int4_act_order=config.int4.act_order)
     if kv_cache_tokens is None:
         kv_cache_tokens = config.max_position_embeddings if max_context is None else max_context
     max_context, kv_cache_tokens = options.context(config, max_context, kv_cache_tokens, None)
     weights, workspace, token_bytes = _C.Engine.memory_plan(
         config.to_core(), options.dtype, options.activation_dtype, max_context, options.page_size,
-        options.max_batch_tokens, options.expert_dtype, options.int4_group_size)
+        options.max_batch_tokens, options.expert_dtype, options.int4_group_size, 0, options.int4_act_order)
     pages = -(-kv_cache_tokens // options.page_size)
     return MemoryPlan(device=options.device, dtype=options.dtype, expert_dtype=options.expert_dtype or options.dtype,
                       max_context=max_context, kv_cache_tokens=kv_cache_tokens, page_size=options.page_size,
