@@ -310,9 +310,10 @@ def test_known_words_unpack_as_the_formats_define_them(tmp_path):
     (dict(bits=8), "8 bits"), (dict(version="gemv"), "version 'gemv'"), (dict(group_size=7), "does not divide"),
     (dict(quant_method="gptq", checkpoint_format="gptq_v2"), "checkpoint_format 'gptq_v2'"),
     (dict(quant_method="gptq", is_marlin_format=True), "Marlin"),
+    (dict(desc_act=False), "g_idx' puts the columns' groups out of column order"),  # act order not declared
 ])
 def test_unsupported_int4_schemes_are_refused(model, tmp_path, change, message):
-    write_int4_checkpoint(model, tmp_path, "awq")
+    write_int4_checkpoint(model, tmp_path, "gptq-asym-act-order" if "desc_act" in change else "awq")
     with open(tmp_path / "config.json") as f:
         config = json.load(f)
     config["quantization_config"].update(change)

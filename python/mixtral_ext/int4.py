@@ -282,6 +282,10 @@ class Int4Reader:
         index = self._integers(name)
         if index.min() < 0 or index.max() >= groups:
             raise ModelLoadError(f"'{name}': group indices must lie in [0, {groups})")
+        # Act order is planned for from the config (the engine's workspace holds its column orders).
+        if not self.format.act_order and not np.array_equal(index, np.arange(inp) // (self.format.group_size or inp)):
+            raise ModelLoadError(f"'{name}' puts the columns' groups out of column order (act order), which the "
+                                 f"quantization_config does not declare (GPTQ desc_act, compressed-tensors actorder)")
         return index.astype(np.int32)
 
     def _awq(self, module: str, out: int, inp: int, groups: int) -> Int4Weight:
